@@ -1,0 +1,16 @@
+"""swapjax: SWAP (sparse entropic Wasserstein regression) network pruning in JAX.
+
+    result = swapjax.prune(loss_fn, params, batch, sparsity=0.9, method=swapjax.SWAP())
+"""
+from .gradients import GradientNoise, add_gradient_noise, per_sample_grads
+from .methods import LR, SWAP, SolveInfo
+from .prune import PruneResult, StageInfo, kept_count, prune
+from .pytree import apply_masks, sparsity_summary
+from .schedules import cubic_schedule, linear_schedule, polynomial_schedule
+
+__all__ = [
+    "LR", "SWAP", "SolveInfo", "GradientNoise", "PruneResult", "StageInfo",
+    "prune", "per_sample_grads", "add_gradient_noise", "kept_count",
+    "apply_masks", "sparsity_summary", "cubic_schedule", "linear_schedule", "polynomial_schedule",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,179 @@
+"""Iterative hard thresholding on "least squares with targets", shared by LR and SWAP.
+
+    f(w) = ½‖Xw − t‖² + (Nλ/2)‖w − w̄‖²   subject to ‖w‖₀ ≤ k
+
+LR takes t = y = Xw̄; SWAP takes t = ỹ = N·πᵀy (METHOD.md §2). Each step
+follows CHITA's line search: gradient g = Xᵀ(Xw − t) + Nλ(w − w̄); the exact
+minimising step τ* on the current support (f is quadratic along −g_S); the
+support-change step τ_c, the largest step that keeps the top-k support of
+w − τg; take τ* when τ* ≤ τ_c, else start from τ_c and grow τ geometrically
+while f(H_k(w − τg)) decreases. f never increases. An optional backsolve then
+solves the ridge problem on the final support exactly.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def hard_threshold_mask(v: jax.Array, k) -> jax.Array:
+    """Boolean mask of the k largest |v_i|, exactly k True; ties go to the lower index."""
+    order = jnp.argsort(-jnp.abs(v), stable=True)
+    rank = jnp.empty_like(order).at[order].set(jnp.arange(v.shape[0], dtype=order.dtype))
+    return rank < k
+
+
+def objective(X, w, t, w_bar, lam) -> jax.Array:
+    """f(w) = ½‖Xw − t‖² + (Nλ/2)‖w − w̄‖²."""
+    return _objective(X @ w - t, w, w_bar, lam)
+
+
+def _objective(residual, w, w_bar, lam):
+    n = residual.shape[0]
+    return 0.5 * residual @ residual + 0.5 * n * lam * jnp.sum((w - w_bar) ** 2)
+
+
+def exact_step(X, g_s, lam) -> jax.Array:
+    """τ* = ‖g_S‖² / (‖Xg_S‖² + Nλ‖g_S‖²), the minimiser of f(w − τg_S) (0 if g_S = 0)."""
+    xg = X @ g_s
+    gg = g_s @ g_s
+    curvature = xg @ xg + X.shape[0] * lam * gg
+    return jnp.where(curvature > 0, gg / jnp.where(curvature > 0, curvature, 1), 0)
+
+
+def support_change_step(w, g, support) -> jax.Array:
+    """τ_c = sup{τ ≥ 0 : |w_i − τg_i| ≥ τ·max_{j∉S}|g_j| for all i ∈ S}.
+
+    For i ∈ S with a = |w_i|, b = sign(w_i)·g_i the bound fails first at
+    τ = a / (b + G), G = max_{j∉S}|g_j|; +inf when nothing outside S can enter.
+    """
+    G = jnp.max(jnp.where(support, -jnp.inf, jnp.abs(g)))
+    a = jnp.abs(w)
+    rate = jnp.sign(w) * g + G
+    limits = jnp.where(support & (rate > 0), a / jnp.where(rate > 0, rate, 1), jnp.inf)
+    return jnp.min(limits)
+
+
+class IHTResult(NamedTuple):
+    """w (k-sparse), its support, f at the end, iterations run, f after each iteration (NaN-padded)."""
+
+    w: jax.Array
+    support: jax.Array
+    objective: jax.Array
+    iterations: jax.Array
+    trace: jax.Array
+    targets: jax.Array
+
+
+class _State(NamedTuple):
+    w: jax.Array
+    support: jax.Array
+    residual: jax.Array  # Xw − t
+    obj: jax.Array
+    it: jax.Array
+    done: jax.Array
+    trace: jax.Array
+    targets: jax.Array
+    aux: object  # carried by `retarget` (e.g. Sinkhorn duals and counters)
+
+
+def iht(
+    X: jax.Array,
+    targets: jax.Array,
+    w_bar: jax.Array,
+    w_start: jax.Array,
+    k,
+    lam: float,
+    max_iters: int = 100,
+    tol: float = 1e-5,
+    growth: float = 2.0,
+    max_growth: int = 30,
+    retarget: Optional[Callable] = None,
+    aux=None,
+) -> tuple[IHTResult, object]:
+    """Minimise f over k-sparse w from H_k(w_start) (traceable; k may be traced).
+
+    Stops after ``max_iters`` steps or when a step lowers f by at most ``tol``·f.
+    ``retarget(z, aux) -> (t, aux)``, if given, recomputes the targets from
+    z = Xw before every step (study option: the plan re-estimated per step).
+    """
+    n = X.shape[0]
+
+    def at(w, t):
+        residual = X @ w - t
+        return residual, _objective(residual, w, w_bar, lam)
+
+    def step(s: _State) -> _State:
+        t, aux_ = s.targets, s.aux
+        residual, obj = s.residual, s.obj
+        if retarget is not None:
+            t, aux_ = retarget(X @ s.w, aux_)
+            residual, obj = at(s.w, t)
+        g = X.T @ residual + n * lam * (s.w - w_bar)
+        g_s = jnp.where(s.support, g, 0)
+        tau_star = exact_step(X, g_s, lam)
+        tau_c = support_change_step(s.w, g, s.support)
+
+        def on_support(_):
+            w = s.w - tau_star * g_s
+            r = residual - tau_star * (X @ g_s)
+            return w, s.support, r, _objective(r, w, w_bar, lam)
+
+        def threshold_at(tau):
+            support = hard_threshold_mask(s.w - tau * g, k)
+            w = jnp.where(support, s.w - tau * g, 0)
+            return (w, support) + at(w, t)
+
+        def grow(_):
+            tau0 = jnp.where(tau_c > 0, tau_c, tau_star)
+
+            def cond(c):
+                j, _, _, improved = c
+                return (j < max_growth) & improved
+
+            def body(c):
+                j, tau, best, _ = c
+                trial = threshold_at(tau * growth)
+                improved = trial[3] < best[3]
+                best = jax.tree_util.tree_map(lambda a, b: jnp.where(improved, a, b), trial, best)
+                return j + 1, jnp.where(improved, tau * growth, tau), best, improved
+
+            return jax.lax.while_loop(cond, body, (0, tau0, threshold_at(tau0), True))[2]
+
+        w, support, r, new_obj = jax.lax.cond(tau_star <= tau_c, on_support, grow, None)
+        better = new_obj <= obj
+        pick = lambda new, old: jnp.where(better, new, old)  # noqa: E731  f never increases
+        w, support, r, new_obj = pick(w, s.w), pick(support, s.support), pick(r, residual), pick(new_obj, obj)
+        decrease = obj - new_obj
+        done = (~better) | (decrease <= tol * jnp.abs(obj))
+        return _State(w, support, r, new_obj, s.it + 1, done, s.trace.at[s.it + 1].set(new_obj), t, aux_)
+
+    support0 = hard_threshold_mask(w_start, k)
+    w0 = jnp.where(support0, w_start, 0)
+    r0, obj0 = at(w0, targets)
+    trace = jnp.full((max_iters + 1,), jnp.nan, obj0.dtype).at[0].set(obj0)
+    s = _State(w0, support0, r0, obj0, jnp.array(0), jnp.array(False), trace, targets, aux)
+    s = jax.lax.while_loop(lambda s: (s.it < max_iters) & ~s.done, step, s)
+    return IHTResult(s.w, s.support, s.obj, s.it, s.trace, s.targets), s.aux
+
+
+def backsolve(X, targets, w_bar, support, lam: float) -> jax.Array:
+    """The ridge problem on the support S, solved exactly:
+
+        w_S = argmin ½‖X_S w_S − t‖² + (Nλ/2)‖w_S − w̄_S‖²,  w = 0 off S.
+
+    Written as w_S = w̄_S + X_Sᵀ(X_S X_Sᵀ + NλI_N)⁻¹(t − X_S w̄_S) (Woodbury's
+    push-through form), so only an N×N system is formed, never k×k: O(N²p).
+    λ = 0 uses the pseudo-inverse (the minimum-norm least-squares solution).
+    """
+    n = X.shape[0]
+    xs = jnp.where(support, X, 0)
+    e = targets - xs @ w_bar
+    gram = xs @ X.T
+    if lam > 0:
+        alpha = jnp.linalg.solve(gram + n * lam * jnp.eye(n, dtype=X.dtype), e)
+    else:
+        alpha = jnp.linalg.pinv(gram, hermitian=True) @ e
+    return jnp.where(support, w_bar + X.T @ alpha, 0)

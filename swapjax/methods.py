@@ -1,0 +1,158 @@
+"""Pruning methods on a bare problem (X, w̄, k): ``w, info = method.solve(X, w_bar, k)``.
+
+``LR`` (sparse linear regression, CHITA's formulation) and ``SWAP`` (entropic
+Wasserstein regression) share one IHT solver; they differ only in the
+targets: LR keeps y = Xw̄, SWAP uses ỹ = N·πᵀy with π the entropic plan
+between y and z = Xw_start, computed once at the start (METHOD.md §2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from . import iht as iht_lib
+from . import transport
+from .gradients import check_finite
+
+
+class SolveInfo(NamedTuple):
+    """Diagnostics of one solve (arrays; see field comments)."""
+
+    objective: jax.Array  # f(w) at the returned w, f = ½‖Xw − t‖² + (Nλ/2)‖w − w̄‖²
+    objective_trace: jax.Array  # f after each IHT iteration (index 0 = start), NaN-padded
+    iht_iterations: jax.Array
+    backsolved: jax.Array  # the backsolve was run and lowered f
+    support: jax.Array  # (p,) bool, exactly k True
+    targets: jax.Array  # t: y for LR, ỹ for SWAP
+    plan: transport.PlanInfo  # Sinkhorn report (zeros for LR and ε = 0)
+    duals: tuple  # Sinkhorn potentials (f, g), for warm starts
+
+
+def check_problem(X, w_bar, k) -> int:
+    """Validate a bare problem; returns k as an int."""
+    if jnp.ndim(X) != 2:
+        raise ValueError(f"X: expected a 2-D (N, p) matrix, got shape {jnp.shape(X)}")
+    n, p = X.shape
+    if n == 0:
+        raise ValueError("X: N = 0 rows; at least one per-sample gradient is needed")
+    if jnp.shape(w_bar) != (p,):
+        raise ValueError(f"w_bar: expected shape ({p},) to match X's columns, got {jnp.shape(w_bar)}")
+    if not 1 <= int(k) <= p:
+        raise ValueError(f"k: must be in [1, p] = [1, {p}], got {k}")
+    check_finite(X)
+    return int(k)
+
+
+@dataclass(frozen=True)
+class LR:
+    """Sparse linear regression (CHITA): min ½‖y − Xw‖² + (Nλ/2)‖w − w̄‖², ‖w‖₀ ≤ k.
+
+    lam: λ ≥ 0 (published 0.01). max_iters, tol: IHT stops after max_iters
+    steps or when a step lowers f by ≤ tol·f. growth: factor of the geometric
+    step growth. backsolve: finish with the exact ridge solve on the support.
+    """
+
+    lam: float = 0.01
+    max_iters: int = 100
+    tol: float = 1e-5
+    growth: float = 2.0
+    backsolve: bool = True
+
+    def __post_init__(self):
+        if not self.lam >= 0:
+            raise ValueError(f"lam: λ must be ≥ 0, got {self.lam}")
+        if self.max_iters < 0:
+            raise ValueError(f"max_iters: must be ≥ 0, got {self.max_iters}")
+        if not self.tol >= 0:
+            raise ValueError(f"tol: must be ≥ 0, got {self.tol}")
+        if not self.growth > 1:
+            raise ValueError(f"growth: must be > 1, got {self.growth}")
+
+    def solve(self, X, w_bar, k, w_start=None, duals=None) -> tuple[jax.Array, SolveInfo]:
+        """k-sparse w for the problem (X ∈ R^{N×p}, w̄ ∈ R^p, k).
+
+        w_start: the weights where the stage starts (default w̄); IHT starts
+        from H_k(w_start), and SWAP's plan is computed at z = X·w_start.
+        duals: Sinkhorn potentials from an earlier solve, for a warm start.
+        """
+        k = check_problem(X, w_bar, k)
+        X = jnp.asarray(X)
+        w_bar = jnp.asarray(w_bar, X.dtype)
+        w_start = w_bar if w_start is None else jnp.asarray(w_start, X.dtype)
+        if duals is None:
+            duals = (jnp.zeros(X.shape[0], X.dtype),) * 2
+        return _solve(self, X, w_bar, jnp.asarray(k), w_start, duals)
+
+    # The hooks SWAP overrides: the stage's targets, and (optionally) per-step retargeting.
+    def _targets(self, y, z, duals):
+        return y, duals, transport.PlanInfo(jnp.array(0), jnp.array(True), jnp.zeros((), y.dtype))
+
+    def _retarget(self, y):
+        return None
+
+
+@dataclass(frozen=True)
+class SWAP(LR):
+    """Entropic Wasserstein regression: LR with targets ỹ = N·πᵀy (METHOD.md §2).
+
+    epsilon: ε ≥ 0 on the cost (y_i − z_j)²/Var(y) (see :mod:`swapjax.transport`);
+    0 = exact sorted matching. sinkhorn_threshold, sinkhorn_max_iters: Sinkhorn's
+    stopping rule. plan_update: "stage" computes π once at z = X·w_start (the
+    published algorithm, default); "iteration" re-estimates it before every IHT
+    step (a study option, which degenerates to a rank matching once z is far from y).
+    """
+
+    epsilon: float = 0.1
+    sinkhorn_threshold: float = 1e-3
+    sinkhorn_max_iters: int = 5000
+    plan_update: str = "stage"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.epsilon >= 0:
+            raise ValueError(f"epsilon: ε must be ≥ 0, got {self.epsilon}")
+        if self.plan_update not in ("stage", "iteration"):
+            raise ValueError(f"plan_update: must be 'stage' or 'iteration', got {self.plan_update!r}")
+
+    def _targets(self, y, z, duals):
+        t, new_duals, info = transport.transport_targets(
+            y, z, self.epsilon, self.sinkhorn_threshold, self.sinkhorn_max_iters, duals
+        )
+        return t, duals if new_duals is None else new_duals, info
+
+    def _retarget(self, y):
+        if self.plan_update == "stage":
+            return None
+
+        def retarget(z, aux):
+            duals, total = aux
+            t, duals, info = self._targets(y, z, duals)
+            seen = transport.PlanInfo(
+                total.iterations + info.iterations, total.converged & info.converged, info.error
+            )
+            return t, (duals, seen)
+
+        return retarget
+
+
+@partial(jax.jit, static_argnums=0)
+def _solve(method: LR, X, w_bar, k, w_start, duals):
+    y = X @ w_bar
+    t, duals, plan = method._targets(y, X @ w_start, duals)
+    result, (duals, plan) = iht_lib.iht(
+        X, t, w_bar, w_start, k, method.lam, method.max_iters, method.tol, method.growth,
+        retarget=method._retarget(y), aux=(duals, plan),
+    )
+    w, obj, backsolved = result.w, result.objective, jnp.array(False)
+    if method.backsolve:
+        w_bs = iht_lib.backsolve(X, result.targets, w_bar, result.support, method.lam)
+        obj_bs = iht_lib.objective(X, w_bs, result.targets, w_bar, method.lam)
+        backsolved = jnp.isfinite(obj_bs) & (obj_bs <= obj)
+        w, obj = jnp.where(backsolved, w_bs, w), jnp.where(backsolved, obj_bs, obj)
+    info = SolveInfo(obj, result.trace, result.iterations, backsolved, result.support,
+                     result.targets, plan, duals)
+    return w, info

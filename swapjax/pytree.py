@@ -1,0 +1,123 @@
+"""Prunable coordinates of a parameter pytree: selection, flat vector w ∈ R^p, masks.
+
+The flat order is fixed and documented: the prunable leaves in the order of
+``jax.tree_util.tree_flatten_with_path`` (sorted dict keys for dicts, Flax
+linen and NNX states alike), each raveled in row-major (C) order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+Select = Callable[[str, Any], bool]
+
+
+def path_name(path) -> str:
+    """'Dense_0/kernel' for a key path (NNX ``.value`` included as ``/value``)."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def default_select(path: str, leaf) -> bool:
+    """Prune the kernels of dense and conv layers: arrays with ndim ≥ 2."""
+    return jnp.ndim(leaf) >= 2
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each prunable leaf lives in the flat vector w ∈ R^p."""
+
+    treedef: Any
+    selected: tuple[bool, ...]  # per leaf of the whole tree
+    names: tuple[str, ...]  # per prunable leaf
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[Any, ...]
+    offsets: tuple[int, ...]  # start of each prunable leaf in w; offsets[-1] == p
+
+    @property
+    def size(self) -> int:
+        """p, the number of prunable coordinates."""
+        return self.offsets[-1]
+
+    @property
+    def dtype(self):
+        """The common dtype of w (promotion of the prunable leaves' dtypes)."""
+        return jnp.result_type(*self.dtypes)
+
+
+def layout(params: PyTree, select: Optional[Select] = None) -> Layout:
+    """Choose the prunable leaves of ``params``; ``select(path, leaf) -> bool``."""
+    select = select or default_select
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    selected = tuple(bool(select(path_name(p), x)) for p, x in leaves_with_path)
+    chosen = [(path_name(p), x) for (p, x), s in zip(leaves_with_path, selected) if s]
+    if not chosen:
+        raise ValueError(
+            "select: no prunable leaf was selected; `select(path, leaf)` must return "
+            f"True for at least one of {[path_name(p) for p, _ in leaves_with_path]}"
+        )
+    for name, x in chosen:
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            raise ValueError(f"select: prunable leaf {name!r} has non-float dtype {jnp.result_type(x)}")
+    sizes = [int(np.prod(jnp.shape(x))) for _, x in chosen]
+    return Layout(
+        treedef=treedef,
+        selected=selected,
+        names=tuple(n for n, _ in chosen),
+        shapes=tuple(tuple(jnp.shape(x)) for _, x in chosen),
+        dtypes=tuple(jnp.result_type(x) for _, x in chosen),
+        offsets=tuple(np.cumsum([0] + sizes).tolist()),
+    )
+
+
+def flatten(params: PyTree, lay: Layout) -> jax.Array:
+    """w ∈ R^p: the prunable leaves of ``params`` raveled and concatenated."""
+    leaves = jax.tree_util.tree_leaves(params)
+    parts = [jnp.ravel(x) for x, s in zip(leaves, lay.selected) if s]
+    return jnp.concatenate(parts).astype(lay.dtype)
+
+
+def _split(w: jax.Array, lay: Layout):
+    return [
+        w[a:b].reshape(shape).astype(dtype)
+        for a, b, shape, dtype in zip(lay.offsets[:-1], lay.offsets[1:], lay.shapes, lay.dtypes)
+    ]
+
+
+def unflatten(w: jax.Array, params: PyTree, lay: Layout) -> PyTree:
+    """A new tree like ``params`` whose prunable leaves are taken from w (dtypes kept)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    parts = iter(_split(w, lay))
+    return jax.tree_util.tree_unflatten(
+        lay.treedef, [next(parts) if s else x for x, s in zip(leaves, lay.selected)]
+    )
+
+
+def mask_tree(mask: jax.Array, lay: Layout) -> PyTree:
+    """Boolean mask pytree from a flat mask (p,): arrays for prunable leaves, None elsewhere."""
+    parts = iter(_split(jnp.asarray(mask, bool), lay))
+    return jax.tree_util.tree_unflatten(lay.treedef, [next(parts) if s else None for s in lay.selected])
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+    """Zero the pruned weights: leaf * mask where the mask is an array; leaves under None untouched."""
+    return jax.tree_util.tree_map(
+        lambda m, x: x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype)),
+        masks, params, is_leaf=lambda m: m is None,
+    )
+
+
+def sparsity_summary(masks: PyTree) -> dict[str, dict[str, float]]:
+    """Per prunable leaf: kept and total counts and sparsity, plus a 'total' row."""
+    rows = {}
+    for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
+        kept, total = int(np.sum(m)), int(np.size(m))
+        rows[path_name(path)] = dict(kept=kept, total=total, sparsity=1 - kept / total)
+    kept = sum(r["kept"] for r in rows.values())
+    total = sum(r["total"] for r in rows.values())
+    rows["total"] = dict(kept=kept, total=total, sparsity=1 - kept / max(total, 1))
+    return rows

@@ -1,0 +1,44 @@
+"""Sparsity schedules: the sparsity s_t of each stage t = 1..T, ending at the final sparsity."""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+Schedule = Union[int, Sequence[float]]
+
+
+def cubic_schedule(final: float, stages: int, initial: float = 0.0) -> tuple[float, ...]:
+    """s_t = s_f + (s_0 − s_f)(1 − (t−1)/(T−1))³, t = 1..T (the published schedule; T = 1: one-shot)."""
+    return polynomial_schedule(final, stages, initial, power=3)
+
+
+def linear_schedule(final: float, stages: int, initial: float = 0.0) -> tuple[float, ...]:
+    """s_t evenly spaced from s_0 to s_f."""
+    return polynomial_schedule(final, stages, initial, power=1)
+
+
+def polynomial_schedule(final: float, stages: int, initial: float = 0.0, power: float = 3) -> tuple[float, ...]:
+    """s_t = s_f + (s_0 − s_f)(1 − (t−1)/(T−1))^power, t = 1..T; T = 1 gives (s_f,)."""
+    if int(stages) != stages or stages < 1:
+        raise ValueError(f"stages: must be an integer ≥ 1, got {stages}")
+    if stages == 1:
+        return (float(final),)
+    return tuple(
+        float(final + (initial - final) * (1 - t / (stages - 1)) ** power) for t in range(stages)
+    )
+
+
+def resolve(schedule: Schedule, final: float) -> tuple[float, ...]:
+    """The stage sparsities: an int T means the cubic schedule with T stages; a sequence is
+    taken as given (non-decreasing, in [0, 1), ending at ``final``)."""
+    if isinstance(schedule, int):
+        return cubic_schedule(final, schedule)
+    levels = tuple(float(s) for s in schedule)
+    if not levels:
+        raise ValueError("stages: an explicit schedule needs at least one sparsity")
+    if any(b < a for a, b in zip(levels, levels[1:])):
+        raise ValueError(f"stages: sparsities must be non-decreasing, got {levels}")
+    if not all(0 <= s < 1 for s in levels):
+        raise ValueError(f"stages: every sparsity must be in [0, 1), got {levels}")
+    if abs(levels[-1] - final) > 1e-12:
+        raise ValueError(f"stages: the schedule must end at sparsity={final}, got {levels[-1]}")
+    return levels

@@ -85,7 +85,10 @@ class LR:
         w_start = w_bar if w_start is None else jnp.asarray(w_start, X.dtype)
         if duals is None:
             duals = (jnp.zeros(X.shape[0], X.dtype),) * 2
-        return _solve(self, X, w_bar, jnp.asarray(k), w_start, duals)
+        w, info = _solve(self, X, w_bar, jnp.asarray(k), w_start, duals)
+        if self.backsolve:
+            w, info = _backsolve(self.lam, _bucket(k, X.shape[1]), X, w_bar, w, info)
+        return w, info
 
     # The hooks SWAP overrides: the stage's targets, and (optionally) per-step retargeting.
     def _targets(self, y, z, duals):
@@ -147,12 +150,21 @@ def _solve(method: LR, X, w_bar, k, w_start, duals):
         X, t, w_bar, w_start, k, method.lam, method.max_iters, method.tol, method.growth,
         retarget=method._retarget(y), aux=(duals, plan),
     )
-    w, obj, backsolved = result.w, result.objective, jnp.array(False)
-    if method.backsolve:
-        w_bs = iht_lib.backsolve(X, result.targets, w_bar, result.support, method.lam)
-        obj_bs = iht_lib.objective(X, w_bs, result.targets, w_bar, method.lam)
-        backsolved = jnp.isfinite(obj_bs) & (obj_bs <= obj)
-        w, obj = jnp.where(backsolved, w_bs, w), jnp.where(backsolved, obj_bs, obj)
-    info = SolveInfo(obj, result.trace, result.iterations, backsolved, result.support,
-                     result.targets, plan, duals)
-    return w, info
+    info = SolveInfo(result.objective, result.trace, result.iterations, jnp.array(False),
+                     result.support, result.targets, plan, duals)
+    return result.w, info
+
+
+def _bucket(k: int, p: int) -> int:
+    """The backsolve's static width: the next power of two ≥ k (few compilations, O(N²k) work)."""
+    return min(p, 1 << max(k - 1, 0).bit_length())
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _backsolve(lam, width, X, w_bar, w, info: SolveInfo):
+    """Replace w by the exact ridge solution on its support when that lowers f (it should)."""
+    w_bs = iht_lib.backsolve(X, info.targets, w_bar, info.support, lam, width)
+    obj_bs = iht_lib.objective(X, w_bs, info.targets, w_bar, lam)
+    better = jnp.isfinite(obj_bs) & (obj_bs <= info.objective)
+    info = info._replace(objective=jnp.where(better, obj_bs, info.objective), backsolved=better)
+    return jnp.where(better, w_bs, w), info

@@ -60,13 +60,13 @@ def per_sample_grads(
     return _per_sample_grads(loss_fn, params, batch, pytree.layout(params, select), chunk_size)
 
 
-def check_finite(X: jax.Array) -> None:
-    """ValueError naming the bad rows if X has NaN or inf entries."""
-    bad = ~jnp.all(jnp.isfinite(X), axis=1)
+def check_finite(X: jax.Array, name: str = "gradients") -> None:
+    """ValueError naming ``name`` and the bad rows if X has NaN or inf entries."""
+    bad = ~jnp.all(jnp.isfinite(jnp.atleast_2d(X)), axis=1)
     if bool(jnp.any(bad)):
         rows = jnp.flatnonzero(bad)[:10].tolist()
         raise ValueError(
-            f"gradients: {int(bad.sum())} of {X.shape[0]} per-sample gradients contain NaN or inf "
+            f"{name}: {int(bad.sum())} of {bad.shape[0]} per-sample gradients contain NaN or inf "
             f"(examples {rows}...); check the loss function and the batch"
         )
 

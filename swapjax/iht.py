@@ -31,7 +31,7 @@ def hard_threshold_mask(v: jax.Array, k) -> jax.Array:
     width = 8 * a.dtype.itemsize - 1  # the sign bit is 0
 
     def set_bit_if_k_remain(i, kth):
-        trial = kth | (jnp.ones((), int_type) << (width - 1 - i).astype(int_type))
+        trial = kth | (jnp.ones((), int_type) << jnp.asarray(width - 1 - i, int_type))
         return jnp.where(jnp.sum(bits >= trial) >= k, trial, kth)
 
     kth = jax.lax.fori_loop(0, width, set_bit_if_k_remain, jnp.zeros((), int_type))

@@ -41,9 +41,11 @@ def check_problem(X, w_bar, k) -> int:
         raise ValueError("X: N = 0 rows; at least one per-sample gradient is needed")
     if jnp.shape(w_bar) != (p,):
         raise ValueError(f"w_bar: expected shape ({p},) to match X's columns, got {jnp.shape(w_bar)}")
-    if not 1 <= int(k) <= p:
-        raise ValueError(f"k: must be in [1, p] = [1, {p}], got {k}")
-    check_finite(X)
+    if int(k) != k or not 1 <= k <= p:
+        raise ValueError(f"k: must be an integer in [1, p] = [1, {p}], got {k}")
+    check_finite(X, "X")
+    if not bool(jnp.all(jnp.isfinite(w_bar))):
+        raise ValueError("w_bar: the dense weights contain NaN or inf")
     return int(k)
 
 
@@ -80,7 +82,7 @@ class LR:
         duals: Sinkhorn potentials from an earlier solve, for a warm start.
         """
         k = check_problem(X, w_bar, k)
-        X = jnp.asarray(X)
+        X = jnp.asarray(X, jnp.promote_types(jnp.result_type(X), jnp.float32))  # no f16 linear algebra
         w_bar = jnp.asarray(w_bar, X.dtype)
         w_start = w_bar if w_start is None else jnp.asarray(w_start, X.dtype)
         if duals is None:

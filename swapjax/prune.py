@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from . import pytree, schedules
-from .gradients import GradientNoise, LossFn, batch_size, per_sample_grads
+from .gradients import GradientNoise, LossFn, batch_size, check_finite, per_sample_grads
 from .methods import SWAP
 from .pytree import PyTree, Select
 
@@ -111,7 +111,8 @@ def prune(
         if k == p:
             continue
         t0 = time.perf_counter()
-        X = per_sample_grads(loss_fn, current, batch, select, chunk_size).block_until_ready()
+        X = per_sample_grads(loss_fn, current, batch, select, chunk_size)
+        check_finite(X)
         if noise is not None:
             X = noise(X, jax.random.fold_in(key, t))
         t1 = time.perf_counter()
@@ -140,7 +141,7 @@ def prune(
             + (f", Sinkhorn {stage.sinkhorn_iterations} its" if stage.sinkhorn_iterations else "")
             + f", {stage.gradient_seconds:.2f}s grads + {stage.solve_seconds:.2f}s solve"
         )
-        current = pytree.unflatten(w, params, lay)
+        current = pytree.unflatten(w, current, lay)
         if finetune is not None and t < len(levels):
             masks = pytree.mask_tree(mask, lay)
             current = pytree.apply_masks(finetune(current, masks, t), masks)

@@ -81,9 +81,9 @@ def flatten(params: PyTree, lay: Layout) -> jax.Array:
     return jnp.concatenate(parts).astype(lay.dtype)
 
 
-def _split(w: jax.Array, lay: Layout):
+def _split(w: jax.Array, lay: Layout, cast: bool = True):
     return [
-        w[a:b].reshape(shape).astype(dtype)
+        w[a:b].reshape(shape).astype(dtype if cast else w.dtype)
         for a, b, shape, dtype in zip(lay.offsets[:-1], lay.offsets[1:], lay.shapes, lay.dtypes)
     ]
 
@@ -99,7 +99,7 @@ def unflatten(w: jax.Array, params: PyTree, lay: Layout) -> PyTree:
 
 def mask_tree(mask: jax.Array, lay: Layout) -> PyTree:
     """Boolean mask pytree from a flat mask (p,): arrays for prunable leaves, None elsewhere."""
-    parts = iter(_split(jnp.asarray(mask, bool), lay))
+    parts = iter(_split(jnp.asarray(mask, bool), lay, cast=False))
     return jax.tree_util.tree_unflatten(lay.treedef, [next(parts) if s else None for s in lay.selected])
 
 

@@ -1,6 +1,7 @@
 """Sparsity schedules: the sparsity s_t of each stage t = 1..T, ending at the final sparsity."""
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Sequence, Union
 
 Schedule = Union[int, Sequence[float]]
@@ -30,8 +31,8 @@ def polynomial_schedule(final: float, stages: int, initial: float = 0.0, power: 
 def resolve(schedule: Schedule, final: float) -> tuple[float, ...]:
     """The stage sparsities: an int T means the cubic schedule with T stages; a sequence is
     taken as given (non-decreasing, in [0, 1), ending at ``final``)."""
-    if isinstance(schedule, int):
-        return cubic_schedule(final, schedule)
+    if isinstance(schedule, Integral):
+        return cubic_schedule(final, int(schedule))
     levels = tuple(float(s) for s in schedule)
     if not levels:
         raise ValueError("stages: an explicit schedule needs at least one sparsity")

@@ -1,0 +1,298 @@
+"""The paper's baselines on a bare problem (X, w̄, k): magnitude pruning and WoodFisher.
+
+Both follow the method contract of :mod:`swapjax.methods`:
+``w, info = method.solve(X, w_bar, k, w_start=None, duals=None)`` with a
+:class:`~swapjax.methods.SolveInfo` the prune driver can read.
+
+Which weights are pruned. Both act on the weights where the stage starts,
+w_start (default w̄): in a one-shot problem that is w̄ itself; in a
+multi-stage run it is the current (masked, possibly fine-tuned) model, as in
+gradual magnitude pruning and in WoodFisher's own code. w̄ enters only the
+reported objective.
+
+Reported objective. Neither method minimises an objective, so ``info``
+reports the LR objective with targets y = Xw̄ and λ = 0,
+
+    f(w) = ½‖Xw − Xw̄‖²   (N times the local quadratic model ½(w − w̄)ᵀF(w − w̄)),
+
+so that values are comparable across MP, WF and ``LR(lam=0)``. The trace
+holds f at H_k(w_start) (the k largest |w_start|, the common starting point
+of every method; index 0), then for WoodFisher f at w_start masked to WF's
+support, then f after the OBS update.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import iht as iht_lib
+from . import transport
+from .methods import SolveInfo, check_problem
+
+
+# ---------------------------------------------------------------------------
+# shared pieces
+
+
+def _prepare(X, w_bar, k, w_start, duals):
+    k = check_problem(X, w_bar, k)
+    X = jnp.asarray(X, jnp.promote_types(jnp.result_type(X), jnp.float32))  # as LR: no f16 linear algebra
+    w_bar = jnp.asarray(w_bar, X.dtype)
+    w_start = w_bar if w_start is None else jnp.asarray(w_start, X.dtype)
+    if jnp.shape(w_start) != w_bar.shape:
+        raise ValueError(f"w_start: expected shape {w_bar.shape}, got {jnp.shape(w_start)}")
+    if duals is None:  # the same convention as LR: zero potentials, ready for a warm start
+        duals = (jnp.zeros(X.shape[0], X.dtype),) * 2
+    return X, w_bar, w_start, k, duals
+
+
+def _info(y, w, support, trace, duals) -> SolveInfo:
+    """SolveInfo of a non-iterative method: no IHT, no backsolve, no plan; duals passed through."""
+    dtype = y.dtype
+    no_plan = transport.PlanInfo(jnp.array(0), jnp.array(True), jnp.zeros((), dtype))
+    return SolveInfo(
+        objective=trace[-1], objective_trace=trace, iht_iterations=jnp.array(0),
+        backsolved=jnp.array(False), support=support, targets=y, plan=no_plan, duals=duals,
+    )
+
+
+def _f(X, w, y):
+    """f(w) = ½‖Xw − y‖² (the LR objective with λ = 0)."""
+    r = X @ w - y
+    return 0.5 * r @ r
+
+
+# ---------------------------------------------------------------------------
+# magnitude pruning
+
+
+def layer_quotas(k: int, sizes: Sequence[int]) -> list[int]:
+    """Per-layer kept counts k_l ≈ k·n_l/p that sum exactly to k (largest remainder).
+
+    Each layer gets ⌊k·n_l/p⌋; the k − Σ⌊·⌋ leftover weights go one each to the
+    layers with the largest remainders k·n_l mod p, ties to the lower layer
+    index. Exact integer arithmetic, so the result is deterministic; k_l ≤ n_l.
+    """
+    sizes = [int(n) for n in sizes]
+    if any(n < 0 for n in sizes):
+        raise ValueError(f"segments: layer sizes must be ≥ 0, got {sizes}")
+    p = sum(sizes)
+    k = int(k)
+    if not 0 <= k <= p:
+        raise ValueError(f"k: must be in [0, p] = [0, {p}], got {k}")
+    if p == 0:
+        return [0] * len(sizes)
+    quotas = [k * n // p for n in sizes]
+    remainders = [k * n % p for n in sizes]
+    leftover = k - sum(quotas)
+    for i in sorted(range(len(sizes)), key=lambda i: (-remainders[i], i))[:leftover]:
+        quotas[i] += 1
+    return quotas
+
+
+def _check_segments(segments, p: int) -> tuple[int, ...]:
+    try:
+        seg = tuple(int(s) for s in segments)
+    except (TypeError, ValueError):
+        raise ValueError(f"segments: expected a sequence of layer offsets, got {segments!r}") from None
+    if len(seg) < 2 or seg[0] != 0 or seg[-1] != p or any(b < a for a, b in zip(seg, seg[1:])):
+        raise ValueError(
+            "segments: expected non-decreasing layer offsets starting at 0 and ending at "
+            f"p = {p} (swapjax.pytree.Layout.offsets), got {seg}"
+        )
+    return seg
+
+
+@dataclass(frozen=True)
+class Magnitude:
+    """Magnitude pruning (MP): keep the k largest |w| of the stage's starting weights.
+
+    scope: "global" ranks all p prunable weights together; "layer" keeps the
+    same fraction k/p in every layer (counts from :func:`layer_quotas`, summing
+    exactly to k) and needs the layer boundaries: ``solve(..., segments=offsets)``
+    with ``offsets = swapjax.pytree.layout(params).offsets``. Ties go to the
+    lower index (:func:`swapjax.iht.hard_threshold_mask`). Kept weights keep
+    their values. Cost O(p) (a radix select), plus O(Np) for the reported objective.
+    """
+
+    scope: str = "global"
+
+    def __post_init__(self):
+        if self.scope not in ("global", "layer"):
+            raise ValueError(f"scope: must be 'global' or 'layer', got {self.scope!r}")
+
+    @property
+    def needs_segments(self) -> bool:
+        """True when ``solve`` needs the layer offsets (``segments=``)."""
+        return self.scope == "layer"
+
+    def solve(self, X, w_bar, k, w_start=None, duals=None, segments=None) -> tuple[jax.Array, SolveInfo]:
+        """k-sparse w keeping the largest |w_start| (default w_start = w̄); see the class doc.
+
+        segments: layer offsets (0 = o_0 ≤ o_1 ≤ … ≤ o_L = p), needed for scope="layer",
+        ignored for scope="global".
+        """
+        X, w_bar, w_start, k, duals = _prepare(X, w_bar, k, w_start, duals)
+        p = X.shape[1]
+        if self.scope == "global":
+            w, support, trace, y = _magnitude_global(X, w_bar, w_start, jnp.asarray(k))
+        else:
+            if segments is None:
+                raise ValueError(
+                    "segments: Magnitude(scope='layer') needs the layer offsets, "
+                    "solve(X, w_bar, k, segments=swapjax.pytree.layout(params).offsets)"
+                )
+            seg = _check_segments(segments, p)
+            counts = layer_quotas(k, [b - a for a, b in zip(seg, seg[1:])])
+            w, support, trace, y = _magnitude_layers(seg, X, w_bar, w_start, jnp.asarray(counts))
+        return w, _info(y, w, support, trace, duals)
+
+
+@jax.jit
+def _magnitude_global(X, w_bar, w_start, k):
+    y = X @ w_bar
+    support = iht_lib.hard_threshold_mask(w_start, k)
+    w = jnp.where(support, w_start, 0)
+    return w, support, _f(X, w, y)[None], y
+
+
+@partial(jax.jit, static_argnums=0)
+def _magnitude_layers(segments, X, w_bar, w_start, counts):
+    y = X @ w_bar
+    parts = [
+        iht_lib.hard_threshold_mask(w_start[a:b], counts[i])
+        for i, (a, b) in enumerate(zip(segments[:-1], segments[1:]))
+        if b > a
+    ]
+    support = jnp.concatenate(parts)
+    w = jnp.where(support, w_start, 0)
+    # trace[0] is f at the global H_k(w_start), the starting point every method shares
+    start_support = iht_lib.hard_threshold_mask(w_start, jnp.sum(counts))
+    start = _f(X, jnp.where(start_support, w_start, 0), y)
+    return w, support, jnp.stack([start, _f(X, w, y)]), y
+
+
+# ---------------------------------------------------------------------------
+# WoodFisher
+
+
+@dataclass(frozen=True)
+class WoodFisher:
+    """WoodFisher (Singh & Alistarh 2020): one-shot OBS with the empirical Fisher.
+
+        F = damp·I + XᵀX/N,  ρ_q = w_q² / (2[F⁻¹]_qq),  keep the k largest ρ,
+        δw = −F⁻¹ Σ_{q∈Q} e_q w_q / [F⁻¹]_qq  (Q = the p − k pruned coordinates),
+        w ← (w + δw) with w_Q set to 0.
+
+    The update is the published code's joint mode (``--woodburry-joint-sparsify``,
+    METHOD.md §4): each pruned weight's single-weight OBS correction, summed,
+    not the exact joint solve −F⁻¹E_Q(E_QᵀF⁻¹E_Q)⁻¹E_Qᵀw.
+
+    F⁻¹ is never formed: with XXᵀ = U diag(λ) Uᵀ (an N×N eigendecomposition),
+    Woodbury gives F⁻¹ = (1/damp)[I − Xᵀ U diag(1/(N·damp + λ)) Uᵀ X], so
+    diag(F⁻¹) costs O(N²p) and F⁻¹v costs O(Np). Extra memory is
+    O(N² + N·block_size + p) beyond X.
+
+    damp: the dampening of F, > 0. Default 1e-5, the value of the published
+    WoodFisher one-shot MLPNet/MNIST sweep (``scripts/sweep_mlpnet_oneshot.sh``,
+    ``--fisher-damp 1e-5``), with F = damp·I + (1/N)Σ g gᵀ as in their code.
+    update: apply the OBS weight update (default, as published); False keeps the
+    surviving weights unchanged (WF selection only). block_size: columns of X
+    per block in the O(N²p) pass.
+
+    Precision: float32 results are as accurate as cond(F) ≈ (damp + λ_max/N)/damp
+    allows (the same as any float32 inverse of F); pass float64 X under
+    ``jax.enable_x64`` for a reference.
+    """
+
+    damp: float = 1e-5
+    update: bool = True
+    block_size: int = 16384
+
+    def __post_init__(self):
+        real = isinstance(self.damp, numbers.Real) and not isinstance(self.damp, bool)
+        if not (real and np.isfinite(self.damp) and self.damp > 0):
+            raise ValueError(f"damp: the Fisher dampening must be a finite number > 0, got {self.damp!r}")
+        if not isinstance(self.update, bool):
+            raise ValueError(f"update: must be True or False, got {self.update!r}")
+        if not (isinstance(self.block_size, int) and self.block_size >= 1):
+            raise ValueError(f"block_size: must be an int ≥ 1, got {self.block_size!r}")
+
+    def solve(self, X, w_bar, k, w_start=None, duals=None) -> tuple[jax.Array, SolveInfo]:
+        """k-sparse w from one OBS step at w_start (default w̄); see the class doc."""
+        X, w_bar, w_start, k, duals = _prepare(X, w_bar, k, w_start, duals)
+        w, support, trace, y = _woodfisher(
+            float(self.damp), self.update, min(self.block_size, X.shape[1]), X, w_bar, w_start, jnp.asarray(k)
+        )
+        return w, _info(y, w, support, trace, duals)
+
+
+def _woodbury_factors(X, damp, block):
+    """(U, c, diag F⁻¹): XXᵀ = U diag(λ) Uᵀ, c = 1/(N·damp + λ), and the diagonal of F⁻¹.
+
+    [F⁻¹]_qq = (1 − Σ_j c_j (UᵀX)_jq²) / damp, clipped to its exact bounds
+    [1/(damp + ‖x_q‖²/N), 1/damp] (for SPD F, (F⁻¹)_qq ≥ 1/F_qq) so rounding
+    can never make it ≤ 0.
+    """
+    n, p = X.shape
+    lam, U = jnp.linalg.eigh(X @ X.T)
+    c = 1.0 / (n * damp + jnp.maximum(lam, 0))
+
+    def block_stats(Xb):  # (Σ_j c_j (UᵀX_b)_j², ‖x_q‖²) for the columns of one block
+        A = U.T @ Xb
+        return c @ (A * A), jnp.sum(Xb * Xb, axis=0)
+
+    # full blocks in a sequential loop (one block's temporaries alive at a time), then the rest
+    full = p // block
+    s, col_sq = jax.lax.map(lambda i: block_stats(jax.lax.dynamic_slice_in_dim(X, i * block, block, axis=1)),
+                            jnp.arange(full))
+    s, col_sq = s.reshape(-1), col_sq.reshape(-1)
+    if full * block < p:
+        s_rest, col_rest = block_stats(X[:, full * block:])
+        s, col_sq = jnp.concatenate([s, s_rest]), jnp.concatenate([col_sq, col_rest])
+    diag = jnp.clip((1 - s) / damp, 1 / (damp + col_sq / n), 1 / damp)
+    return U, c, diag
+
+
+def inverse_fisher_diagonal(X, damp: float = 1e-5, block_size: int = 16384) -> jax.Array:
+    """diag(F⁻¹) for F = damp·I + XᵀX/N, in O(N²p) time without forming p×p."""
+    if not damp > 0:
+        raise ValueError(f"damp: must be > 0, got {damp}")
+    X = jnp.asarray(X)
+    return _inverse_fisher_diagonal(float(damp), min(block_size, X.shape[1]), X)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _inverse_fisher_diagonal(damp, block, X):
+    return _woodbury_factors(X, damp, block)[2]
+
+
+def _inverse_fisher_apply(X, U, c, damp, v):
+    """F⁻¹v = (v − Xᵀ U diag(c) Uᵀ X v) / damp, O(Np)."""
+    t = U @ (c * (U.T @ (X @ v)))
+    return (v - t @ X) / damp
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _woodfisher(damp, update, block, X, w_bar, w_start, k):
+    y = X @ w_bar
+    U, c, diag = _woodbury_factors(X, damp, block)
+    w = w_start
+    scores = w * w / (2 * diag)
+    support = iht_lib.hard_threshold_mask(scores, k)
+    start = _f(X, jnp.where(iht_lib.hard_threshold_mask(w, k), w, 0), y)
+    masked = jnp.where(support, w, 0)
+    trace = [start, _f(X, masked, y)]
+    if update:
+        v = jnp.where(support, 0, w / diag)  # Σ_{q∈Q} e_q w_q / [F⁻¹]_qq
+        w_new = jnp.where(support, w - _inverse_fisher_apply(X, U, c, damp, v), 0)
+        trace.append(_f(X, w_new, y))
+    else:
+        w_new = masked
+    return w_new, support, jnp.stack(trace), y

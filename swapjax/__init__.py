@@ -2,6 +2,8 @@
 
     result = swapjax.prune(loss_fn, params, batch, sparsity=0.9, method=swapjax.SWAP())
 """
+from .baselines import Magnitude, WoodFisher
+from .comparison import MethodResult, compare, compare_sparsities, format_table
 from .gradients import GradientNoise, add_gradient_noise, per_sample_grads
 from .methods import LR, SWAP, SolveInfo
 from .prune import PruneResult, StageInfo, kept_count, prune
@@ -9,7 +11,8 @@ from .pytree import apply_masks, sparsity_summary
 from .schedules import cubic_schedule, linear_schedule, polynomial_schedule
 
 __all__ = [
-    "LR", "SWAP", "SolveInfo", "GradientNoise", "PruneResult", "StageInfo",
+    "LR", "SWAP", "Magnitude", "WoodFisher", "SolveInfo",
+    "compare", "compare_sparsities", "format_table", "MethodResult", "GradientNoise", "PruneResult", "StageInfo",
     "prune", "per_sample_grads", "add_gradient_noise", "kept_count",
     "apply_masks", "sparsity_summary", "cubic_schedule", "linear_schedule", "polynomial_schedule",
 ]

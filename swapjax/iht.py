@@ -106,12 +106,17 @@ def iht(
     max_growth: int = 30,
     retarget: Optional[Callable] = None,
     aux=None,
+    allowed: Optional[jax.Array] = None,
+    resume: Optional[IHTResult] = None,
 ) -> tuple[IHTResult, object]:
     """Minimise f over k-sparse w from H_k(w_start) (traceable; k may be traced).
 
     Stops after ``max_iters`` steps or when a step lowers f by at most ``tol``·f.
     ``retarget(z, aux) -> (t, aux)``, if given, recomputes the targets from
     z = Xw before every step (study option: the plan re-estimated per step).
+    ``allowed`` (bool (p,)) restricts the search to an active set: coordinates
+    outside it stay at zero. ``resume`` continues the iteration count and trace
+    of an earlier result (w_start should be its w).
     """
     n = X.shape[0]
 
@@ -126,6 +131,8 @@ def iht(
             t, aux_ = retarget(X @ s.w, aux_)
             residual, obj = at(s.w, t)
         g = residual @ X + n * lam * (s.w - w_bar)
+        if allowed is not None:
+            g = jnp.where(allowed, g, 0)
         g_s = jnp.where(s.support, g, 0)
         tau_star = exact_step(X, g_s, lam)
         tau_c = support_change_step(s.w, g, s.support)
@@ -167,10 +174,48 @@ def iht(
     support0 = hard_threshold_mask(w_start, k)
     w0 = jnp.where(support0, w_start, 0)
     r0, obj0 = at(w0, targets)
-    trace = jnp.full((max_iters + 1,), jnp.nan, obj0.dtype).at[0].set(obj0)
-    s = _State(w0, support0, r0, obj0, jnp.array(0), jnp.array(False), trace, targets, aux)
+    if resume is None:
+        it0, trace = jnp.array(0), jnp.full((max_iters + 1,), jnp.nan, obj0.dtype).at[0].set(obj0)
+    else:
+        it0, trace = resume.iterations, resume.trace
+    s = _State(w0, support0, r0, obj0, it0, jnp.array(False), trace, targets, aux)
     s = jax.lax.while_loop(lambda s: (s.it < max_iters) & ~s.done, step, s)
     return IHTResult(s.w, s.support, s.obj, s.it, s.trace, s.targets), s.aux
+
+
+def active_set_iht(X, targets, w_bar, w_start, k, lam, grow: float, max_rounds: int = 10, aux=None, **iht_args):
+    """CHITA's active-set phase: IHT restricted to an active set A, grown until no
+    coordinate outside A would enter the support.
+
+    A starts as the ⌈grow·k⌉ largest |w_start|. After IHT converges on A, a
+    coordinate j ∉ A enters A when the exact step τ* along the full gradient
+    would lift |τ*·g_j| above the smallest kept |w_i − τ*g_i|; stop when none
+    does or after ``max_rounds``. Each round starts where the last ended, so f
+    never increases; the rounds share one budget of ``max_iters`` IHT steps
+    and one trace. Returns (IHTResult, aux, rounds).
+    """
+    n, p = X.shape
+    allowed0 = hard_threshold_mask(w_start, jnp.minimum(p, jnp.ceil(grow * k)).astype(jnp.int32))
+
+    def entering(result):
+        g = (X @ result.w - result.targets) @ X + n * lam * (result.w - w_bar)
+        tau = exact_step(X, jnp.where(result.support, g, 0), lam)
+        smallest_kept = jnp.min(jnp.where(result.support, jnp.abs(result.w - tau * g), jnp.inf))
+        return tau * jnp.abs(g) > smallest_kept
+
+    def body(c):
+        rounds, allowed, result, aux, _ = c
+        new = entering(result) & ~allowed
+        allowed = allowed | new
+        result, aux = iht(X, result.targets, w_bar, result.w, k, lam, allowed=allowed, aux=aux,
+                          resume=result, **iht_args)
+        return rounds + 1, allowed, result, aux, jnp.any(new)
+
+    result, aux = iht(X, targets, w_bar, w_start, k, lam, allowed=allowed0, aux=aux, **iht_args)
+    rounds, _, result, aux, _ = jax.lax.while_loop(
+        lambda c: c[4] & (c[0] < max_rounds), body, (0, allowed0, result, aux, True)
+    )
+    return result, aux, rounds
 
 
 def backsolve(X, targets, w_bar, support, lam: float, width: Optional[int] = None) -> jax.Array:

@@ -56,6 +56,9 @@ class LR:
     lam: λ ≥ 0 (published 0.01). max_iters, tol: IHT stops after max_iters
     steps or when a step lowers f by ≤ tol·f. growth: factor of the geometric
     step growth. backsolve: finish with the exact ridge solve on the support.
+    active_set: None, or CHITA's active-set phase with an initial active set of
+    ⌈active_set·k⌉ weights (see :func:`swapjax.iht.active_set_iht`). With
+    masked arrays it saves no time here; it changes which local optimum IHT finds.
     """
 
     lam: float = 0.01
@@ -63,6 +66,7 @@ class LR:
     tol: float = 1e-5
     growth: float = 2.0
     backsolve: bool = True
+    active_set: Optional[float] = None
 
     def __post_init__(self):
         if not self.lam >= 0:
@@ -73,6 +77,8 @@ class LR:
             raise ValueError(f"tol: must be ≥ 0, got {self.tol}")
         if not self.growth > 1:
             raise ValueError(f"growth: must be > 1, got {self.growth}")
+        if self.active_set is not None and not self.active_set >= 1:
+            raise ValueError(f"active_set: the active set's size as a multiple of k must be ≥ 1, got {self.active_set}")
 
     def solve(self, X, w_bar, k, w_start=None, duals=None) -> tuple[jax.Array, SolveInfo]:
         """k-sparse w for the problem (X ∈ R^{N×p}, w̄ ∈ R^p, k).
@@ -148,10 +154,13 @@ class SWAP(LR):
 def _solve(method: LR, X, w_bar, k, w_start, duals):
     y = X @ w_bar
     t, duals, plan = method._targets(y, X @ w_start, duals)
-    result, (duals, plan) = iht_lib.iht(
-        X, t, w_bar, w_start, k, method.lam, method.max_iters, method.tol, method.growth,
-        retarget=method._retarget(y), aux=(duals, plan),
-    )
+    iht_args = dict(max_iters=method.max_iters, tol=method.tol, growth=method.growth,
+                    retarget=method._retarget(y), aux=(duals, plan))
+    if method.active_set is None:
+        result, (duals, plan) = iht_lib.iht(X, t, w_bar, w_start, k, method.lam, **iht_args)
+    else:
+        result, (duals, plan), _ = iht_lib.active_set_iht(
+            X, t, w_bar, w_start, k, method.lam, method.active_set, **iht_args)
     info = SolveInfo(result.objective, result.trace, result.iterations, jnp.array(False),
                      result.support, result.targets, plan, duals)
     return result.w, info

@@ -117,7 +117,8 @@ def prune(
             X = noise(X, jax.random.fold_in(key, t))
         t1 = time.perf_counter()
         w_bar = w_dense if anchor == "dense" else w
-        w, info = method.solve(X, w_bar, k, w_start=w, duals=duals)
+        layers = {"segments": lay.offsets} if getattr(method, "needs_segments", False) else {}
+        w, info = method.solve(X, w_bar, k, w_start=w, duals=duals, **layers)
         w.block_until_ready()
         t2 = time.perf_counter()
         duals, mask = info.duals, info.support

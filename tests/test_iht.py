@@ -291,3 +291,37 @@ def test_backsolve_support_smaller_than_width():
     with jax.enable_x64(True):
         w = np.asarray(I.backsolve(jnp.asarray(X), jnp.asarray(t), jnp.asarray(w_bar), jnp.asarray(support), 0.01, 32))
     np.testing.assert_allclose(w, _np_ridge_on_support(X, t, w_bar, support, 0.01), rtol=1e-8, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# CHITA's active-set phase
+
+
+def test_active_set_monotone_and_a_fixed_point_of_full_iht():
+    X, w_bar, _ = _problem(5, 200, 400, 20, np.float32)[:3]
+    t = np.asarray(X, np.float64) @ np.asarray(w_bar, np.float64)
+    method = swapjax.LR(active_set=1.0, backsolve=False, max_iters=200, tol=0.0)
+    w, info = method.solve(X, w_bar, 20)
+    trace = _trace(info)
+    assert np.all(np.diff(trace) <= 1e-6 * abs(trace[0]))
+    np.testing.assert_allclose(float(info.objective), _np_objective(X, w, t, w_bar, 0.01), rtol=1e-4)
+    # At the end no coordinate outside the support would enter at the exact step (float64 check).
+    g = _np_gradient(X, w, t, w_bar, 0.01)
+    S = np.asarray(info.support)
+    Xd = np.asarray(X, np.float64)
+    gs = np.where(S, g, 0)
+    tau = gs @ gs / (np.sum((Xd @ gs) ** 2) + 200 * 0.01 * gs @ gs)
+    smallest_kept = np.min(np.abs(np.asarray(w, np.float64) - tau * g)[S])
+    assert np.sum(~S & (tau * np.abs(g) > smallest_kept * (1 + 1e-4))) == 0
+
+
+def test_active_set_covering_everything_equals_plain_iht():
+    X, w_bar, _ = _problem(6, 200, 400, 20, np.float32)[:3]
+    plain, _ = swapjax.LR(backsolve=False).solve(X, w_bar, 20)
+    full, _ = swapjax.LR(backsolve=False, active_set=400 / 20).solve(X, w_bar, 20)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(full))
+
+
+def test_active_set_below_one_is_an_error():
+    with pytest.raises(ValueError, match="active_set"):
+        swapjax.LR(active_set=0.5)

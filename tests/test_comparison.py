@@ -1,4 +1,4 @@
-"""Tests of swapjax.compare: the shared problem, failure isolation, and the reported numbers.
+"""Tests of swapjax.comparison (swapjax.compare): the shared problem, failure isolation, and the reported numbers.
 
 References: float64 NumPy for the local objective ½‖Xw − Xw̄‖²/N and a float64
 log-domain Sinkhorn (scipy's logsumexp) for the EWR objective (N/2)Σπ_ij(y_i − z_j)².
@@ -15,7 +15,7 @@ import pytest
 from scipy.special import logsumexp
 
 import swapjax
-from swapjax import compare as C
+from swapjax import comparison as C
 from swapjax.baselines import Magnitude, WoodFisher, layer_quotas
 from swapjax.pytree import layout
 

@@ -2,8 +2,8 @@
 
 Scale of ε. The cost is c_ij = (y_i − z_j)² / Var(y): squared distances in
 units of the spread of the dense projections y, so ε means the same thing
-whatever the units of the gradients (a relative ε of 0.1 blurs each point
-over neighbours about √0.1 ≈ 0.3 standard deviations of y away). The
+whatever the units of the gradients (a relative ε of 0.3 blurs each point
+over neighbours about √0.3 ≈ 0.55 standard deviations of y away). The
 published code put ε on the unscaled cost, where one ε value behaves very
 differently for networks whose gradients differ in size. The cost is formed
 from differences, not |y|² + |z|² − 2yz, so float32 keeps its precision

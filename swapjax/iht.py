@@ -88,6 +88,7 @@ class _State(NamedTuple):
     obj: jax.Array
     it: jax.Array
     done: jax.Array
+    stable: jax.Array  # consecutive steps that kept the support
     trace: jax.Array
     targets: jax.Array
     aux: object  # carried by `retarget` (e.g. Sinkhorn duals and counters)
@@ -104,6 +105,7 @@ def iht(
     tol: float = 1e-5,
     growth: float = 2.0,
     max_growth: int = 30,
+    patience: Optional[int] = None,
     retarget: Optional[Callable] = None,
     aux=None,
     allowed: Optional[jax.Array] = None,
@@ -111,7 +113,10 @@ def iht(
 ) -> tuple[IHTResult, object]:
     """Minimise f over k-sparse w from H_k(w_start) (traceable; k may be traced).
 
-    Stops after ``max_iters`` steps or when a step lowers f by at most ``tol``·f.
+    Stops after ``max_iters`` steps, when a step lowers f by at most ``tol``·f,
+    or (if ``patience`` is given) once the support has stayed the same for
+    ``patience`` steps: with a backsolve to follow, further steps would only
+    refine the values on that support, which the backsolve computes exactly.
     ``retarget(z, aux) -> (t, aux)``, if given, recomputes the targets from
     z = Xw before every step (study option: the plan re-estimated per step).
     ``allowed`` (bool (p,)) restricts the search to an active set: coordinates
@@ -168,8 +173,11 @@ def iht(
         pick = lambda new, old: jnp.where(better, new, old)  # noqa: E731  f never increases
         w, support, r, new_obj = pick(w, s.w), pick(support, s.support), pick(r, residual), pick(new_obj, obj)
         decrease = obj - new_obj
+        stable = jnp.where(jnp.all(support == s.support), s.stable + 1, 0)
         done = (~better) | (decrease <= tol * jnp.abs(obj))
-        return _State(w, support, r, new_obj, s.it + 1, done, s.trace.at[s.it + 1].set(new_obj), t, aux_)
+        if patience is not None:
+            done = done | (stable >= patience)
+        return _State(w, support, r, new_obj, s.it + 1, done, stable, s.trace.at[s.it + 1].set(new_obj), t, aux_)
 
     support0 = hard_threshold_mask(w_start, k)
     w0 = jnp.where(support0, w_start, 0)
@@ -178,7 +186,7 @@ def iht(
         it0, trace = jnp.array(0), jnp.full((max_iters + 1,), jnp.nan, obj0.dtype).at[0].set(obj0)
     else:
         it0, trace = resume.iterations, resume.trace
-    s = _State(w0, support0, r0, obj0, it0, jnp.array(False), trace, targets, aux)
+    s = _State(w0, support0, r0, obj0, it0, jnp.array(False), jnp.array(0), trace, targets, aux)
     s = jax.lax.while_loop(lambda s: (s.it < max_iters) & ~s.done, step, s)
     return IHTResult(s.w, s.support, s.obj, s.it, s.trace, s.targets), s.aux
 

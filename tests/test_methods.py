@@ -401,3 +401,32 @@ def test_solve_rejects_nonfinite_w_bar(small):
 def test_bad_configuration(make):
     with pytest.raises(ValueError):
         make()
+
+
+@pytest.mark.parametrize("patience", [1, 3])
+def test_patience_stops_once_the_support_is_stable(patience):
+    """With patience, IHT stops after `patience` steps that kept the support: the last
+    `patience` steps of the trace all kept it, and it never runs longer than without."""
+    rng = np.random.default_rng(7)
+    n, p, k = SMALL
+    X = (rng.normal(size=(n, p)) * rng.gamma(1.0, size=p)).astype(np.float32)
+    w_bar = rng.normal(size=p).astype(np.float32)
+    _, full = swapjax.LR(tol=0.0, max_iters=60).solve(X, w_bar, k)
+    _, short = swapjax.LR(tol=0.0, max_iters=60, patience=patience).solve(X, w_bar, k)
+    assert int(short.iht_iterations) <= int(full.iht_iterations)
+    # Re-run the same IHT for exactly that many steps without patience: same support, and the
+    # support after `its - patience` steps is already the final one.
+    its = int(short.iht_iterations)
+    _, same = swapjax.LR(tol=0.0, max_iters=its, backsolve=False).solve(X, w_bar, k)
+    _, before = swapjax.LR(tol=0.0, max_iters=its - patience, backsolve=False).solve(X, w_bar, k)
+    np.testing.assert_array_equal(np.asarray(same.support), np.asarray(short.support))
+    np.testing.assert_array_equal(np.asarray(before.support), np.asarray(short.support))
+    if its - patience >= 1:
+        _, earlier = swapjax.LR(tol=0.0, max_iters=its - patience - 1, backsolve=False).solve(X, w_bar, k)
+        assert not np.array_equal(np.asarray(earlier.support), np.asarray(short.support))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5])
+def test_patience_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="patience"):
+        swapjax.LR(patience=bad)

@@ -50,14 +50,17 @@ def per_sample_grads(
 
     ``loss_fn(params, example)`` takes ONE example (no batch axis). Columns follow
     the flat order of :mod:`swapjax.pytree`. Gradients are taken with
-    ``jax.vmap(jax.grad)`` over chunks of ``chunk_size`` examples
-    (``jax.lax.map(..., batch_size=chunk_size)``), so working memory beyond the
-    (N, p) result is O(chunk_size · p). Compiled once per (loss_fn, shapes).
+    ``jax.vmap(jax.grad)`` over chunks of at most ``chunk_size`` examples
+    (``jax.lax.map(..., batch_size=...)``; the chunks are balanced, e.g. 4×250
+    for N = 1000, because a ragged last chunk costs a copy of X), so working
+    memory beyond the (N, p) result is O(chunk_size · p). Compiled once per
+    (loss_fn, shapes).
     """
-    batch_size(batch)
+    n = batch_size(batch)
     if chunk_size < 1:
         raise ValueError(f"chunk_size: must be ≥ 1, got {chunk_size}")
-    return _per_sample_grads(loss_fn, params, batch, pytree.layout(params, select), chunk_size)
+    balanced = -(-n // -(-n // chunk_size))  # equal chunks ≤ chunk_size: no ragged last chunk to copy in
+    return _per_sample_grads(loss_fn, params, batch, pytree.layout(params, select), balanced)
 
 
 def check_finite(X: jax.Array, name: str = "gradients") -> None:

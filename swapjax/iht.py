@@ -49,9 +49,12 @@ def _objective(residual, w, w_bar, lam):
     return 0.5 * residual @ residual + 0.5 * n * lam * jnp.sum((w - w_bar) ** 2)
 
 
-def exact_step(X, g_s, lam) -> jax.Array:
-    """τ* = ‖g_S‖² / (‖Xg_S‖² + Nλ‖g_S‖²), the minimiser of f(w − τg_S) (0 if g_S = 0)."""
-    xg = X @ g_s
+def exact_step(X, g_s, lam, xg=None) -> jax.Array:
+    """τ* = ‖g_S‖² / (‖Xg_S‖² + Nλ‖g_S‖²), the minimiser of f(w − τg_S) (0 if g_S = 0).
+
+    ``xg``: X·g_S if already computed.
+    """
+    xg = X @ g_s if xg is None else xg
     gg = g_s @ g_s
     curvature = xg @ xg + X.shape[0] * lam * gg
     return jnp.where(curvature > 0, gg / jnp.where(curvature > 0, curvature, 1), 0)
@@ -139,12 +142,13 @@ def iht(
         if allowed is not None:
             g = jnp.where(allowed, g, 0)
         g_s = jnp.where(s.support, g, 0)
-        tau_star = exact_step(X, g_s, lam)
+        xg = X @ g_s
+        tau_star = exact_step(X, g_s, lam, xg)
         tau_c = support_change_step(s.w, g, s.support)
 
-        def on_support(_):
-            w = s.w - tau_star * g_s
-            r = residual - tau_star * (X @ g_s)
+        def along_support(tau):  # w − τg_S; its residual needs no product with X
+            w = s.w - tau * g_s
+            r = residual - tau * xg
             return w, s.support, r, _objective(r, w, w_bar, lam)
 
         def threshold_at(tau):
@@ -153,7 +157,12 @@ def iht(
             return (w, support) + at(w, t)
 
         def grow(_):
+            # Two candidates at the support-change step: w − τ_c·g_S (k-sparse on S, and f decreases
+            # up to τ* > τ_c) and the top-k just past τ_c, where the support has changed. (Exactly
+            # at τ_c the top-k is a tie, which rounding may break either way.)
             tau0 = jnp.where(tau_c > 0, tau_c, tau_star)
+            kept, crossed = along_support(tau0), threshold_at(tau0 * (1 + 1e-4))
+            first = jax.tree_util.tree_map(lambda a, b: jnp.where(crossed[3] < kept[3], a, b), crossed, kept)
 
             def cond(c):
                 j, _, _, improved = c
@@ -166,9 +175,9 @@ def iht(
                 best = jax.tree_util.tree_map(lambda a, b: jnp.where(improved, a, b), trial, best)
                 return j + 1, jnp.where(improved, tau * growth, tau), best, improved
 
-            return jax.lax.while_loop(cond, body, (0, tau0, threshold_at(tau0), True))[2]
+            return jax.lax.while_loop(cond, body, (0, tau0, first, True))[2]
 
-        w, support, r, new_obj = jax.lax.cond(tau_star <= tau_c, on_support, grow, None)
+        w, support, r, new_obj = jax.lax.cond(tau_star <= tau_c, lambda _: along_support(tau_star), grow, None)
         better = new_obj <= obj
         pick = lambda new, old: jnp.where(better, new, old)  # noqa: E731  f never increases
         w, support, r, new_obj = pick(w, s.w), pick(support, s.support), pick(r, residual), pick(new_obj, obj)

@@ -283,8 +283,9 @@ def test_swap_reports_unconverged_plan(small):
 def test_swap_warm_start_duals(small):
     X, w_bar, _ = small
     k = SMALL[2]
-    method = swapjax.SWAP()
+    method = swapjax.SWAP(epsilon=0.03)  # small enough that a cold start needs > 10 iterations
     _, cold = method.solve(X, w_bar, k)
+    assert int(cold.plan.iterations) > 10
     _, warm = method.solve(X, w_bar, k, duals=cold.duals)
     assert bool(warm.plan.converged)
     assert int(warm.plan.iterations) < int(cold.plan.iterations)

@@ -1,0 +1,209 @@
+"""Masked fine-tuning: optax transformations that keep pruned weights at exactly zero.
+
+A mask pytree (as ``swapjax.prune`` returns it) holds a boolean array for every
+prunable leaf (True = kept) and None (or True) for leaves that are not pruned.
+
+    tx = swapjax.masked_optimizer(optax.adamw(1e-3, weight_decay=1e-4), masks)
+    # same as optax.chain(optax.adamw(...), keep_pruned_at_zero(masks))
+
+**Why the masking transformation must come LAST in the chain.** Optax adds
+together everything the transformations before the last one produce: weight
+decay adds λ·w, momentum and Adam add their running averages (which may hold
+gradient history from before pruning, or from the pruned coordinates' non-zero
+gradients), ``add_noise`` adds noise. Masking the *gradients* first
+(``chain(masked_updates(masks), opt)``) therefore does not guarantee zero
+updates: a momentum trace carried over from dense training, weight decay on a
+weight that is not yet exactly zero, or added noise all leak through. Masking
+the *final* update (``chain(opt, keep_pruned_at_zero(masks))``) is the only
+place where "the update of a pruned coordinate is exactly what we say" holds for
+every optimizer. (The optimizer's statistics for pruned coordinates keep
+evolving; they are simply never used.)
+
+``make_finetune_hook`` builds the ``finetune(params, masks, stage) -> params``
+hook of ``swapjax.prune``: by default one epoch of SGD between stages, as the
+published SWAP scripts do.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, Iterator, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .pytree import PyTree, apply_masks
+
+
+def _is_none(m) -> bool:
+    return m is None
+
+
+def _keep(m, kept, pruned):
+    """kept where the mask is True, pruned elsewhere; a None mask keeps the whole leaf."""
+    if m is None:
+        return kept
+    return jnp.where(jnp.asarray(m).astype(bool), kept, pruned)
+
+
+class MaskedState(NamedTuple):
+    """No state: the masks are fixed when the transformation is built."""
+
+
+def masked_updates(masks: PyTree) -> optax.GradientTransformation:
+    """Zero the updates of pruned coordinates; leaves under a None mask pass through unchanged.
+
+    Pruned weights that are already exactly zero stay exactly zero (w + 0 = w).
+    Chain it LAST (see the module docstring); prefer ``keep_pruned_at_zero``,
+    which also zeroes pruned weights that are not zero yet.
+    """
+
+    def init_fn(params):
+        del params
+        return MaskedState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        new = jax.tree_util.tree_map(
+            lambda m, u: _keep(m, u, jnp.zeros((), u.dtype)), masks, updates, is_leaf=_is_none
+        )
+        return new, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def keep_pruned_at_zero(masks: PyTree) -> optax.GradientTransformation:
+    """Set the update of every pruned coordinate to −w, so ``optax.apply_updates`` leaves it at 0.
+
+    w + (−w) is exactly 0 in IEEE arithmetic, so after every step the pruned
+    weights are exactly zero, whatever they were before and whatever the
+    optimizer in front of this transformation produced (weight decay, momentum,
+    noise). Kept coordinates and leaves under a None mask get the incoming update
+    unchanged. Needs ``params`` in ``update``; chain it LAST.
+    """
+
+    def init_fn(params):
+        del params
+        return MaskedState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("keep_pruned_at_zero: params are needed; call tx.update(updates, state, params)")
+        new = jax.tree_util.tree_map(
+            lambda m, u, w: _keep(m, u, -jnp.asarray(w).astype(u.dtype)),
+            masks, updates, params, is_leaf=_is_none,
+        )
+        return new, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def masked_optimizer(optimizer: optax.GradientTransformation, masks: PyTree) -> optax.GradientTransformation:
+    """``optax.chain(optimizer, keep_pruned_at_zero(masks))``: the masked optimizer, masking last."""
+    return optax.chain(optimizer, keep_pruned_at_zero(masks))
+
+
+def batch_indices(n: int, batch_size: int, key: jax.Array) -> Iterator[np.ndarray]:
+    """Indices of the batches of one epoch over n examples, shuffled by ``key`` (deterministic).
+
+    The last incomplete batch is dropped (every step has the same shape, so one
+    compilation; with BatchNorm a tiny last batch would also give degenerate
+    statistics); ``batch_size`` larger than n is clipped to n.
+    """
+    if n < 1:
+        raise ValueError(f"n: need at least one example, got {n}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be ≥ 1, got {batch_size}")
+    batch_size = min(batch_size, n)
+    order = np.asarray(jax.random.permutation(key, n))
+    for b in range(n // batch_size):
+        yield order[b * batch_size:(b + 1) * batch_size]
+
+
+def batched_loss(per_example_loss: Callable[[PyTree, PyTree], jax.Array]) -> Callable[[PyTree, PyTree], jax.Array]:
+    """Turn ``swapjax.prune``'s loss_fn(params, example) into loss(params, batch) = mean over the batch."""
+
+    def loss(params, batch):
+        return jnp.mean(jax.vmap(per_example_loss, in_axes=(None, 0))(params, batch))
+
+    return loss
+
+
+def _num_examples(data: PyTree) -> int:
+    sizes = {int(np.shape(a)[0]) for a in jax.tree_util.tree_leaves(data)}
+    if len(sizes) != 1:
+        raise ValueError(f"data: every leaf needs the same leading axis (the examples), got sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def make_finetune_hook(
+    loss_fn: Callable[[PyTree, PyTree], jax.Array],
+    data: PyTree,
+    optimizer: Optional[optax.GradientTransformation] = None,
+    *,
+    key: jax.Array,
+    epochs: int = 1,
+    steps: Optional[int] = None,
+    batch_size: int = 128,
+    progress: bool = True,
+) -> Callable[[PyTree, PyTree, int], PyTree]:
+    """The ``finetune(params, masks, stage) -> params`` hook of ``swapjax.prune``.
+
+    loss_fn(params, batch) -> scalar mean loss over a batch (``batched_loss``
+    converts prune's per-example loss); data: pytree of arrays whose leading axis
+    indexes the examples (e.g. ``{"x": x, "y": y}``, NumPy or JAX). optimizer:
+    any optax transformation (default ``optax.sgd(0.01, momentum=0.9)``); it is
+    chained with ``keep_pruned_at_zero(masks)`` and freshly initialised at every
+    stage. Each call runs ``epochs`` epochs (or exactly ``steps`` steps when
+    given, cycling through epochs) of mini-batches of ``batch_size``, shuffled
+    by ``jax.random.fold_in(key, stage)``, so a run is deterministic. The
+    returned params are exactly zero off the masks. Models with BatchNorm: close
+    loss_fn over fixed ``batch_stats`` (inference mode). progress=False silences
+    the one line per stage written to stderr.
+    """
+    if optimizer is None:
+        optimizer = optax.sgd(0.01, momentum=0.9)
+    if steps is None and epochs < 0:
+        raise ValueError(f"epochs: must be ≥ 0, got {epochs}")
+    if steps is not None and steps < 0:
+        raise ValueError(f"steps: must be ≥ 0, got {steps}")
+    n = _num_examples(data)
+    per_epoch = n // min(batch_size, n)
+    total = steps if steps is not None else epochs * per_epoch
+
+    @jax.jit
+    def step(params, opt_state, masks, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = masked_optimizer(optimizer, masks).update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def hook(params: PyTree, masks: PyTree, stage: int) -> PyTree:
+        t0 = time.perf_counter()
+        params = apply_masks(params, masks)
+        opt_state = masked_optimizer(optimizer, masks).init(params)
+        stage_key = jax.random.fold_in(key, stage)
+        losses = []
+        done, epoch = 0, 0
+        while done < total:
+            for idx in batch_indices(n, batch_size, jax.random.fold_in(stage_key, epoch)):
+                if done == total:
+                    break
+                batch = jax.tree_util.tree_map(lambda a: a[idx], data)
+                params, opt_state, loss = step(params, opt_state, masks, batch)
+                losses.append(loss)
+                done += 1
+            epoch += 1
+        params = apply_masks(params, masks)
+        if progress:
+            first = float(losses[0]) if losses else float("nan")
+            last = float(np.mean(jax.device_get(losses[-per_epoch:]))) if losses else float("nan")
+            print(
+                f"[swapjax] finetune after stage {stage}: {done} steps, batch loss {first:.4g} -> "
+                f"{last:.4g} (mean of the last epoch), {time.perf_counter() - t0:.2f}s",
+                file=sys.stderr, flush=True,
+            )
+        return params
+
+    return hook

@@ -10,7 +10,7 @@ from .methods import LR, SWAP, SolveInfo
 from .prune import PruneResult, StageInfo, kept_count, prune
 from .pytree import apply_masks, sparsity_summary
 from .schedules import cubic_schedule, linear_schedule, polynomial_schedule
-from .train import evaluate, train
+from .training import evaluate, train
 
 __all__ = [
     "LR", "SWAP", "Magnitude", "WoodFisher", "SolveInfo",

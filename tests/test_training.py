@@ -1,4 +1,4 @@
-"""swapjax.train: dense training, evaluate() against NumPy, orbax resume equivalence, BatchNorm, masks."""
+"""swapjax.training (swapjax.train, swapjax.evaluate): dense training, evaluate() against NumPy, orbax resume equivalence, BatchNorm, masks."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-import swapjax.train as train_mod
-from swapjax.train import evaluate, train
+import swapjax.training as train_mod
+from swapjax.training import evaluate, train
 
 C = 3
 

@@ -1,42 +1,20 @@
-"""MLPNet on Fashion-MNIST from local IDX files (Debian's dataset-fashion-mnist), for the ε sweep.
-
-Minimal on purpose: issue 4 brings the real data layer (swapjax/data.py).
-"""
+"""MLPNet on Fashion-MNIST (swapjax.data: Debian's dataset-fashion-mnist IDX files), for the ε sweep."""
 from __future__ import annotations
-
-import gzip
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from swapjax import data
 from swapjax.models import MLPNet
 
-ROOT = Path("/usr/share/datasets/fashion-mnist")
 MODEL = MLPNet()
 
 
-def _idx(path: Path) -> np.ndarray:
-    with gzip.open(path) as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def load(root: Path = ROOT):
+def load():
     """((x_train, y_train), (x_test, y_test)), x flattened to 784 floats in [0, 1]."""
-    if not (root / "train-images-idx3-ubyte.gz").exists():
-        raise FileNotFoundError(
-            f"Fashion-MNIST IDX files not found under {root}: `apt-get install -y dataset-fashion-mnist`"
-        )
-    out = []
-    for split in ("train", "t10k"):
-        x = _idx(root / f"{split}-images-idx3-ubyte.gz").reshape(-1, 784).astype(np.float32) / 255.0
-        out.append((x, _idx(root / f"{split}-labels-idx1-ubyte.gz").astype(np.int32)))
-    return tuple(out)
+    return tuple((d.x, d.y) for d in (data.load("fashion_mnist", split, flatten=True) for split in ("train", "test")))
 
 
 def example_loss(params, example):

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo demo-digits test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,7 +12,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test,demo]"
 	touch $(STAMP)
 
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+# The CPU-sized reproduction on Fashion-MNIST (Debian's dataset-fashion-mnist, installed here when
+# running as root); without it, the digits demo (scikit-learn's embedded dataset).
 demo: $(STAMP)
+	@test -f $(FMNIST) || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; } || true
+	@if test -f $(FMNIST); then \
+		$(PY) experiments/reproduce.py --preset mlpnet-fashion-mnist --quick; \
+	else \
+		echo "Fashion-MNIST is not installed (as root: apt-get install -y dataset-fashion-mnist); running the digits demo"; \
+		$(PY) experiments/demo.py; \
+	fi
+
+demo-digits: $(STAMP)
 	$(PY) experiments/demo.py
 
 test: $(STAMP)

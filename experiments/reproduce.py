@@ -1,0 +1,238 @@
+"""Reproduce the paper's pruning sweeps: methods × sparsities × gradient noise × seeds.
+
+    .venv/bin/python experiments/reproduce.py --preset mlpnet-fashion-mnist          # CPU, minutes
+    .venv/bin/python experiments/reproduce.py --preset mlpnet-fashion-mnist --quick  # `make demo`
+    .venv/bin/python experiments/reproduce.py --preset resnet20-cifar10              # GPU-sized
+
+For each seed: train the dense model (or restore its checkpoint, orbax, under
+runs/<preset>/dense-seed<s>), then for every mode (one-shot; gradual = the cubic
+schedule with one epoch of masked fine-tuning between stages), gradient noise
+setting (METHOD.md §5), sparsity and method: prune with `swapjax.prune` on the
+first N training examples, and evaluate on the test split. One CSV row per run
+(runs/<preset>/results.csv), appended as soon as the run ends; a rerun skips the
+rows already there, so an interrupted sweep resumes. Then the table (mean ± std
+over seeds) and PNG plots of test accuracy and loss against sparsity, one line
+per method with a band of ± one std over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import swapjax
+from swapjax import data
+from swapjax.models import MLPNet
+
+FIELDS = ["preset", "seed", "mode", "noise", "sparsity", "method", "test_accuracy", "test_loss",
+          "dense_test_accuracy", "seconds"]
+NOISE = {  # name: (std_scale, prop) of METHOD.md §5
+    "none": None, "1σ,10%": (1.0, 0.1), "1σ,25%": (1.0, 0.25), "2σ,10%": (2.0, 0.1),
+    "2σ,25%": (2.0, 0.25), "4σ,25%": (4.0, 0.25), "1σ,100%": (1.0, 1.0),
+}
+METHODS = {
+    "MP": lambda: swapjax.Magnitude(),
+    "WF": lambda: swapjax.WoodFisher(),
+    "LR": lambda: swapjax.LR(),
+    "SWAP": lambda: swapjax.SWAP(),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    dataset: str
+    model: callable
+    input_shape: tuple
+    epochs: int  # dense training
+    lr: float
+    fisher_examples: int  # N
+    stages: int  # gradual mode
+    sparsities: tuple = (0.5, 0.7, 0.9, 0.95, 0.98)
+    noises: tuple = ("none", "2σ,25%")
+    modes: tuple = ("one-shot",)
+    seeds: tuple = (0, 1, 2)
+    methods: tuple = ("MP", "WF", "LR", "SWAP")
+    batch_size: int = 128
+    flatten: bool = False
+    test_examples: int | None = None
+
+
+PRESETS = {
+    "mlpnet-fashion-mnist": Preset("fashion_mnist", MLPNet, (784,), epochs=3, lr=1e-3, fisher_examples=1000,
+                                   stages=5, modes=("one-shot", "gradual"), flatten=True,
+                                   noises=("none", "1σ,25%", "2σ,25%")),
+    "mlpnet-mnist": Preset("mnist", MLPNet, (784,), epochs=5, lr=1e-3, fisher_examples=1000, stages=14,
+                           modes=("one-shot", "gradual"), flatten=True, noises=tuple(NOISE)),
+    "resnet20-cifar10": Preset("cifar10", lambda: _models().ResNet20(), (32, 32, 3), epochs=100, lr=1e-3,
+                               fisher_examples=100, stages=9, modes=("one-shot", "gradual"), noises=tuple(NOISE)),
+    "mobilenetv1-imagenet": Preset("imagenet2012", lambda: _models().MobileNetV1(), (224, 224, 3), epochs=90,
+                                   lr=1e-3, fisher_examples=1000, stages=9, batch_size=256,
+                                   noises=("none", "2σ,25%"), test_examples=10000),
+}
+QUICK = dict(sparsities=(0.5, 0.9, 0.95), noises=("none", "2σ,25%"), modes=("one-shot",), seeds=(0, 1))
+
+
+def _models():
+    import swapjax.models as models
+
+    return models
+
+
+def log(msg):
+    print(f"[reproduce] {msg}", file=sys.stderr, flush=True)
+
+
+def dense_model(preset: Preset, name: str, seed: int, train_set, out: Path, progress: bool):
+    """Train (or restore) the dense model of one seed; returns (model, variables)."""
+    model = preset.model()
+    variables = model.init(jax.random.key(seed), jnp.zeros((1,) + preset.input_shape))
+    variables = swapjax.train(
+        model, variables, train_set.x, train_set.y, epochs=preset.epochs, batch_size=preset.batch_size,
+        optimizer=optax.adam(preset.lr), key=jax.random.key(seed), checkpoint_dir=str(out / f"dense-seed{seed}"),
+        progress=progress,
+    )
+    return model, variables
+
+
+def per_example_loss(model, variables):
+    """loss_fn(params, example) for swapjax.prune: BatchNorm (if any) in inference mode."""
+    extra = {k: v for k, v in variables.items() if k != "params"}
+    flag = {"train": False} if extra else {}
+
+    def loss(params, example):
+        logits = model.apply({"params": params, **extra}, example["x"][None], **flag)[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, example["y"])
+
+    return loss
+
+
+def run(preset_name: str, preset: Preset, out: Path, progress: bool):
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "results.csv"
+    done = set()
+    if csv_path.exists():
+        with open(csv_path) as f:
+            done = {(r["seed"], r["mode"], r["noise"], r["sparsity"], r["method"]) for r in csv.DictReader(f)}
+    else:
+        with open(csv_path, "w", newline="") as f:
+            csv.DictWriter(f, FIELDS).writeheader()
+
+    train_set = data.load(preset.dataset, "train", flatten=preset.flatten)
+    test_set = data.load(preset.dataset, "test", flatten=preset.flatten, examples=preset.test_examples)
+    log(f"{preset_name}: {train_set!r}, {test_set!r}")
+    grid = [(m, z, s, name) for m in preset.modes for z in preset.noises for s in preset.sparsities
+            for name in preset.methods]
+    for seed in preset.seeds:
+        todo = [g for g in grid if (str(seed), g[0], g[1], str(g[2]), g[3]) not in done]
+        if not todo:
+            continue
+        model, variables = dense_model(preset, preset_name, seed, train_set, out, progress)
+        dense_acc, dense_loss = swapjax.evaluate(model, variables, test_set.x, test_set.y)
+        log(f"seed {seed}: dense test accuracy {dense_acc:.4f}, loss {dense_loss:.4f}; {len(todo)} runs to do")
+        loss_fn = per_example_loss(model, variables)
+        fisher = {"x": jnp.asarray(train_set.x[: preset.fisher_examples]),
+                  "y": jnp.asarray(train_set.y[: preset.fisher_examples])}
+        for i, (mode, noise, s, name) in enumerate(todo, 1):
+            t0 = time.perf_counter()
+            gradual = mode == "gradual"
+            hook = swapjax.make_finetune_hook(
+                swapjax.batched_loss(loss_fn), {"x": train_set.x, "y": train_set.y},
+                key=jax.random.key(seed), epochs=1, batch_size=preset.batch_size, progress=False,
+            ) if gradual else None
+            result = swapjax.prune(
+                loss_fn, variables["params"], fisher, sparsity=s, method=METHODS[name](),
+                stages=preset.stages if gradual else 1, key=jax.random.key(seed),
+                noise=None if NOISE[noise] is None else swapjax.GradientNoise(*NOISE[noise]),
+                finetune=hook, progress=False,
+            )
+            acc, loss = swapjax.evaluate(model, {**variables, "params": result.params}, test_set.x, test_set.y)
+            row = dict(preset=preset_name, seed=seed, mode=mode, noise=noise, sparsity=s, method=name,
+                       test_accuracy=round(acc, 5), test_loss=round(loss, 5), dense_test_accuracy=round(dense_acc, 5),
+                       seconds=round(time.perf_counter() - t0, 2))
+            with open(csv_path, "a", newline="") as f:  # one short append per finished run
+                csv.DictWriter(f, FIELDS).writerow(row)
+            if progress:
+                log(f"seed {seed} [{i}/{len(todo)}] {mode}, noise {noise}, sparsity {s}, {name}: "
+                    f"test accuracy {acc:.4f} ({row['seconds']}s)")
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    print(table(rows, preset))
+    plot(rows, preset, out)
+
+
+def _stats(rows, key, **where):
+    vals = [float(r[key]) for r in rows if all(str(r[k]) == str(v) for k, v in where.items())]
+    return (np.mean(vals), np.std(vals), len(vals)) if vals else (np.nan, np.nan, 0)
+
+
+def table(rows, preset: Preset) -> str:
+    """Test accuracy (%) mean ± std over seeds, one block per (mode, noise)."""
+    lines = []
+    dense = _stats(rows, "dense_test_accuracy", method=preset.methods[0])
+    lines.append(f"dense test accuracy {100 * dense[0]:.2f} ± {100 * dense[1]:.2f} %")
+    for mode in preset.modes:
+        for noise in preset.noises:
+            lines.append(f"\n{mode}, gradient noise {noise}: test accuracy % (mean ± std over seeds)")
+            lines.append("| method | " + " | ".join(str(s) for s in preset.sparsities) + " |")
+            lines.append("|---|" + "---|" * len(preset.sparsities))
+            for name in preset.methods:
+                cells = []
+                for s in preset.sparsities:
+                    m, sd, n = _stats(rows, "test_accuracy", mode=mode, noise=noise, sparsity=s, method=name)
+                    cells.append(f"{100 * m:.1f} ± {100 * sd:.1f}" if n else "-")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows, preset: Preset, out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(m, z) for m in preset.modes for z in preset.noises]
+    for metric in ("test_accuracy", "test_loss"):
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+        for ax, (mode, noise) in zip(axes[0], panels):
+            for name in preset.methods:
+                st = [_stats(rows, metric, mode=mode, noise=noise, sparsity=s, method=name) for s in preset.sparsities]
+                mean, std = np.array([a for a, _, _ in st]), np.array([b for _, b, _ in st])
+                ax.plot(preset.sparsities, mean, marker="o", label=name)
+                ax.fill_between(preset.sparsities, mean - std, mean + std, alpha=0.2)
+            ax.set_title(f"{mode}, noise {noise}")
+            ax.set_xlabel("sparsity")
+            ax.set_ylabel(metric.replace("_", " "))
+        axes[0][0].legend()
+        fig.tight_layout()
+        fig.savefig(out / f"{metric}.png", dpi=110)
+        plt.close(fig)
+    log(f"wrote {out / 'results.csv'}, {out / 'test_accuracy.png'}, {out / 'test_loss.png'}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=list(PRESETS), default="mlpnet-fashion-mnist")
+    ap.add_argument("--quick", action="store_true", help="the CPU-sized demo: 3 sparsities, 2 noises, 2 seeds")
+    ap.add_argument("--seeds", type=int, nargs="+")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = ap.parse_args()
+    preset = PRESETS[args.preset]
+    if args.quick:
+        preset = replace(preset, **QUICK)
+    if args.seeds:
+        preset = replace(preset, seeds=tuple(args.seeds))
+    out = args.out or Path("runs") / (args.preset + ("-quick" if args.quick else ""))
+    run(args.preset, preset, out, progress=not args.quiet)
+
+
+if __name__ == "__main__":
+    main()

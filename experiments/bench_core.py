@@ -1,0 +1,478 @@
+"""Core benchmark of swapjax on MLPNet (784-40-20-10, no bias, 32,360 weights).
+
+    make bench                                  # or:
+    .venv/bin/python experiments/bench_core.py [--n 1000] [--stages 14] [--repeats 5]
+
+What is timed (time.perf_counter around calls whose outputs are waited on with
+``jax.block_until_ready``; the first call of each = compile + one run, reported
+apart; then the median of the repeats):
+
+* per-sample gradients: ``swapjax.per_sample_grads(loss_fn, params, batch)``,
+  X ∈ R^{N×p} at the dense weights, cross-entropy of one example per row.
+* one Sinkhorn solve: ``swapjax.transport.sinkhorn_plan(y, z, ε, init=...)``
+  with ε = SWAP()'s default. Problem "stage 2" of a prune: X₂ = gradients at
+  the magnitude-pruned weights w₁ (sparsity s₂ of the cubic schedule),
+  y = X₂w̄, z = X₂w₁. Cold = init None; warm = init from the duals of the
+  stage-1 problem (y = z = X₁w̄), as ``prune`` carries them from stage to stage.
+* one IHT iteration: ``swapjax.iht.iht`` under ``jax.jit`` on the LR problem
+  (targets y = Xw̄, start w̄, k for the final sparsity), timed with
+  max_iters = 0 (initial threshold + residual only) and max_iters = 1 (tol = 0);
+  one iteration = the difference of the medians. Also the mean iteration of a
+  run to convergence (max_iters = 100, default tol): (T_run − T₀)/iterations.
+* full prune: ``swapjax.prune(loss_fn, params, batch, sparsity, stages,
+  method=SWAP(), progress=False)`` and the same with ``LR()``; per-stage
+  gradient/solve seconds and iteration counts from ``result.info``.
+
+Writes JSON (atomically) to --out and the table into docs/benchmarks.md
+between the bench_core markers.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import swapjax
+from swapjax import iht as iht_lib
+from swapjax import transport
+from swapjax.models import MLPNet
+
+ROOT = Path(__file__).resolve().parent.parent
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+TARGET_GRAD_RATE = 10_000.0  # examples / s
+TARGET_PRUNE_SECONDS = 15.0
+MODEL = MLPNet()
+DOC_BEGIN = "<!-- bench_core:begin (written by experiments/bench_core.py) -->"
+DOC_END = "<!-- bench_core:end -->"
+
+
+def loss_fn(params, example):
+    """Cross-entropy of ONE example {"x": (784,), "y": ()}."""
+    logits = MODEL.apply({"params": params}, example["x"])
+    return -jax.nn.log_softmax(logits)[example["y"]]
+
+
+# ---------------------------------------------------------------- data, weights
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_batch(n: int, seed: int):
+    """N examples: the first N Fashion-MNIST training images if installed, else N(0,1) inputs
+    with uniformly random labels. Returns (batch, description)."""
+    images = sorted(FASHION_DIR.glob("train-images*idx3*.gz")) if FASHION_DIR.is_dir() else []
+    labels = sorted(FASHION_DIR.glob("train-labels*idx1*.gz")) if FASHION_DIR.is_dir() else []
+    if images and labels:
+        x = _read_idx(images[0])[:n].reshape(-1, 784).astype(np.float32) / 255.0
+        x = (x - 0.2860) / 0.3530
+        y = _read_idx(labels[0])[:n].astype(np.int32)
+        if len(x) == n:
+            return {"x": jnp.asarray(x), "y": jnp.asarray(y)}, f"Fashion-MNIST train[:{n}] ({images[0]})"
+    kx, ky = jax.random.split(jax.random.key(seed + 1))
+    batch = {"x": jax.random.normal(kx, (n, 784), jnp.float32), "y": jax.random.randint(ky, (n,), 0, 10)}
+    return batch, (f"synthetic: x ~ N(0,1) (N={n}, 784 features), labels uniform in 0..9 "
+                   f"(jax.random.key({seed + 1})); Fashion-MNIST not found at {FASHION_DIR}")
+
+
+def make_params(seed: int, batch, train_steps: int):
+    params = MODEL.init(jax.random.key(seed), jnp.zeros((1, 784)))["params"]
+    desc = f"random init: MLPNet().init(jax.random.key({seed})) (Flax default lecun_normal kernels)"
+    if train_steps > 0:
+        import optax
+
+        opt = optax.adam(1e-3)
+
+        def batch_loss(p):
+            return jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(p, batch))
+
+        @jax.jit
+        def step(p, s):
+            loss, g = jax.value_and_grad(batch_loss)(p)
+            u, s = opt.update(g, s, p)
+            return optax.apply_updates(p, u), s, loss
+
+        state = opt.init(params)
+        for _ in range(train_steps):
+            params, state, loss = step(params, state)
+        desc += f", then {train_steps} full-batch Adam(1e-3) steps on the benchmark batch (loss {float(loss):.4f})"
+    return params, desc
+
+
+# ---------------------------------------------------------------- timing
+
+def timed(fn, repeats: int):
+    """(first-call seconds, [repeat seconds], output). Every output is waited on."""
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return first, times, out
+
+
+def summary(first, times):
+    med = statistics.median(times)
+    return {"first_call_s": first, "compile_s": max(first - med, 0.0), "median_s": med,
+            "loadavg_1min_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "min_s": min(times), "max_s": max(times), "repeats": len(times), "times_s": times}
+
+
+# ---------------------------------------------------------------- benchmarks
+
+def bench_grads(params, batch, repeats):
+    first, times, X = timed(lambda: swapjax.per_sample_grads(loss_fn, params, batch), repeats)
+    r = summary(first, times)
+    r["examples_per_s"] = X.shape[0] / r["median_s"]
+    r["shape"] = list(X.shape)
+    return r, X
+
+
+def bench_sinkhorn(params, batch, X1, sparsity, stages, epsilon, repeats):
+    p = X1.shape[1]
+    lay = swapjax.pytree.layout(params)
+    w_bar = swapjax.pytree.flatten(params, lay)
+    levels = swapjax.schedules.resolve(stages, sparsity)
+    s2 = next(s for s in levels if swapjax.kept_count(s, p) < p)  # the first stage that prunes
+    k2 = swapjax.kept_count(s2, p)
+    w1 = jnp.where(iht_lib.hard_threshold_mask(w_bar, k2), w_bar, 0)
+    X2 = swapjax.per_sample_grads(loss_fn, swapjax.pytree.unflatten(w1, params, lay), batch)
+    y1 = X1 @ w_bar
+    _, duals1, info1 = transport.sinkhorn_plan(y1, y1, epsilon)  # the stage-1 problem (z = y)
+    y, z = X2 @ w_bar, X2 @ w1
+
+    cold_first, cold_times, (_, _, cold_info) = timed(lambda: transport.sinkhorn_plan(y, z, epsilon), repeats)
+    warm_first, warm_times, (_, _, warm_info) = timed(
+        lambda: transport.sinkhorn_plan(y, z, epsilon, init=duals1), repeats)
+    cold, warm = summary(cold_first, cold_times), summary(warm_first, warm_times)
+    for r, info in ((cold, cold_info), (warm, warm_info)):
+        r["iterations"] = int(info.iterations)
+        r["converged"] = bool(info.converged)
+        r["marginal_error"] = float(info.error)
+        r["seconds_per_iteration"] = r["median_s"] / max(int(info.iterations), 1)
+    return {"epsilon": epsilon, "n": int(y.shape[0]), "problem": f"stage-2 (sparsity {s2:.4f}, magnitude-pruned start)",
+            "warm_start_from": f"duals of the stage-1 problem (y = z = X1 w_bar; {int(info1.iterations)} iterations cold)",
+            "cold": cold, "warm": warm}
+
+
+def bench_iht(X, params, sparsity, lam, repeats):
+    lay = swapjax.pytree.layout(params)
+    w_bar = swapjax.pytree.flatten(params, lay)
+    p = X.shape[1]
+    k = swapjax.kept_count(sparsity, p)
+    y = X @ w_bar
+
+    def runner(max_iters, tol):
+        @jax.jit
+        def run(X, t, w_bar, k):
+            return iht_lib.iht(X, t, w_bar, w_bar, k, lam, max_iters=max_iters, tol=tol)[0]
+        return lambda: run(X, y, w_bar, jnp.asarray(k))
+
+    f0, t0, r0 = timed(runner(0, 0.0), repeats)
+    f1, t1, r1 = timed(runner(1, 0.0), repeats)
+    fc, tc, rc = timed(runner(100, 1e-5), repeats)
+    zero, one, conv = summary(f0, t0), summary(f1, t1), summary(fc, tc)
+    its = int(rc.iterations)
+    return {
+        "k": k, "p": p, "lam": lam, "targets": "LR (y = X w_bar), start w_bar",
+        "max_iters_0": zero, "max_iters_1": one, "to_convergence": conv,
+        "one_iteration_s": one["median_s"] - zero["median_s"],
+        "iterations_to_convergence": its,
+        "mean_iteration_s": (conv["median_s"] - zero["median_s"]) / max(its, 1),
+        "objective": {"start": float(r0.objective), "after_1": float(r1.objective), "converged": float(rc.objective)},
+    }
+
+
+def bench_prune(method, params, batch, sparsity, stages, repeats):
+    def go():
+        return swapjax.prune(loss_fn, params, batch, sparsity=sparsity, stages=stages, method=method, progress=False)
+
+    t0 = time.perf_counter()
+    res = go()
+    jax.block_until_ready(res.params)
+    first = time.perf_counter() - t0
+    times, results = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = go()
+        jax.block_until_ready(res.params)
+        times.append(time.perf_counter() - t0)
+        results.append(res)
+    r = summary(first, times)
+    pick = int(np.argsort(times)[len(times) // 2])  # the median run (upper median for an even count)
+    median_run = results[pick]
+    stage_rows = [
+        {"stage": s.stage, "sparsity": s.sparsity, "k": s.k, "gradient_s": s.gradient_seconds,
+         "solve_s": s.solve_seconds, "iht_iterations": s.iht_iterations,
+         "sinkhorn_iterations": s.sinkhorn_iterations, "backsolved": s.backsolved,
+         "objective_start": s.objective_start, "objective": s.objective}
+        for s in median_run.info
+    ]
+    r.update(
+        method=repr(method), stages_solved=len(stage_rows), stages=stage_rows,
+        gradient_s_total=sum(s["gradient_s"] for s in stage_rows),
+        solve_s_total=sum(s["solve_s"] for s in stage_rows),
+        iht_iterations_total=sum(s["iht_iterations"] for s in stage_rows),
+        sinkhorn_iterations_total=sum(s["sinkhorn_iterations"] for s in stage_rows),
+        final_sparsity=median_run.summary()["total"]["sparsity"],
+    )
+    r["breakdown_run_s"] = times[pick]
+    r["other_s"] = times[pick] - r["gradient_s_total"] - r["solve_s_total"]
+    batch_loss = lambda p: float(jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(p, batch)))  # noqa: E731
+    r["batch_loss"] = {"dense": batch_loss(params), "pruned": batch_loss(median_run.params)}
+    return r
+
+
+# ---------------------------------------------------------------- reporting
+
+def machine_info():
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    return {
+        "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+        "backend": jax.default_backend(), "device": f"{dev.platform}:{dev.device_kind}",
+        "device_count": jax.device_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _load(avg):
+    return "n/a" if not avg else f"{avg[0]:.1f}"
+
+
+def ms(s):
+    return f"{1e3 * s:.1f} ms"
+
+
+def table(res) -> str:
+    g, sk, it = res["per_sample_grads"], res["sinkhorn"], res["iht"]
+    sw, lr = res["prune_swap"], res["prune_lr"]
+    tg = res["targets"]
+    n, stages = res["config"]["n"], res["config"]["stages"]
+    rows = [
+        ("| what | compile (first − median) | median after compile (min) | detail | target |"),
+        ("| --- | ---: | ---: | --- | --- |"),
+        (f"| per-sample gradients X ({n}×{g['shape'][1]}) | {g['compile_s']:.2f} s | {ms(g['median_s'])} ({ms(g['min_s'])}) "
+         f"| **{g['examples_per_s']:,.0f} examples/s** (best {g['shape'][0] / g['min_s']:,.0f}/s) | ≥ {TARGET_GRAD_RATE:,.0f}/s: **{tg['grads']}** |"),
+        (f"| Sinkhorn, cold (ε = {sk['epsilon']}) | {sk['cold']['compile_s']:.2f} s | {ms(sk['cold']['median_s'])} ({ms(sk['cold']['min_s'])}) "
+         f"| {sk['cold']['iterations']} its, {ms(sk['cold']['seconds_per_iteration'])}/it | |"),
+        (f"| Sinkhorn, warm-started | {sk['warm']['compile_s']:.2f} s | {ms(sk['warm']['median_s'])} ({ms(sk['warm']['min_s'])}) "
+         f"| {sk['warm']['iterations']} its | |"),
+        (f"| one IHT iteration (k = {it['k']}) | {it['max_iters_1']['compile_s']:.2f} s "
+         f"| {ms(it['one_iteration_s'])} | T(1 it) {ms(it['max_iters_1']['median_s'])} − T(0 its) "
+         f"{ms(it['max_iters_0']['median_s'])}; mean over a converged run ({it['iterations_to_convergence']} its): "
+         f"{ms(it['mean_iteration_s'])}/it | |"),
+        (f"| {stages}-stage SWAP prune to {res['config']['sparsity']} | {sw['compile_s']:.1f} s "
+         f"| **{sw['median_s']:.2f} s** ({sw['min_s']:.2f} s) | grads {sw['gradient_s_total']:.2f} s + solves {sw['solve_s_total']:.2f} s "
+         f"+ other {sw['other_s']:.2f} s; {sw['iht_iterations_total']} IHT its, "
+         f"{sw['sinkhorn_iterations_total']} Sinkhorn its | ≤ {TARGET_PRUNE_SECONDS:.0f} s: **{tg['prune']}** |"),
+        (f"| {stages}-stage LR prune (comparison) | {lr['compile_s']:.1f} s | {lr['median_s']:.2f} s ({lr['min_s']:.2f} s) "
+         f"| grads {lr['gradient_s_total']:.2f} s + solves {lr['solve_s_total']:.2f} s + other {lr['other_s']:.2f} s; "
+         f"{lr['iht_iterations_total']} IHT its | |"),
+    ]
+    return "\n".join(rows)
+
+
+def stage_table(sw, lr) -> str:
+    rows = ["| stage | sparsity | k | SWAP grads | SWAP solve | SWAP IHT its | Sinkhorn its | backsolved "
+            "| LR solve | LR IHT its |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: | ---: |"]
+    for a, b in zip(sw["stages"], lr["stages"]):
+        rows.append(
+            f"| {a['stage']} | {a['sparsity']:.4f} | {a['k']} | {ms(a['gradient_s'])} | {ms(a['solve_s'])} "
+            f"| {a['iht_iterations']} | {a['sinkhorn_iterations']} | {'yes' if a['backsolved'] else 'no'} "
+            f"| {ms(b['solve_s'])} | {b['iht_iterations']} |")
+    return "\n".join(rows)
+
+
+def contended(res) -> bool:
+    """Heuristic: another process held the cores (load ≥ 1 before we started, or clearly above
+    our own ≈ 2 threads during the run)."""
+    cores = res["machine"]["cpus_usable"] or 1
+    start = res["machine"].get("loadavg_at_start") or [0.0]
+    after = [res[k].get("loadavg_1min_after") or 0.0 for k in ("per_sample_grads", "prune_swap", "prune_lr")]
+    after.append(res["sinkhorn"]["warm"].get("loadavg_1min_after") or 0.0)
+    return start[0] >= 1.0 or max(after) > cores + 0.75
+
+
+def doc_section(res) -> str:
+    m, c = res["machine"], res["config"]
+    warning = ("\n**Contended run**: other processes were using these cores during the measurement "
+               "(see the load averages); the times are pessimistic. Re-run on an idle machine.\n"
+               if contended(res) else "")
+    first_sw, first_lr = res["prune_swap"]["first_call_s"], res["prune_lr"]["first_call_s"]
+    return f"""{DOC_BEGIN}
+## Core benchmark: MLPNet, N = {c['n']}
+
+Measured {res['date']} on {m['cpu']}, {m['cpus_usable']} usable CPU cores ({m['platform']}),
+JAX {m['jax']}, backend `{m['backend']}` ({m['device']}); 1-minute load average
+{_load(m['loadavg_at_start'])} at the start and {_load(m['loadavg_1_5_15'])} at the end
+(other processes share these cores when the load exceeds the core count).
+{warning}
+Command: `make bench`
+(= `.venv/bin/python experiments/bench_core.py{res['argv']}`); raw figures in
+`{c['out']}`.
+
+- Model: MLPNet 784-40-20-10, ReLU, no bias, p = 32,360 weights, all pruned.
+- Weights: {c['weights']}.
+- Data: {c['data']}.
+- 1-minute load average right after each row (this run's own threads count ≈ 2): gradients
+  {_load([res['per_sample_grads']['loadavg_1min_after']])}, Sinkhorn {_load([res['sinkhorn']['warm']['loadavg_1min_after']])},
+  IHT {_load([res['iht']['to_convergence']['loadavg_1min_after']])}, SWAP prune {_load([res['prune_swap']['loadavg_1min_after']])},
+  LR prune {_load([res['prune_lr']['loadavg_1min_after']])}.
+- Medians of {c['repeats']} repeats ({c['prune_repeats']} for the full prunes) after a first
+  call that compiles; "compile" is the first call minus the median.
+
+{table(res)}
+
+PASS/MISS is measured on this run against the targets on 2 CPU cores:
+per-sample gradients ≥ {TARGET_GRAD_RATE:,.0f} examples/s, full {c['stages']}-stage SWAP prune ≤ {TARGET_PRUNE_SECONDS:.0f} s
+after compilation. The first (compiling) call of the whole prune took {first_sw:.1f} s for SWAP
+and {first_lr:.1f} s for LR (LR reuses the gradient and backsolve compilations made by SWAP's run).
+
+What is timed:
+
+- *per-sample gradients*: `swapjax.per_sample_grads(loss_fn, params, batch)` at the dense
+  weights, one cross-entropy gradient per example, chunks of 256.
+- *Sinkhorn*: `swapjax.transport.sinkhorn_plan(y, z, ε)` on the stage-2 problem of the
+  prune (y = X₂w̄, z = X₂w₁ with w₁ the magnitude-pruned weights of the first pruning stage, X₂ the
+  gradients there; threshold 1e-3); *warm* passes `init=` the duals of the stage-1 problem
+  (y = z = X₁w̄), as `prune` carries duals from stage to stage.
+- *one IHT iteration*: `swapjax.iht.iht` under `jax.jit` on the LR problem (targets y = Xw̄,
+  start w̄, λ = {res['iht']['lam']}, k = {res['iht']['k']}): median time with `max_iters=1, tol=0` minus median
+  time with `max_iters=0` (the latter is the initial hard threshold and residual). The iteration
+  includes the gradient Xᵀr, the exact step, the support-change step, and the line search
+  (each trial step: a hard threshold + Xw).
+- *prunes*: `swapjax.prune(loss_fn, params, batch, sparsity={c['sparsity']}, stages={c['stages']},
+  method=swapjax.SWAP() | swapjax.LR(), progress=False)`, whole call; "other" = total − Σ gradient
+  seconds − Σ solve seconds from `result.info` (host conversions, unflatten, masks), all three
+  from the median run (the upper one for an even number of repeats).
+  Batch loss dense {res['prune_swap']['batch_loss']['dense']:.4f} → SWAP {res['prune_swap']['batch_loss']['pruned']:.4f},
+  LR {res['prune_lr']['batch_loss']['pruned']:.4f}.
+
+Per-stage breakdown (the median-time run of each method; stage 1 has sparsity 0 and is skipped):
+
+{stage_table(res['prune_swap'], res['prune_lr'])}
+{DOC_END}"""
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_doc(path: Path, section: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nFigures measured by the scripts in `experiments/`; regenerate, do not edit by hand.\n"
+    if DOC_BEGIN in text and DOC_END in text:
+        head, rest = text.split(DOC_BEGIN, 1)
+        tail = rest.split(DOC_END, 1)[1]
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=1000, help="N, examples of the Fisher (default 1000)")
+    ap.add_argument("--stages", type=int, default=14, help="stages of the cubic schedule (default 14)")
+    ap.add_argument("--sparsity", type=float, default=0.95, help="final sparsity (default 0.95)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats after the compiling call (default 5)")
+    ap.add_argument("--prune-repeats", type=int, default=3, help="timed repeats of each full prune (default 3)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights (data: seed + 1)")
+    ap.add_argument("--train-steps", type=int, default=0,
+                    help="full-batch Adam steps on the benchmark batch before timing (default 0: random init)")
+    ap.add_argument("--out", type=Path, default=ROOT / "experiments/results/bench_core.json")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs/benchmarks.md")
+    ap.add_argument("--no-doc", action="store_true", help="do not update the table in --doc")
+    args = ap.parse_args(argv)
+    if args.repeats < 1 or args.prune_repeats < 1:
+        ap.error("--repeats and --prune-repeats must be ≥ 1")
+
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    batch, data_desc = load_batch(args.n, args.seed)
+    params, weights_desc = make_params(args.seed, batch, args.train_steps)
+    swap, lr = swapjax.SWAP(), swapjax.LR()
+    print(f"data: {data_desc}\nweights: {weights_desc}\nbackend: {jax.default_backend()} {jax.devices()}", flush=True)
+
+    g, X = bench_grads(params, batch, args.repeats)
+    print(f"per-sample grads: {g['examples_per_s']:,.0f} examples/s ({ms(g['median_s'])}, compile {g['compile_s']:.2f} s)", flush=True)
+    sk = bench_sinkhorn(params, batch, X, args.sparsity, args.stages, swap.epsilon, args.repeats)
+    print(f"sinkhorn: cold {ms(sk['cold']['median_s'])} ({sk['cold']['iterations']} its), "
+          f"warm {ms(sk['warm']['median_s'])} ({sk['warm']['iterations']} its)", flush=True)
+    it = bench_iht(X, params, args.sparsity, lr.lam, args.repeats)
+    print(f"one IHT iteration: {ms(it['one_iteration_s'])}; mean over {it['iterations_to_convergence']} its "
+          f"{ms(it['mean_iteration_s'])}", flush=True)
+    sw = bench_prune(swap, params, batch, args.sparsity, args.stages, args.prune_repeats)
+    print(f"SWAP prune: {sw['median_s']:.2f} s (first call {sw['first_call_s']:.1f} s)", flush=True)
+    lrr = bench_prune(lr, params, batch, args.sparsity, args.stages, args.prune_repeats)
+    print(f"LR prune: {lrr['median_s']:.2f} s (first call {lrr['first_call_s']:.1f} s)", flush=True)
+
+    out = args.out if args.out.is_absolute() else Path.cwd() / args.out
+    extra = [a for a in (argv if argv is not None else sys.argv[1:])]
+    res = {
+        "contended": None,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "argv": (" " + " ".join(extra)) if extra else "",
+        "machine": {**machine_info(), "loadavg_at_start": load_start},
+        "config": {"n": args.n, "stages": args.stages, "sparsity": args.sparsity, "repeats": args.repeats,
+                   "prune_repeats": args.prune_repeats, "seed": args.seed, "train_steps": args.train_steps,
+                   "data": data_desc, "weights": weights_desc,
+                   "out": os.path.relpath(out, ROOT) if out.is_relative_to(ROOT) else str(out)},
+        "targets": {
+            "grads_examples_per_s": TARGET_GRAD_RATE, "prune_seconds": TARGET_PRUNE_SECONDS,
+            "grads": "PASS" if g["examples_per_s"] >= TARGET_GRAD_RATE else "MISS",
+            "prune": "PASS" if sw["median_s"] <= TARGET_PRUNE_SECONDS else "MISS",
+        },
+        "per_sample_grads": g, "sinkhorn": sk, "iht": it, "prune_swap": sw, "prune_lr": lrr,
+    }
+    res["contended"] = contended(res)
+    write_json_atomic(out, res)
+    print()
+    print(table(res))
+    print()
+    print(stage_table(sw, lrr))
+    print(f"\nwrote {out}")
+    if not args.no_doc:
+        write_doc(args.doc, doc_section(res))
+        print(f"updated {args.doc}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

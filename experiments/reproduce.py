@@ -222,14 +222,19 @@ def main():
     ap.add_argument("--preset", choices=list(PRESETS), default="mlpnet-fashion-mnist")
     ap.add_argument("--quick", action="store_true", help="the CPU-sized demo: 3 sparsities, 2 noises, 2 seeds")
     ap.add_argument("--seeds", type=int, nargs="+")
+    ap.add_argument("--modes", nargs="+", choices=["one-shot", "gradual"])
+    ap.add_argument("--sparsities", type=float, nargs="+")
+    ap.add_argument("--noises", nargs="+", choices=list(NOISE))
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS))
     ap.add_argument("--out", type=Path)
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args()
     preset = PRESETS[args.preset]
     if args.quick:
         preset = replace(preset, **QUICK)
-    if args.seeds:
-        preset = replace(preset, seeds=tuple(args.seeds))
+    overrides = {k: tuple(v) for k, v in vars(args).items()
+                 if k in ("seeds", "modes", "sparsities", "noises", "methods") and v}
+    preset = replace(preset, **overrides)
     out = args.out or Path("runs") / (args.preset + ("-quick" if args.quick else ""))
     run(args.preset, preset, out, progress=not args.quiet)
 

@@ -73,6 +73,8 @@ PRESETS = {
                            modes=("one-shot", "gradual"), flatten=True, noises=tuple(NOISE)),
     "resnet20-cifar10": Preset("cifar10", lambda: _models().ResNet20(), (32, 32, 3), epochs=100, lr=1e-3,
                                fisher_examples=100, stages=9, modes=("one-shot", "gradual"), noises=tuple(NOISE)),
+    # GPU-sized. ImageNet: data.load holds a whole split in memory, so the training split needs a
+    # streaming loader (or a pretrained checkpoint restored into dense-seed<s>/) before this runs.
     "mobilenetv1-imagenet": Preset("imagenet2012", lambda: _models().MobileNetV1(), (224, 224, 3), epochs=90,
                                    lr=1e-3, fisher_examples=1000, stages=9, batch_size=256,
                                    noises=("none", "2σ,25%"), test_examples=10000),

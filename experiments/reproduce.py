@@ -38,11 +38,13 @@ NOISE = {  # name: (std_scale, prop) of METHOD.md §5
     "none": None, "1σ,10%": (1.0, 0.1), "1σ,25%": (1.0, 0.25), "2σ,10%": (2.0, 0.1),
     "2σ,25%": (2.0, 0.25), "4σ,25%": (4.0, 0.25), "1σ,100%": (1.0, 1.0),
 }
-METHODS = {
-    "MP": lambda: swapjax.Magnitude(),
-    "WF": lambda: swapjax.WoodFisher(),
-    "LR": lambda: swapjax.LR(),
-    "SWAP": lambda: swapjax.SWAP(),
+METHODS = {  # name: (method, anchor of swapjax.prune: w̄ kept dense, or reset to each stage's start)
+    "MP": (swapjax.Magnitude(), "dense"),
+    "WF": (swapjax.WoodFisher(), "dense"),
+    "LR": (swapjax.LR(), "dense"),
+    "SWAP": (swapjax.SWAP(), "dense"),
+    "LR-current": (swapjax.LR(), "current"),  # CHITA++
+    "SWAP-current": (swapjax.SWAP(), "current"),
 }
 
 
@@ -149,8 +151,9 @@ def run(preset_name: str, preset: Preset, out: Path, progress: bool):
                 swapjax.batched_loss(loss_fn), {"x": train_set.x, "y": train_set.y},
                 key=jax.random.key(seed), epochs=1, batch_size=preset.batch_size, progress=False,
             ) if gradual else None
+            method, anchor = METHODS[name]
             result = swapjax.prune(
-                loss_fn, variables["params"], fisher, sparsity=s, method=METHODS[name](),
+                loss_fn, variables["params"], fisher, sparsity=s, method=method, anchor=anchor,
                 stages=preset.stages if gradual else 1, key=jax.random.key(seed),
                 noise=None if NOISE[noise] is None else swapjax.GradientNoise(*NOISE[noise]),
                 finetune=hook, progress=False,

@@ -33,23 +33,11 @@ import numpy as np
 
 from . import iht as iht_lib
 from . import transport
-from .methods import SolveInfo, check_problem
+from .methods import SolveInfo, prepare_problem
 
 
 # ---------------------------------------------------------------------------
 # shared pieces
-
-
-def _prepare(X, w_bar, k, w_start, duals):
-    k = check_problem(X, w_bar, k)
-    X = jnp.asarray(X, jnp.promote_types(jnp.result_type(X), jnp.float32))  # as LR: no f16 linear algebra
-    w_bar = jnp.asarray(w_bar, X.dtype)
-    w_start = w_bar if w_start is None else jnp.asarray(w_start, X.dtype)
-    if jnp.shape(w_start) != w_bar.shape:
-        raise ValueError(f"w_start: expected shape {w_bar.shape}, got {jnp.shape(w_start)}")
-    if duals is None:  # the same convention as LR: zero potentials, ready for a warm start
-        duals = (jnp.zeros(X.shape[0], X.dtype),) * 2
-    return X, w_bar, w_start, k, duals
 
 
 def _info(y, w, support, trace, duals) -> SolveInfo:
@@ -138,7 +126,7 @@ class Magnitude:
         segments: layer offsets (0 = o_0 ≤ o_1 ≤ … ≤ o_L = p), needed for scope="layer",
         ignored for scope="global".
         """
-        X, w_bar, w_start, k, duals = _prepare(X, w_bar, k, w_start, duals)
+        X, w_bar, w_start, k, duals = prepare_problem(X, w_bar, k, w_start, duals)
         p = X.shape[1]
         if self.scope == "global":
             w, support, trace, y = _magnitude_global(X, w_bar, w_start, jnp.asarray(k))
@@ -226,7 +214,7 @@ class WoodFisher:
 
     def solve(self, X, w_bar, k, w_start=None, duals=None) -> tuple[jax.Array, SolveInfo]:
         """k-sparse w from one OBS step at w_start (default w̄); see the class doc."""
-        X, w_bar, w_start, k, duals = _prepare(X, w_bar, k, w_start, duals)
+        X, w_bar, w_start, k, duals = prepare_problem(X, w_bar, k, w_start, duals)
         w, support, trace, y = _woodfisher(
             float(self.damp), self.update, min(self.block_size, X.shape[1]), X, w_bar, w_start, jnp.asarray(k)
         )

@@ -49,6 +49,23 @@ def check_problem(X, w_bar, k) -> int:
     return int(k)
 
 
+def prepare_problem(X, w_bar, k, w_start=None, duals=None):
+    """Validate and convert a problem for a method's solve: (X, w̄, w_start, k, duals).
+
+    Arrays become at least float32 (there is no float16 linear algebra on CPU);
+    w_start defaults to w̄; duals to zero potentials (a cold Sinkhorn start).
+    """
+    k = check_problem(X, w_bar, k)
+    X = jnp.asarray(X, jnp.promote_types(jnp.result_type(X), jnp.float32))
+    w_bar = jnp.asarray(w_bar, X.dtype)
+    w_start = w_bar if w_start is None else jnp.asarray(w_start, X.dtype)
+    if jnp.shape(w_start) != w_bar.shape:
+        raise ValueError(f"w_start: expected shape {w_bar.shape}, got {jnp.shape(w_start)}")
+    if duals is None:
+        duals = (jnp.zeros(X.shape[0], X.dtype),) * 2
+    return X, w_bar, w_start, k, duals
+
+
 @dataclass(frozen=True)
 class LR:
     """Sparse linear regression (CHITA): min ½‖y − Xw‖² + (Nλ/2)‖w − w̄‖², ‖w‖₀ ≤ k.
@@ -93,12 +110,7 @@ class LR:
         from H_k(w_start), and SWAP's plan is computed at z = X·w_start.
         duals: Sinkhorn potentials from an earlier solve, for a warm start.
         """
-        k = check_problem(X, w_bar, k)
-        X = jnp.asarray(X, jnp.promote_types(jnp.result_type(X), jnp.float32))  # no f16 linear algebra
-        w_bar = jnp.asarray(w_bar, X.dtype)
-        w_start = w_bar if w_start is None else jnp.asarray(w_start, X.dtype)
-        if duals is None:
-            duals = (jnp.zeros(X.shape[0], X.dtype),) * 2
+        X, w_bar, w_start, k, duals = prepare_problem(X, w_bar, k, w_start, duals)
         w, info = _solve(self, X, w_bar, jnp.asarray(k), w_start, duals)
         if self.backsolve:
             w, info = _backsolve(self.lam, _bucket(k, X.shape[1]), X, w_bar, w, info)

@@ -19,9 +19,6 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-from ott.geometry import geometry
-from ott.problems.linear import linear_problem
-from ott.solvers.linear import sinkhorn
 
 Duals = tuple[jax.Array, jax.Array]
 
@@ -54,6 +51,10 @@ def sinkhorn_plan(
     Minimises Σ_ij π_ij C_ij − ε·H(π) with C = :func:`scaled_cost`. ``init``
     warm-starts from earlier dual potentials (f, g). Returns (π, (f, g), info).
     """
+    from ott.geometry import geometry  # ott-jax takes ~3 s to import: only when a plan is needed
+    from ott.problems.linear import linear_problem
+    from ott.solvers.linear import sinkhorn
+
     geom = geometry.Geometry(cost_matrix=scaled_cost(y, z), epsilon=epsilon)
     solver = sinkhorn.Sinkhorn(threshold=threshold, max_iterations=max_iterations)
     out = solver(linear_problem.LinearProblem(geom), init=init)

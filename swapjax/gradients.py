@@ -54,7 +54,8 @@ def per_sample_grads(
     (``jax.lax.map(..., batch_size=...)``; the chunks are balanced, e.g. 4×250
     for N = 1000, because a ragged last chunk costs a copy of X), so working
     memory beyond the (N, p) result is O(chunk_size · p). Compiled once per
-    (loss_fn, shapes).
+    (loss_fn, shapes). ``select``: which leaves are prunable (default: the
+    arrays with ndim ≥ 2; see :func:`swapjax.pytree.layout`).
     """
     n = batch_size(batch)
     if chunk_size < 1:
@@ -81,7 +82,7 @@ def check_finite(X: jax.Array, name: str = "gradients") -> None:
 
 @dataclass(frozen=True)
 class GradientNoise:
-    """The published robustness-study noise (METHOD.md §5).
+    """The gradient noise of the paper's robustness study (You & Cheng, ICLR 2024).
 
     Each coordinate of each per-sample gradient is hit independently with
     probability ``prop`` by Gaussian noise of standard deviation

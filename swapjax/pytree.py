@@ -3,6 +3,13 @@
 The flat order is fixed and documented: the prunable leaves in the order of
 ``jax.tree_util.tree_flatten_with_path`` (sorted dict keys for dicts, Flax
 linen and NNX states alike), each raveled in row-major (C) order.
+
+Which leaves are prunable: by default the arrays with ``ndim >= 2`` (dense and
+conv kernels). A ``select(path, leaf) -> bool`` only *narrows* that rule:
+it picks among the kernels, and returning True for a leaf with ``ndim < 2``
+(a bias, a norm scale, a scalar) is a ValueError naming the leaf, so a
+``select`` such as ``lambda path, leaf: "fc" in path`` cannot silently prune
+biases. To prune such leaves, say so: ``select=allow_vectors(fn)``.
 """
 from __future__ import annotations
 
@@ -28,6 +35,25 @@ def default_select(path: str, leaf) -> bool:
 
 
 @dataclass(frozen=True)
+class _WithVectors:
+    select: Select
+
+    def __call__(self, path: str, leaf) -> bool:
+        return self.select(path, leaf)
+
+
+def allow_vectors(select: Select) -> Select:
+    """Let ``select`` choose leaves with ndim < 2 (biases, norm scales, scalars) too.
+
+        select = swapjax.allow_vectors(lambda path, leaf: path.startswith("fc"))
+        swapjax.prune(loss_fn, params, batch, sparsity=0.9, select=select)  # fc kernels AND biases
+
+    Without it, a ``select`` that returns True for such a leaf is a ValueError.
+    """
+    return _WithVectors(select)
+
+
+@dataclass(frozen=True)
 class Layout:
     """Where each prunable leaf lives in the flat vector w ∈ R^p."""
 
@@ -50,11 +76,27 @@ class Layout:
 
 
 def layout(params: PyTree, select: Optional[Select] = None) -> Layout:
-    """Choose the prunable leaves of ``params``; ``select(path, leaf) -> bool``."""
+    """Choose the prunable leaves of ``params``.
+
+    select: None (the arrays with ndim ≥ 2), or ``select(path, leaf) -> bool``
+    with ``path`` like ``"Dense_0/kernel"``, narrowing that rule; wrap it in
+    :func:`allow_vectors` to let it choose leaves with ndim < 2. ValueError if
+    nothing is selected, a selected leaf is not floating point, or a 1-D/0-D
+    leaf is selected without :func:`allow_vectors`.
+    """
+    vectors_ok = isinstance(select, _WithVectors)
     select = select or default_select
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     selected = tuple(bool(select(path_name(p), x)) for p, x in leaves_with_path)
     chosen = [(path_name(p), x) for (p, x), s in zip(leaves_with_path, selected) if s]
+    vectors = [f"{name} {tuple(jnp.shape(x))}" for name, x in chosen if jnp.ndim(x) < 2]
+    if vectors and not vectors_ok:
+        raise ValueError(
+            f"select: chose {', '.join(vectors)}, with ndim < 2 (biases, norm scales or scalars); "
+            "a custom select only narrows the default rule (ndim >= 2). Return False for these leaves "
+            "(e.g. `lambda path, leaf: leaf.ndim >= 2 and ...`), or pass "
+            "select=swapjax.allow_vectors(your_select) to prune them"
+        )
     if not chosen:
         raise ValueError(
             "select: no prunable leaf was selected; `select(path, leaf)` must return "

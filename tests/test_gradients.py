@@ -1,4 +1,4 @@
-"""Per-sample gradients X ∈ R^{N×p} and the published gradient-noise model (METHOD.md §5)."""
+"""Per-sample gradients X ∈ R^{N×p} and the published gradient-noise model (docs/methods.md)."""
 from __future__ import annotations
 
 import jax
@@ -63,7 +63,7 @@ def test_chunk_size_does_not_change_result(trained_mlp, grad_batch, loss_fn, loo
 
 
 def test_select_all_includes_biases_in_path_order(trained_mlp, grad_batch, loss_fn):
-    X = swapjax.per_sample_grads(loss_fn, trained_mlp, grad_batch, select=lambda path, leaf: True)
+    X = swapjax.per_sample_grads(loss_fn, trained_mlp, grad_batch, select=swapjax.allow_vectors(lambda path, leaf: True))
     order = ["Dense_0/bias", "Dense_0/kernel", "Dense_1/bias", "Dense_1/kernel"]
     assert X.shape == (N_GRAD, 12 + 64 * 12 + 10 + 12 * 10)
     np.testing.assert_allclose(np.asarray(X), _loop_grads(loss_fn, trained_mlp, grad_batch, order), rtol=1e-5, atol=1e-5)

@@ -88,7 +88,7 @@ def test_custom_select_receives_path_strings():
         seen.append((path, tuple(np.shape(leaf))))
         return path.endswith("bias") or path == "temperature"
 
-    lay = pytree.layout(tree, select)
+    lay = pytree.layout(tree, swapjax.allow_vectors(select))
     assert seen == [("a_in/bias", (3,)), ("a_in/kernel", (4, 3)), ("conv/kernel", (2, 2, 1, 3)),
                     ("temperature", ()), ("z_out/bias", (2,)), ("z_out/kernel", (3, 2))]
     assert lay.names == ("a_in/bias", "temperature", "z_out/bias")
@@ -98,6 +98,34 @@ def test_custom_select_receives_path_strings():
     out = pytree.unflatten(2 * w, tree, lay)
     np.testing.assert_array_equal(out["temperature"], 3.0)
     assert out["a_in"]["kernel"] is tree["a_in"]["kernel"]
+
+
+def test_select_narrows_the_default_rule_and_a_selected_vector_is_an_error():
+    tree = _tree()
+    lay = pytree.layout(tree, lambda path, leaf: np.ndim(leaf) >= 2 and not path.startswith("conv"))
+    assert lay.names == ("a_in/kernel", "z_out/kernel")
+    # the trap: "a_in" in path also matches a_in/bias; it must not be pruned silently
+    with pytest.raises(ValueError, match=r"select: chose a_in/bias \(3,\), with ndim < 2") as err:
+        pytree.layout(tree, lambda path, leaf: path.startswith("a_in"))
+    assert "allow_vectors" in str(err.value)
+    with pytest.raises(ValueError, match=r"a_in/bias \(3,\), temperature \(\), z_out/bias \(2,\)"):
+        pytree.layout(tree, lambda path, leaf: True)
+    # opting in prunes them, in flat order
+    lay = pytree.layout(tree, swapjax.allow_vectors(lambda path, leaf: path.startswith("a_in")))
+    assert lay.names == ("a_in/bias", "a_in/kernel") and lay.size == 3 + 12
+
+
+def test_prune_with_a_vector_select_fails_before_any_gradient(trained_mlp, prune_batch):
+    calls = []
+
+    def loss(params, example):
+        calls.append(1)
+        return jnp.sum(params["Dense_0"]["kernel"]) * 0.0
+
+    with pytest.raises(ValueError, match="Dense_1/bias"):
+        swapjax.prune(loss, trained_mlp, prune_batch, sparsity=0.5, select=lambda path, leaf: "Dense_1" in path,
+                      progress=False)
+    assert calls == []
 
 
 def test_select_nothing_and_non_float_leaf_are_errors():

@@ -1,14 +1,21 @@
 """swapjax: SWAP (sparse entropic Wasserstein regression) network pruning in JAX.
 
     result = swapjax.prune(loss_fn, params, batch, sparsity=0.9, method=swapjax.SWAP())
+
+``swapjax.data`` (TFDS, IDX files) and ``swapjax.models`` (Flax models) load on
+first use, so ``import swapjax`` stays light; ott-jax (Sinkhorn), orbax and
+``jax.experimental.sparse`` are imported inside the functions that use them.
 """
+import importlib
+
 from .baselines import Magnitude, WoodFisher
 from .comparison import MethodResult, compare, compare_sparsities, format_table
 from .finetune import batched_loss, keep_pruned_at_zero, make_finetune_hook, masked_optimizer, masked_updates
 from .gradients import GradientNoise, add_gradient_noise, per_sample_grads
+from .io import bcoo_bytes, from_bcoo, load_pruned, save_pruned, to_bcoo
 from .methods import LR, SWAP, SolveInfo
 from .prune import PruneResult, StageInfo, kept_count, prune
-from .pytree import apply_masks, sparsity_summary
+from .pytree import allow_vectors, apply_masks, sparsity_summary
 from .schedules import cubic_schedule, linear_schedule, polynomial_schedule
 from .training import evaluate, train
 
@@ -16,8 +23,15 @@ __all__ = [
     "LR", "SWAP", "Magnitude", "WoodFisher", "SolveInfo",
     "compare", "compare_sparsities", "format_table", "MethodResult", "GradientNoise", "PruneResult", "StageInfo",
     "prune", "per_sample_grads", "add_gradient_noise", "kept_count",
-    "apply_masks", "sparsity_summary", "cubic_schedule", "linear_schedule", "polynomial_schedule",
+    "allow_vectors", "apply_masks", "sparsity_summary", "cubic_schedule", "linear_schedule", "polynomial_schedule",
     "keep_pruned_at_zero", "masked_updates", "masked_optimizer", "make_finetune_hook", "batched_loss",
     "train", "evaluate",
+    "save_pruned", "load_pruned", "to_bcoo", "from_bcoo", "bcoo_bytes",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in ("data", "models"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'swapjax' has no attribute {name!r}")

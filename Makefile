@@ -1,15 +1,15 @@
-# `make demo` and `make test` do all the set-up on a fresh machine.
+# `make demo`, `make test` and `make docs` do all the set-up on a fresh machine.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-digits test bench clean
+.PHONY: demo demo-digits test docs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,demo]"
+	$(PY) -m pip install --quiet -e ".[test,demo,docs]"
 	touch $(STAMP)
 
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
@@ -32,8 +32,12 @@ demo-digits: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The API reference site (mkdocs-material + mkdocstrings) in site/; --strict fails on any warning.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
 bench: $(STAMP)
 	$(PY) experiments/bench_core.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis site build dist

@@ -1,4 +1,4 @@
-"""`make demo`: prune an MLP trained on scikit-learn's digits with LR and SWAP.
+"""`make demo-digits`: prune an MLP trained on scikit-learn's digits with LR and SWAP.
 
 Trains the dense 64-64-32-10 MLP (seed 0), then prunes its kernels at
 0.5 / 0.9 / 0.95 sparsity with LR and SWAP, using the 1,000 training examples

@@ -1,6 +1,6 @@
 """swapjax.models: ResNet20 (CIFAR-10) and MobileNetV1 (ImageNet, and the 32×32 variant).
 
-Published counts (METHOD.md §6): ResNet20 has 270,896 conv+fc weights, which
+Published counts (the SWAP paper's experiments): ResNet20 has 270,896 conv+fc weights, which
 this ResNet20 matches exactly as the 3×3 convs + the two 1×1 downsample convs
 + the fc kernel (fc bias excluded). MobileNetV1 1.0 has "4.2M" parameters
 (Howard et al. 2017): exactly 4,231,976 here (4,209,088 of them prunable
@@ -63,7 +63,7 @@ def test_resnet20_weight_count_is_papers_270896(resnet_vars):
     conv3x3 = sum(int(np.prod(s)) for n, s in kernels.items() if n != "fc/kernel" and "shortcut" not in n)
     assert conv3x3 == 432 + 6 * 2304 + (4608 + 5 * 9216) + (18432 + 5 * 36864) == 267_696
     assert conv3x3 + 640 == 268_336  # without the 1×1 downsample convs (option A): no match
-    assert conv3x3 + 640 + 2_560 == 270_896  # with them (option B): METHOD.md §6
+    assert conv3x3 + 640 + 2_560 == 270_896  # with them (option B): the published figure
     assert n_params(params, lambda x: x.ndim >= 2) == 270_896
     # Not pruned: fc bias (10) and the BN scales/biases (2 × 784 channels).
     assert shapes["fc/kernel"] == (64, 10) and shapes["fc/bias"] == (10,)

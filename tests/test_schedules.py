@@ -1,4 +1,4 @@
-"""Sparsity schedules (METHOD.md §3) and the rules of schedules.resolve()."""
+"""Sparsity schedules (the cubic schedule of the SWAP paper) and the rules of schedules.resolve()."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,7 +9,7 @@ from swapjax import schedules
 
 
 def test_cubic_schedule_matches_published_example():
-    # METHOD.md §3: T = 9, s_f = 0.95 (values given to 4 decimals there).
+    # The paper's example: T = 9, s_f = 0.95 (values given to 4 decimals there).
     expected = [0.0, 0.3136, 0.5492, 0.7181, 0.8312, 0.8999, 0.9352, 0.9481, 0.95]
     got = swapjax.cubic_schedule(0.95, 9)
     assert isinstance(got, tuple) and len(got) == 9

@@ -1,7 +1,7 @@
 """Tests of swapjax.transport: the entropic plan π, the ε = 0 sorted matching, the targets ỹ = N·πᵀy.
 
 References are independent of swapjax: float64 NumPy (a log-domain Sinkhorn,
-the cost, the identity of METHOD.md §2) and ott's exact univariate solver.
+the cost, the identity (N/2)·Σ_ij π_ij (y_i − z_j)² = ½‖z − N·πᵀy‖² + const) and ott's exact univariate solver.
 Shapes are kept to N = 50 (plus eager hypothesis cases) so the jitted Sinkhorn
 compiles only a few times.
 """
@@ -263,7 +263,7 @@ def test_transport_targets_dispatch():
 
 
 # ---------------------------------------------------------------------------
-# barycentric targets and the identity of METHOD.md §2
+# barycentric targets and the identity (N/2)·Σ_ij π_ij (y_i − z_j)² = ½‖z − N·πᵀy‖² + const
 
 
 def test_barycentric_identity_plan_gives_y():

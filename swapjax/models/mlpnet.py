@@ -1,7 +1,7 @@
 """MLPNet: the 784-40-20-10 ReLU network without biases (32,360 weights).
 
 The MNIST checkpoint architecture of WoodFisher, CBS, CHITA and SWAP
-(METHOD.md §6): fc1 784→40, fc2 40→20, fc3 20→10, ReLU between layers,
+(the MNIST experiments of the SWAP paper): fc1 784→40, fc2 40→20, fc3 20→10, ReLU between layers,
 no bias anywhere, so every parameter is a prunable kernel.
 """
 from __future__ import annotations

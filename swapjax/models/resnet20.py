@@ -22,7 +22,7 @@ Weight count (the prunable kernels: convs and fc, arrays with ndim ≥ 2):
     fc                         64·10             =     640
     = 268,336 without the shortcuts
     1×1 shortcut convs         16·32 + 32·64     =   2,560
-    = 270,896 with them: METHOD.md §6's figure, exactly.
+    = 270,896 with them: the published figure, exactly.
 
 So 270,896 counts the 3×3 convs, the two 1×1 downsample convs and the fc
 kernel, and excludes the fc bias (10), which this model has but which is not

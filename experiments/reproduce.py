@@ -6,8 +6,9 @@
 
 For each seed: train the dense model (or restore its checkpoint, orbax, under
 runs/<preset>/dense-seed<s>), then for every mode (one-shot; gradual = the cubic
-schedule with one epoch of masked fine-tuning between stages), gradient noise
-setting (METHOD.md §5), sparsity and method: prune with `swapjax.prune` on the
+schedule with the preset's number of stages and no fine-tuning; gradual-ft = the
+same with one epoch of masked fine-tuning between stages), gradient noise
+setting (docs/methods.md), sparsity and method: prune with `swapjax.prune` on the
 first N training examples, and evaluate on the test split. One CSV row per run
 (runs/<preset>/results.csv), appended as soon as the run ends; a rerun skips the
 rows already there, so an interrupted sweep resumes. Then the table (mean ± std
@@ -34,7 +35,7 @@ from swapjax.models import MLPNet
 
 FIELDS = ["preset", "seed", "mode", "noise", "sparsity", "method", "test_accuracy", "test_loss",
           "dense_test_accuracy", "seconds"]
-NOISE = {  # name: (std_scale, prop) of METHOD.md §5
+NOISE = {  # name: (std_scale, prop) of the published noise model (docs/methods.md)
     "none": None, "1σ,10%": (1.0, 0.1), "1σ,25%": (1.0, 0.25), "2σ,10%": (2.0, 0.1),
     "2σ,25%": (2.0, 0.25), "4σ,25%": (4.0, 0.25), "1σ,100%": (1.0, 1.0),
 }
@@ -69,8 +70,11 @@ class Preset:
 
 PRESETS = {
     "mlpnet-fashion-mnist": Preset("fashion_mnist", MLPNet, (784,), epochs=3, lr=1e-3, fisher_examples=1000,
-                                   stages=5, modes=("one-shot", "gradual"), flatten=True,
-                                   noises=("none", "1σ,25%", "2σ,25%")),
+                                   stages=8, modes=("one-shot", "gradual"), flatten=True,
+                                   noises=("none", "1σ,25%", "2σ,25%"), seeds=(0, 1, 2, 3, 4)),
+    "lenet5-fashion-mnist": Preset("fashion_mnist", lambda: _models().LeNet5(), (28, 28, 1), epochs=3, lr=1e-3,
+                                   fisher_examples=1000, stages=8, modes=("one-shot", "gradual"),
+                                   noises=("none", "2σ,25%"), seeds=(0, 1, 2, 3, 4)),
     "mlpnet-mnist": Preset("mnist", MLPNet, (784,), epochs=5, lr=1e-3, fisher_examples=1000, stages=14,
                            modes=("one-shot", "gradual"), flatten=True, noises=tuple(NOISE)),
     "resnet20-cifar10": Preset("cifar10", lambda: _models().ResNet20(), (32, 32, 3), epochs=100, lr=1e-3,
@@ -146,11 +150,11 @@ def run(preset_name: str, preset: Preset, out: Path, progress: bool):
                   "y": jnp.asarray(train_set.y[: preset.fisher_examples])}
         for i, (mode, noise, s, name) in enumerate(todo, 1):
             t0 = time.perf_counter()
-            gradual = mode == "gradual"
+            gradual = mode != "one-shot"
             hook = swapjax.make_finetune_hook(
                 swapjax.batched_loss(loss_fn), {"x": train_set.x, "y": train_set.y},
                 key=jax.random.key(seed), epochs=1, batch_size=preset.batch_size, progress=False,
-            ) if gradual else None
+            ) if mode == "gradual-ft" else None
             method, anchor = METHODS[name]
             result = swapjax.prune(
                 loss_fn, variables["params"], fisher, sparsity=s, method=method, anchor=anchor,
@@ -227,7 +231,7 @@ def main():
     ap.add_argument("--preset", choices=list(PRESETS), default="mlpnet-fashion-mnist")
     ap.add_argument("--quick", action="store_true", help="the CPU-sized demo: 3 sparsities, 2 noises, 2 seeds")
     ap.add_argument("--seeds", type=int, nargs="+")
-    ap.add_argument("--modes", nargs="+", choices=["one-shot", "gradual"])
+    ap.add_argument("--modes", nargs="+", choices=["one-shot", "gradual", "gradual-ft"])
     ap.add_argument("--sparsities", type=float, nargs="+")
     ap.add_argument("--noises", nargs="+", choices=list(NOISE))
     ap.add_argument("--methods", nargs="+", choices=list(METHODS))

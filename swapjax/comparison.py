@@ -32,13 +32,13 @@ import numpy as np
 
 from . import pytree, transport
 from .gradients import GradientNoise, LossFn, per_sample_grads
-from .methods import SWAP, SolveInfo, check_problem
+from .methods import DEFAULT_EPSILON, SolveInfo, check_problem
 from .prune import kept_count
 from .pytree import PyTree, Select
 
 #: Relative ε of the EWR objective's plan: the same scale (cost (y_i − z_j)²/Var(y))
 #: and value as ``swapjax.SWAP``'s default.
-EWR_EPSILON = SWAP.epsilon
+EWR_EPSILON = DEFAULT_EPSILON
 
 
 @dataclass(frozen=True)

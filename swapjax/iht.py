@@ -2,7 +2,7 @@
 
     f(w) = ½‖Xw − t‖² + (Nλ/2)‖w − w̄‖²   subject to ‖w‖₀ ≤ k
 
-LR takes t = y = Xw̄; SWAP takes t = ỹ = N·πᵀy (METHOD.md §2). Each step
+LR takes t = y = Xw̄; SWAP takes t = ỹ = N·πᵀy (docs/methods.md). Each step
 follows CHITA's line search: gradient g = Xᵀ(Xw − t) + Nλ(w − w̄); the exact
 minimising step τ* on the current support (f is quadratic along −g_S); the
 support-change step τ_c, the largest step that keeps the top-k support of
@@ -244,7 +244,7 @@ def backsolve(X, targets, w_bar, support, lam: float, width: Optional[int] = Non
     push-through form), so only an N×N system is formed, never k×k. ``width``
     (static, ≥ |S|) gathers the support's columns into an N×width block first,
     so the Gram matrix costs O(N²·width) instead of O(N²·p). λ = 0 uses the
-    pseudo-inverse (the minimum-norm least-squares solution).
+    pseudo-inverse (the minimum-norm least-squares solution). λ may be traced.
     """
     n, p = X.shape
     anchor = jnp.where(support, w_bar, 0)
@@ -255,9 +255,50 @@ def backsolve(X, targets, w_bar, support, lam: float, width: Optional[int] = Non
         xs = jnp.where(jnp.arange(width) < jnp.sum(support), X[:, cols], 0)
     e = targets - X @ anchor
     gram = xs @ xs.T
-    if lam > 0:
-        alpha = jnp.linalg.solve(gram + n * lam * jnp.eye(n, dtype=X.dtype), e)
-    else:
-        alpha = jnp.linalg.pinv(gram, hermitian=True) @ e
+    alpha = jax.lax.cond(
+        jnp.asarray(lam) > 0,
+        lambda: jnp.linalg.solve(gram + n * lam * jnp.eye(n, dtype=X.dtype), e),
+        lambda: jnp.linalg.pinv(gram, hermitian=True) @ e,
+    )
     delta = alpha @ xs
     return anchor + (delta if cols is None else jnp.zeros_like(w_bar).at[cols].add(delta))
+
+
+def swap_search(X, targets, w_bar, w, support, lam, width: int, rounds: int):
+    """Local search over k-supports around the backsolve: exchange kept and pruned weights while f falls.
+
+    At w (the ridge solution on S), with g = ∇f(w) and h = diag(XᵀX) + Nλ:
+    adding a pruned j alone (at its best value) lowers f by g_j²/(2h_j);
+    removing a kept i alone raises it by ½h_i·w_i² − g_i·w_i. Each round pairs
+    the best additions with the cheapest removals, exchanges the m pairs that
+    pay (at most m), backsolves on the new support and keeps it if f fell;
+    otherwise m is halved. Stops after ``rounds`` rounds, when no pair pays,
+    or when m reaches 0. m starts at ⌈k/8⌉. f never increases, |S| stays k.
+    Returns (w, support, f, weights exchanged).
+    """
+    n, p = X.shape
+    k = jnp.sum(support)
+    h = jnp.sum(X * X, axis=0) + n * lam
+    rank = jnp.arange(p)
+
+    def body(c):
+        i, w, support, obj, m, swapped = c
+        g = (X @ w - targets) @ X + n * lam * (w - w_bar)
+        gain = jnp.where(support, -jnp.inf, g * g / (2 * h))
+        cost = jnp.where(support, 0.5 * h * w * w - g * w, jnp.inf)
+        into, out = jnp.argsort(-gain), jnp.argsort(cost)
+        size = jnp.minimum(jnp.sum(gain[into] > cost[out]), m)  # the pairs that pay form a prefix
+        enter = jnp.zeros(p, bool).at[into].set(rank < size)
+        leave = jnp.zeros(p, bool).at[out].set(rank < size)
+        trial = (support & ~leave) | enter
+        w_new = backsolve(X, targets, w_bar, trial, lam, width)
+        obj_new = objective(X, w_new, targets, w_bar, lam)
+        accept = (size > 0) & (obj_new < obj)
+        m = jnp.where(accept, m, size // 2)
+        return (i + 1, jnp.where(accept, w_new, w), jnp.where(accept, trial, support),
+                jnp.where(accept, obj_new, obj), m, swapped + jnp.where(accept, size, 0))
+
+    obj = objective(X, w, targets, w_bar, lam)
+    start = (jnp.array(0), w, support, obj, (k + 7) // 8, jnp.array(0, k.dtype))
+    _, w, support, obj, _, swapped = jax.lax.while_loop(lambda c: (c[0] < rounds) & (c[4] > 0), body, start)
+    return w, support, obj, swapped

@@ -1,15 +1,24 @@
 """Pruning methods on a bare problem (X, w̄, k): ``w, info = method.solve(X, w_bar, k)``.
 
 ``LR`` (sparse linear regression, CHITA's formulation) and ``SWAP`` (entropic
-Wasserstein regression) share one IHT solver; they differ only in the
-targets: LR keeps y = Xw̄, SWAP uses ỹ = N·πᵀy with π the entropic plan
-between y and z = Xw_start, computed once at the start (METHOD.md §2).
+Wasserstein regression) share one solver; they differ only in the targets:
+LR keeps y = Xw̄, SWAP uses ỹ = N·πᵀy with π the entropic plan between y and
+z = Xw_start, computed once at the start (docs/methods.md). The solver is
+iterative hard thresholding, an exact ridge backsolve on the support, and a
+swap search that exchanges kept and pruned weights while the objective falls.
+
+λ is measured in units of the Fisher's scale, λ_abs = λ·‖X‖²_F/(Np) (the mean
+diagonal of XᵀX/N), so scaling X changes nothing. ``lam="auto"`` and
+``epsilon="auto"`` (the defaults) choose λ and ε on held-out loss when
+``solve`` is given a ``score`` (``swapjax.prune`` does that); explicit values
+are used exactly as given.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +27,30 @@ from . import iht as iht_lib
 from . import transport
 from .gradients import check_finite
 
+#: λ candidates of ``lam="auto"`` (relative to the Fisher's scale), and the value used without a score.
+LAM_PATH = (0.01, 0.03, 0.1, 0.3, 1.0)
+DEFAULT_LAM = 0.03
+#: ε candidates of ``epsilon="auto"`` (besides LR's targets, the ε → 0 end), and the value used without a score.
+EPSILON_PATH = (0.1, 0.3, 1.0)
+DEFAULT_EPSILON = 0.3
+
+Score = Callable[[jax.Array], float]
+
+
+class Candidate(NamedTuple):
+    """One point of the selection path: λ (as configured), ε (None: LR's targets y), the search
+    ("iht": IHT and the backsolve; "swap": then the swap search), its held-out score (the loss
+    of the pruned network on examples not fitted) and its objective f."""
+
+    lam: float
+    epsilon: Optional[float]
+    support: str
+    score: float
+    objective: float
+
 
 class SolveInfo(NamedTuple):
-    """Diagnostics of one solve (arrays; see field comments)."""
+    """Diagnostics of one solve (arrays unless noted)."""
 
     objective: jax.Array  # f(w) at the returned w, f = ½‖Xw − t‖² + (Nλ/2)‖w − w̄‖²
     objective_trace: jax.Array  # f after each IHT iteration (index 0 = start), NaN-padded
@@ -30,6 +60,11 @@ class SolveInfo(NamedTuple):
     targets: jax.Array  # t: y for LR, ỹ for SWAP
     plan: transport.PlanInfo  # Sinkhorn report (zeros for LR and ε = 0)
     duals: tuple  # Sinkhorn potentials (f, g), for warm starts
+    lam: Optional[jax.Array] = None  # the absolute λ of f (LR and SWAP)
+    epsilon: Optional[float] = None  # SWAP's ε, None where the targets are y
+    objective_magnitude: Optional[jax.Array] = None  # f of the backsolve on the magnitude support H_k(w_start)
+    swapped: Optional[jax.Array] = None  # weights exchanged by the swap search
+    candidates: tuple = ()  # Candidate per point tried by the selection (empty without one)
 
 
 def check_problem(X, w_bar, k) -> int:
@@ -66,32 +101,48 @@ def prepare_problem(X, w_bar, k, w_start=None, duals=None):
     return X, w_bar, w_start, k, duals
 
 
+def _check_path(name, path):
+    if not (len(path) >= 1 and all(math.isfinite(v) and v > 0 for v in path)):
+        raise ValueError(f"{name}: expected a non-empty tuple of finite values > 0, got {path!r}")
+
+
 @dataclass(frozen=True)
 class LR:
     """Sparse linear regression (CHITA): min ½‖y − Xw‖² + (Nλ/2)‖w − w̄‖², ‖w‖₀ ≤ k.
 
-    lam: λ ≥ 0 (published 0.01). max_iters, tol: IHT stops after max_iters
-    steps or when a step lowers f by ≤ tol·f. growth: factor of the geometric
-    step growth. backsolve: finish with the exact ridge solve on the support.
-    patience: with the backsolve on, also stop IHT once the support has not
-    changed for this many steps (None: run to tol; 3 cut a 14-stage MLPNet
-    prune from 1300 to about 40 IHT steps, see docs/benchmarks.md).
-    active_set: None, or CHITA's active-set phase with an initial active set of
-    ⌈active_set·k⌉ weights (see :func:`swapjax.iht.active_set_iht`). With
-    masked arrays it saves no time here; it changes which local optimum IHT finds.
+    lam: λ ≥ 0, or "auto" (default): the value of ``lam_path`` with the lowest
+    held-out score (``solve(..., score=)``; ``swapjax.prune`` builds the score
+    from the loss on examples it does not fit), or ``DEFAULT_LAM`` without a
+    score. lam_scale: "fisher" (default) measures λ in units of the Fisher's
+    scale ‖X‖²_F/(Np), so a value means the same on every network and scaling X
+    does not change the solution; "absolute" takes λ as is (the published
+    λ = 0.01; docs/methods.md relates the two).
+    max_iters, tol: IHT stops after max_iters steps or when a step lowers f by
+    ≤ tol·f. growth: factor of the geometric step growth. backsolve: the exact
+    ridge solve on the support. patience: with the backsolve on, also stop IHT
+    once the support has not changed for this many steps (None: run to tol).
+    swap_rounds: rounds of the swap search after the backsolve (0: none; see
+    :func:`swapjax.iht.swap_search`). active_set: None, or CHITA's active-set
+    phase with ⌈active_set·k⌉ weights (:func:`swapjax.iht.active_set_iht`).
     """
 
-    lam: float = 0.01
+    lam: Union[float, str] = "auto"
+    lam_scale: str = "fisher"
+    lam_path: tuple = LAM_PATH
     max_iters: int = 100
     tol: float = 1e-5
     growth: float = 2.0
     backsolve: bool = True
-    patience: Optional[int] = None
+    patience: Optional[int] = 3
+    swap_rounds: int = 20
     active_set: Optional[float] = None
 
     def __post_init__(self):
-        if not self.lam >= 0:
-            raise ValueError(f"lam: λ must be ≥ 0, got {self.lam}")
+        if self.lam != "auto" and not (isinstance(self.lam, (int, float)) and 0 <= self.lam < math.inf):
+            raise ValueError(f"lam: λ must be 'auto' or a finite number ≥ 0, got {self.lam!r}")
+        if self.lam_scale not in ("fisher", "absolute"):
+            raise ValueError(f"lam_scale: must be 'fisher' or 'absolute', got {self.lam_scale!r}")
+        _check_path("lam_path", self.lam_path)
         if self.max_iters < 0:
             raise ValueError(f"max_iters: must be ≥ 0, got {self.max_iters}")
         if not self.tol >= 0:
@@ -100,88 +151,188 @@ class LR:
             raise ValueError(f"growth: must be > 1, got {self.growth}")
         if self.patience is not None and not (int(self.patience) == self.patience and self.patience >= 1):
             raise ValueError(f"patience: must be None or an integer ≥ 1, got {self.patience}")
+        if not (int(self.swap_rounds) == self.swap_rounds and self.swap_rounds >= 0):
+            raise ValueError(f"swap_rounds: must be an integer ≥ 0, got {self.swap_rounds}")
         if self.active_set is not None and not self.active_set >= 1:
             raise ValueError(f"active_set: the active set's size as a multiple of k must be ≥ 1, got {self.active_set}")
 
-    def solve(self, X, w_bar, k, w_start=None, duals=None) -> tuple[jax.Array, SolveInfo]:
-        """k-sparse w for the problem (X ∈ R^{N×p}, w̄ ∈ R^p, k).
+    @property
+    def selects(self) -> bool:
+        """True when some value is "auto": ``solve`` then needs a ``score`` to choose it."""
+        return self.lam == "auto"
+
+    def solve(self, X, w_bar, k, w_start=None, duals=None, score: Optional[Score] = None):
+        """k-sparse w for the problem (X ∈ R^{N×p}, w̄ ∈ R^p, k) → (w, SolveInfo).
 
         w_start: the weights where the stage starts (default w̄); IHT starts
         from H_k(w_start), and SWAP's plan is computed at z = X·w_start.
         duals: Sinkhorn potentials from an earlier solve, for a warm start.
+        score(w) -> float: a held-out loss (lower is better); with it, "auto"
+        values are chosen along the path, each candidate starting from the
+        previous one's solution; ``info.candidates`` lists every point tried.
         """
         X, w_bar, w_start, k, duals = prepare_problem(X, w_bar, k, w_start, duals)
-        w, info = _solve(self, X, w_bar, jnp.asarray(k), w_start, duals)
-        if self.backsolve:
-            w, info = _backsolve(self.lam, _bucket(k, X.shape[1]), X, w_bar, w, info)
-        return w, info
+        y, z, scale = _projections(X, w_bar, w_start)
+        if self.lam_scale == "absolute":
+            scale = jnp.ones_like(scale)
+        problem = (X, w_bar, w_start, k, y, z, scale)
+        if score is None or not self.selects:
+            return self._fit(problem, self._lam_value(), self._epsilon_value(), w_start, duals)
 
-    # The hooks SWAP overrides: the stage's targets, and (optionally) per-step retargeting.
-    def _targets(self, y, z, duals):
-        return y, duals, transport.PlanInfo(jnp.array(0), jnp.array(True), jnp.zeros((), y.dtype))
+        tried, best = [], None
 
-    def _retarget(self, y):
+        def attempt(lam, eps, init, duals, rounds=0):
+            nonlocal best
+            w, info = self._fit(problem, lam, eps, init, duals, rounds)
+            value = float(score(w))
+            value = value if math.isfinite(value) else math.inf
+            tried.append(Candidate(float(lam), eps, "swap" if rounds else "iht", value, float(info.objective)))
+            if best is None or value < best[2]:
+                best = (w, info, value, lam, eps)
+            return info
+
+        info = None
+        for lam in self.lam_path if self.lam == "auto" else (self.lam,):
+            info = attempt(lam, self._epsilon_first(), best[0] if best else w_start, duals)
+        for eps in self._epsilon_path():
+            info = attempt(best[3], eps, best[0], info.duals)
+        if self.backsolve and self.swap_rounds:
+            attempt(best[3], best[4], best[0], duals, self.swap_rounds)
+        return best[0], best[1]._replace(candidates=tuple(tried))
+
+    # What SWAP overrides: the ε of the targets (None: LR's y) when used as is, first, and on the path.
+    def _lam_value(self):
+        return DEFAULT_LAM if self.lam == "auto" else self.lam
+
+    def _epsilon_value(self):
         return None
+
+    def _epsilon_first(self):
+        return None
+
+    def _epsilon_path(self):
+        return ()
+
+    def _fit(self, problem, lam, eps, init, duals, rounds=None):
+        """One solve at (λ, ε): targets, IHT from H_k(init), backsolve, ``rounds`` of swap search."""
+        X, w_bar, w_start, k, y, z, scale = problem
+        lam_abs = lam * scale
+        t, duals, plan = (y, duals, _NO_PLAN) if eps is None else self._targets(y, z, eps, duals)
+        w, info = _solve(self._config(eps), X, t, y, w_bar, init, jnp.asarray(k), lam_abs, duals, plan)
+        if self.backsolve:
+            rounds = self.swap_rounds if rounds is None else rounds
+            w, info = _refine(_bucket(k, X.shape[1]), rounds, X, w_bar, w_start, jnp.asarray(k), w, info)
+        return w, info._replace(epsilon=eps)
+
+    def _targets(self, y, z, eps, duals):
+        raise NotImplementedError
+
+    def _config(self, eps) -> "_Config":
+        return _Config(self.max_iters, self.tol, self.growth, self.patience if self.backsolve else None,
+                       self.active_set, None)
 
 
 @dataclass(frozen=True)
 class SWAP(LR):
-    """Entropic Wasserstein regression: LR with targets ỹ = N·πᵀy (METHOD.md §2).
+    """Entropic Wasserstein regression: LR with targets ỹ = N·πᵀy (docs/methods.md).
 
-    epsilon: ε ≥ 0 on the cost (y_i − z_j)²/Var(y) (see :mod:`swapjax.transport`);
-    0 = exact sorted matching. sinkhorn_threshold, sinkhorn_max_iters: Sinkhorn's
-    stopping rule. plan_update: "stage" computes π once at z = X·w_start (the
-    published algorithm, default); "iteration" re-estimates it before every IHT
-    step (a study option, which degenerates to a rank matching once z is far from y).
+    epsilon: ε ≥ 0 on the cost (y_i − z_j)²/Var(y) (see :mod:`swapjax.transport`;
+    0 = exact sorted matching), or "auto" (default): with a score, the targets
+    are chosen among LR's y (the ε → 0 end in one-shot pruning, where z = y)
+    and ỹ for each ε of ``epsilon_path``, at the λ chosen first on y; without
+    one, ``DEFAULT_EPSILON``. sinkhorn_threshold, sinkhorn_max_iters:
+    Sinkhorn's stopping rule. plan_update: "stage" computes π once at
+    z = X·w_start (the published algorithm, default); "iteration" re-estimates
+    it before every IHT step (a study option, which degenerates to a rank
+    matching once z is far from y).
     """
 
-    epsilon: float = 0.3  # from the held-out sweep in docs/epsilon.md
+    epsilon: Union[float, str] = "auto"
+    epsilon_path: tuple = EPSILON_PATH
     sinkhorn_threshold: float = 1e-3
     sinkhorn_max_iters: int = 5000
     plan_update: str = "stage"
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.epsilon >= 0:
-            raise ValueError(f"epsilon: ε must be ≥ 0, got {self.epsilon}")
+        if self.epsilon != "auto" and not (isinstance(self.epsilon, (int, float)) and 0 <= self.epsilon < math.inf):
+            raise ValueError(f"epsilon: ε must be 'auto' or a finite number ≥ 0, got {self.epsilon!r}")
+        _check_path("epsilon_path", self.epsilon_path)
         if self.plan_update not in ("stage", "iteration"):
             raise ValueError(f"plan_update: must be 'stage' or 'iteration', got {self.plan_update!r}")
 
-    def _targets(self, y, z, duals):
+    @property
+    def selects(self) -> bool:
+        return self.lam == "auto" or self.epsilon == "auto"
+
+    def _epsilon_value(self):
+        return DEFAULT_EPSILON if self.epsilon == "auto" else float(self.epsilon)
+
+    def _epsilon_first(self):
+        return None if self.epsilon == "auto" else float(self.epsilon)
+
+    def _epsilon_path(self):
+        return self.epsilon_path if self.epsilon == "auto" else ()
+
+    def _targets(self, y, z, eps, duals):
         t, new_duals, info = transport.transport_targets(
-            y, z, self.epsilon, self.sinkhorn_threshold, self.sinkhorn_max_iters, duals
+            y, z, eps, self.sinkhorn_threshold, self.sinkhorn_max_iters, duals
         )
         return t, duals if new_duals is None else new_duals, info
 
-    def _retarget(self, y):
-        if self.plan_update == "stage":
-            return None
+    def _config(self, eps):
+        retarget = None
+        if self.plan_update == "iteration" and eps is not None:
+            retarget = (float(eps), self.sinkhorn_threshold, self.sinkhorn_max_iters)
+        return LR._config(self, eps)._replace(retarget=retarget)
 
-        def retarget(z, aux):
-            duals, total = aux
-            t, duals, info = self._targets(y, z, duals)
-            seen = transport.PlanInfo(
-                total.iterations + info.iterations, total.converged & info.converged, info.error
-            )
-            return t, (duals, seen)
 
-        return retarget
+_NO_PLAN = transport.PlanInfo(jnp.array(0), jnp.array(True), jnp.array(0.0))
+
+
+class _Config(NamedTuple):
+    """The static part of one IHT solve (hashable: one compilation per config)."""
+
+    max_iters: int
+    tol: float
+    growth: float
+    patience: Optional[int]
+    active_set: Optional[float]
+    retarget: Optional[tuple]  # (ε, threshold, max_iters): re-plan before every step
+
+
+@jax.jit
+def _projections(X, w_bar, w_start):
+    """y = Xw̄, z = X·w_start and the Fisher's scale ‖X‖²_F/(Np) = mean diag(XᵀX)/N."""
+    return X @ w_bar, X @ w_start, jnp.mean(X * X)
+
+
+def _retarget(cfg: _Config, y):
+    if cfg.retarget is None:
+        return None
+    eps, threshold, max_iters = cfg.retarget
+
+    def retarget(z, aux):
+        duals, total = aux
+        t, new_duals, info = transport.transport_targets(y, z, eps, threshold, max_iters, duals)
+        duals = duals if new_duals is None else new_duals
+        seen = transport.PlanInfo(total.iterations + info.iterations, total.converged & info.converged, info.error)
+        return t, (duals, seen)
+
+    return retarget
 
 
 @partial(jax.jit, static_argnums=0)
-def _solve(method: LR, X, w_bar, k, w_start, duals):
-    y = X @ w_bar
-    t, duals, plan = method._targets(y, X @ w_start, duals)
-    iht_args = dict(max_iters=method.max_iters, tol=method.tol, growth=method.growth,
-                    patience=method.patience if method.backsolve else None,
-                    retarget=method._retarget(y), aux=(duals, plan))
-    if method.active_set is None:
-        result, (duals, plan) = iht_lib.iht(X, t, w_bar, w_start, k, method.lam, **iht_args)
+def _solve(cfg: _Config, X, t, y, w_bar, init, k, lam, duals, plan):
+    plan = jax.tree_util.tree_map(jnp.asarray, plan)
+    iht_args = dict(max_iters=cfg.max_iters, tol=cfg.tol, growth=cfg.growth, patience=cfg.patience,
+                    retarget=_retarget(cfg, y), aux=(duals, plan))
+    if cfg.active_set is None:
+        result, (duals, plan) = iht_lib.iht(X, t, w_bar, init, k, lam, **iht_args)
     else:
-        result, (duals, plan), _ = iht_lib.active_set_iht(
-            X, t, w_bar, w_start, k, method.lam, method.active_set, **iht_args)
+        result, (duals, plan), _ = iht_lib.active_set_iht(X, t, w_bar, init, k, lam, cfg.active_set, **iht_args)
     info = SolveInfo(result.objective, result.trace, result.iterations, jnp.array(False),
-                     result.support, result.targets, plan, duals)
+                     result.support, result.targets, plan, duals, lam=lam)
     return result.w, info
 
 
@@ -191,10 +342,25 @@ def _bucket(k: int, p: int) -> int:
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _backsolve(lam, width, X, w_bar, w, info: SolveInfo):
-    """Replace w by the exact ridge solution on its support when that lowers f (it should)."""
-    w_bs = iht_lib.backsolve(X, info.targets, w_bar, info.support, lam, width)
-    obj_bs = iht_lib.objective(X, w_bs, info.targets, w_bar, lam)
-    better = jnp.isfinite(obj_bs) & (obj_bs <= info.objective)
-    info = info._replace(objective=jnp.where(better, obj_bs, info.objective), backsolved=better)
-    return jnp.where(better, w_bs, w), info
+def _refine(width, rounds, X, w_bar, w_start, k, w, info: SolveInfo):
+    """Backsolve on IHT's support and on the magnitude support H_k(w_start); swap search from the better.
+
+    The backsolve replaces IHT's w when it lowers f (it should: it is the exact
+    minimiser on the support).
+    """
+    t, lam = info.targets, info.lam
+    w_bs = iht_lib.backsolve(X, t, w_bar, info.support, lam, width)
+    obj_bs = iht_lib.objective(X, w_bs, t, w_bar, lam)
+    backsolved = jnp.isfinite(obj_bs) & (obj_bs <= info.objective)
+    w, obj = jnp.where(backsolved, w_bs, w), jnp.where(backsolved, obj_bs, info.objective)
+    magnitude = iht_lib.hard_threshold_mask(w_start, k)
+    w_mag = iht_lib.backsolve(X, t, w_bar, magnitude, lam, width)
+    obj_mag = iht_lib.objective(X, w_mag, t, w_bar, lam)
+    from_mag = jnp.isfinite(obj_mag) & (obj_mag < obj)
+    w, support = jnp.where(from_mag, w_mag, w), jnp.where(from_mag, magnitude, info.support)
+    obj = jnp.where(from_mag, obj_mag, obj)
+    swapped = jnp.array(0)
+    if rounds:
+        w, support, obj, swapped = iht_lib.swap_search(X, t, w_bar, w, support, lam, width, rounds)
+    return w, info._replace(objective=obj, backsolved=backsolved, support=support,
+                            objective_magnitude=obj_mag, swapped=swapped)

@@ -1,17 +1,22 @@
 """The public entry: ``swapjax.prune(loss_fn, params, batch, sparsity=..., method=...)``."""
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
 
 from . import pytree, schedules
 from .gradients import GradientNoise, LossFn, batch_size, check_finite, per_sample_grads
+from .iht import hard_threshold_mask
 from .methods import SWAP
 from .pytree import PyTree, Select
 
@@ -32,16 +37,28 @@ class StageInfo:
     sinkhorn_error: float
     gradient_seconds: float
     solve_seconds: float
+    lam: float = math.nan  # the absolute λ of f (LR, SWAP)
+    epsilon: Optional[float] = None  # SWAP's ε; None where the targets were LR's y
+    moved: int = 0  # kept weights outside the magnitude support H_k(w_start)
+    objective_magnitude: float = math.nan  # f of the backsolve on the magnitude support
+    held_out_loss: float = math.nan  # mean loss_fn of the stage's result on the held-out examples
+    candidates: tuple = ()  # methods.Candidate per (λ, ε) tried by the selection
 
 
 @dataclass(frozen=True)
 class PruneResult:
     """params: pruned tree (same structure and dtypes); masks: bool arrays for prunable
-    leaves (True = kept), None elsewhere; info: one StageInfo per stage run."""
+    leaves (True = kept), None elsewhere; info: one StageInfo per stage run.
+
+    one_shot: for a multi-stage prune with selection, the held-out losses of the
+    gradual result and of the one-shot solve at the final sparsity, and which
+    was kept ({"gradual": ..., "one-shot": ..., "kept": "gradual" | "one-shot"});
+    None otherwise."""
 
     params: PyTree
     masks: PyTree
     info: tuple[StageInfo, ...]
+    one_shot: Optional[dict] = None
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Kept / total / sparsity per prunable leaf and in total."""
@@ -65,19 +82,36 @@ def prune(
     noise: Optional[GradientNoise] = None,
     anchor: str = "dense",
     finetune: Optional[Callable[[PyTree, PyTree, int], PyTree]] = None,
+    val_batch: Optional[PyTree] = None,
+    holdout: float = 0.2,
     chunk_size: int = 256,
     progress: bool = True,
 ) -> PruneResult:
     """Prune ``params`` to ``sparsity`` with ``method`` (default ``SWAP()``).
 
-    loss_fn(params, example) -> scalar, for ONE example; batch: pytree of
+    loss_fn(params, example) -> scalar, for ONE example (no batch axis; a model
+    that wants one: ``model.apply(params, x[None])[0]``). batch: pytree of
     arrays with leading axis N (the examples of the Fisher). stages: an int T
     (cubic schedule, T = 1 one-shot) or a sequence of sparsities ending at
     ``sparsity``. Each stage recomputes X at the current masked weights, adds
     ``noise`` (needs ``key``), and solves for k_t = round((1 − s_t)·p); stages
-    that keep every weight are skipped. anchor: "dense" keeps w̄ = the dense
-    weights (SWAP); "current" resets w̄ to the stage's starting weights
-    (CHITA++). finetune(params, masks, stage) -> params runs between stages.
+    that keep every weight are skipped. select(path, leaf) -> bool chooses the
+    prunable leaves (default: arrays with ndim ≥ 2). anchor: "dense" keeps
+    w̄ = the dense weights (SWAP); "current" resets w̄ to the stage's starting
+    weights (CHITA++). finetune(params, masks, stage) -> params runs between stages.
+
+    Selection. A method with "auto" values (the defaults of ``LR()`` and
+    ``SWAP()``) chooses λ and ε at every stage by the real loss of the pruned
+    network, mean loss_fn over held-out examples: ``val_batch`` if given, else
+    a ``holdout`` fraction of ``batch`` (every 1/holdout-th example, evenly
+    spread), which is then not used in X. A multi-stage prune without
+    ``finetune`` also solves one-shot at the final sparsity and keeps whichever
+    has the lower held-out loss (``result.one_shot``). Methods without "auto"
+    values use the whole batch and no selection.
+
+    chunk_size: examples per vectorised chunk of per-sample gradients (memory
+    O(chunk_size·p) beyond X). progress: one line per stage on stderr.
+    Returns a :class:`PruneResult` (params, masks, info per stage).
     """
     method = SWAP() if method is None else method
     if not hasattr(method, "solve"):
@@ -88,6 +122,8 @@ def prune(
         raise ValueError(f"anchor: must be 'dense' or 'current', got {anchor!r}")
     if noise is not None and key is None:
         raise ValueError("key: a jax.random key is needed when noise is given")
+    if not 0 <= holdout < 1:
+        raise ValueError(f"holdout: the held-out fraction of the batch must be in [0, 1), got {holdout}")
     levels = schedules.resolve(stages, sparsity)
     lay = pytree.layout(params, select)
     p = lay.size
@@ -96,20 +132,21 @@ def prune(
             f"sparsity: {sparsity} keeps round((1 - sparsity) * p) = 0 of p = {p} prunable weights; "
             f"use sparsity ≤ {1 - 1 / p:.6g}"
         )
+    selects = getattr(method, "selects", False)
+    batch, val_batch = _split_held_out(batch, val_batch, holdout if selects else 0.0)
     n = batch_size(batch)
     log = (lambda msg: print(f"[swapjax] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    log(f"{type(method).__name__}: N={n} examples, p={p} prunable weights, {len(levels)} stage(s)")
+    log(f"{type(method).__name__}: N={n} examples"
+        + (f" (+{batch_size(val_batch)} held out)" if val_batch is not None else "")
+        + f", p={p} prunable weights, {len(levels)} stage(s)")
 
-    w_dense = pytree.flatten(params, lay)
-    w = w_dense
-    mask = jnp.ones(p, bool)
-    duals = None
-    infos = []
-    current = params
-    for t, s in enumerate(levels, start=1):
+    def held_out_loss(current):
+        if val_batch is None:
+            return None
+        return lambda w: float(_mean_loss(loss_fn, lay, chunk_size, current, w, val_batch))
+
+    def run_stage(t, s, current, w, w_dense, duals):
         k = kept_count(s, p)
-        if k == p:
-            continue
         t0 = time.perf_counter()
         X = per_sample_grads(loss_fn, current, batch, select, chunk_size)
         check_finite(X)
@@ -118,33 +155,94 @@ def prune(
         t1 = time.perf_counter()
         w_bar = w_dense if anchor == "dense" else w
         layers = {"segments": lay.offsets} if getattr(method, "needs_segments", False) else {}
-        w, info = method.solve(X, w_bar, k, w_start=w, duals=duals, **layers)
-        w.block_until_ready()
+        score = held_out_loss(current)
+        extra = {"score": score} if score is not None and selects else {}
+        w_new, info = method.solve(X, w_bar, k, w_start=w, duals=duals, **layers, **extra)
+        w_new.block_until_ready()
         t2 = time.perf_counter()
-        duals, mask = info.duals, info.support
+        chosen = min(info.candidates, key=lambda c: c.score) if getattr(info, "candidates", ()) else None
         stage = StageInfo(
             stage=t, sparsity=s, k=k,
             objective_start=float(info.objective_trace[0]), objective=float(info.objective),
             iht_iterations=int(info.iht_iterations), backsolved=bool(info.backsolved),
             sinkhorn_iterations=int(info.plan.iterations), sinkhorn_converged=bool(info.plan.converged),
             sinkhorn_error=float(info.plan.error), gradient_seconds=t1 - t0, solve_seconds=t2 - t1,
+            lam=_float(getattr(info, "lam", None)), epsilon=getattr(info, "epsilon", None),
+            moved=int(jnp.sum(info.support & ~hard_threshold_mask(w, k))),
+            objective_magnitude=_float(getattr(info, "objective_magnitude", None)),
+            held_out_loss=chosen.score if chosen else (score(w_new) if score else math.nan),
+            candidates=tuple(getattr(info, "candidates", ())),
         )
-        infos.append(stage)
         if not stage.sinkhorn_converged:
             warnings.warn(
                 f"stage {t}: Sinkhorn did not converge in {stage.sinkhorn_iterations} iterations "
                 f"(marginal error {stage.sinkhorn_error:.2e}); raise sinkhorn_max_iters or epsilon",
-                RuntimeWarning, stacklevel=2,
+                RuntimeWarning, stacklevel=3,
             )
         log(
             f"stage {t}/{len(levels)} sparsity {s:.4f} k={k}: f {stage.objective_start:.4g} -> "
-            f"{stage.objective:.4g}, {stage.iht_iterations} IHT its"
+            f"{stage.objective:.4g}, {stage.iht_iterations} IHT its, {stage.moved} kept weights off |w| top-k"
             + (f", Sinkhorn {stage.sinkhorn_iterations} its" if stage.sinkhorn_iterations else "")
+            + (f", held-out loss {stage.held_out_loss:.4g}" if math.isfinite(stage.held_out_loss) else "")
+            + (f" (λ={chosen.lam:g}, ε={chosen.epsilon})" if chosen else "")
             + f", {stage.gradient_seconds:.2f}s grads + {stage.solve_seconds:.2f}s solve"
         )
+        return w_new, info, stage
+
+    w_dense = pytree.flatten(params, lay)
+    w = w_dense
+    mask = jnp.ones(p, bool)
+    duals = None
+    infos = []
+    current = params
+    for t, s in enumerate(levels, start=1):
+        if kept_count(s, p) == p:
+            continue
+        w, solve_info, stage = run_stage(t, s, current, w, w_dense, duals)
+        duals, mask = solve_info.duals, solve_info.support
+        infos.append(stage)
         current = pytree.unflatten(w, current, lay)
         if finetune is not None and t < len(levels):
             masks = pytree.mask_tree(mask, lay)
             current = pytree.apply_masks(finetune(current, masks, t), masks)
             w = pytree.flatten(current, lay)
-    return PruneResult(current, pytree.mask_tree(mask, lay), tuple(infos))
+
+    one_shot = None
+    if selects and val_batch is not None and finetune is None and len(infos) > 1:
+        log("one-shot at the final sparsity, for comparison on held-out loss")
+        w1, info1, stage1 = run_stage(len(levels), sparsity, params, w_dense, w_dense, None)
+        gradual_loss = infos[-1].held_out_loss
+        kept = "one-shot" if stage1.held_out_loss < gradual_loss else "gradual"
+        one_shot = {"gradual": gradual_loss, "one-shot": stage1.held_out_loss, "kept": kept}
+        log(f"held-out loss: gradual {gradual_loss:.4g}, one-shot {stage1.held_out_loss:.4g}; keeping {kept}")
+        if kept == "one-shot":
+            mask, current = info1.support, pytree.unflatten(w1, params, lay)
+    return PruneResult(current, pytree.mask_tree(mask, lay), tuple(infos), one_shot)
+
+
+def _float(x) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _split_held_out(batch: PyTree, val_batch: Optional[PyTree], holdout: float):
+    """(fit examples, held-out examples or None): ``val_batch`` as given, or every 1/holdout-th example."""
+    n = batch_size(batch)
+    if val_batch is not None:
+        batch_size(val_batch)
+        return batch, val_batch
+    n_val = int(round(holdout * n))
+    if n_val == 0:
+        return batch, None
+    if n - n_val < 1:
+        raise ValueError(f"holdout: holding out {n_val} of N = {n} examples leaves none to fit")
+    held = np.zeros(n, bool)
+    held[((np.arange(n_val) + 0.5) * n / n_val).astype(int)] = True
+    take = lambda idx: jax.tree_util.tree_map(lambda x: jnp.asarray(x)[idx], batch)  # noqa: E731
+    return take(np.flatnonzero(~held)), take(np.flatnonzero(held))
+
+
+@partial(jax.jit, static_argnames=("loss_fn", "lay", "chunk_size"))
+def _mean_loss(loss_fn, lay, chunk_size, params, w, batch):
+    """Mean of loss_fn over ``batch`` at the weights w (forward passes only)."""
+    tree = pytree.unflatten(w, params, lay)
+    return jnp.mean(jax.lax.map(lambda ex: loss_fn(tree, ex), batch, batch_size=chunk_size))

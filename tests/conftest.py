@@ -84,3 +84,20 @@ def prune_batch(digits):
 @pytest.fixture(scope="session")
 def loss_fn():
     return mlp_loss
+
+
+# The solver with fixed values and no search: the published absolute λ = 0.01, IHT run to its
+# tolerance, no swap search (what the solver-level tests check against NumPy references).
+FIXED = dict(lam=0.01, lam_scale="absolute", patience=None, swap_rounds=0)
+
+
+def fixed_lr(**kw):
+    import swapjax
+
+    return swapjax.LR(**{**FIXED, **kw})
+
+
+def fixed_swap(**kw):
+    import swapjax
+
+    return swapjax.SWAP(**{**FIXED, "epsilon": 0.3, **kw})

@@ -19,7 +19,7 @@ from swapjax import comparison as C
 from swapjax.baselines import Magnitude, WoodFisher, layer_quotas
 from swapjax.pytree import layout
 
-from conftest import MLP
+from conftest import MLP, fixed_lr, fixed_swap
 
 # ---------------------------------------------------------------------------
 # references and problems
@@ -64,7 +64,7 @@ def _planted(seed, n=80, p=200, k=20, rho=0.6):
 
 
 def _methods():
-    return {"MP": Magnitude(), "WF": WoodFisher(), "LR": swapjax.LR(), "SWAP": swapjax.SWAP()}
+    return {"MP": Magnitude(), "WF": WoodFisher(), "LR": fixed_lr(), "SWAP": fixed_swap()}
 
 
 class _Spy:
@@ -103,7 +103,7 @@ def test_every_method_sees_the_same_X_and_a_failure_stops_nothing(capsys):
         "WF": _Spy(WoodFisher(), seen),
         "no-solve": object(),
         "dense": _TooDense(),
-        "LR": _Spy(swapjax.LR(), seen),
+        "LR": _Spy(fixed_lr(), seen),
     }
     results = C.compare(X, w_bar, k, methods, progress=True)
     assert list(results) == list(methods)
@@ -159,7 +159,7 @@ def test_invalid_problem_raises_before_any_method_runs():
 @pytest.mark.parametrize("seed", [0, 2, 3])
 def test_planted_problem_lr_with_backsolve_is_no_worse_than_mp_and_wf(seed):
     X, w_bar, k = _planted(seed)
-    results = C.compare(X, w_bar, k, {"MP": Magnitude(), "WF": WoodFisher(), "LR": swapjax.LR()}, progress=False)
+    results = C.compare(X, w_bar, k, {"MP": Magnitude(), "WF": WoodFisher(), "LR": fixed_lr()}, progress=False)
     lr = results["LR"]
     assert bool(lr.info.backsolved)
     for name in ["MP", "WF"]:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import swapjax
+from conftest import fixed_lr, fixed_swap
 from swapjax import iht as I
 
 # ---------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def _trace(info):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-@pytest.mark.parametrize("method", [swapjax.LR(backsolve=False), swapjax.SWAP(backsolve=False)],
+@pytest.mark.parametrize("method", [fixed_lr(backsolve=False), fixed_swap(backsolve=False)],
                          ids=["LR", "SWAP"])
 def test_iht_objective_never_increases(seed, method):
     rng = np.random.default_rng(seed)
@@ -300,7 +301,7 @@ def test_backsolve_support_smaller_than_width():
 def test_active_set_monotone_and_a_fixed_point_of_full_iht():
     X, w_bar, _ = _problem(5, 200, 400, 20, np.float32)[:3]
     t = np.asarray(X, np.float64) @ np.asarray(w_bar, np.float64)
-    method = swapjax.LR(active_set=1.0, backsolve=False, max_iters=200, tol=0.0)
+    method = fixed_lr(active_set=1.0, backsolve=False, max_iters=200, tol=0.0)
     w, info = method.solve(X, w_bar, 20)
     trace = _trace(info)
     assert np.all(np.diff(trace) <= 1e-6 * abs(trace[0]))
@@ -317,8 +318,8 @@ def test_active_set_monotone_and_a_fixed_point_of_full_iht():
 
 def test_active_set_covering_everything_equals_plain_iht():
     X, w_bar, _ = _problem(6, 200, 400, 20, np.float32)[:3]
-    plain, _ = swapjax.LR(backsolve=False).solve(X, w_bar, 20)
-    full, _ = swapjax.LR(backsolve=False, active_set=400 / 20).solve(X, w_bar, 20)
+    plain, _ = fixed_lr(backsolve=False).solve(X, w_bar, 20)
+    full, _ = fixed_lr(backsolve=False, active_set=400 / 20).solve(X, w_bar, 20)
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(full))
 
 

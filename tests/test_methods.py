@@ -1,4 +1,4 @@
-"""Tests of the bare-problem methods: ``w, info = swapjax.LR(...).solve(X, w_bar, k)`` and SWAP.
+"""Tests of the bare-problem methods: ``w, info = fixed_lr(...).solve(X, w_bar, k)`` and SWAP.
 
 Two problem sizes only (each (shape, method config) compiles the solver once):
 a small planted problem (N, p, k) = (40, 80, 8) for the properties, and the
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import swapjax
+from conftest import fixed_lr, fixed_swap
 from swapjax import iht as iht_lib
 from swapjax import transport
 
@@ -113,8 +114,8 @@ def test_swap_epsilon0_one_shot_equals_lr_exactly(small):
     k = SMALL[2]
     y = np.asarray(jnp.asarray(X) @ jnp.asarray(w_bar))
     assert len(np.unique(y)) == len(y)
-    w_lr, i_lr = swapjax.LR().solve(X, w_bar, k)
-    w_sw, i_sw = swapjax.SWAP(epsilon=0.0).solve(X, w_bar, k)
+    w_lr, i_lr = fixed_lr().solve(X, w_bar, k)
+    w_sw, i_sw = fixed_swap(epsilon=0.0).solve(X, w_bar, k)
     np.testing.assert_array_equal(np.asarray(i_sw.targets), np.asarray(i_lr.targets))
     np.testing.assert_array_equal(np.asarray(i_sw.support), np.asarray(i_lr.support))
     np.testing.assert_array_equal(np.asarray(w_sw), np.asarray(w_lr))
@@ -124,7 +125,7 @@ def test_swap_epsilon0_one_shot_equals_lr_exactly(small):
 def test_iht_with_identity_plan_targets_equals_lr(small):
     X, w_bar, _ = small
     n, p, k = SMALL
-    lr = swapjax.LR(backsolve=False)
+    lr = fixed_lr(backsolve=False)
     w_lr, i_lr = lr.solve(X, w_bar, k)
     Xj, wbj = jnp.asarray(X), jnp.asarray(w_bar)
     y = Xj @ wbj
@@ -142,8 +143,8 @@ def test_swap_tiny_epsilon_close_to_lr(small):
     X, w_bar, _ = small
     k = SMALL[2]
     lam = 0.01
-    w_lr, i_lr = swapjax.LR(lam=lam).solve(X, w_bar, k)
-    w_sw, i_sw = swapjax.SWAP(lam=lam, epsilon=1e-4).solve(X, w_bar, k)
+    w_lr, i_lr = fixed_lr(lam=lam).solve(X, w_bar, k)
+    w_sw, i_sw = fixed_swap(lam=lam, epsilon=1e-4).solve(X, w_bar, k)
     assert bool(i_sw.plan.converged)
     y, t = np.asarray(i_lr.targets, np.float64), np.asarray(i_sw.targets, np.float64)
     assert np.abs(t - y).max() <= 0.05 * y.std()
@@ -161,7 +162,7 @@ def test_swap_tiny_epsilon_close_to_lr(small):
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-@pytest.mark.parametrize("method", [swapjax.LR(), swapjax.SWAP()], ids=["LR", "SWAP"])
+@pytest.mark.parametrize("method", [fixed_lr(), fixed_swap()], ids=["LR", "SWAP"])
 def test_planted_support_recovered(seed, method):
     X, w_bar, support = _planted(seed, *BIG)
     k = BIG[2]
@@ -198,7 +199,7 @@ def test_lr_recovers_support_where_magnitude_pruning_fails(seed):
         for j in candidates:
             swapped = _mask(np.append(A[A != i], j), p)
             assert f_on(swapped) >= f_A, (i, j)
-    w, info = swapjax.LR(lam=lam).solve(X, w_bar, k)
+    w, info = fixed_lr(lam=lam).solve(X, w_bar, k)
     np.testing.assert_array_equal(np.flatnonzero(np.asarray(info.support)), A)
     assert float(info.objective) == pytest.approx(f_A, rel=1e-4)
 
@@ -207,7 +208,7 @@ def test_lr_recovers_support_where_magnitude_pruning_fails(seed):
 # precision and determinism
 
 
-@pytest.mark.parametrize("method", [swapjax.LR(), swapjax.SWAP()], ids=["LR", "SWAP"])
+@pytest.mark.parametrize("method", [fixed_lr(), fixed_swap()], ids=["LR", "SWAP"])
 def test_float32_agrees_with_float64(small, method):
     X, w_bar, _ = small
     k = SMALL[2]
@@ -237,7 +238,7 @@ def test_float32_agrees_with_float64(small, method):
     assert dw <= 1e-2 * np.linalg.norm(w64)  # and the bound itself is small
 
 
-@pytest.mark.parametrize("method", [swapjax.LR(), swapjax.SWAP()], ids=["LR", "SWAP"])
+@pytest.mark.parametrize("method", [fixed_lr(), fixed_swap()], ids=["LR", "SWAP"])
 def test_deterministic(small, method):
     X, w_bar, _ = small
     k = SMALL[2]
@@ -257,7 +258,7 @@ def test_swap_targets_are_barycentric_of_plan_at_w_start(small):
     n, p, k = SMALL
     rng = np.random.default_rng(7)
     w_start = (w_bar * (rng.random(p) < 0.5)).astype(np.float32)
-    method = swapjax.SWAP()
+    method = fixed_swap()
     _, info = method.solve(X, w_bar, k, w_start=w_start)
     Xj = jnp.asarray(X)
     y, z = Xj @ jnp.asarray(w_bar), Xj @ jnp.asarray(w_start)
@@ -273,7 +274,7 @@ def test_swap_targets_are_barycentric_of_plan_at_w_start(small):
 def test_swap_reports_unconverged_plan(small):
     X, w_bar, _ = small
     k = SMALL[2]
-    w, info = swapjax.SWAP(sinkhorn_threshold=1e-9, sinkhorn_max_iters=10).solve(X, w_bar, k)
+    w, info = fixed_swap(sinkhorn_threshold=1e-9, sinkhorn_max_iters=10).solve(X, w_bar, k)
     assert not bool(info.plan.converged)
     assert int(info.plan.iterations) == 10
     assert float(info.plan.error) > 1e-9
@@ -283,7 +284,7 @@ def test_swap_reports_unconverged_plan(small):
 def test_swap_warm_start_duals(small):
     X, w_bar, _ = small
     k = SMALL[2]
-    method = swapjax.SWAP(epsilon=0.03)  # small enough that a cold start needs > 10 iterations
+    method = fixed_swap(epsilon=0.03)  # small enough that a cold start needs > 10 iterations
     _, cold = method.solve(X, w_bar, k)
     assert int(cold.plan.iterations) > 10
     _, warm = method.solve(X, w_bar, k, duals=cold.duals)
@@ -294,8 +295,8 @@ def test_swap_warm_start_duals(small):
 def test_plan_update_iteration(small):
     X, w_bar, _ = small
     k = SMALL[2]
-    w_st, stage = swapjax.SWAP().solve(X, w_bar, k)
-    w_it, it = swapjax.SWAP(plan_update="iteration").solve(X, w_bar, k)
+    w_st, stage = fixed_swap().solve(X, w_bar, k)
+    w_it, it = fixed_swap(plan_update="iteration").solve(X, w_bar, k)
     _check_sparse(w_it, it, k)
     assert bool(it.plan.converged)
     # the stage plan plus one Sinkhorn solve per IHT step
@@ -312,7 +313,7 @@ def test_plan_update_iteration(small):
 
 
 @pytest.mark.parametrize("k", [1, 8, 33, 80])
-@pytest.mark.parametrize("method", [swapjax.LR(), swapjax.SWAP()], ids=["LR", "SWAP"])
+@pytest.mark.parametrize("method", [fixed_lr(), fixed_swap()], ids=["LR", "SWAP"])
 def test_exactly_k_nonzeros(small, method, k):
     X, w_bar, _ = small
     w, info = method.solve(X, w_bar, k)
@@ -324,7 +325,7 @@ def test_exactly_k_nonzeros(small, method, k):
             np.testing.assert_allclose(np.asarray(w), w_bar, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("cls", [swapjax.LR, swapjax.SWAP])
+@pytest.mark.parametrize("cls", [fixed_lr, fixed_swap], ids=["LR", "SWAP"])
 @pytest.mark.parametrize("seed", [0, 4])
 def test_backsolve_never_worse(cls, seed):
     rng = np.random.default_rng(seed)
@@ -374,7 +375,7 @@ def test_solve_rejects_nonfinite_X(bad):
     X = np.random.default_rng(0).normal(size=(10, 20)).astype(np.float32)
     X[3, 7] = bad
     with pytest.raises(ValueError, match=r"\bX\b"):
-        swapjax.LR().solve(X, np.ones(20, np.float32), 5)
+        fixed_lr().solve(X, np.ones(20, np.float32), 5)
 
 
 def test_solve_rejects_nonfinite_w_bar(small):
@@ -383,7 +384,7 @@ def test_solve_rejects_nonfinite_w_bar(small):
     w_bar = w_bar.copy()
     w_bar[support[0]] = np.nan
     with pytest.raises(ValueError, match=r"\bw_bar\b"):
-        swapjax.LR().solve(X, w_bar, SMALL[2])
+        fixed_lr().solve(X, w_bar, SMALL[2])
 
 
 @pytest.mark.parametrize(
@@ -412,18 +413,18 @@ def test_patience_stops_once_the_support_is_stable(patience):
     n, p, k = SMALL
     X = (rng.normal(size=(n, p)) * rng.gamma(1.0, size=p)).astype(np.float32)
     w_bar = rng.normal(size=p).astype(np.float32)
-    _, full = swapjax.LR(tol=0.0, max_iters=60).solve(X, w_bar, k)
-    _, short = swapjax.LR(tol=0.0, max_iters=60, patience=patience).solve(X, w_bar, k)
+    _, full = fixed_lr(tol=0.0, max_iters=60).solve(X, w_bar, k)
+    _, short = fixed_lr(tol=0.0, max_iters=60, patience=patience).solve(X, w_bar, k)
     assert int(short.iht_iterations) <= int(full.iht_iterations)
     # Re-run the same IHT for exactly that many steps without patience: same support, and the
     # support after `its - patience` steps is already the final one.
     its = int(short.iht_iterations)
-    _, same = swapjax.LR(tol=0.0, max_iters=its, backsolve=False).solve(X, w_bar, k)
-    _, before = swapjax.LR(tol=0.0, max_iters=its - patience, backsolve=False).solve(X, w_bar, k)
+    _, same = fixed_lr(tol=0.0, max_iters=its, backsolve=False).solve(X, w_bar, k)
+    _, before = fixed_lr(tol=0.0, max_iters=its - patience, backsolve=False).solve(X, w_bar, k)
     np.testing.assert_array_equal(np.asarray(same.support), np.asarray(short.support))
     np.testing.assert_array_equal(np.asarray(before.support), np.asarray(short.support))
     if its - patience >= 1:
-        _, earlier = swapjax.LR(tol=0.0, max_iters=its - patience - 1, backsolve=False).solve(X, w_bar, k)
+        _, earlier = fixed_lr(tol=0.0, max_iters=its - patience - 1, backsolve=False).solve(X, w_bar, k)
         assert not np.array_equal(np.asarray(earlier.support), np.asarray(short.support))
 
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 import swapjax
+from conftest import fixed_lr, fixed_swap
 from swapjax import pytree
 
 P = 64 * 12 + 12 * 10  # prunable kernel weights of the conftest MLP
 KERNELS = ("Dense_0", "Dense_1")
-LR = swapjax.LR()
-SWAP = swapjax.SWAP()
+LR = fixed_lr()
+SWAP = fixed_swap()
 METHODS = {"LR": LR, "SWAP": SWAP}
 
 
@@ -268,7 +269,7 @@ def test_half_precision_params(prune_batch):
     r = np.random.default_rng(0)
     params = {"w": jnp.asarray(r.normal(size=(6, 5)), jnp.float16), "b": jnp.zeros(5, jnp.float16)}
     batch = {"x": jnp.asarray(r.normal(size=(8, 6)), jnp.float32), "y": jnp.asarray(r.normal(size=(8, 5)), jnp.float32)}
-    res = swapjax.prune(_linear_loss, params, batch, sparsity=0.5, method=swapjax.LR(max_iters=5), progress=False)
+    res = swapjax.prune(_linear_loss, params, batch, sparsity=0.5, method=fixed_lr(max_iters=5), progress=False)
     assert res.params["w"].dtype == jnp.float16
     assert int(np.sum(np.asarray(res.masks["w"]) != 0)) == 15
 

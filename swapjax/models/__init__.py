@@ -1,6 +1,7 @@
-"""Flax models of the paper's experiments."""
+"""Flax models of the paper's experiments, and LeNet-5 as a small CNN."""
+from .lenet5 import LeNet5
 from .mlpnet import MLPNet
 from .mobilenetv1 import MobileNetV1
 from .resnet20 import ResNet20
 
-__all__ = ["MLPNet", "ResNet20", "MobileNetV1"]
+__all__ = ["MLPNet", "LeNet5", "ResNet20", "MobileNetV1"]

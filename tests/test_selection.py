@@ -1,0 +1,190 @@
+"""Held-out selection of λ and ε, the Fisher-relative λ, and the swap search.
+
+References: a scripted score (the selection must return the candidate it scored lowest),
+NumPy objectives, explicit solves, and swapjax.prune's own held-out loss recomputed here.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import mlp_loss
+
+import swapjax
+from swapjax import iht as iht_lib
+from swapjax import pytree
+from swapjax.methods import EPSILON_PATH, LAM_PATH
+
+
+def _problem(seed=0, n=40, p=80):
+    rng = np.random.default_rng(seed)
+    X = (rng.normal(size=(n, p)) * rng.gamma(1.0, size=p)).astype(np.float32)
+    return X, rng.normal(size=p).astype(np.float32)
+
+
+def _np_objective(X, w, t, w_bar, lam):
+    X, w, t, w_bar = (np.asarray(a, np.float64) for a in (X, w, t, w_bar))
+    r = X @ w - t
+    return 0.5 * r @ r + 0.5 * len(X) * lam * np.sum((w - w_bar) ** 2)
+
+
+@pytest.mark.parametrize("winner", [0, 3, -1])
+def test_selection_returns_the_candidate_with_the_lowest_score(winner):
+    """A scripted score: the i-th call gets a fixed value; the returned w is the one scored lowest."""
+    X, w_bar = _problem()
+    seen = []
+    n_calls = len(LAM_PATH) + len(EPSILON_PATH) + 1  # λ path on y, ε path at the best λ, swap search
+    values = np.linspace(2.0, 1.0, n_calls)[::-1].copy()  # increasing: the first would win ...
+    values[winner] = 0.5  # ... unless another is scripted lower
+
+    def score(w):
+        seen.append(np.asarray(w))
+        return values[len(seen) - 1]
+
+    w, info = swapjax.SWAP().solve(X, w_bar, 8, score=score)
+    assert len(seen) == len(info.candidates) == n_calls
+    np.testing.assert_array_equal(np.asarray(w), seen[winner])
+    assert [c.score for c in info.candidates] == pytest.approx(list(values))
+    assert [c.epsilon for c in info.candidates[: len(LAM_PATH)]] == [None] * len(LAM_PATH)
+    assert [c.epsilon for c in info.candidates[len(LAM_PATH):-1]] == list(EPSILON_PATH)
+    assert info.candidates[-1].support == "swap"
+    assert np.sum(np.asarray(w) != 0) <= 8 and int(np.sum(info.support)) == 8
+
+
+def test_a_nan_score_is_never_chosen():
+    X, w_bar = _problem(1)
+    calls = []
+
+    def score(w):
+        calls.append(1)
+        return float("nan") if len(calls) == 1 else float(len(calls))
+
+    w, info = swapjax.LR().solve(X, w_bar, 8, score=score)
+    assert info.candidates[0].score == np.inf
+    assert min(info.candidates, key=lambda c: c.score) is info.candidates[1]
+    assert float(info.lam) / float(np.mean(X.astype(np.float64) ** 2)) == pytest.approx(LAM_PATH[1], rel=1e-5)
+
+
+def test_swap_never_scores_worse_than_lr_on_its_targets():
+    """SWAP's path starts with LR's candidates (targets y), so its best score is ≤ theirs."""
+    X, w_bar = _problem(2)
+    X_val, _ = _problem(3)
+    y_val = X_val @ w_bar
+
+    def score(w):  # a held-out squared error on other rows
+        return float(np.sum((X_val @ np.asarray(w) - y_val) ** 2))
+
+    _, lr = swapjax.LR().solve(X, w_bar, 10, score=score)
+    _, sw = swapjax.SWAP().solve(X, w_bar, 10, score=score)
+    lr_path = [c.score for c in lr.candidates if c.support == "iht"]
+    assert min(c.score for c in sw.candidates) <= min(lr_path) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_relative_lam_makes_the_solution_invariant_to_scaling_X(scale):
+    X, w_bar = _problem(4)
+    w1, i1 = swapjax.SWAP(lam=0.1, epsilon=0.3).solve(X, w_bar, 12)
+    w2, i2 = swapjax.SWAP(lam=0.1, epsilon=0.3).solve(X * np.float32(scale), w_bar, 12)
+    np.testing.assert_array_equal(np.asarray(i1.support), np.asarray(i2.support))
+    np.testing.assert_allclose(np.asarray(w2), np.asarray(w1), rtol=2e-3, atol=2e-4)
+    assert float(i2.lam) == pytest.approx(float(i1.lam) * scale**2, rel=1e-4)
+    # an absolute λ is not invariant: the same number means a different penalty
+    _, a1 = swapjax.LR(lam=0.1, lam_scale="absolute").solve(X, w_bar, 12)
+    _, a2 = swapjax.LR(lam=0.1, lam_scale="absolute").solve(X * np.float32(scale), w_bar, 12)
+    assert float(a1.lam) == float(a2.lam) == pytest.approx(0.1)
+
+
+def test_explicit_values_are_used_exactly_and_never_scored():
+    X, w_bar = _problem(5)
+
+    def score(w):
+        raise AssertionError("an explicit method must not be scored")
+
+    method = swapjax.SWAP(lam=0.01, epsilon=0.3)
+    assert not method.selects
+    w, info = method.solve(X, w_bar, 8, score=score)
+    w0, info0 = method.solve(X, w_bar, 8)
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(w0))
+    assert info.candidates == () and info.epsilon == 0.3
+    assert float(info.lam) == pytest.approx(0.01 * float(np.mean(X.astype(np.float64) ** 2)), rel=1e-5)
+    f = _np_objective(X, w, info.targets, w_bar, float(info.lam))
+    assert float(info.objective) == pytest.approx(f, rel=1e-4)
+    # without a score, "auto" means the documented defaults
+    _, auto = swapjax.SWAP().solve(X, w_bar, 8)
+    _, fixed = swapjax.SWAP(lam=swapjax.methods.DEFAULT_LAM, epsilon=swapjax.methods.DEFAULT_EPSILON).solve(X, w_bar, 8)
+    assert float(auto.objective) == float(fixed.objective) and auto.epsilon == fixed.epsilon
+
+
+def _cancelling_pairs(seed, n=200, p=400, k=20):
+    """Magnitude keeps the k large weights a whose partners b cancel them; the best support is A."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(p)
+    A, pa, pb = np.sort(perm[:k]), perm[k: 2 * k], perm[2 * k: 3 * k]
+    X = rng.normal(size=(n, p))
+    X[:, A] *= 1.5
+    X[:, pb] = X[:, pa] + 0.05 * rng.normal(size=(n, k))
+    w_bar = 0.05 * rng.normal(size=p)
+    s = rng.choice([-1, 1], k)
+    w_bar[A] = rng.choice([-1, 1], k) * rng.uniform(0.5, 0.7, k)
+    w_bar[pa], w_bar[pb] = 1.1 * s, -1.0 * s
+    return X.astype(np.float32), w_bar.astype(np.float32), A
+
+
+def test_swap_search_leaves_the_magnitude_support_and_lowers_f():
+    X, w_bar, A = _cancelling_pairs(0)
+    k, lam = 20, 0.01
+    y = X @ w_bar
+    magnitude = iht_lib.hard_threshold_mask(jnp.asarray(w_bar), k)
+    w0 = iht_lib.backsolve(jnp.asarray(X), y, w_bar, magnitude, lam)
+    f0 = _np_objective(X, w0, y, w_bar, lam)
+    w, support, f, swapped = jax.jit(iht_lib.swap_search, static_argnums=(6, 7))(
+        jnp.asarray(X), jnp.asarray(y), jnp.asarray(w_bar), w0, magnitude, lam, 32, 30)
+    support = np.asarray(support)
+    assert support.sum() == k and np.all(np.asarray(w)[~support] == 0)
+    assert int(swapped) > 0 and np.sum(support & ~np.asarray(magnitude)) > 0
+    f_np = _np_objective(X, w, y, w_bar, lam)
+    assert float(f) == pytest.approx(f_np, rel=1e-4) and f_np < 0.5 * f0
+    # the search reaches the best support here; an LR solve reports both objectives
+    np.testing.assert_array_equal(np.flatnonzero(support), A)
+    _, info = swapjax.LR(lam=lam, lam_scale="absolute").solve(X, w_bar, k)
+    assert float(info.objective) < float(info.objective_magnitude)
+
+
+def test_prune_selects_on_held_out_examples(trained_mlp, digits):
+    x, y = digits
+    batch = {"x": jnp.asarray(x[:60]), "y": jnp.asarray(y[:60])}
+    val = {"x": jnp.asarray(x[1000:1040]), "y": jnp.asarray(y[1000:1040])}
+    res = swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.8, method=swapjax.SWAP(), val_batch=val,
+                        progress=False)
+    (info,) = res.info
+    assert len(info.candidates) == len(LAM_PATH) + len(EPSILON_PATH) + 1
+    assert info.held_out_loss == min(c.score for c in info.candidates)
+    losses = jax.vmap(mlp_loss, in_axes=(None, 0))(res.params, val)
+    assert info.held_out_loss == pytest.approx(float(jnp.mean(losses)), rel=1e-5)
+    assert res.one_shot is None
+    # the default holds out a fifth of the batch: 12 of 60 examples, which X then does not contain
+    seen = []
+
+    class Spy(swapjax.LR):
+        def solve(self, X, *a, **kw):
+            seen.append((X.shape[0], kw.get("score") is not None))
+            return super().solve(X, *a, **kw)
+
+    swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.8, method=Spy(), progress=False)
+    swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.8, method=Spy(lam=0.01), progress=False)
+    assert seen == [(48, True), (60, False)]
+
+
+def test_gradual_keeps_the_better_of_gradual_and_one_shot(trained_mlp, digits):
+    x, y = digits
+    batch = {"x": jnp.asarray(x[:60]), "y": jnp.asarray(y[:60])}
+    res = swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.9, method=swapjax.LR(), stages=3, progress=False)
+    kept, other = ("gradual", "one-shot") if res.one_shot["kept"] == "gradual" else ("one-shot", "gradual")
+    assert res.one_shot[kept] <= res.one_shot[other]
+    assert res.one_shot["gradual"] == res.info[-1].held_out_loss
+    held = {k: v[2::5] for k, v in batch.items()}  # every fifth example (the middle one), the default hold-out
+    loss = float(jnp.mean(jax.vmap(mlp_loss, in_axes=(None, 0))(res.params, held)))
+    assert loss == pytest.approx(res.one_shot[kept], rel=1e-5)
+    lay = pytree.layout(res.params)
+    assert int(jnp.sum(pytree.flatten(res.params, lay) != 0)) == swapjax.kept_count(0.9, lay.size)

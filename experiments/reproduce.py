@@ -46,6 +46,8 @@ METHODS = {  # name: (method, anchor of swapjax.prune: w̄ kept dense, or reset 
     "SWAP": (swapjax.SWAP(), "dense"),
     "LR-current": (swapjax.LR(), "current"),  # CHITA++
     "SWAP-current": (swapjax.SWAP(), "current"),
+    # the defaults before held-out selection: absolute λ = 0.01, ε = 0.3, no swap search
+    "SWAP-fixed": (swapjax.SWAP(lam=0.01, lam_scale="absolute", epsilon=0.3, patience=None, swap_rounds=0), "dense"),
 }
 
 

@@ -179,7 +179,7 @@ class WoodFisher:
         w ← (w + δw) with w_Q set to 0.
 
     The update is the published code's joint mode (``--woodburry-joint-sparsify``,
-    METHOD.md §4): each pruned weight's single-weight OBS correction, summed,
+    docs/methods.md): each pruned weight's single-weight OBS correction, summed,
     not the exact joint solve −F⁻¹E_Q(E_QᵀF⁻¹E_Q)⁻¹E_Qᵀw.
 
     F⁻¹ is never formed: with XXᵀ = U diag(λ) Uᵀ (an N×N eigendecomposition),

@@ -6,8 +6,8 @@
 
 Every method gets the very same X and w̄ objects (one gradient computation,
 shared). For each method the result holds the pruned weights, the local
-objective ½‖Xw − Xw̄‖²/N (the quadratic model of the loss change, METHOD.md
-§1), the EWR objective (N/2)·Σ_ij π_ij (y_i − z_j)² between y = Xw̄ and
+objective ½‖Xw − Xw̄‖²/N (the quadratic model of the loss change,
+docs/methods.md), the EWR objective (N/2)·Σ_ij π_ij (y_i − z_j)² between y = Xw̄ and
 z = Xw, the wall time of ``solve`` and, given an evaluation function, the
 accuracy and loss of the pruned model. A method that raises is reported
 (its error text kept) and the others still run.

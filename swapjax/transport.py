@@ -7,7 +7,7 @@ over neighbours about √0.3 ≈ 0.55 standard deviations of y away). The
 published code put ε on the unscaled cost, where one ε value behaves very
 differently for networks whose gradients differ in size. The cost is formed
 from differences, not |y|² + |z|² − 2yz, so float32 keeps its precision
-(DESIGN.md: ott's SqEuclidean loses it when values are large and close).
+(ott's SqEuclidean loses it when values are large and close).
 
 ε = 0 is the exact monotone matching of the two samples (sort both, pair
 ranks), without Sinkhorn.
@@ -24,11 +24,22 @@ Duals = tuple[jax.Array, jax.Array]
 
 
 class PlanInfo(NamedTuple):
-    """Sinkhorn's report: iterations run, convergence flag, final marginal error ‖π1 − a‖₁."""
+    """Sinkhorn's report: iterations run, convergence flag, final marginal error ‖π1 − a‖₁;
+    degenerate: Var(y) was 0 (N = 1, identical rows), at rounding level or not finite, so no
+    plan was computed and the targets are y (see :func:`transport_targets`)."""
 
     iterations: jax.Array
     converged: jax.Array
     error: jax.Array
+    degenerate: jax.Array = False
+
+
+def degenerate_spread(y: jax.Array) -> jax.Array:
+    """True when y has no usable spread: Var(y) not finite, or std(y) ≤ 64·eps·max|y| (0 for N = 1
+    or identical rows; otherwise rounding noise), where the cost (y_i − z_j)²/Var(y) is meaningless."""
+    var = jnp.var(y)
+    eps = jnp.finfo(y.dtype).eps
+    return ~jnp.isfinite(var) | (jnp.sqrt(var) <= 64 * eps * jnp.max(jnp.abs(y)))
 
 
 def scaled_cost(y: jax.Array, z: jax.Array) -> jax.Array:
@@ -59,7 +70,7 @@ def sinkhorn_plan(
     solver = sinkhorn.Sinkhorn(threshold=threshold, max_iterations=max_iterations)
     out = solver(linear_problem.LinearProblem(geom), init=init)
     last_error = out.errors[jnp.maximum(jnp.sum(out.errors != -1) - 1, 0)]
-    info = PlanInfo(out.n_iters, out.converged, last_error)
+    info = PlanInfo(out.n_iters, out.converged, last_error, jnp.array(False))
     return out.matrix, (out.f, out.g), info
 
 
@@ -91,10 +102,19 @@ def transport_targets(
 ) -> tuple[jax.Array, Optional[Duals], PlanInfo]:
     """ỹ for the plan between y and z: sorted matching when ε = 0, else Sinkhorn.
 
-    Returns (ỹ, duals for a warm start or None, info).
+    Degenerate y (:func:`degenerate_spread`: N = 1, identical rows, overflow): there is no
+    spread to transport, so the targets are y itself (LR's), no Sinkhorn is run, and
+    ``info.degenerate`` is True. Returns (ỹ, duals for a warm start or None, info).
     """
+    degenerate = degenerate_spread(y)
+    flat = PlanInfo(jnp.array(0), jnp.array(True), jnp.array(0.0, y.dtype), degenerate)
+    if not isinstance(degenerate, jax.core.Tracer) and bool(degenerate):
+        return y, None, flat
     if epsilon == 0:
-        done = PlanInfo(jnp.array(0), jnp.array(True), jnp.array(0.0, y.dtype))
-        return sorted_matching_targets(y, z), None, done
+        return jnp.where(degenerate, y, sorted_matching_targets(y, z)), None, flat
     plan, duals, info = sinkhorn_plan(y, z, epsilon, threshold, max_iterations, init)
-    return barycentric_targets(plan, y), duals, info
+    if isinstance(degenerate, jax.core.Tracer):  # inside jit (plan_update="iteration"): select, don't branch
+        info = jax.tree_util.tree_map(lambda a, b: jnp.where(degenerate, a, b), flat, info._replace(
+            degenerate=jnp.asarray(False)))
+        return jnp.where(degenerate, y, barycentric_targets(plan, y)), duals, info
+    return barycentric_targets(plan, y), duals, info._replace(degenerate=jnp.array(False))

@@ -90,3 +90,21 @@ def test_per_sample_grads_shape(params):
     batch = {"x": jnp.ones((3, 28, 28)), "y": jnp.array([0, 1, 2])}
     X = swapjax.per_sample_grads(loss_fn, params, batch)
     assert X.shape == (3, 32_360)
+
+
+def test_lenet5_kernels_and_layouts():
+    """LeNet-5: 61,470 prunable kernel weights (biases are 1-D, not pruned); flat and image inputs agree."""
+    from swapjax import pytree
+    from swapjax.models import LeNet5
+
+    model = LeNet5()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 784)))
+    lay = pytree.layout(variables["params"])
+    shapes = dict(zip(lay.names, lay.shapes))
+    assert shapes == {"conv1/kernel": (5, 5, 1, 6), "conv2/kernel": (5, 5, 6, 16), "fc1/kernel": (400, 120),
+                      "fc2/kernel": (120, 84), "fc3/kernel": (84, 10)}
+    assert lay.size == 25 * 6 + 25 * 6 * 16 + 400 * 120 + 120 * 84 + 84 * 10 == 61_470
+    x = jax.random.uniform(jax.random.key(1), (3, 28, 28, 1))
+    flat = model.apply(variables, x.reshape(3, 784))
+    np.testing.assert_allclose(model.apply(variables, x), flat, rtol=1e-6)
+    np.testing.assert_allclose(model.apply(variables, x[0]), flat[0], rtol=1e-5, atol=1e-6)

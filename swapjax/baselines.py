@@ -43,7 +43,7 @@ from .methods import SolveInfo, prepare_problem
 def _info(y, w, support, trace, duals) -> SolveInfo:
     """SolveInfo of a non-iterative method: no IHT, no backsolve, no plan; duals passed through."""
     dtype = y.dtype
-    no_plan = transport.PlanInfo(jnp.array(0), jnp.array(True), jnp.zeros((), dtype))
+    no_plan = transport.PlanInfo(jnp.array(0), jnp.array(True), jnp.zeros((), dtype), jnp.array(False))
     return SolveInfo(
         objective=trace[-1], objective_trace=trace, iht_iterations=jnp.array(0),
         backsolved=jnp.array(False), support=support, targets=y, plan=no_plan, duals=duals,
@@ -112,7 +112,7 @@ class Magnitude:
     scope: str = "global"
 
     def __post_init__(self):
-        if self.scope not in ("global", "layer"):
+        if not isinstance(self.scope, str) or self.scope not in ("global", "layer"):
             raise ValueError(f"scope: must be 'global' or 'layer', got {self.scope!r}")
 
     @property
@@ -209,7 +209,7 @@ class WoodFisher:
             raise ValueError(f"damp: the Fisher dampening must be a finite number > 0, got {self.damp!r}")
         if not isinstance(self.update, bool):
             raise ValueError(f"update: must be True or False, got {self.update!r}")
-        if not (isinstance(self.block_size, int) and self.block_size >= 1):
+        if not (isinstance(self.block_size, int) and not isinstance(self.block_size, bool) and self.block_size >= 1):
             raise ValueError(f"block_size: must be an int ≥ 1, got {self.block_size!r}")
 
     def solve(self, X, w_bar, k, w_start=None, duals=None) -> tuple[jax.Array, SolveInfo]:

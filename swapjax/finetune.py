@@ -161,7 +161,7 @@ def make_finetune_hook(
     by ``jax.random.fold_in(key, stage)``, so a run is deterministic. The
     returned params are exactly zero off the masks. Models with BatchNorm: close
     loss_fn over fixed ``batch_stats`` (inference mode). progress=False silences
-    the one line per stage written to stderr.
+    the one line per stage written to stderr, as does ``swapjax.prune(..., progress=False)``.
     """
     if optimizer is None:
         optimizer = optax.sgd(0.01, momentum=0.9)
@@ -179,7 +179,8 @@ def make_finetune_hook(
         updates, opt_state = masked_optimizer(optimizer, masks).update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    def hook(params: PyTree, masks: PyTree, stage: int) -> PyTree:
+    def hook(params: PyTree, masks: PyTree, stage: int, progress: bool = True) -> PyTree:
+        """``progress=False`` (``swapjax.prune(..., progress=False)`` passes it) silences this call."""
         t0 = time.perf_counter()
         params = apply_masks(params, masks)
         opt_state = masked_optimizer(optimizer, masks).init(params)
@@ -196,7 +197,7 @@ def make_finetune_hook(
                 done += 1
             epoch += 1
         params = apply_masks(params, masks)
-        if progress:
+        if progress and hook_progress:
             first = float(losses[0]) if losses else float("nan")
             last = float(np.mean(jax.device_get(losses[-per_epoch:]))) if losses else float("nan")
             print(
@@ -206,4 +207,6 @@ def make_finetune_hook(
             )
         return params
 
+    hook_progress = progress
+    hook.accepts_progress = True  # swapjax.prune passes its own progress flag
     return hook

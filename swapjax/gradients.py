@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from . import pytree
+from . import checks, pytree
 from .pytree import PyTree, Select
 
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -35,8 +35,8 @@ def _per_sample_grads(loss_fn, params, batch, lay, chunk_size):
         return loss_fn(pytree.unflatten(w, params, lay), example)
 
     w = pytree.flatten(params, lay)
-    grad_one = jax.grad(loss_of_w)
-    return jax.lax.map(lambda ex: grad_one(w, ex), batch, batch_size=chunk_size)
+    value_and_grad_one = jax.value_and_grad(loss_of_w)  # the loss values come at no extra cost
+    return jax.lax.map(lambda ex: value_and_grad_one(w, ex), batch, batch_size=chunk_size)
 
 
 def per_sample_grads(
@@ -57,11 +57,28 @@ def per_sample_grads(
     (loss_fn, shapes). ``select``: which leaves are prunable (default: the
     arrays with ndim ≥ 2; see :func:`swapjax.pytree.layout`).
     """
+    return per_sample_losses_and_grads(loss_fn, params, batch, select, chunk_size)[1]
+
+
+def per_sample_losses_and_grads(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    select: Optional[Select] = None,
+    chunk_size: int = 256,
+) -> tuple[jax.Array, jax.Array]:
+    """(ℓ ∈ R^N, X ∈ R^{N×p}): the loss value of each example and :func:`per_sample_grads`, in one pass."""
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn: expected a function loss_fn(params, example) -> scalar, got {loss_fn!r}")
     n = batch_size(batch)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size: must be ≥ 1, got {chunk_size}")
+    chunk_size = checks.integer("chunk_size", chunk_size, 1)
     balanced = -(-n // -(-n // chunk_size))  # equal chunks ≤ chunk_size: no ragged last chunk to copy in
-    return _per_sample_grads(loss_fn, params, batch, pytree.layout(params, select), balanced)
+    losses, X = _per_sample_grads(loss_fn, params, batch, pytree.layout(params, select), balanced)
+    if jnp.ndim(losses) != 1:
+        raise ValueError(
+            f"loss_fn: must return a scalar for ONE example, got shape {jnp.shape(losses)[1:]} per example"
+        )
+    return losses, X
 
 
 @jax.jit
@@ -93,10 +110,8 @@ class GradientNoise:
     prop: float = 0.1
 
     def __post_init__(self):
-        if not self.std_scale >= 0:
-            raise ValueError(f"std_scale: must be ≥ 0, got {self.std_scale}")
-        if not 0 <= self.prop <= 1:
-            raise ValueError(f"prop: must be in [0, 1], got {self.prop}")
+        checks.real("std_scale", self.std_scale, 0.0)
+        checks.real("prop", self.prop, 0.0, 1.0)
 
     def __call__(self, X: jax.Array, key: jax.Array) -> jax.Array:
         return add_gradient_noise(X, key, self.std_scale, self.prop)

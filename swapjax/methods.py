@@ -16,13 +16,16 @@ are used exactly as given.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from . import checks
 from . import iht as iht_lib
 from . import transport
 from .gradients import check_finite
@@ -76,8 +79,11 @@ def check_problem(X, w_bar, k) -> int:
         raise ValueError("X: N = 0 rows; at least one per-sample gradient is needed")
     if jnp.shape(w_bar) != (p,):
         raise ValueError(f"w_bar: expected shape ({p},) to match X's columns, got {jnp.shape(w_bar)}")
-    if int(k) != k or not 1 <= k <= p:
-        raise ValueError(f"k: must be an integer in [1, p] = [1, {p}], got {k}")
+    ok = isinstance(k, numbers.Integral) and not isinstance(k, (bool, np.bool_))
+    if isinstance(k, (jax.Array, np.ndarray)) and k.ndim == 0 and jnp.issubdtype(k.dtype, jnp.integer):
+        ok = True
+    if not ok or not 1 <= k <= p:
+        raise ValueError(f"k: must be an integer in [1, p] = [1, {p}], got {k!r}")
     check_finite(X, "X")
     if not bool(jnp.all(jnp.isfinite(w_bar))):
         raise ValueError("w_bar: the dense weights contain NaN or inf")
@@ -96,14 +102,19 @@ def prepare_problem(X, w_bar, k, w_start=None, duals=None):
     w_start = w_bar if w_start is None else jnp.asarray(w_start, X.dtype)
     if jnp.shape(w_start) != w_bar.shape:
         raise ValueError(f"w_start: expected shape {w_bar.shape}, got {jnp.shape(w_start)}")
+    if not bool(jnp.all(jnp.isfinite(w_start))):
+        raise ValueError("w_start: the starting weights contain NaN or inf")
+    n = X.shape[0]
     if duals is None:
-        duals = (jnp.zeros(X.shape[0], X.dtype),) * 2
+        duals = (jnp.zeros(n, X.dtype),) * 2
+    elif not (isinstance(duals, (tuple, list)) and len(duals) == 2
+              and all(jnp.shape(d) == (n,) for d in duals)):
+        shapes = [jnp.shape(d) for d in duals] if isinstance(duals, (tuple, list)) else type(duals).__name__
+        raise ValueError(f"duals: expected None or two Sinkhorn potentials (f, g) of shape ({n},), got {shapes}")
+    else:
+        if not all(bool(jnp.all(jnp.isfinite(d))) for d in duals):
+            raise ValueError("duals: the Sinkhorn potentials contain NaN or inf")
     return X, w_bar, w_start, k, duals
-
-
-def _check_path(name, path):
-    if not (len(path) >= 1 and all(math.isfinite(v) and v > 0 for v in path)):
-        raise ValueError(f"{name}: expected a non-empty tuple of finite values > 0, got {path!r}")
 
 
 @dataclass(frozen=True)
@@ -138,23 +149,17 @@ class LR:
     active_set: Optional[float] = None
 
     def __post_init__(self):
-        if self.lam != "auto" and not (isinstance(self.lam, (int, float)) and 0 <= self.lam < math.inf):
-            raise ValueError(f"lam: λ must be 'auto' or a finite number ≥ 0, got {self.lam!r}")
-        if self.lam_scale not in ("fisher", "absolute"):
-            raise ValueError(f"lam_scale: must be 'fisher' or 'absolute', got {self.lam_scale!r}")
-        _check_path("lam_path", self.lam_path)
-        if self.max_iters < 0:
-            raise ValueError(f"max_iters: must be ≥ 0, got {self.max_iters}")
-        if not self.tol >= 0:
-            raise ValueError(f"tol: must be ≥ 0, got {self.tol}")
-        if not self.growth > 1:
-            raise ValueError(f"growth: must be > 1, got {self.growth}")
-        if self.patience is not None and not (int(self.patience) == self.patience and self.patience >= 1):
-            raise ValueError(f"patience: must be None or an integer ≥ 1, got {self.patience}")
-        if not (int(self.swap_rounds) == self.swap_rounds and self.swap_rounds >= 0):
-            raise ValueError(f"swap_rounds: must be an integer ≥ 0, got {self.swap_rounds}")
-        if self.active_set is not None and not self.active_set >= 1:
-            raise ValueError(f"active_set: the active set's size as a multiple of k must be ≥ 1, got {self.active_set}")
+        checks.number_or_auto("lam", self.lam, "λ")
+        checks.choice("lam_scale", self.lam_scale, ("fisher", "absolute"))
+        checks.path("lam_path", self.lam_path)
+        checks.integer("max_iters", self.max_iters, 0)
+        checks.real("tol", self.tol, 0.0)
+        checks.real("growth", self.growth, 1.0, lo_open=True)
+        checks.boolean("backsolve", self.backsolve)
+        checks.integer("patience", self.patience, 1, allow_none=True)
+        checks.integer("swap_rounds", self.swap_rounds, 0)
+        if self.active_set is not None:
+            checks.real("active_set (the active set's size as a multiple of k)", self.active_set, 1.0)
 
     @property
     def selects(self) -> bool:
@@ -172,7 +177,13 @@ class LR:
         previous one's solution; ``info.candidates`` lists every point tried.
         """
         X, w_bar, w_start, k, duals = prepare_problem(X, w_bar, k, w_start, duals)
+        checks.callable_or_none("score", score, "a function score(w) -> float")
         y, z, scale = _projections(X, w_bar, w_start)
+        if not bool(jnp.isfinite(scale) & jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(z))):
+            raise ValueError(
+                f"X: y = X·w_bar, z = X·w_start or ‖X‖²_F overflow {X.dtype} (max |X| = {float(jnp.max(jnp.abs(X))):.3g}, "
+                f"max |w_bar| = {float(jnp.max(jnp.abs(w_bar))):.3g}); rescale the loss or use float64 (jax_enable_x64)"
+            )
         if self.lam_scale == "absolute":
             scale = jnp.ones_like(scale)
         problem = (X, w_bar, w_start, k, y, z, scale)
@@ -255,11 +266,11 @@ class SWAP(LR):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.epsilon != "auto" and not (isinstance(self.epsilon, (int, float)) and 0 <= self.epsilon < math.inf):
-            raise ValueError(f"epsilon: ε must be 'auto' or a finite number ≥ 0, got {self.epsilon!r}")
-        _check_path("epsilon_path", self.epsilon_path)
-        if self.plan_update not in ("stage", "iteration"):
-            raise ValueError(f"plan_update: must be 'stage' or 'iteration', got {self.plan_update!r}")
+        checks.number_or_auto("epsilon", self.epsilon, "ε")
+        checks.path("epsilon_path", self.epsilon_path)
+        checks.real("sinkhorn_threshold", self.sinkhorn_threshold, 0.0, lo_open=True)
+        checks.integer("sinkhorn_max_iters", self.sinkhorn_max_iters, 1)
+        checks.choice("plan_update", self.plan_update, ("stage", "iteration"))
 
     @property
     def selects(self) -> bool:
@@ -287,7 +298,7 @@ class SWAP(LR):
         return LR._config(self, eps)._replace(retarget=retarget)
 
 
-_NO_PLAN = transport.PlanInfo(jnp.array(0), jnp.array(True), jnp.array(0.0))
+_NO_PLAN = transport.PlanInfo(jnp.array(0), jnp.array(True), jnp.array(0.0), jnp.array(False))
 
 
 class _Config(NamedTuple):
@@ -316,7 +327,8 @@ def _retarget(cfg: _Config, y):
         duals, total = aux
         t, new_duals, info = transport.transport_targets(y, z, eps, threshold, max_iters, duals)
         duals = duals if new_duals is None else new_duals
-        seen = transport.PlanInfo(total.iterations + info.iterations, total.converged & info.converged, info.error)
+        seen = transport.PlanInfo(total.iterations + info.iterations, total.converged & info.converged, info.error,
+                                  jnp.asarray(total.degenerate) | info.degenerate)
         return t, (duals, seen)
 
     return retarget

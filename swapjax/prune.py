@@ -14,8 +14,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from . import pytree, schedules
-from .gradients import GradientNoise, LossFn, batch_size, check_finite, per_sample_grads
+from . import checks, pytree, schedules
+from .gradients import GradientNoise, LossFn, batch_size, check_finite, per_sample_losses_and_grads
 from .iht import hard_threshold_mask
 from .methods import SWAP
 from .pytree import PyTree, Select
@@ -114,18 +114,28 @@ def prune(
     Returns a :class:`PruneResult` (params, masks, info per stage).
     """
     method = SWAP() if method is None else method
-    if not hasattr(method, "solve"):
-        raise ValueError(f"method: expected an object with .solve(X, w_bar, k), got {method!r}")
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity: must be in [0, 1), got {sparsity}")
-    if anchor not in ("dense", "current"):
-        raise ValueError(f"anchor: must be 'dense' or 'current', got {anchor!r}")
+    checks.method(method)
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn: expected a function loss_fn(params, example) -> scalar, got {loss_fn!r}")
+    sparsity = checks.sparsity(sparsity)
+    checks.stages(stages)
+    checks.choice("anchor", anchor, ("dense", "current"))
+    if noise is not None and not callable(noise):
+        raise ValueError(f"noise: expected None or a swapjax.GradientNoise, got {noise!r}")
     if noise is not None and key is None:
         raise ValueError("key: a jax.random key is needed when noise is given")
-    if not 0 <= holdout < 1:
-        raise ValueError(f"holdout: the held-out fraction of the batch must be in [0, 1), got {holdout}")
+    if key is not None:
+        checks.prng_key("key", key)
+    checks.callable_or_none("finetune", finetune, "a function finetune(params, masks, stage) -> params")
+    holdout = checks.real("holdout (the held-out fraction of the batch)", holdout, 0.0, 1.0, hi_open=True)
+    chunk_size = checks.integer("chunk_size", chunk_size, 1)
+    progress = checks.boolean("progress", progress)
     levels = schedules.resolve(stages, sparsity)
     lay = pytree.layout(params, select)
+    checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
+    batch_size(batch)
+    if val_batch is not None:
+        checks.same_structure("val_batch", val_batch, batch, "batch")
     p = lay.size
     if kept_count(sparsity, p) < 1:
         raise ValueError(
@@ -148,8 +158,9 @@ def prune(
     def run_stage(t, s, current, w, w_dense, duals):
         k = kept_count(s, p)
         t0 = time.perf_counter()
-        X = per_sample_grads(loss_fn, current, batch, select, chunk_size)
+        losses, X = per_sample_losses_and_grads(loss_fn, current, batch, select, chunk_size)
         check_finite(X)
+        checks.finite_losses(losses)  # NaN or inf loss values with finite gradients
         if noise is not None:
             X = noise(X, jax.random.fold_in(key, t))
         t1 = time.perf_counter()
@@ -173,7 +184,13 @@ def prune(
             held_out_loss=chosen.score if chosen else (score(w_new) if score else math.nan),
             candidates=tuple(getattr(info, "candidates", ())),
         )
-        if not stage.sinkhorn_converged:
+        if bool(getattr(info.plan, "degenerate", False)):
+            warnings.warn(
+                f"stage {t}: the projections y = X·w_bar have no spread (Var(y) is 0, at rounding level or not "
+                f"finite: N = {n}, identical examples?), so there is nothing to transport: SWAP's targets are "
+                "y, as LR's (info.plan.degenerate)", RuntimeWarning, stacklevel=3,
+            )
+        elif not stage.sinkhorn_converged:
             warnings.warn(
                 f"stage {t}: Sinkhorn did not converge in {stage.sinkhorn_iterations} iterations "
                 f"(marginal error {stage.sinkhorn_error:.2e}); raise sinkhorn_max_iters or epsilon",
@@ -204,7 +221,7 @@ def prune(
         current = pytree.unflatten(w, current, lay)
         if finetune is not None and t < len(levels):
             masks = pytree.mask_tree(mask, lay)
-            current = pytree.apply_masks(finetune(current, masks, t), masks)
+            current = pytree.apply_masks(_run_finetune(finetune, current, masks, t, progress), masks)
             w = pytree.flatten(current, lay)
 
     one_shot = None
@@ -217,7 +234,40 @@ def prune(
         log(f"held-out loss: gradual {gradual_loss:.4g}, one-shot {stage1.held_out_loss:.4g}; keeping {kept}")
         if kept == "one-shot":
             mask, current = info1.support, pytree.unflatten(w1, params, lay)
-    return PruneResult(current, pytree.mask_tree(mask, lay), tuple(infos), one_shot)
+    return PruneResult(_own_dtypes(current, params), pytree.mask_tree(mask, lay), tuple(infos), one_shot)
+
+
+def _run_finetune(finetune, params, masks, stage, progress):
+    """finetune(params, masks, stage), checked: it must return params of the same structure, finite.
+
+    A hook built by :func:`swapjax.make_finetune_hook` is silenced by ``progress=False``."""
+    name = getattr(finetune, "__name__", type(finetune).__name__)
+    if getattr(finetune, "accepts_progress", False):
+        out = finetune(params, masks, stage, progress=progress)
+    else:
+        out = finetune(params, masks, stage)
+    if out is None:
+        raise ValueError(f"finetune: the hook {name!r} returned None after stage {stage}; it must return the params")
+    if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(params):
+        raise ValueError(
+            f"finetune: the hook {name!r} returned a tree of another structure after stage {stage}: "
+            f"expected {jax.tree_util.tree_structure(params)}, got {jax.tree_util.tree_structure(out)}"
+        )
+    checks.finite_leaves(f"finetune: the params returned by the hook {name!r} after stage {stage}", out,
+                         hint="; lower its learning rate or check its loss")
+    return out
+
+
+def _own_dtypes(result: PyTree, params: PyTree) -> PyTree:
+    """The result's leaves in the dtypes of ``params`` (NumPy float64 leaves stay float64 without x64)."""
+    def cast(new, old):
+        dtype = getattr(old, "dtype", None)
+        if dtype is None or getattr(new, "dtype", None) == dtype:
+            return new
+        if isinstance(old, np.ndarray):
+            return np.asarray(new).astype(dtype)
+        return new
+    return jax.tree_util.tree_map(cast, result, params)
 
 
 def _float(x) -> float:
@@ -229,6 +279,7 @@ def _split_held_out(batch: PyTree, val_batch: Optional[PyTree], holdout: float):
     n = batch_size(batch)
     if val_batch is not None:
         batch_size(val_batch)
+        checks.same_structure("val_batch", val_batch, batch, "batch")
         return batch, val_batch
     n_val = int(round(holdout * n))
     if n_val == 0:

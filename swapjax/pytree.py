@@ -87,7 +87,9 @@ def layout(params: PyTree, select: Optional[Select] = None) -> Layout:
     vectors_ok = isinstance(select, _WithVectors)
     select = select or default_select
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-    selected = tuple(bool(select(path_name(p), x)) for p, x in leaves_with_path)
+    if not callable(select):
+        raise ValueError(f"select: expected None or a function select(path, leaf) -> bool, got {select!r}")
+    selected = tuple(_selected(select, path_name(p), x) for p, x in leaves_with_path)
     chosen = [(path_name(p), x) for (p, x), s in zip(leaves_with_path, selected) if s]
     vectors = [f"{name} {tuple(jnp.shape(x))}" for name, x in chosen if jnp.ndim(x) < 2]
     if vectors and not vectors_ok:
@@ -114,6 +116,15 @@ def layout(params: PyTree, select: Optional[Select] = None) -> Layout:
         dtypes=tuple(jnp.result_type(x) for _, x in chosen),
         offsets=tuple(np.cumsum([0] + sizes).tolist()),
     )
+
+
+def _selected(select: Select, name: str, leaf) -> bool:
+    answer = select(name, leaf)
+    if not isinstance(answer, (bool, np.bool_)):
+        raise ValueError(
+            f"select: must return True or False, got {answer!r} (type {type(answer).__name__}) for leaf {name!r}"
+        )
+    return bool(answer)
 
 
 def flatten(params: PyTree, lay: Layout) -> jax.Array:

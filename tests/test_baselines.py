@@ -145,7 +145,7 @@ def test_woodfisher_never_forms_a_p_by_p_matrix():
 
 
 def test_woodfisher_buffer_plan_at_p_300k_n_1000():
-    """The issue's size, compiled but not run (no 1.2 GB X allocated): temporaries well under X's size."""
+    """WoodFisher at p = 300,000, N = 1,000, compiled but not run (no 1.2 GB X allocated): temporaries well under X's size."""
     n, p = 1000, 300_000
     X = jax.ShapeDtypeStruct((n, p), jnp.float32)
     w = jax.ShapeDtypeStruct((p,), jnp.float32)
@@ -285,7 +285,7 @@ def test_bad_arguments_name_themselves():
 
 
 # ---------------------------------------------------------------------------
-# the size the issue asks for: p = 300,000, N = 1,000, float32 (X alone is 1.2 GB)
+# a large problem: p = 300,000, N = 1,000, float32 (X alone is 1.2 GB)
 
 
 def _peak_rss_gb(reset=False):

@@ -10,8 +10,10 @@ schedule with the preset's number of stages and no fine-tuning; gradual-ft = the
 same with one epoch of masked fine-tuning between stages), gradient noise
 setting (docs/methods.md), sparsity and method: prune with `swapjax.prune` on the
 first N training examples, and evaluate on the test split. One CSV row per run
-(runs/<preset>/results.csv), appended as soon as the run ends; a rerun skips the
-rows already there, so an interrupted sweep resumes. Then the table (mean ± std
+(runs/<preset>/results.csv), appended as one whole line as soon as the run ends; a
+rerun skips the rows already there, so an interrupted sweep resumes. Rows are validated
+on load: a line cut off by a kill (or otherwise malformed, or a duplicate) is dropped,
+reported on stderr and its run redone; the file is then rewritten atomically. Then the table (mean ± std
 over seeds) and PNG plots of test accuracy and loss against sparsity, one line
 per method with a band of ± one std over seeds.
 """
@@ -19,6 +21,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
+import os
+import re
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -124,16 +129,101 @@ def per_example_loss(model, variables):
     return loss
 
 
+def _valid_row(row: dict) -> str | None:
+    """None if a results row is well-formed, else what is wrong with it."""
+    if None in row or any(row.get(k) in (None, "") for k in FIELDS):
+        return "wrong number of fields"
+    try:
+        int(row["seed"])
+        numbers = {k: float(row[k]) for k in ("sparsity", "test_accuracy", "test_loss", "dense_test_accuracy", "seconds")}
+    except ValueError as e:
+        return f"not a number ({e})"
+    if not all(np.isfinite(v) for v in numbers.values()):
+        return "a value is not finite"
+    if not (0 <= numbers["sparsity"] < 1 and 0 <= numbers["test_accuracy"] <= 1 and 0 <= numbers["dense_test_accuracy"] <= 1):
+        return "a value is out of range"
+    return None
+
+
+def _row_key(row: dict) -> tuple:
+    return (str(row["seed"]), row["mode"], row["noise"], str(row["sparsity"]), row["method"])
+
+
+def _write_atomic(csv_path: Path, rows: list) -> None:
+    """Header and rows into a temporary file next to csv_path, then os.replace: all or nothing."""
+    tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, csv_path)
+
+
+def load_results(csv_path: Path) -> list:
+    """The valid rows of results.csv, creating it (header only) if absent or empty.
+
+    Rows are appended one whole line at a time, so a run killed mid-write leaves at most a last
+    line without its newline: that line is dropped (its run is redone), as is any malformed or
+    duplicate row and a cut-off header; each drop is reported on stderr and the file is rewritten
+    atomically with what remains. A file with only valid rows is left byte for byte as it is."""
+    if not csv_path.exists():
+        _write_atomic(csv_path, [])
+        return []
+    text = csv_path.read_bytes().decode("utf-8", errors="replace")
+    lines = [line for line in re.split(r"(?<=\n)", text) if line]
+    header = ",".join(FIELDS)
+    if not lines or lines[0].rstrip("\r\n") != header or not lines[0].endswith("\n"):
+        if text:
+            log(f"{csv_path}: the header is missing or cut off; dropping the file's {len(lines)} line(s): "
+                f"{text[:80]!r}")
+        _write_atomic(csv_path, [])
+        return []
+    rows, seen, dropped = [], set(), []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.endswith("\n"):
+            dropped.append((number, "cut off (no newline at the end)", line))
+            continue
+        parsed = list(csv.DictReader(io.StringIO(header + "\n" + line)))
+        problem = "not one CSV record" if len(parsed) != 1 else _valid_row(parsed[0])
+        if problem is None and _row_key(parsed[0]) in seen:
+            problem = "a duplicate of an earlier row"
+        if problem is not None:
+            dropped.append((number, problem, line))
+            continue
+        seen.add(_row_key(parsed[0]))
+        rows.append(parsed[0])
+    for number, problem, line in dropped:
+        log(f"{csv_path}: dropping line {number} ({problem}): {line.rstrip()!r}; its run will be redone")
+    if dropped:
+        _write_atomic(csv_path, rows)
+    return rows
+
+
+def append_result(csv_path: Path, row: dict) -> None:
+    """Append one row as one whole line with a single write (O_APPEND); if the file does not end
+    with a newline (a write cut off earlier), it is repaired first (:func:`load_results`)."""
+    buf = io.StringIO()
+    csv.DictWriter(buf, FIELDS).writerow(row)
+    line = buf.getvalue()
+    with open(csv_path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        ends_cleanly = f.tell() == 0 or (f.seek(-1, os.SEEK_END) >= 0 and f.read(1) == b"\n")
+    if not ends_cleanly or csv_path.stat().st_size == 0:
+        load_results(csv_path)
+    fd = os.open(csv_path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def run(preset_name: str, preset: Preset, out: Path, progress: bool):
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
-    done = set()
-    if csv_path.exists():
-        with open(csv_path) as f:
-            done = {(r["seed"], r["mode"], r["noise"], r["sparsity"], r["method"]) for r in csv.DictReader(f)}
-    else:
-        with open(csv_path, "w", newline="") as f:
-            csv.DictWriter(f, FIELDS).writeheader()
+    done = {_row_key(r) for r in load_results(csv_path)}
 
     train_set = data.load(preset.dataset, "train", flatten=preset.flatten)
     test_set = data.load(preset.dataset, "test", flatten=preset.flatten, examples=preset.test_examples)
@@ -168,13 +258,11 @@ def run(preset_name: str, preset: Preset, out: Path, progress: bool):
             row = dict(preset=preset_name, seed=seed, mode=mode, noise=noise, sparsity=s, method=name,
                        test_accuracy=round(acc, 5), test_loss=round(loss, 5), dense_test_accuracy=round(dense_acc, 5),
                        seconds=round(time.perf_counter() - t0, 2))
-            with open(csv_path, "a", newline="") as f:  # one short append per finished run
-                csv.DictWriter(f, FIELDS).writerow(row)
+            append_result(csv_path, row)  # one whole line per finished run
             if progress:
                 log(f"seed {seed} [{i}/{len(todo)}] {mode}, noise {noise}, sparsity {s}, {name}: "
                     f"test accuracy {acc:.4f} ({row['seconds']}s)")
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
+    rows = load_results(csv_path)
     print(table(rows, preset))
     plot(rows, preset, out)
 

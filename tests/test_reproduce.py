@@ -67,3 +67,89 @@ def test_tiny_sweep_grid_resume_and_an_independent_row(synthetic_fashion, tmp_pa
     # A rerun finds every row done: no new rows.
     reproduce.run("tiny", preset, tmp_path, progress=False)
     assert len(_rows(tmp_path / "results.csv")) == len(rows)
+
+
+# ---------------------------------------------------------------------------
+# results.csv survives a kill at any byte
+
+
+def _sample_rows(n=4):
+    rows = []
+    for i in range(n):
+        rows.append(dict(preset="tiny", seed=i % 2, mode="one-shot", noise=("none", "1σ,25%")[i % 2],
+                         sparsity=(0.5, 0.9, 0.95, 0.98)[i], method=("MP", "SWAP")[i % 2],
+                         test_accuracy=0.5 + i / 100, test_loss=1.25 + i, dense_test_accuracy=0.875, seconds=3.45))
+    return rows
+
+
+def _as_strings(row):
+    return {k: str(v) for k, v in row.items()}
+
+
+def test_results_csv_cut_at_every_byte_loses_and_corrupts_nothing(tmp_path, capsys):
+    path = tmp_path / "results.csv"
+    rows = _sample_rows()
+    assert reproduce.load_results(path) == [] and path.read_bytes() == (",".join(reproduce.FIELDS) + "\r\n").encode()
+    for row in rows:
+        reproduce.append_result(path, row)
+    full = path.read_bytes()
+    assert reproduce.load_results(path) == [_as_strings(r) for r in rows]
+    assert path.read_bytes() == full  # a clean file is left byte for byte
+    line_ends = [i + 1 for i, b in enumerate(full) if b == ord("\n")]  # header, then one per row
+    for cut in range(len(full) + 1):
+        path.write_bytes(full[:cut])
+        complete = sum(end <= cut for end in line_ends[1:])
+        loaded = reproduce.load_results(path)
+        assert loaded == [_as_strings(r) for r in rows[:complete]], cut
+        err = capsys.readouterr().err
+        clean = cut in line_ends or cut == 0
+        assert ("dropping" in err) == (not clean), (cut, err)
+        # the repaired file ends with a whole line; the resumed sweep appends the missing rows
+        for row in rows[complete:]:
+            reproduce.append_result(path, row)
+        assert reproduce.load_results(path) == [_as_strings(r) for r in rows], cut
+        assert path.read_bytes() == full, cut
+
+
+def test_results_csv_malformed_and_duplicate_rows_are_dropped_and_reported(tmp_path, capsys):
+    path = tmp_path / "results.csv"
+    reproduce.load_results(path)
+    good = _sample_rows(2)
+    for row in good:
+        reproduce.append_result(path, row)
+    with open(path, "a", newline="") as f:
+        f.write("tiny,0,one-shot,none,0.5,MP,0.55\r\n")  # too few fields
+        f.write("tiny,0,one-shot,none,0.7,MP,nan,1.0,0.9,1.0\r\n")  # not finite
+        f.write("tiny,0,one-shot,none,0.7,MP,abc,1.0,0.9,1.0\r\n")  # not a number
+        f.write("tiny,0,one-shot,none,0.5,MP,0.1,1.0,0.9,1.0\r\n")  # a duplicate of the first row's key
+    assert reproduce.load_results(path) == [_as_strings(r) for r in good]
+    err = capsys.readouterr().err
+    assert err.count("dropping line") == 4 and "wrong number of fields" in err and "duplicate" in err
+    assert reproduce.load_results(path) == [_as_strings(r) for r in good]
+    assert capsys.readouterr().err == ""  # repaired once, atomically
+
+
+def test_a_sweep_killed_mid_row_resumes_with_every_row_valid(synthetic_fashion, tmp_path, capsys):
+    preset = replace(reproduce.PRESETS["mlpnet-fashion-mnist"], epochs=1, fisher_examples=32, stages=2,
+                     sparsities=(0.5, 0.9), noises=("none",), modes=("one-shot",), seeds=(0,), methods=("MP",),
+                     batch_size=64)
+    reproduce.run("tiny", preset, tmp_path, progress=False)
+    path = tmp_path / "results.csv"
+    full = path.read_bytes()
+    reference = _rows(path)
+    assert len(reference) == 2
+    last_row_start = full.rstrip(b"\r\n").rfind(b"\n") + 1
+    accuracy_cut = full.index(b",", full.index(b",MP,", last_row_start) + 4) - 2  # inside the test accuracy
+    rng = np.random.default_rng(0)
+    for cut in (0, 10, accuracy_cut, len(full) - 1, int(rng.integers(len(full.split(b"\n")[0]) + 1, len(full)))):
+        path.write_bytes(full[:cut])
+        capsys.readouterr()
+        reproduce.run("tiny", preset, tmp_path, progress=False)
+        rows = _rows(path)
+        assert [{k: r[k] for k in ("seed", "mode", "noise", "sparsity", "method")} for r in rows] == \
+            [{k: r[k] for k in ("seed", "mode", "noise", "sparsity", "method")} for r in reference], cut
+        assert all(reproduce._valid_row(r) is None for r in rows)
+        for r, ref in zip(rows, reference):  # the redone run gives the same accuracy (deterministic on CPU)
+            assert r["test_accuracy"] == ref["test_accuracy"], cut
+        if cut == accuracy_cut:
+            assert "dropping line 3" in capsys.readouterr().err

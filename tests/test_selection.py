@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import mlp_loss
+from test_methods import _cancelling_pairs, _np_objective
 
 import swapjax
 from swapjax import iht as iht_lib
@@ -21,12 +22,6 @@ def _problem(seed=0, n=40, p=80):
     rng = np.random.default_rng(seed)
     X = (rng.normal(size=(n, p)) * rng.gamma(1.0, size=p)).astype(np.float32)
     return X, rng.normal(size=p).astype(np.float32)
-
-
-def _np_objective(X, w, t, w_bar, lam):
-    X, w, t, w_bar = (np.asarray(a, np.float64) for a in (X, w, t, w_bar))
-    r = X @ w - t
-    return 0.5 * r @ r + 0.5 * len(X) * lam * np.sum((w - w_bar) ** 2)
 
 
 @pytest.mark.parametrize("winner", [0, 3, -1])
@@ -116,23 +111,8 @@ def test_explicit_values_are_used_exactly_and_never_scored():
     assert float(auto.objective) == float(fixed.objective) and auto.epsilon == fixed.epsilon
 
 
-def _cancelling_pairs(seed, n=200, p=400, k=20):
-    """Magnitude keeps the k large weights a whose partners b cancel them; the best support is A."""
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(p)
-    A, pa, pb = np.sort(perm[:k]), perm[k: 2 * k], perm[2 * k: 3 * k]
-    X = rng.normal(size=(n, p))
-    X[:, A] *= 1.5
-    X[:, pb] = X[:, pa] + 0.05 * rng.normal(size=(n, k))
-    w_bar = 0.05 * rng.normal(size=p)
-    s = rng.choice([-1, 1], k)
-    w_bar[A] = rng.choice([-1, 1], k) * rng.uniform(0.5, 0.7, k)
-    w_bar[pa], w_bar[pb] = 1.1 * s, -1.0 * s
-    return X.astype(np.float32), w_bar.astype(np.float32), A
-
-
 def test_swap_search_leaves_the_magnitude_support_and_lowers_f():
-    X, w_bar, A = _cancelling_pairs(0)
+    X, w_bar, A, _ = _cancelling_pairs(0)
     k, lam = 20, 0.01
     y = X @ w_bar
     magnitude = iht_lib.hard_threshold_mask(jnp.asarray(w_bar), k)

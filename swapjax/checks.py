@@ -87,17 +87,76 @@ def callable_or_none(name: str, value, what: str) -> None:
         raise ValueError(f"{name}: expected None or {what}, got {_show(value)}")
 
 
-def method(value) -> None:
+def method(value, name: str = "method") -> None:
     """A pruning method instance (anything with ``.solve``), not the class."""
     if isinstance(value, type):
         raise TypeError(
-            f"method: got the class {value.__name__}; pass an instance, e.g. swapjax.{value.__name__}()"
+            f"{name}: got the class {value.__name__}; pass an instance, e.g. swapjax.{value.__name__}()"
         )
     if not callable(getattr(value, "solve", None)):
         raise ValueError(
-            f"method: expected an object with .solve(X, w_bar, k) (swapjax.SWAP(), LR(), Magnitude(), "
+            f"{name}: expected an object with .solve(X, w_bar, k) (swapjax.SWAP(), LR(), Magnitude(), "
             f"WoodFisher()), got {_show(value)}"
         )
+
+
+def methods(value) -> None:
+    """A non-empty mapping name -> method instance."""
+    from collections.abc import Mapping
+
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError(f"methods: expected a non-empty mapping name -> method, got {_show(value)}")
+    for key, m in value.items():
+        method(m, f"methods[{key!r}]")
+
+
+def optimizer(name: str, value) -> None:
+    """An optax GradientTransformation (anything with callable ``init`` and ``update``), not a factory."""
+    if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
+        hint = " (call it first, e.g. optax.adam(1e-3))" if callable(value) else ""
+        raise ValueError(f"{name}: expected an optax GradientTransformation such as optax.adam(1e-3){hint}, "
+                         f"got {_show(value)}")
+
+
+def path_like(name: str, value) -> str:
+    """A file-system path: a str or an os.PathLike (not bytes, not empty)."""
+    import os
+
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value) or isinstance(os.fspath(value), bytes):
+        raise ValueError(f"{name}: expected a directory path (str or os.PathLike), got {_show(value)}")
+    return os.fspath(value)
+
+
+def string_or_none(name: str, value, what: str) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name}: expected None or {what}, got {_show(value)}")
+
+
+def sparsities(name: str, value) -> tuple[float, ...]:
+    """A non-empty sequence (not a string) of sparsities in [0, 1)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or hasattr(value, "keys"):
+        raise ValueError(f"{name}: expected a sequence of sparsities in [0, 1), got {_show(value)}")
+    out = tuple(real(f"{name} (each)", s, 0.0, 1.0, hi_open=True) for s in value)
+    if not out:
+        raise ValueError(f"{name}: expected at least one sparsity, got {_show(value)}")
+    return out
+
+
+def mask_tree(name: str, masks) -> None:
+    """A mask pytree as ``swapjax.prune`` returns it: boolean arrays (True = kept) and None."""
+    if masks is None:
+        raise ValueError(f"{name}: expected a pytree of boolean masks (swapjax.prune's result.masks), got None")
+    from .pytree import path_name
+
+    for p, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
+        if isinstance(m, (bool, np.bool_)):
+            continue  # True / False for a whole leaf
+        if not hasattr(m, "dtype") or jnp.result_type(m) != jnp.bool_:
+            what = f"dtype {jnp.result_type(m)}" if hasattr(m, "dtype") else type(m).__name__
+            raise ValueError(
+                f"{name}: every mask must be a boolean array (True = kept) or None; "
+                f"{path_name(p) or '<root>'} is {what}"
+            )
 
 
 def prng_key(name: str, value) -> None:

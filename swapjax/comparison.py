@@ -19,6 +19,7 @@ weights, and every method runs at every sparsity on it.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import time
 import traceback
@@ -30,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import pytree, transport
-from .gradients import GradientNoise, LossFn, per_sample_grads
+from . import checks, pytree, transport
+from .gradients import GradientNoise, LossFn, batch_size, per_sample_grads
 from .methods import DEFAULT_EPSILON, SolveInfo, check_problem
 from .prune import kept_count
 from .pytree import PyTree, Select
@@ -148,8 +149,7 @@ def compare(
     Invalid X, w̄ or k raise ValueError at once; a method that raises, returns a
     malformed w, or whose evaluation raises is reported in its result's ``error``.
     """
-    if not isinstance(methods, Mapping) or not methods:
-        raise ValueError(f"methods: expected a non-empty mapping name -> method, got {methods!r}")
+    checks.methods(methods)
     k = check_problem(X, w_bar, k)
     X = jnp.asarray(X)
     w_bar = jnp.asarray(w_bar, X.dtype)
@@ -158,8 +158,11 @@ def compare(
         w_start = jnp.asarray(w_start, X.dtype)
         if w_start.shape != (p,):
             raise ValueError(f"w_start: expected shape ({p},), got {w_start.shape}")
-    if not epsilon > 0:
-        raise ValueError(f"epsilon: the EWR objective's ε must be > 0, got {epsilon}")
+        if not bool(jnp.all(jnp.isfinite(w_start))):
+            raise ValueError("w_start: the starting weights contain NaN or inf")
+    segments = _check_segments(segments, p)
+    _check_options(evaluate, epsilon, sinkhorn_threshold, sinkhorn_max_iters, warmup, progress)
+    checks.callable_or_none("unflatten", unflatten, "a function unflatten(w) -> model")
     log = (lambda msg: print(f"[swapjax.compare] {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
     log(f"N={n}, p={p}, k={k} (sparsity {1 - k / p:.4f}), {len(methods)} method(s)")
     y = _project(X, w_bar)
@@ -184,6 +187,33 @@ def compare(
                 + (f" — {r.error}" if r.error else "")
             )
     return results
+
+
+def _check_segments(segments, p: int) -> Optional[tuple[int, ...]]:
+    """None, or the layer offsets 0 = o_0 < o_1 < ... < o_L = p (integers)."""
+    if segments is None:
+        return None
+    ok = not isinstance(segments, (str, bytes)) and hasattr(segments, "__iter__")
+    values = list(segments) if ok else []
+    ok = ok and len(values) >= 2 and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in values)
+    ok = ok and values[0] == 0 and values[-1] == p and all(a < b for a, b in zip(values, values[1:]))
+    if not ok:
+        raise ValueError(
+            f"segments: expected None or the layer offsets, increasing integers from 0 to p = {p} "
+            f"(e.g. swapjax.pytree.layout(params).offsets), got {segments!r}"
+        )
+    return tuple(int(v) for v in values)
+
+
+def _check_options(evaluate, epsilon, sinkhorn_threshold, sinkhorn_max_iters, warmup, progress) -> None:
+    """The keyword arguments shared by :func:`compare` and :func:`compare_sparsities`."""
+    checks.callable_or_none("evaluate", evaluate, "a function evaluate(model) -> (accuracy, loss)")
+    checks.real("epsilon (the EWR objective's ε)", epsilon, 0.0, lo_open=True)
+    checks.real("sinkhorn_threshold", sinkhorn_threshold, 0.0, lo_open=True)
+    checks.integer("sinkhorn_max_iters", sinkhorn_max_iters, 1)
+    checks.boolean("warmup", warmup)
+    checks.boolean("progress", progress)
 
 
 def _run_one(name, method, X, w_bar, k, y, w_start, segments, evaluate, unflatten,
@@ -245,13 +275,21 @@ def compare_sparsities(
     -> (accuracy, loss) receives the pruned parameter pytree. Layer offsets are
     passed to methods that need them. Other arguments as in :func:`compare`.
     """
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn: expected a function loss_fn(params, example) -> scalar, got {loss_fn!r}")
+    sparsities = list(checks.sparsities("sparsities", sparsities))
+    checks.methods(methods)
+    if noise is not None and not callable(noise):
+        raise ValueError(f"noise: expected None or a swapjax.GradientNoise, got {noise!r}")
     if noise is not None and key is None:
         raise ValueError("key: a jax.random key is needed when noise is given")
-    sparsities = [float(s) for s in sparsities]
-    for s in sparsities:
-        if not 0 <= s < 1:
-            raise ValueError(f"sparsities: each must be in [0, 1), got {s}")
+    if key is not None:
+        checks.prng_key("key", key)
+    checks.integer("chunk_size", chunk_size, 1)
+    _check_options(evaluate, epsilon, sinkhorn_threshold, sinkhorn_max_iters, warmup, progress)
+    batch_size(batch)
     lay = pytree.layout(params, select)
+    checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
     p = lay.size
     for s in sparsities:
         if kept_count(s, p) < 1:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from . import checks
 from .pytree import PyTree, apply_masks
 
 
@@ -59,6 +60,7 @@ def masked_updates(masks: PyTree) -> optax.GradientTransformation:
     Chain it LAST (see the module docstring); prefer ``keep_pruned_at_zero``,
     which also zeroes pruned weights that are not zero yet.
     """
+    checks.mask_tree("masks", masks)
 
     def init_fn(params):
         del params
@@ -83,6 +85,7 @@ def keep_pruned_at_zero(masks: PyTree) -> optax.GradientTransformation:
     noise). Kept coordinates and leaves under a None mask get the incoming update
     unchanged. Needs ``params`` in ``update``; chain it LAST.
     """
+    checks.mask_tree("masks", masks)
 
     def init_fn(params):
         del params
@@ -102,6 +105,7 @@ def keep_pruned_at_zero(masks: PyTree) -> optax.GradientTransformation:
 
 def masked_optimizer(optimizer: optax.GradientTransformation, masks: PyTree) -> optax.GradientTransformation:
     """``optax.chain(optimizer, keep_pruned_at_zero(masks))``: the masked optimizer, masking last."""
+    checks.optimizer("optimizer", optimizer)
     return optax.chain(optimizer, keep_pruned_at_zero(masks))
 
 
@@ -124,6 +128,9 @@ def batch_indices(n: int, batch_size: int, key: jax.Array) -> Iterator[np.ndarra
 
 def batched_loss(per_example_loss: Callable[[PyTree, PyTree], jax.Array]) -> Callable[[PyTree, PyTree], jax.Array]:
     """Turn ``swapjax.prune``'s loss_fn(params, example) into loss(params, batch) = mean over the batch."""
+    if not callable(per_example_loss):
+        raise ValueError(f"per_example_loss: expected a function loss_fn(params, example) -> scalar, "
+                         f"got {per_example_loss!r}")
 
     def loss(params, batch):
         return jnp.mean(jax.vmap(per_example_loss, in_axes=(None, 0))(params, batch))
@@ -132,9 +139,15 @@ def batched_loss(per_example_loss: Callable[[PyTree, PyTree], jax.Array]) -> Cal
 
 
 def _num_examples(data: PyTree) -> int:
-    sizes = {int(np.shape(a)[0]) for a in jax.tree_util.tree_leaves(data)}
+    leaves = jax.tree_util.tree_leaves(data)
+    if not leaves or any(np.ndim(a) < 1 for a in leaves):
+        raise ValueError(f"data: expected a pytree of arrays with a leading axis (the examples), got "
+                         f"{[np.shape(a) for a in leaves]}")
+    sizes = {int(np.shape(a)[0]) for a in leaves}
     if len(sizes) != 1:
         raise ValueError(f"data: every leaf needs the same leading axis (the examples), got sizes {sorted(sizes)}")
+    if 0 in sizes:
+        raise ValueError("data: no examples (leading axis 0)")
     return sizes.pop()
 
 
@@ -163,12 +176,16 @@ def make_finetune_hook(
     loss_fn over fixed ``batch_stats`` (inference mode). progress=False silences
     the one line per stage written to stderr, as does ``swapjax.prune(..., progress=False)``.
     """
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn: expected a function loss_fn(params, batch) -> scalar, got {loss_fn!r}")
     if optimizer is None:
         optimizer = optax.sgd(0.01, momentum=0.9)
-    if steps is None and epochs < 0:
-        raise ValueError(f"epochs: must be ≥ 0, got {epochs}")
-    if steps is not None and steps < 0:
-        raise ValueError(f"steps: must be ≥ 0, got {steps}")
+    checks.optimizer("optimizer", optimizer)
+    checks.prng_key("key", key)
+    epochs = checks.integer("epochs", epochs, 0)
+    steps = checks.integer("steps", steps, 0, allow_none=True)
+    batch_size = checks.integer("batch_size", batch_size, 1)
+    progress = checks.boolean("progress", progress)
     n = _num_examples(data)
     per_epoch = n // min(batch_size, n)
     total = steps if steps is not None else epochs * per_epoch

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import checks
 from .pytree import PyTree, apply_masks, path_name
 
 FORMAT = "swapjax-pruned/1"
@@ -33,6 +34,7 @@ FORMAT = "swapjax-pruned/1"
 
 def _kept_leaves(params: PyTree, masks: PyTree) -> dict[str, tuple[np.ndarray, jax.Array]]:
     """{path name: (mask, leaf)} for every prunable leaf (a mask that is an array, not None)."""
+    checks.mask_tree("masks", masks)
     leaves = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     out = {}
     for p, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
@@ -57,8 +59,11 @@ def save_pruned(directory: str | os.PathLike, params: PyTree, masks: PyTree, *, 
     """
     import orbax.checkpoint as ocp
 
+    path = os.path.abspath(checks.path_like("directory", directory))
+    force = checks.boolean("force", force)
     kept = _kept_leaves(params, masks)
-    path = os.path.abspath(os.fspath(directory))
+    if os.path.exists(path) and not force:
+        raise ValueError(f"directory: {path} already exists; pass force=True to replace it")
     meta = {"format": FORMAT, "masked": list(kept)}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         ckptr.save(path, force=force, args=ocp.args.Composite(
@@ -80,7 +85,11 @@ def load_pruned(directory: str | os.PathLike, like: Optional[PyTree] = None) -> 
     """
     import orbax.checkpoint as ocp
 
-    path = os.path.abspath(os.fspath(directory))
+    path = os.path.abspath(checks.path_like("directory", directory))
+    if not os.path.isdir(path):
+        raise ValueError(f"directory: no checkpoint at {path} (not a directory)")
+    if like is not None and not jax.tree_util.tree_leaves(like):
+        raise ValueError(f"like: expected a pytree of arrays (or ShapeDtypeStructs) like the saved params, got {like!r}")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         meta = ckptr.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if meta.get("format") != FORMAT:
@@ -108,8 +117,20 @@ def to_bcoo(params: PyTree, masks: PyTree, index_dtype=jnp.int32) -> dict:
     """
     from jax.experimental import sparse
 
+    try:
+        index_dtype = np.dtype(index_dtype)
+    except TypeError:
+        raise ValueError(f"index_dtype: expected an integer dtype such as jnp.int32, got {index_dtype!r}") from None
+    if not np.issubdtype(index_dtype, np.integer):
+        raise ValueError(f"index_dtype: expected an integer dtype such as jnp.int32, got {index_dtype}")
+    kept = _kept_leaves(params, masks)
+    limit = int(np.iinfo(index_dtype).max)
+    for name, (m, _) in kept.items():
+        if max(np.shape(m), default=0) - 1 > limit:
+            raise ValueError(f"index_dtype: {index_dtype} cannot index {name!r} of shape {np.shape(m)} "
+                             f"(largest index {limit}); use jnp.int32")
     out = {}
-    for name, (m, x) in _kept_leaves(params, masks).items():
+    for name, (m, x) in kept.items():
         idx = np.argwhere(m).astype(index_dtype)  # (nse, ndim), row-major
         data = jnp.asarray(x)[tuple(idx.T)]
         out[name] = sparse.BCOO((data, jnp.asarray(idx)), shape=tuple(np.shape(x)),
@@ -117,11 +138,25 @@ def to_bcoo(params: PyTree, masks: PyTree, index_dtype=jnp.int32) -> dict:
     return out
 
 
+def _check_sparse(sparse) -> None:
+    """A dict {path name: BCOO} as :func:`to_bcoo` returns it."""
+    from jax.experimental.sparse import BCOO
+
+    if not isinstance(sparse, dict) or not all(isinstance(v, BCOO) for v in sparse.values()):
+        raise ValueError(f"sparse: expected a dict {{path name: BCOO}} from swapjax.to_bcoo, got "
+                         f"{type(sparse).__name__}" + (f" with {sorted({type(v).__name__ for v in sparse.values()})}"
+                                                        if isinstance(sparse, dict) else ""))
+
+
 def from_bcoo(sparse: dict, params: PyTree) -> PyTree:
     """``params`` with each leaf named in ``sparse`` replaced by its densified BCOO (zeros off the mask)."""
-    names = {path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
-    if set(sparse) - names:
-        raise ValueError(f"sparse: leaves {sorted(set(sparse) - names)} are not in params")
+    _check_sparse(sparse)
+    shapes = {path_name(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if set(sparse) - set(shapes):
+        raise ValueError(f"sparse: leaves {sorted(set(sparse) - set(shapes))} are not in params")
+    for name, s in sparse.items():
+        if tuple(s.shape) != tuple(shapes[name]):
+            raise ValueError(f"sparse: {name!r} has shape {tuple(s.shape)}, the parameter {tuple(shapes[name])}")
 
     def put(path, x):
         s = sparse.get(path_name(path))
@@ -132,6 +167,7 @@ def from_bcoo(sparse: dict, params: PyTree) -> PyTree:
 
 def bcoo_bytes(sparse: dict) -> dict[str, dict[str, int]]:
     """Per leaf and in "total": bytes of the dense array and of the BCOO (values + indices)."""
+    _check_sparse(sparse)
     rows = {
         name: dict(dense_bytes=int(np.prod(s.shape)) * s.dtype.itemsize,
                    sparse_bytes=int(s.data.nbytes + s.indices.nbytes))

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import checks
+
 PyTree = Any
 Select = Callable[[str, Any], bool]
 
@@ -50,6 +52,8 @@ def allow_vectors(select: Select) -> Select:
 
     Without it, a ``select`` that returns True for such a leaf is a ValueError.
     """
+    if not callable(select):
+        raise ValueError(f"select: expected a function select(path, leaf) -> bool, got {select!r}")
     return _WithVectors(select)
 
 
@@ -158,6 +162,7 @@ def mask_tree(mask: jax.Array, lay: Layout) -> PyTree:
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     """Zero the pruned weights: leaf * mask where the mask is an array; leaves under None untouched."""
+    checks.mask_tree("masks", masks)
     return jax.tree_util.tree_map(
         lambda m, x: x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype)),
         masks, params, is_leaf=lambda m: m is None,
@@ -166,6 +171,7 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
 
 def sparsity_summary(masks: PyTree) -> dict[str, dict[str, float]]:
     """Per prunable leaf: kept and total counts and sparsity, plus a 'total' row."""
+    checks.mask_tree("masks", masks)
     rows = {}
     for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
         kept, total = int(np.sum(m)), int(np.size(m))

@@ -4,6 +4,8 @@ from __future__ import annotations
 from numbers import Integral
 from typing import Sequence, Union
 
+from . import checks
+
 Schedule = Union[int, Sequence[float]]
 
 
@@ -19,8 +21,12 @@ def linear_schedule(final: float, stages: int, initial: float = 0.0) -> tuple[fl
 
 def polynomial_schedule(final: float, stages: int, initial: float = 0.0, power: float = 3) -> tuple[float, ...]:
     """s_t = s_f + (s_0 − s_f)(1 − (t−1)/(T−1))^power, t = 1..T; T = 1 gives (s_f,)."""
-    if int(stages) != stages or stages < 1:
-        raise ValueError(f"stages: must be an integer ≥ 1, got {stages}")
+    stages = checks.integer("stages", stages, 1)
+    final = checks.real("final", final, 0.0, 1.0, hi_open=True)
+    initial = checks.real("initial", initial, 0.0, 1.0, hi_open=True)
+    power = checks.real("power", power, 0.0, lo_open=True)
+    if initial > final:
+        raise ValueError(f"initial: the first sparsity {initial} is above the final {final}")
     if stages == 1:
         return (float(final),)
     return tuple(

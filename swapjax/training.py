@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from . import checks
 from .finetune import batch_indices, masked_optimizer
-from .pytree import PyTree, apply_masks
+from .pytree import PyTree, apply_masks, path_name
 
 
 def _mode_kwargs(model, train_arg: Optional[str]) -> Optional[str]:
@@ -62,13 +63,41 @@ def _logits(model, params, extra, xb, flag_name, training: bool):
     return model.apply(variables, xb, **kwargs), extra
 
 
+def _check_model(model) -> None:
+    if isinstance(model, type):
+        raise ValueError(f"model: got the class {model.__name__}; pass an instance, e.g. {model.__name__}()")
+    if not callable(getattr(model, "apply", None)):
+        raise ValueError(f"model: expected a Flax linen module (with .apply), got {model!r}")
+
+
+def _check_masks(masks: PyTree, params: PyTree) -> None:
+    """masks: boolean arrays shaped like the params they cover, None elsewhere (prune's result.masks)."""
+    checks.mask_tree("masks", masks)
+    shapes = {path_name(p): np.shape(w) for p, w in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for p, m in jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda m: m is None)[0]:
+        name = path_name(p)
+        if name not in shapes:
+            raise ValueError(f"masks: {name!r} is not a leaf of variables['params'] (leaves: {list(shapes)})")
+        if m is not None and np.ndim(m) and np.shape(m) != shapes[name]:
+            raise ValueError(f"masks: {name!r} has shape {np.shape(m)}, the parameter {shapes[name]}")
+
+
 def _check_xy(x, y) -> int:
+    if not hasattr(x, "shape") or not hasattr(y, "shape"):
+        raise ValueError(f"x, y: expected arrays (NumPy or JAX), got {type(x).__name__} and {type(y).__name__}")
+    if np.ndim(x) < 1:
+        raise ValueError(f"x: expected inputs of shape (n, ...), got shape {np.shape(x)}")
     if np.ndim(y) != 1:
         raise ValueError(f"y: expected integer labels of shape (n,), got shape {np.shape(y)}")
     if np.shape(x)[0] != np.shape(y)[0]:
         raise ValueError(f"x, y: different numbers of examples, {np.shape(x)[0]} and {np.shape(y)[0]}")
+    if np.shape(y)[0] == 0:
+        raise ValueError("x, y: need at least one example")
     if not np.issubdtype(np.asarray(y).dtype, np.integer):
         raise ValueError(f"y: expected integer class labels, got dtype {np.asarray(y).dtype}")
+    if np.issubdtype(np.asarray(x).dtype, np.inexact) and not np.all(np.isfinite(np.asarray(x))):
+        rows = np.flatnonzero(~np.all(np.isfinite(np.asarray(x).reshape(len(x), -1)), axis=1))
+        raise ValueError(f"x: NaN or inf in {rows.size} of {len(x)} examples (examples {rows[:10].tolist()})")
     return int(np.shape(y)[0])
 
 
@@ -102,12 +131,21 @@ def train(
     left (its batch_size, n and key must match the checkpoint's). progress=False
     silences the line per epoch written to stderr.
     """
-    if epochs < 0:
-        raise ValueError(f"epochs: must be ≥ 0, got {epochs}")
+    _check_model(model)
+    epochs = checks.integer("epochs", epochs, 0)
     n = _check_xy(x, y)
-    if batch_size < 1:
-        raise ValueError(f"batch_size: must be ≥ 1, got {batch_size}")
+    batch_size = checks.integer("batch_size", batch_size, 1)
+    checks.optimizer("optimizer", optimizer)
+    checks.prng_key("key", key)
+    if checkpoint_dir is not None:
+        checks.path_like("checkpoint_dir", checkpoint_dir)
+    checks.string_or_none("train_arg", train_arg, "the name of the model's train/inference flag")
+    checks.integer("max_to_keep", max_to_keep, 1, allow_none=True)
+    checks.boolean("progress", progress)
     params, extra = _split_variables(variables)
+    checks.finite_leaves("variables", variables, hint="; the weights must be finite before training")
+    if masks is not None:
+        _check_masks(masks, params)
     flag = _mode_kwargs(model, train_arg)
     tx = optimizer if masks is None else masked_optimizer(optimizer, masks)
     if masks is not None:
@@ -176,11 +214,10 @@ def evaluate(
     batch; sums are accumulated in float32 per batch and in float64 across
     batches.
     """
+    _check_model(model)
     n = _check_xy(x, y)
-    if n < 1:
-        raise ValueError("x, y: need at least one example")
-    if batch_size < 1:
-        raise ValueError(f"batch_size: must be ≥ 1, got {batch_size}")
+    batch_size = checks.integer("batch_size", batch_size, 1)
+    checks.string_or_none("train_arg", train_arg, "the name of the model's train/inference flag")
     params, extra = _split_variables(variables)
     flag = _mode_kwargs(model, train_arg)
     batch_size = min(batch_size, n)

@@ -101,7 +101,6 @@ def test_every_method_sees_the_same_X_and_a_failure_stops_nothing(capsys):
         "MP": _Spy(Magnitude(), seen),
         "boom": _Boom(),
         "WF": _Spy(WoodFisher(), seen),
-        "no-solve": object(),
         "dense": _TooDense(),
         "LR": _Spy(fixed_lr(), seen),
     }
@@ -116,7 +115,9 @@ def test_every_method_sees_the_same_X_and_a_failure_stops_nothing(capsys):
         assert r.ok and r.w is not None and r.kept <= k and np.isfinite(r.local_objective)
     assert not results["boom"].ok and "RuntimeError: planned failure 42" in results["boom"].error
     assert "planned failure 42" in results["boom"].traceback and results["boom"].w is None
-    assert "AttributeError" in results["no-solve"].error
+    with pytest.raises(ValueError, match=r"methods\['no-solve'\]: expected an object with \.solve"):
+        C.compare(X, w_bar, k, dict(methods, **{"no-solve": object()}), progress=False)  # a wrong type: at once
+    assert len(seen) == 3
     assert "more than k" in results["dense"].error  # reported, and its numbers still measured
     err = capsys.readouterr().err
     assert "boom: FAILED" in err and "LR:" in err

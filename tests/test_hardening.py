@@ -334,3 +334,287 @@ def test_property_exact_k_finite_zeros_and_inputs_untouched(seed, sparsity, dtyp
     np.testing.assert_array_equal(np.asarray(res.params["b1"]), np.asarray(params["b1"]))
     for a, b in zip(jax.tree_util.tree_leaves(jax.device_get((params, batch))), jax.tree_util.tree_leaves(before)):
         np.testing.assert_array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))
+
+
+# ---------------------------------------------------------------------------
+# the other public entry points: compare, compare_sparsities, train, evaluate, the finetune
+# helpers, save/load/export. Every bad argument is a ValueError naming it, raised before any
+# method runs, any gradient or forward pass is computed, or anything is written.
+
+
+class _ForbiddenMethod:
+    """A method whose solve must never be reached."""
+
+    def solve(self, X, w_bar, k, w_start=None, duals=None):
+        raise AssertionError("solve was called: the argument error must come first")
+
+
+def _forbidden_evaluate(model):
+    raise AssertionError("evaluate was called")
+
+
+def _problem():
+    rng = np.random.default_rng(5)
+    return rng.normal(size=(6, 10)).astype(np.float32), rng.normal(size=10).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(methods={"SWAP": swapjax.SWAP}), TypeError, r"methods\['SWAP'\]: got the class SWAP; pass an instance"),
+        (dict(methods={"x": "LR"}), ValueError, r"methods\['x'\]: expected an object with \.solve"),
+        (dict(methods=[_ForbiddenMethod()]), ValueError, "methods: expected a non-empty mapping"),
+        (dict(k=True), ValueError, "k: must be an integer"),
+        (dict(w_start=np.full(10, np.nan, np.float32)), ValueError, "w_start: the starting weights contain NaN"),
+        (dict(w_start=np.zeros(9, np.float32)), ValueError, r"w_start: expected shape \(10,\)"),
+        (dict(segments=(0, 4)), ValueError, r"segments: expected None or the layer offsets.*p = 10"),
+        (dict(segments=(0, 4.0, 10)), ValueError, "segments"),
+        (dict(segments="0,10"), ValueError, "segments"),
+        (dict(evaluate="accuracy"), ValueError, "evaluate: expected None or a function"),
+        (dict(unflatten=3), ValueError, "unflatten: expected None or a function"),
+        (dict(epsilon="0.1"), ValueError, r"epsilon \(the EWR objective's ε\): must be > 0"),
+        (dict(epsilon=math.inf), ValueError, "epsilon"),
+        (dict(epsilon=0.0), ValueError, "epsilon"),
+        (dict(sinkhorn_threshold=-1.0), ValueError, "sinkhorn_threshold: must be > 0"),
+        (dict(sinkhorn_max_iters=0), ValueError, "sinkhorn_max_iters: must be an integer ≥ 1"),
+        (dict(sinkhorn_max_iters=10.5), ValueError, "sinkhorn_max_iters"),
+        (dict(warmup="yes"), ValueError, "warmup: must be True or False"),
+        (dict(progress=1), ValueError, "progress: must be True or False"),
+    ],
+)
+def test_compare_arguments_rejected_before_any_method_runs(kwargs, error, match):
+    X, w = _problem()
+    args = dict(X=X, w_bar=w, k=3, methods={"spy": _ForbiddenMethod()}, evaluate=_forbidden_evaluate, progress=False)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        swapjax.compare(**args)
+
+
+def test_compare_with_valid_arguments_gives_k_sparse_finite_results():
+    X, w = _problem()
+    res = swapjax.compare(X, w, np.int64(3), {"MP": swapjax.Magnitude(), "LR": LR}, segments=[0, 4, 10],
+                          epsilon=np.float32(0.5), sinkhorn_max_iters=np.int32(200), progress=False)
+    for r in res.values():
+        assert r.ok and r.kept == 3 and np.all(np.isfinite(np.asarray(r.w))) and math.isfinite(r.local_objective)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(sparsities="0.5"), ValueError, "sparsities: expected a sequence of sparsities"),
+        (dict(sparsities=0.5), ValueError, "sparsities: expected a sequence"),
+        (dict(sparsities=()), ValueError, "sparsities: expected at least one"),
+        (dict(sparsities=(0.5, "0.9")), ValueError, r"sparsities \(each\): must be in \[0, 1\)"),
+        (dict(sparsities=(True,)), ValueError, r"sparsities \(each\)"),
+        (dict(sparsities=(1.0,)), ValueError, r"sparsities \(each\)"),
+        (dict(methods={"SWAP": swapjax.SWAP}), TypeError, r"methods\['SWAP'\]: got the class SWAP"),
+        (dict(methods={}), ValueError, "methods: expected a non-empty mapping"),
+        (dict(loss_fn="mse"), ValueError, "loss_fn: expected a function"),
+        (dict(noise=swapjax.GradientNoise(1.0, 0.1)), ValueError, "key: a jax.random key is needed"),
+        (dict(noise=swapjax.GradientNoise(1.0, 0.1), key=0), ValueError, "key: expected a JAX PRNG key"),
+        (dict(noise=0.1, key=jax.random.key(0)), ValueError, "noise: expected None or a swapjax.GradientNoise"),
+        (dict(chunk_size=0), ValueError, "chunk_size: must be an integer ≥ 1"),
+        (dict(evaluate=1), ValueError, "evaluate: expected None or a function"),
+        (dict(sinkhorn_threshold=math.nan), ValueError, "sinkhorn_threshold"),
+        (dict(select=lambda path, leaf: True), ValueError, r"select: chose b \(10,\)"),
+        (dict(batch={"x": np.zeros((3, 10), np.float32), "y": np.zeros(4, np.float32)}), ValueError,
+         "batch: every array needs the same leading axis"),
+        (dict(params="nan"), ValueError, r"params: NaN or inf in w \(1 of 100 entries\)"),
+    ],
+)
+def test_compare_sparsities_arguments_rejected_before_any_gradient(kwargs, error, match):
+    params, batch = _small()
+    if kwargs.get("params") == "nan":
+        params["w"][0, 0] = np.nan
+        kwargs = {}
+    args = dict(loss_fn=_forbidden_loss, params=params, batch=batch, sparsities=(0.5,),
+                methods={"spy": _ForbiddenMethod()}, evaluate=_forbidden_evaluate, progress=False)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        swapjax.compare_sparsities(**args)
+
+
+class _ForbiddenModel:
+    """A 'model' whose forward pass must never be reached."""
+
+    def apply(self, variables, x, **kwargs):
+        raise AssertionError("the model was applied: the argument error must come first")
+
+
+def _classification():
+    rng = np.random.default_rng(6)
+    variables = {"params": {"w": rng.normal(size=(4, 3)).astype(np.float32)}}
+    return variables, rng.normal(size=(8, 4)).astype(np.float32), rng.integers(0, 3, 8).astype(np.int32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(model="mlp"), "model: expected a Flax linen module"),
+        (dict(epochs=2.5), "epochs: must be an integer ≥ 0"),
+        (dict(epochs=True), "epochs: must be an integer"),
+        (dict(epochs=-1), "epochs: must be an integer ≥ 0"),
+        (dict(batch_size=0), "batch_size: must be an integer ≥ 1"),
+        (dict(batch_size=4.0), "batch_size: must be an integer ≥ 1"),
+        (dict(optimizer="adam"), "optimizer: expected an optax GradientTransformation"),
+        (dict(optimizer=__import__("optax").adam), r"optimizer: .*\(call it first, e\.g\. optax\.adam\(1e-3\)\)"),
+        (dict(key=0), "key: expected a JAX PRNG key"),
+        (dict(checkpoint_dir=3), r"checkpoint_dir: expected a directory path"),
+        (dict(train_arg=True), "train_arg: expected None or the name"),
+        (dict(max_to_keep=0), "max_to_keep: must be None or an integer ≥ 1"),
+        (dict(progress="no"), "progress: must be True or False"),
+        (dict(masks={"w": np.ones((4, 3), np.float32)}), r"masks: every mask must be a boolean array.*w is dtype float32"),
+        (dict(masks={"w": np.ones((3, 4), bool)}), r"masks: 'w' has shape \(3, 4\), the parameter \(4, 3\)"),
+        (dict(masks={"v": np.ones((4, 3), bool)}), r"masks: 'v' is not a leaf of variables\['params'\]"),
+        (dict(x=[[0.0] * 4] * 8), r"x, y: expected arrays"),
+        (dict(x=np.full((8, 4), np.nan, np.float32)), r"x: NaN or inf in 8 of 8 examples"),
+        (dict(y=np.zeros(8, np.float32)), "y: expected integer class labels"),
+        (dict(x=np.zeros((0, 4), np.float32), y=np.zeros(0, np.int32)), "x, y: need at least one example"),
+        (dict(variables={"params": {"w": np.full((4, 3), np.inf, np.float32)}}), r"variables: NaN or inf in params/w"),
+    ],
+)
+def test_train_arguments_rejected_before_any_step(kwargs, match, tmp_path):
+    import optax
+
+    variables, x, y = _classification()
+    args = dict(model=_ForbiddenModel(), variables=variables, x=x, y=y, epochs=1, batch_size=4,
+                optimizer=optax.sgd(0.1), key=jax.random.key(0), checkpoint_dir=None, progress=False)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        swapjax.train(**args)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(model=swapjax.Magnitude), "model: got the class Magnitude"),
+        (dict(batch_size=2.5), "batch_size: must be an integer ≥ 1"),
+        (dict(batch_size=0), "batch_size: must be an integer ≥ 1"),
+        (dict(train_arg=0), "train_arg: expected None or the name"),
+        (dict(y=np.zeros((8, 1), np.int32)), r"y: expected integer labels of shape \(n,\)"),
+        (dict(variables={"w": np.zeros((4, 3))}), "variables: expected a Flax variables dict with a 'params' entry"),
+    ],
+)
+def test_evaluate_arguments_rejected_before_any_forward_pass(kwargs, match):
+    variables, x, y = _classification()
+    args = dict(model=_ForbiddenModel(), variables=variables, x=x, y=y)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        swapjax.evaluate(**args)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda o: swapjax.make_finetune_hook("loss", {"x": np.zeros((4, 2))}, key=jax.random.key(0)),
+         "loss_fn: expected a function"),
+        (lambda o: swapjax.make_finetune_hook(_forbidden_loss, {"x": np.zeros((4, 2))}, key=0), "key: expected a JAX PRNG key"),
+        (lambda o: swapjax.make_finetune_hook(_forbidden_loss, {"x": np.zeros((4, 2))}, o.sgd, key=jax.random.key(0)),
+         r"optimizer: .*call it first"),
+        (lambda o: swapjax.make_finetune_hook(_forbidden_loss, {"x": np.zeros((4, 2))}, key=jax.random.key(0),
+                                              epochs=0.5), "epochs: must be an integer ≥ 0"),
+        (lambda o: swapjax.make_finetune_hook(_forbidden_loss, {"x": np.zeros((4, 2))}, key=jax.random.key(0),
+                                              steps=True), "steps: must be None or an integer ≥ 0"),
+        (lambda o: swapjax.make_finetune_hook(_forbidden_loss, {"x": np.zeros((4, 2))}, key=jax.random.key(0),
+                                              batch_size=0), "batch_size: must be an integer ≥ 1"),
+        (lambda o: swapjax.make_finetune_hook(_forbidden_loss, {"x": np.zeros((4, 2))}, key=jax.random.key(0),
+                                              progress=None), "progress: must be True or False"),
+        (lambda o: swapjax.make_finetune_hook(_forbidden_loss, {"x": np.zeros((0, 2))}, key=jax.random.key(0)),
+         r"data: no examples"),
+        (lambda o: swapjax.make_finetune_hook(_forbidden_loss, {}, key=jax.random.key(0)), "data: expected a pytree of arrays"),
+        (lambda o: swapjax.masked_optimizer("sgd", {"w": np.ones(3, bool)}), "optimizer: expected an optax"),
+        (lambda o: swapjax.masked_optimizer(o.sgd(0.1), {"w": np.ones(3, np.int8)}), r"masks: every mask must be .*w is dtype int8"),
+        (lambda o: swapjax.keep_pruned_at_zero({"w": [1, 0, 1]}), r"masks: every mask must be"),
+        (lambda o: swapjax.masked_updates(None), "masks: expected a pytree of boolean masks"),
+        (lambda o: swapjax.batched_loss(None), "per_example_loss: expected a function"),
+    ],
+)
+def test_finetune_helpers_reject_bad_arguments_when_built(call, match):
+    import optax
+
+    with pytest.raises(ValueError, match=match):
+        call(optax)
+
+
+def _io_params():
+    rng = np.random.default_rng(7)
+    params = {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": np.zeros(3, np.float32)}
+    masks = {"w": rng.random((4, 3)) < 0.5, "b": None}
+    return params, masks
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda d, p, m: swapjax.save_pruned(3, p, m), "directory: expected a directory path"),
+        (lambda d, p, m: swapjax.save_pruned(d / "c", p, m, force="yes"), "force: must be True or False"),
+        (lambda d, p, m: swapjax.save_pruned(d / "c", p, {"w": m["w"].astype(np.float32), "b": None}),
+         r"masks: every mask must be a boolean array .*w is dtype float32"),
+        (lambda d, p, m: swapjax.save_pruned(d, p, m), r"directory: .* already exists; pass force=True"),
+        (lambda d, p, m: swapjax.load_pruned(d / "missing"), r"directory: no checkpoint at .*missing"),
+        (lambda d, p, m: swapjax.load_pruned(None), "directory: expected a directory path"),
+        (lambda d, p, m: swapjax.to_bcoo(p, m, index_dtype=jnp.float32), "index_dtype: expected an integer dtype"),
+        (lambda d, p, m: swapjax.to_bcoo(p, m, index_dtype=[1]), "index_dtype: expected an integer dtype"),
+        (lambda d, p, m: swapjax.to_bcoo(p, None), "masks: expected a pytree of boolean masks"),
+        (lambda d, p, m: swapjax.from_bcoo({"w": np.ones((4, 3))}, p), r"sparse: expected a dict \{path name: BCOO\}"),
+        (lambda d, p, m: swapjax.from_bcoo([], p), "sparse: expected a dict"),
+        (lambda d, p, m: swapjax.bcoo_bytes({"w": None}), "sparse: expected a dict"),
+    ],
+)
+def test_io_arguments_rejected_before_anything_is_written(call, match, tmp_path):
+    params, masks = _io_params()
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match=match):
+        call(tmp_path, params, masks)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_bcoo_index_dtype_too_small_for_a_dimension_is_an_error_not_wrapped_indices():
+    params = {"w": np.ones((40000, 2), np.float32)}
+    masks = {"w": np.zeros((40000, 2), bool)}
+    masks["w"][39999, 1] = True
+    with pytest.raises(ValueError, match=r"index_dtype: int16 cannot index 'w' of shape \(40000, 2\)"):
+        swapjax.to_bcoo(params, masks, index_dtype=jnp.int16)
+    sparse = swapjax.to_bcoo(params, masks)  # int32: the one kept weight at its true place
+    np.testing.assert_array_equal(np.asarray(sparse["w"].indices), [[39999, 1]])
+    small = swapjax.to_bcoo({"w": params["w"][:100]}, {"w": masks["w"][:100] | True}, index_dtype=np.int16)
+    assert small["w"].indices.dtype == jnp.int16 and small["w"].nse == 200
+
+
+def test_from_bcoo_rejects_a_shape_that_is_not_the_parameter_s():
+    params, masks = _io_params()
+    sparse = swapjax.to_bcoo(params, masks)
+    with pytest.raises(ValueError, match=r"sparse: 'w' has shape \(4, 3\), the parameter \(3, 4\)"):
+        swapjax.from_bcoo(sparse, {"w": np.zeros((3, 4), np.float32), "b": params["b"]})
+    dense = swapjax.from_bcoo(sparse, params)
+    np.testing.assert_array_equal(dense["w"], np.where(masks["w"], params["w"], 0))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: swapjax.cubic_schedule("0.9", 3), r"final: must be in \[0, 1\)"),
+        (lambda: swapjax.cubic_schedule(1.0, 3), "final"),
+        (lambda: swapjax.linear_schedule(0.9, True), "stages: must be an integer ≥ 1"),
+        (lambda: swapjax.linear_schedule(0.9, 2.5), "stages: must be an integer ≥ 1"),
+        (lambda: swapjax.polynomial_schedule(0.9, 3, initial=math.nan), "initial"),
+        (lambda: swapjax.polynomial_schedule(0.5, 3, initial=0.7), "initial: the first sparsity 0.7 is above the final 0.5"),
+        (lambda: swapjax.polynomial_schedule(0.9, 3, power=0), "power: must be > 0"),
+        (lambda: swapjax.apply_masks({"w": np.ones(3)}, {"w": np.array([1.0, 0.0, 1.0])}), "masks: every mask must be"),
+        (lambda: swapjax.sparsity_summary({"w": np.array([1, 0])}), "masks: every mask must be.*w is dtype int"),
+        (lambda: swapjax.allow_vectors("fc"), "select: expected a function"),
+    ],
+)
+def test_schedule_and_mask_helpers_reject_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_schedule_and_mask_helpers_accept_numpy_numbers_and_bool_masks():
+    assert swapjax.cubic_schedule(np.float32(0.5), np.int64(2)) == (0.0, 0.5)
+    assert swapjax.linear_schedule(0.9, 3, initial=0.3) == pytest.approx((0.3, 0.6, 0.9))
+    out = swapjax.apply_masks({"w": np.ones(3, np.float32), "b": np.ones(2)}, {"w": np.array([True, False, True]), "b": None})
+    np.testing.assert_array_equal(out["w"], [1, 0, 1])
+    assert swapjax.sparsity_summary({"w": np.array([True, False, True, True])})["total"] == \
+        {"kept": 3, "total": 4, "sparsity": 0.25}

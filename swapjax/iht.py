@@ -235,46 +235,86 @@ def active_set_iht(X, targets, w_bar, w_start, k, lam, grow: float, max_rounds: 
     return result, aux, rounds
 
 
-def backsolve(X, targets, w_bar, support, lam: float, width: Optional[int] = None) -> jax.Array:
+def support_gram(X, support, width: Optional[int] = None) -> jax.Array:
+    """G_S = X_S X_Sᵀ (N×N), the Gram matrix of the kept columns.
+
+    ``width`` (static, ≥ |S|) gathers the support's columns into an N×width
+    block first, so it costs O(N²·width) instead of O(N²·p).
+    """
+    p = X.shape[1]
+    if width is None or width >= p:
+        xs = jnp.where(support, X, 0)
+    else:
+        cols = jnp.nonzero(support, size=width, fill_value=0)[0]
+        xs = jnp.where(jnp.arange(width) < jnp.sum(support), X[:, cols], 0)
+    return xs @ xs.T
+
+
+def _columns(X, idx, count):
+    """X[:, idx] with the columns from position ``count`` on set to zero."""
+    return jnp.where(jnp.arange(idx.shape[0]) < count, X[:, idx], 0)
+
+
+def _exchange(gram, X, enter, leave, count):
+    """G_S' from G_S when the first ``count`` columns of ``enter`` replace those of ``leave``: a rank-2m update."""
+    xa, xr = _columns(X, enter, count), _columns(X, leave, count)
+    return gram + xa @ xa.T - xr @ xr.T
+
+
+def nearby_gram(X, support, reference, reference_gram, width: Optional[int], diff: int) -> jax.Array:
+    """G_S from the Gram of a reference support R that S differs from in few columns.
+
+    With |S∖R| = |R∖S| ≤ ``diff`` (static) it costs O(N²·diff): G_R plus the
+    entering columns' outer products minus the leaving ones'; otherwise it is
+    computed afresh (:func:`support_gram`). Both supports hold the same count.
+    """
+    entering, leaving = support & ~reference, reference & ~support
+    count = jnp.sum(entering)
+    near = (count <= diff) & (jnp.sum(leaving) == count)
+    return jax.lax.cond(
+        near,
+        lambda: _exchange(reference_gram, X, jnp.nonzero(entering, size=diff, fill_value=0)[0],
+                          jnp.nonzero(leaving, size=diff, fill_value=0)[0], count),
+        lambda: support_gram(X, support, width),
+    )
+
+
+def backsolve(X, targets, w_bar, support, lam: float, width: Optional[int] = None,
+              gram: Optional[jax.Array] = None) -> jax.Array:
     """The ridge problem on the support S, solved exactly:
 
         w_S = argmin ½‖X_S w_S − t‖² + (Nλ/2)‖w_S − w̄_S‖²,  w = 0 off S.
 
-    Written as w_S = w̄_S + X_Sᵀ(X_S X_Sᵀ + NλI_N)⁻¹(t − X_S w̄_S) (Woodbury's
-    push-through form), so only an N×N system is formed, never k×k. ``width``
-    (static, ≥ |S|) gathers the support's columns into an N×width block first,
-    so the Gram matrix costs O(N²·width) instead of O(N²·p). λ = 0 uses the
-    pseudo-inverse (the minimum-norm least-squares solution). λ may be traced.
+    Written as w_S = w̄_S + X_Sᵀ(G_S + NλI_N)⁻¹(t − X_S w̄_S) with G_S = X_S X_Sᵀ
+    (Woodbury's push-through form), so only an N×N system is formed, never
+    k×k. ``gram``: G_S if known (see :func:`nearby_gram`); else it is formed
+    with ``width`` (:func:`support_gram`). λ = 0 uses the pseudo-inverse (the
+    minimum-norm least-squares solution). λ may be traced.
     """
-    n, p = X.shape
+    n = X.shape[0]
     anchor = jnp.where(support, w_bar, 0)
-    if width is None or width >= p:
-        cols, xs = None, jnp.where(support, X, 0)
-    else:
-        cols = jnp.nonzero(support, size=width, fill_value=0)[0]
-        xs = jnp.where(jnp.arange(width) < jnp.sum(support), X[:, cols], 0)
+    gram = support_gram(X, support, width) if gram is None else gram
     e = targets - X @ anchor
-    gram = xs @ xs.T
     alpha = jax.lax.cond(
         jnp.asarray(lam) > 0,
         lambda: jnp.linalg.solve(gram + n * lam * jnp.eye(n, dtype=X.dtype), e),
         lambda: jnp.linalg.pinv(gram, hermitian=True) @ e,
     )
-    delta = alpha @ xs
-    return anchor + (delta if cols is None else jnp.zeros_like(w_bar).at[cols].add(delta))
+    return anchor + jnp.where(support, alpha @ X, 0)
 
 
-def swap_search(X, targets, w_bar, w, support, lam, width: int, rounds: int):
+def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: jax.Array, most: int):
     """Local search over k-supports around the backsolve: exchange kept and pruned weights while f falls.
 
-    At w (the ridge solution on S), with g = ∇f(w) and h = diag(XᵀX) + Nλ:
-    adding a pruned j alone (at its best value) lowers f by g_j²/(2h_j);
-    removing a kept i alone raises it by ½h_i·w_i² − g_i·w_i. Each round pairs
-    the best additions with the cheapest removals, exchanges the m pairs that
-    pay (at most m), backsolves on the new support and keeps it if f fell;
-    otherwise m is halved. Stops after ``rounds`` rounds, when no pair pays,
-    or when m reaches 0. m starts at ⌈k/8⌉. f never increases, |S| stays k.
-    Returns (w, support, f, weights exchanged).
+    At w (the ridge solution on S, whose Gram G_S = X_S X_Sᵀ is ``gram``),
+    with g = ∇f(w) and h = diag(XᵀX) + Nλ: adding a pruned j alone (at its
+    best value) lowers f by g_j²/(2h_j); removing a kept i alone raises it by
+    ½h_i·w_i² − g_i·w_i. Each round pairs the best additions with the
+    cheapest removals, exchanges the m pairs that pay, backsolves on the new
+    support (its Gram by a rank-2m update) and keeps it if f fell; otherwise
+    m is halved. m starts at min(⌈k/8⌉, ``most``) (static). Stops after
+    ``rounds`` rounds, when no pair pays, or when m reaches 0. f never
+    increases, |S| stays k. Returns (w, support, f, weights exchanged).
     """
     n, p = X.shape
     k = jnp.sum(support)
@@ -282,7 +322,7 @@ def swap_search(X, targets, w_bar, w, support, lam, width: int, rounds: int):
     rank = jnp.arange(p)
 
     def body(c):
-        i, w, support, obj, m, swapped = c
+        i, w, support, gram, obj, m, swapped = c
         g = (X @ w - targets) @ X + n * lam * (w - w_bar)
         gain = jnp.where(support, -jnp.inf, g * g / (2 * h))
         cost = jnp.where(support, 0.5 * h * w * w - g * w, jnp.inf)
@@ -291,14 +331,16 @@ def swap_search(X, targets, w_bar, w, support, lam, width: int, rounds: int):
         enter = jnp.zeros(p, bool).at[into].set(rank < size)
         leave = jnp.zeros(p, bool).at[out].set(rank < size)
         trial = (support & ~leave) | enter
-        w_new = backsolve(X, targets, w_bar, trial, lam, width)
+        gram_new = _exchange(gram, X, into[:most], out[:most], size)
+        w_new = backsolve(X, targets, w_bar, trial, lam, gram=gram_new)
         obj_new = objective(X, w_new, targets, w_bar, lam)
         accept = (size > 0) & (obj_new < obj)
         m = jnp.where(accept, m, size // 2)
-        return (i + 1, jnp.where(accept, w_new, w), jnp.where(accept, trial, support),
-                jnp.where(accept, obj_new, obj), m, swapped + jnp.where(accept, size, 0))
+        keep = lambda new, old: jnp.where(accept, new, old)  # noqa: E731
+        return (i + 1, keep(w_new, w), keep(trial, support), keep(gram_new, gram), keep(obj_new, obj), m,
+                swapped + jnp.where(accept, size, 0))
 
     obj = objective(X, w, targets, w_bar, lam)
-    start = (jnp.array(0), w, support, obj, (k + 7) // 8, jnp.array(0, k.dtype))
-    _, w, support, obj, _, swapped = jax.lax.while_loop(lambda c: (c[0] < rounds) & (c[4] > 0), body, start)
+    start = (jnp.array(0), w, support, gram, obj, jnp.minimum((k + 7) // 8, most), jnp.array(0, k.dtype))
+    _, w, support, _, obj, _, swapped = jax.lax.while_loop(lambda c: (c[0] < rounds) & (c[5] > 0), body, start)
     return w, support, obj, swapped

@@ -186,7 +186,8 @@ class LR:
             )
         if self.lam_scale == "absolute":
             scale = jnp.ones_like(scale)
-        problem = (X, w_bar, w_start, k, y, z, scale)
+        reference = _magnitude_reference(_bucket(k, X.shape[1]), X, w_start, jnp.asarray(k)) if self.backsolve else None
+        problem = (X, w_bar, w_start, k, y, z, scale, reference)
         if score is None or not self.selects:
             return self._fit(problem, self._lam_value(), self._epsilon_value(), w_start, duals)
 
@@ -226,13 +227,13 @@ class LR:
 
     def _fit(self, problem, lam, eps, init, duals, rounds=None):
         """One solve at (λ, ε): targets, IHT from H_k(init), backsolve, ``rounds`` of swap search."""
-        X, w_bar, w_start, k, y, z, scale = problem
+        X, w_bar, w_start, k, y, z, scale, reference = problem
         lam_abs = lam * scale
         t, duals, plan = (y, duals, _NO_PLAN) if eps is None else self._targets(y, z, eps, duals)
         w, info = _solve(self._config(eps), X, t, y, w_bar, init, jnp.asarray(k), lam_abs, duals, plan)
         if self.backsolve:
             rounds = self.swap_rounds if rounds is None else rounds
-            w, info = _refine(_bucket(k, X.shape[1]), rounds, X, w_bar, w_start, jnp.asarray(k), w, info)
+            w, info = _refine(_bucket(k, X.shape[1]), rounds, X, w_bar, w, info, *reference)
         return w, info._replace(epsilon=eps)
 
     def _targets(self, y, z, eps, duals):
@@ -353,26 +354,40 @@ def _bucket(k: int, p: int) -> int:
     return min(p, 1 << max(k - 1, 0).bit_length())
 
 
+def _exchange_width(width: int) -> int:
+    """Static bound on the columns exchanged at once: Gram updates cost O(N²) per column."""
+    return max(1, min(1024, -(-width // 8)))
+
+
+@partial(jax.jit, static_argnums=0)
+def _magnitude_reference(width, X, w_start, k):
+    """The magnitude support M = H_k(w_start) and its Gram X_M X_Mᵀ, shared by every candidate's backsolves."""
+    magnitude = iht_lib.hard_threshold_mask(w_start, k)
+    return magnitude, iht_lib.support_gram(X, magnitude, width)
+
+
 @partial(jax.jit, static_argnums=(0, 1))
-def _refine(width, rounds, X, w_bar, w_start, k, w, info: SolveInfo):
+def _refine(width, rounds, X, w_bar, w, info: SolveInfo, magnitude, magnitude_gram):
     """Backsolve on IHT's support and on the magnitude support H_k(w_start); swap search from the better.
 
     The backsolve replaces IHT's w when it lowers f (it should: it is the exact
-    minimiser on the support).
+    minimiser on the support). ``magnitude_gram`` = X_M X_Mᵀ for the magnitude
+    support M; the Gram of IHT's support, which rarely strays far from M, is
+    updated from it.
     """
-    t, lam = info.targets, info.lam
-    w_bs = iht_lib.backsolve(X, t, w_bar, info.support, lam, width)
+    t, lam, most = info.targets, info.lam, _exchange_width(width)
+    gram = iht_lib.nearby_gram(X, info.support, magnitude, magnitude_gram, width, most)
+    w_bs = iht_lib.backsolve(X, t, w_bar, info.support, lam, gram=gram)
     obj_bs = iht_lib.objective(X, w_bs, t, w_bar, lam)
     backsolved = jnp.isfinite(obj_bs) & (obj_bs <= info.objective)
     w, obj = jnp.where(backsolved, w_bs, w), jnp.where(backsolved, obj_bs, info.objective)
-    magnitude = iht_lib.hard_threshold_mask(w_start, k)
-    w_mag = iht_lib.backsolve(X, t, w_bar, magnitude, lam, width)
+    w_mag = iht_lib.backsolve(X, t, w_bar, magnitude, lam, gram=magnitude_gram)
     obj_mag = iht_lib.objective(X, w_mag, t, w_bar, lam)
     from_mag = jnp.isfinite(obj_mag) & (obj_mag < obj)
     w, support = jnp.where(from_mag, w_mag, w), jnp.where(from_mag, magnitude, info.support)
-    obj = jnp.where(from_mag, obj_mag, obj)
+    obj, gram = jnp.where(from_mag, obj_mag, obj), jnp.where(from_mag, magnitude_gram, gram)
     swapped = jnp.array(0)
     if rounds:
-        w, support, obj, swapped = iht_lib.swap_search(X, t, w_bar, w, support, lam, width, rounds)
+        w, support, obj, swapped = iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, most)
     return w, info._replace(objective=obj, backsolved=backsolved, support=support,
                             objective_magnitude=obj_mag, swapped=swapped)

@@ -294,6 +294,25 @@ def test_backsolve_support_smaller_than_width():
     np.testing.assert_allclose(w, _np_ridge_on_support(X, t, w_bar, support, 0.01), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("moved", [0, 3, 7], ids=["same", "near", "far"])
+def test_nearby_gram_equals_the_support_gram(moved):
+    """G_S updated from a reference support R (rank-2m exchange, or afresh when S is far) equals X_S X_Sᵀ."""
+    n, p, k, diff = 20, 60, 15, 4
+    rng = np.random.default_rng(moved)
+    X = rng.normal(size=(n, p))
+    order = rng.permutation(p)
+    reference, support = np.zeros(p, bool), np.zeros(p, bool)
+    reference[order[:k]] = True
+    support[np.r_[order[moved:k], order[k:k + moved]]] = True  # `moved` kept columns exchanged
+    with jax.enable_x64(True):
+        Xj = jnp.asarray(X)
+        G_R = I.support_gram(Xj, jnp.asarray(reference), 16)
+        G = np.asarray(jax.jit(I.nearby_gram, static_argnums=(4, 5))(
+            Xj, jnp.asarray(support), jnp.asarray(reference), G_R, 16, diff))
+    X_S = X[:, support]
+    np.testing.assert_allclose(G, X_S @ X_S.T, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------
 # CHITA's active-set phase
 

@@ -118,8 +118,9 @@ def test_swap_search_leaves_the_magnitude_support_and_lowers_f():
     magnitude = iht_lib.hard_threshold_mask(jnp.asarray(w_bar), k)
     w0 = iht_lib.backsolve(jnp.asarray(X), y, w_bar, magnitude, lam)
     f0 = _np_objective(X, w0, y, w_bar, lam)
-    w, support, f, swapped = jax.jit(iht_lib.swap_search, static_argnums=(6, 7))(
-        jnp.asarray(X), jnp.asarray(y), jnp.asarray(w_bar), w0, magnitude, lam, 32, 30)
+    gram = iht_lib.support_gram(jnp.asarray(X), magnitude)
+    w, support, f, swapped = jax.jit(iht_lib.swap_search, static_argnums=(6, 8))(
+        jnp.asarray(X), jnp.asarray(y), jnp.asarray(w_bar), w0, magnitude, lam, 30, gram, 4)
     support = np.asarray(support)
     assert support.sum() == k and np.all(np.asarray(w)[~support] == 0)
     assert int(swapped) > 0 and np.sum(support & ~np.asarray(magnitude)) > 0

@@ -89,29 +89,98 @@ def prune(
 ) -> PruneResult:
     """Prune ``params`` to ``sparsity`` with ``method`` (default ``SWAP()``).
 
-    loss_fn(params, example) -> scalar, for ONE example (no batch axis; a model
-    that wants one: ``model.apply(params, x[None])[0]``). batch: pytree of
-    arrays with leading axis N (the examples of the Fisher). stages: an int T
-    (cubic schedule, T = 1 one-shot) or a sequence of sparsities ending at
-    ``sparsity``. Each stage recomputes X at the current masked weights, adds
-    ``noise`` (needs ``key``), and solves for k_t = round((1 − s_t)·p); stages
-    that keep every weight are skipped. select(path, leaf) -> bool chooses the
-    prunable leaves (default: arrays with ndim ≥ 2). anchor: "dense" keeps
-    w̄ = the dense weights (SWAP); "current" resets w̄ to the stage's starting
-    weights (CHITA++). finetune(params, masks, stage) -> params runs between stages.
+    Each stage t computes the per-sample gradients X ∈ R^{N×p} of the p prunable
+    weights at the current (masked) weights, adds ``noise`` if given, and solves
+    the pruning problem (X, w̄, k_t) with ``method``, k_t = round((1 − s_t)·p)
+    weights kept. Stages that keep every weight are skipped.
 
-    Selection. A method with "auto" values (the defaults of ``LR()`` and
-    ``SWAP()``) chooses λ and ε at every stage by the real loss of the pruned
-    network, mean loss_fn over held-out examples: ``val_batch`` if given, else
-    a ``holdout`` fraction of ``batch`` (every 1/holdout-th example, evenly
-    spread), which is then not used in X. A multi-stage prune without
-    ``finetune`` also solves one-shot at the final sparsity and keeps whichever
-    has the lower held-out loss (``result.one_shot``). Methods without "auto"
-    values use the whole batch and no selection.
+    Which weights are prunable (``select``). By default the arrays with
+    ndim ≥ 2: dense and conv kernels; biases, norm scales and scalars are never
+    pruned. ``select(path, leaf) -> bool`` (``path`` like ``"Dense_0/kernel"``)
+    only *narrows* that rule: it chooses among the kernels, and returning True
+    for a leaf with ndim < 2 is a ValueError naming the leaf, so
+    ``select=lambda path, leaf: "Dense_1" in path`` prunes ``Dense_1/kernel``
+    and cannot silently zero ``Dense_1/bias``. To prune such leaves as well,
+    say so with ``select=swapjax.allow_vectors(fn)``; ``fn`` then decides
+    alone, for leaves of every rank. ``select`` must return a Python or NumPy
+    bool.
 
-    chunk_size: examples per vectorised chunk of per-sample gradients (memory
-    O(chunk_size·p) beyond X). progress: one line per stage on stderr.
-    Returns a :class:`PruneResult` (params, masks, info per stage).
+    Choosing λ and ε. A method with "auto" values (the defaults of ``LR()``
+    and ``SWAP()``) chooses λ and ε at every stage by the real loss of the
+    pruned network, the mean ``loss_fn`` over held-out examples: ``val_batch``
+    if given, else a ``holdout`` fraction of ``batch`` (every 1/holdout-th
+    example, evenly spread), which is then not used in X. A multi-stage prune
+    without ``finetune`` also solves one-shot at the final sparsity and keeps
+    whichever has the lower held-out loss (``result.one_shot``). Methods
+    without "auto" values use the whole batch and no selection.
+
+    Every argument is checked (types included) before any gradient is
+    computed; a wrong one is a ValueError naming it (a method class instead of
+    an instance is a TypeError). NaN or inf in ``params`` names the leaf, a NaN
+    or inf loss value names the examples.
+
+    Args:
+        loss_fn: ``loss_fn(params, example) -> scalar`` for ONE example, without
+            a batch axis. A model that needs one (convolutions, BatchNorm):
+            ``model.apply(variables, example["x"][None])[0]``.
+        params: any pytree of arrays: Flax linen ``variables["params"]``, an
+            NNX ``nnx.split`` state, a dict. Never modified.
+        batch: pytree of arrays with a common leading axis N, the examples of
+            the Fisher (the rows of X).
+        sparsity: the final fraction of prunable weights set to zero, in [0, 1).
+        method: ``SWAP()`` (default), ``LR()``, ``Magnitude()``,
+            ``WoodFisher()``, or any object with ``solve(X, w_bar, k)``.
+        stages: an int T (the cubic schedule with T stages; 1 = one-shot) or a
+            sequence of sparsities s_1 ≤ … ≤ s_T ending at ``sparsity``.
+        select: None (the arrays with ndim ≥ 2) or ``select(path, leaf) ->
+            bool`` narrowing that rule; wrap it in ``swapjax.allow_vectors`` to
+            allow leaves with ndim < 2 (see above).
+        key: a ``jax.random.key``; needed with ``noise``.
+        noise: a ``swapjax.GradientNoise`` added to X at every stage.
+        anchor: ``"dense"`` keeps w̄ = the dense weights (SWAP);
+            ``"current"`` resets w̄ to each stage's starting weights (CHITA++).
+        finetune: ``finetune(params, masks, stage) -> params``, run after each
+            stage but the last (``swapjax.make_finetune_hook`` builds one);
+            its result is masked again and checked for NaN.
+        val_batch: held-out examples for the selection of λ and ε, like
+            ``batch`` (any N).
+        holdout: the fraction of ``batch`` held out when ``val_batch`` is
+            None and the method selects, in [0, 1).
+        chunk_size: examples per vectorised chunk of per-sample gradients;
+            working memory beyond X is O(chunk_size·p).
+        progress: one line per stage on stderr (False also silences a hook
+            from ``make_finetune_hook``).
+
+    Returns:
+        A ``PruneResult``: ``params`` (same structure and dtypes, exactly k of
+        the p prunable weights non-zero), ``masks`` (bool arrays for the
+        prunable leaves, True = kept, None elsewhere), ``info`` (one
+        ``StageInfo`` per stage run) and ``one_shot``; ``result.summary()``
+        gives the sparsity per layer.
+
+    Examples:
+        >>> import jax.numpy as jnp, numpy as np, swapjax
+        >>> rng = np.random.default_rng(0)
+        >>> params = {"w": rng.normal(size=(8, 4)).astype("float32"), "b": np.zeros(4, "float32")}
+        >>> batch = {"x": rng.normal(size=(40, 8)).astype("float32"),
+        ...          "y": rng.normal(size=(40, 4)).astype("float32")}
+        >>> def loss_fn(params, example):  # ONE example: x (8,), y (4,)
+        ...     return jnp.sum((example["x"] @ params["w"] + params["b"] - example["y"]) ** 2)
+        >>> result = swapjax.prune(loss_fn, params, batch, sparsity=0.75, progress=False)
+        >>> result.summary()["total"]  # k = round(0.25 · 32) kernel weights kept
+        {'kept': 8, 'total': 32, 'sparsity': 0.75}
+        >>> result.masks["b"] is None  # a bias (ndim 1) is not prunable by default
+        True
+
+        A ``select`` that picks a bias is an error unless wrapped in ``allow_vectors``:
+
+        >>> swapjax.prune(loss_fn, params, batch, select=lambda path, leaf: True)
+        Traceback (most recent call last):
+        ValueError: select: chose b (4,), with ndim < 2 (biases, norm scales or scalars); ...
+        >>> both = swapjax.allow_vectors(lambda path, leaf: True)
+        >>> swapjax.prune(loss_fn, params, batch, sparsity=0.75, select=both,
+        ...               method=swapjax.Magnitude(), progress=False).summary()["total"]
+        {'kept': 9, 'total': 36, 'sparsity': 0.75}
     """
     method = SWAP() if method is None else method
     checks.method(method)

@@ -59,6 +59,15 @@ def masked_updates(masks: PyTree) -> optax.GradientTransformation:
     Pruned weights that are already exactly zero stay exactly zero (w + 0 = w).
     Chain it LAST (see the module docstring); prefer ``keep_pruned_at_zero``,
     which also zeroes pruned weights that are not zero yet.
+
+    Examples:
+        >>> import jax.numpy as jnp, optax, swapjax
+        >>> params = {"w": jnp.array([1.0, 0.0, 3.0])}
+        >>> masks = {"w": jnp.array([True, False, True])}   # the middle weight is pruned (and already 0)
+        >>> tx = optax.chain(optax.sgd(0.1), swapjax.masked_updates(masks))
+        >>> updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params))
+        >>> (updates["w"] == 0).tolist()
+        [False, True, False]
     """
     checks.mask_tree("masks", masks)
 
@@ -84,6 +93,15 @@ def keep_pruned_at_zero(masks: PyTree) -> optax.GradientTransformation:
     optimizer in front of this transformation produced (weight decay, momentum,
     noise). Kept coordinates and leaves under a None mask get the incoming update
     unchanged. Needs ``params`` in ``update``; chain it LAST.
+
+    Examples:
+        >>> import jax.numpy as jnp, optax, swapjax
+        >>> params = {"w": jnp.array([1.0, 2.0, 3.0])}      # the middle weight is pruned but not yet 0
+        >>> masks = {"w": jnp.array([True, False, True])}
+        >>> tx = optax.chain(optax.adamw(0.1, weight_decay=0.1), swapjax.keep_pruned_at_zero(masks))
+        >>> updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+        >>> (optax.apply_updates(params, updates)["w"] == 0).tolist()
+        [False, True, False]
     """
     checks.mask_tree("masks", masks)
 
@@ -104,7 +122,20 @@ def keep_pruned_at_zero(masks: PyTree) -> optax.GradientTransformation:
 
 
 def masked_optimizer(optimizer: optax.GradientTransformation, masks: PyTree) -> optax.GradientTransformation:
-    """``optax.chain(optimizer, keep_pruned_at_zero(masks))``: the masked optimizer, masking last."""
+    """``optax.chain(optimizer, keep_pruned_at_zero(masks))``: the masked optimizer, masking last.
+
+    Examples:
+        >>> import jax.numpy as jnp, optax, swapjax
+        >>> params = {"w": jnp.array([1.0, 2.0, 3.0]), "b": jnp.array([0.5])}
+        >>> masks = {"w": jnp.array([True, False, True]), "b": None}  # b is not pruned
+        >>> tx = swapjax.masked_optimizer(optax.sgd(0.1, momentum=0.9), masks)
+        >>> state = tx.init(params)
+        >>> for _ in range(3):
+        ...     updates, state = tx.update({"w": jnp.ones(3), "b": jnp.ones(1)}, state, params)
+        ...     params = optax.apply_updates(params, updates)
+        >>> params["w"][1].item(), params["b"][0].item() < 0.5
+        (0.0, True)
+    """
     checks.optimizer("optimizer", optimizer)
     return optax.chain(optimizer, keep_pruned_at_zero(masks))
 
@@ -127,7 +158,16 @@ def batch_indices(n: int, batch_size: int, key: jax.Array) -> Iterator[np.ndarra
 
 
 def batched_loss(per_example_loss: Callable[[PyTree, PyTree], jax.Array]) -> Callable[[PyTree, PyTree], jax.Array]:
-    """Turn ``swapjax.prune``'s loss_fn(params, example) into loss(params, batch) = mean over the batch."""
+    """Turn ``swapjax.prune``'s loss_fn(params, example) into loss(params, batch) = mean over the batch.
+
+    Examples:
+        >>> import jax.numpy as jnp, swapjax
+        >>> def per_example(params, example):  # ONE example, as swapjax.prune wants it
+        ...     return (example["x"] @ params["w"] - example["y"]) ** 2
+        >>> loss = swapjax.batched_loss(per_example)
+        >>> loss({"w": jnp.array([1.0, 0.0])}, {"x": jnp.eye(2), "y": jnp.zeros(2)}).item()  # mean of 1 and 0
+        0.5
+    """
     if not callable(per_example_loss):
         raise ValueError(f"per_example_loss: expected a function loss_fn(params, example) -> scalar, "
                          f"got {per_example_loss!r}")
@@ -175,6 +215,21 @@ def make_finetune_hook(
     returned params are exactly zero off the masks. Models with BatchNorm: close
     loss_fn over fixed ``batch_stats`` (inference mode). progress=False silences
     the one line per stage written to stderr, as does ``swapjax.prune(..., progress=False)``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, numpy as np, optax, swapjax
+        >>> rng = np.random.default_rng(0)
+        >>> params = {"w": rng.normal(size=(8, 4)).astype("float32")}
+        >>> data = {"x": rng.normal(size=(64, 8)).astype("float32"), "y": rng.normal(size=(64, 4)).astype("float32")}
+        >>> def loss_fn(params, example):
+        ...     return jnp.sum((example["x"] @ params["w"] - example["y"]) ** 2)
+        >>> hook = swapjax.make_finetune_hook(swapjax.batched_loss(loss_fn), data, optax.sgd(0.01),
+        ...                                   key=jax.random.key(0), batch_size=16, progress=False)
+        >>> result = swapjax.prune(loss_fn, params, data, sparsity=0.75, stages=(0.5, 0.75),
+        ...                        method=swapjax.Magnitude(), finetune=hook, progress=False)  # tuned after stage 1
+        >>> w, kept = np.asarray(result.params["w"]), np.asarray(result.masks["w"])
+        >>> int(kept.sum()), bool(np.all(w[~kept] == 0))
+        (8, True)
     """
     if not callable(loss_fn):
         raise ValueError(f"loss_fn: expected a function loss_fn(params, batch) -> scalar, got {loss_fn!r}")

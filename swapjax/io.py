@@ -4,7 +4,7 @@
     params, masks = swapjax.load_pruned("runs/mlp-90", like=dense_params)
 
     sparse = swapjax.to_bcoo(result.params, result.masks)  # {"Dense_0/kernel": BCOO, ...}
-    y = x @ sparse["Dense_0/kernel"]                      # a sparse matmul, same as x @ masked kernel
+    y = x @ sparse["Dense_0/kernel"]                      # a sparse matmul, same as x @ masked kernel (x: a JAX array)
     params = swapjax.from_bcoo(sparse, result.params)     # dense leaves again, zeros off the masks
     swapjax.bcoo_bytes(sparse)["total"]                   # {"dense_bytes": ..., "sparse_bytes": ...}
 
@@ -56,6 +56,14 @@ def save_pruned(directory: str | os.PathLike, params: PyTree, masks: PyTree, *, 
     masks: as ``swapjax.prune`` returns them (bool arrays for the prunable
     leaves, None elsewhere). force=True replaces an existing checkpoint
     (otherwise orbax refuses to overwrite it).
+
+    Examples:
+        >>> import os, tempfile, numpy as np, swapjax
+        >>> params = {"w": np.arange(1, 7, dtype="float32").reshape(2, 3), "b": np.ones(3, "float32")}
+        >>> masks = {"w": np.array([[True, False, True], [False, True, False]]), "b": None}
+        >>> path = swapjax.save_pruned(os.path.join(tempfile.mkdtemp(), "mlp-50"), params, masks)
+        >>> os.path.basename(path), os.path.isdir(path)
+        ('mlp-50', True)
     """
     import orbax.checkpoint as ocp
 
@@ -82,6 +90,17 @@ def load_pruned(directory: str | os.PathLike, like: Optional[PyTree] = None) -> 
     come back in that structure (an NNX ``State`` stays a ``State``). Without
     it they come back as nested dicts. The masks are rebuilt over the same
     structure: bool arrays for the leaves that were masked, None elsewhere.
+
+    Examples:
+        >>> import os, tempfile, numpy as np, swapjax
+        >>> params = {"w": np.arange(1, 7, dtype="float32").reshape(2, 3), "b": np.ones(3, "float32")}
+        >>> masks = {"w": np.array([[True, False, True], [False, True, False]]), "b": None}
+        >>> path = swapjax.save_pruned(os.path.join(tempfile.mkdtemp(), "mlp-50"), params, masks)
+        >>> loaded, loaded_masks = swapjax.load_pruned(path, like=params)
+        >>> np.asarray(loaded["w"]).tolist(), loaded_masks["b"]     # zeros off the mask; b was not masked
+        ([[1.0, 0.0, 3.0], [0.0, 5.0, 0.0]], None)
+        >>> np.array_equal(loaded_masks["w"], masks["w"])
+        True
     """
     import orbax.checkpoint as ocp
 
@@ -113,7 +132,18 @@ def to_bcoo(params: PyTree, masks: PyTree, index_dtype=jnp.int32) -> dict:
     Each BCOO holds exactly the weights under True in the mask (nse = kept
     count), indices in row-major order, with the leaf's shape and dtype;
     ``x @ sparse["Dense_0/kernel"]`` is then a sparse matmul equal to ``x`` times
-    the masked kernel.
+    the masked kernel (``x`` a JAX array: NumPy's ``@`` does not know BCOO).
+
+    Examples:
+        >>> import numpy as np, swapjax
+        >>> params = {"w": np.arange(1, 7, dtype="float32").reshape(2, 3), "b": np.ones(3, "float32")}
+        >>> masks = {"w": np.array([[True, False, True], [False, True, False]]), "b": None}
+        >>> sparse = swapjax.to_bcoo(params, masks)
+        >>> list(sparse), sparse["w"].nse, sparse["w"].data.tolist(), sparse["w"].indices.tolist()
+        (['w'], 3, [1.0, 3.0, 5.0], [[0, 0], [0, 2], [1, 1]])
+        >>> import jax.numpy as jnp
+        >>> (jnp.ones((1, 2)) @ sparse["w"]).tolist()   # a sparse matmul: x times the masked w (x a JAX array)
+        [[1.0, 5.0, 3.0]]
     """
     from jax.experimental import sparse
 
@@ -149,7 +179,16 @@ def _check_sparse(sparse) -> None:
 
 
 def from_bcoo(sparse: dict, params: PyTree) -> PyTree:
-    """``params`` with each leaf named in ``sparse`` replaced by its densified BCOO (zeros off the mask)."""
+    """``params`` with each leaf named in ``sparse`` replaced by its densified BCOO (zeros off the mask).
+
+    Examples:
+        >>> import numpy as np, swapjax
+        >>> params = {"w": np.arange(1, 7, dtype="float32").reshape(2, 3), "b": np.ones(3, "float32")}
+        >>> masks = {"w": np.array([[True, False, True], [False, True, False]]), "b": None}
+        >>> dense = swapjax.from_bcoo(swapjax.to_bcoo(params, masks), params)
+        >>> np.asarray(dense["w"]).tolist(), dense["b"] is params["b"]
+        ([[1.0, 0.0, 3.0], [0.0, 5.0, 0.0]], True)
+    """
     _check_sparse(sparse)
     shapes = {path_name(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     if set(sparse) - set(shapes):
@@ -166,7 +205,15 @@ def from_bcoo(sparse: dict, params: PyTree) -> PyTree:
 
 
 def bcoo_bytes(sparse: dict) -> dict[str, dict[str, int]]:
-    """Per leaf and in "total": bytes of the dense array and of the BCOO (values + indices)."""
+    """Per leaf and in "total": bytes of the dense array and of the BCOO (values + indices).
+
+    Examples:
+        >>> import numpy as np, swapjax
+        >>> params = {"w": np.ones((100, 10), "float32")}
+        >>> masks = {"w": np.arange(1000).reshape(100, 10) % 10 == 0}  # 10 % kept: 100 weights
+        >>> swapjax.bcoo_bytes(swapjax.to_bcoo(params, masks))["total"]  # 100 × (4 + 2 × 4) bytes
+        {'dense_bytes': 4000, 'sparse_bytes': 1200}
+    """
     _check_sparse(sparse)
     rows = {
         name: dict(dense_bytes=int(np.prod(s.shape)) * s.dtype.itemsize,

@@ -128,7 +128,7 @@ def prune(
         batch: pytree of arrays with a common leading axis N, the examples of
             the Fisher (the rows of X).
         sparsity: the final fraction of prunable weights set to zero, in [0, 1).
-        method: ``SWAP()`` (default), ``LR()``, ``Magnitude()``,
+        method (object): ``SWAP()`` (default), ``LR()``, ``Magnitude()``,
             ``WoodFisher()``, or any object with ``solve(X, w_bar, k)``.
         stages: an int T (the cubic schedule with T stages; 1 = one-shot) or a
             sequence of sparsities s_1 ≤ … ≤ s_T ending at ``sparsity``.

@@ -47,10 +47,23 @@ class _WithVectors:
 def allow_vectors(select: Select) -> Select:
     """Let ``select`` choose leaves with ndim < 2 (biases, norm scales, scalars) too.
 
-        select = swapjax.allow_vectors(lambda path, leaf: path.startswith("fc"))
-        swapjax.prune(loss_fn, params, batch, sparsity=0.9, select=select)  # fc kernels AND biases
+    Without it, a ``select`` that returns True for such a leaf is a ValueError:
+    a custom ``select`` only narrows the default rule (arrays with ndim ≥ 2).
+    With it, ``select`` alone decides, for leaves of every rank.
 
-    Without it, a ``select`` that returns True for such a leaf is a ValueError.
+    Examples:
+        >>> import numpy as np, swapjax
+        >>> params = {"fc": {"kernel": np.ones((3, 2), "float32"), "bias": np.ones(2, "float32")},
+        ...           "out": {"kernel": np.ones((2, 2), "float32")}}
+        >>> in_fc = lambda path, leaf: path.startswith("fc")
+        >>> swapjax.pytree.layout(params, in_fc)
+        Traceback (most recent call last):
+        ValueError: select: chose fc/bias (2,), with ndim < 2 (biases, norm scales or scalars); ...
+        >>> swapjax.pytree.layout(params, swapjax.allow_vectors(in_fc)).names  # fc kernel AND bias
+        ('fc/bias', 'fc/kernel')
+
+        In ``swapjax.prune(loss_fn, params, batch, select=swapjax.allow_vectors(in_fc))``
+        the same leaves are pruned.
     """
     if not callable(select):
         raise ValueError(f"select: expected a function select(path, leaf) -> bool, got {select!r}")
@@ -161,7 +174,16 @@ def mask_tree(mask: jax.Array, lay: Layout) -> PyTree:
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
-    """Zero the pruned weights: leaf * mask where the mask is an array; leaves under None untouched."""
+    """Zero the pruned weights: leaf * mask where the mask is an array; leaves under None untouched.
+
+    Examples:
+        >>> import numpy as np, swapjax
+        >>> params = {"w": np.array([[1.0, 2.0], [3.0, 4.0]], "float32"), "b": np.ones(2, "float32")}
+        >>> masks = {"w": np.array([[True, False], [False, True]]), "b": None}
+        >>> out = swapjax.apply_masks(params, masks)
+        >>> np.asarray(out["w"]).tolist(), out["b"] is params["b"]
+        ([[1.0, 0.0], [0.0, 4.0]], True)
+    """
     checks.mask_tree("masks", masks)
     return jax.tree_util.tree_map(
         lambda m, x: x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype)),
@@ -170,7 +192,15 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
 
 
 def sparsity_summary(masks: PyTree) -> dict[str, dict[str, float]]:
-    """Per prunable leaf: kept and total counts and sparsity, plus a 'total' row."""
+    """Per prunable leaf: kept and total counts and sparsity, plus a 'total' row.
+
+    Examples:
+        >>> import numpy as np, swapjax
+        >>> masks = {"Dense_0": {"kernel": np.array([[True, False], [False, False]]), "bias": None},
+        ...          "Dense_1": {"kernel": np.ones((2, 2), bool), "bias": None}}
+        >>> swapjax.sparsity_summary(masks)
+        {'Dense_0/kernel': {'kept': 1, 'total': 4, 'sparsity': 0.75}, 'Dense_1/kernel': {'kept': 4, 'total': 4, 'sparsity': 0.0}, 'total': {'kept': 5, 'total': 8, 'sparsity': 0.375}}
+    """
     checks.mask_tree("masks", masks)
     rows = {}
     for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:

@@ -10,17 +10,37 @@ Schedule = Union[int, Sequence[float]]
 
 
 def cubic_schedule(final: float, stages: int, initial: float = 0.0) -> tuple[float, ...]:
-    """s_t = s_f + (s_0 − s_f)(1 − (t−1)/(T−1))³, t = 1..T (the published schedule; T = 1: one-shot)."""
+    """s_t = s_f + (s_0 − s_f)(1 − (t−1)/(T−1))³, t = 1..T (the published schedule; T = 1: one-shot).
+
+    Examples:
+        >>> import swapjax
+        >>> swapjax.cubic_schedule(0.9, 3)  # the first stage (sparsity 0) keeps every weight: prune skips it
+        (0.0, 0.7875, 0.9)
+        >>> swapjax.cubic_schedule(0.9, 1)  # one-shot
+        (0.9,)
+    """
     return polynomial_schedule(final, stages, initial, power=3)
 
 
 def linear_schedule(final: float, stages: int, initial: float = 0.0) -> tuple[float, ...]:
-    """s_t evenly spaced from s_0 to s_f."""
+    """s_t evenly spaced from s_0 to s_f.
+
+    Examples:
+        >>> import swapjax
+        >>> [round(s, 6) for s in swapjax.linear_schedule(0.9, 4, initial=0.3)]
+        [0.3, 0.5, 0.7, 0.9]
+    """
     return polynomial_schedule(final, stages, initial, power=1)
 
 
 def polynomial_schedule(final: float, stages: int, initial: float = 0.0, power: float = 3) -> tuple[float, ...]:
-    """s_t = s_f + (s_0 − s_f)(1 − (t−1)/(T−1))^power, t = 1..T; T = 1 gives (s_f,)."""
+    """s_t = s_f + (s_0 − s_f)(1 − (t−1)/(T−1))^power, t = 1..T; T = 1 gives (s_f,).
+
+    Examples:
+        >>> import swapjax
+        >>> [round(s, 6) for s in swapjax.polynomial_schedule(0.9, 3, initial=0.5, power=2)]
+        [0.5, 0.8, 0.9]
+    """
     stages = checks.integer("stages", stages, 1)
     final = checks.real("final", final, 0.0, 1.0, hi_open=True)
     initial = checks.real("initial", initial, 0.0, 1.0, hi_open=True)

@@ -130,6 +130,18 @@ def train(
     same directory restores the latest finished epoch and trains only the epochs
     left (its batch_size, n and key must match the checkpoint's). progress=False
     silences the line per epoch written to stderr.
+
+    Examples:
+        >>> import jax, numpy as np, optax, flax.linen as nn, swapjax
+        >>> rng = np.random.default_rng(0)
+        >>> x = rng.normal(size=(256, 4)).astype("float32")
+        >>> y = (x[:, 0] + x[:, 1] > 0).astype("int32")     # two classes
+        >>> model = nn.Dense(2)                              # logits of a batch
+        >>> variables = model.init(jax.random.key(0), x[:1])
+        >>> variables = swapjax.train(model, variables, x, y, epochs=10, batch_size=32,
+        ...                           optimizer=optax.adam(0.05), key=jax.random.key(1), progress=False)
+        >>> swapjax.evaluate(model, variables, x, y)[0] > 0.9  # training accuracy
+        True
     """
     _check_model(model)
     epochs = checks.integer("epochs", epochs, 0)
@@ -213,6 +225,16 @@ def evaluate(
     ``batch_size`` and its padding weighted out, so one compilation serves every
     batch; sums are accumulated in float32 per batch and in float64 across
     batches.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, numpy as np, flax.linen as nn, swapjax
+        >>> model = nn.Dense(2)
+        >>> variables = {"params": {"kernel": jnp.array([[1.0, -1.0]]), "bias": jnp.zeros(2)}}
+        >>> x = np.array([[1.0], [-1.0], [2.0]], "float32")
+        >>> y = np.array([0, 1, 1], "int32")                # the third example is misclassified
+        >>> accuracy, loss = swapjax.evaluate(model, variables, x, y)
+        >>> round(accuracy, 4), round(loss, 4)  # loss: (2·log(1 + e⁻²) + log(1 + e⁴)) / 3
+        (0.6667, 1.424)
     """
     _check_model(model)
     n = _check_xy(x, y)

@@ -1,6 +1,8 @@
 """The documentation's code runs as written: README and docs pages, the API page's coverage, the notebook."""
 from __future__ import annotations
 
+import doctest
+import inspect
 import os
 import re
 from pathlib import Path
@@ -79,6 +81,60 @@ def test_saving_page(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "mlp-90").is_dir()
     assert ns["swapjax"].bcoo_bytes(ns["sparse"])["total"] == {"dense_bytes": 9472, "sparse_bytes": 2844}  # as the page says
     np.testing.assert_array_equal(ns["dense"]["Dense_0"]["kernel"], ns["result"].params["Dense_0"]["kernel"])
+
+
+_DOCTEST_FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+
+
+def _doctest(test: doctest.DocTest) -> doctest.TestResults:
+    """Run one doctest; assert nothing failed, with the report as the message."""
+    report: list[str] = []
+    runner = doctest.DocTestRunner(optionflags=_DOCTEST_FLAGS)
+    result = runner.run(test, out=report.append, clear_globs=False)
+    assert result.failed == 0, "".join(report)
+    return result
+
+
+def _with_docstring_example() -> list[str]:
+    return [n for n in swapjax.__all__ if ">>>" in (inspect.getdoc(getattr(swapjax, n)) or "")]
+
+
+def _api_page_sections() -> dict[str, str]:
+    """{name: the text from its `::: swapjax.NAME` directive to the next directive or heading}."""
+    text = (ROOT / "docs/api.md").read_text()
+    parts = re.split(r"^(::: swapjax\.(?:prune\.)?\w+|## .*)$", text, flags=re.M)
+    return {m.rsplit(".", 1)[1]: body for m, body in zip(parts[1::2], parts[2::2]) if m.startswith(":::")}
+
+
+def test_every_public_name_has_an_example():
+    """In its docstring (rendered by mkdocstrings) or, for the few whose module this suite does not own
+    the docstring of, as a ```pycon block under its entry on the API page."""
+    on_page = {name for name, body in _api_page_sections().items() if "```pycon\n>>> " in body}
+    missing = set(swapjax.__all__) - set(_with_docstring_example()) - on_page
+    assert missing == set()
+
+
+@pytest.mark.parametrize("name", _with_docstring_example())
+def test_docstring_examples_run_as_written(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples may write checkpoints
+    obj = getattr(swapjax, name)
+    tests = doctest.DocTestFinder(recurse=False).find(obj, f"swapjax.{name}", globs={})
+    assert tests and sum(len(t.examples) for t in tests) >= 2
+    for test in tests:
+        _doctest(test)
+
+
+def test_api_page_examples_run_as_written(tmp_path, monkeypatch):
+    """The ```pycon blocks of docs/api.md, in order, in one namespace (later examples reuse earlier names)."""
+    monkeypatch.chdir(tmp_path)
+    text = (ROOT / "docs/api.md").read_text()
+    blocks = re.findall(r"^```pycon\n(.*?)^```", text, re.S | re.M)
+    assert len(blocks) >= 9
+    globs: dict = {}
+    for i, block in enumerate(blocks):
+        test = doctest.DocTestParser().get_doctest(block, globs, f"docs/api.md[pycon {i}]", "docs/api.md", 0)
+        _doctest(test)
+        globs.update(test.globs)
 
 
 def test_api_page_lists_every_public_name():

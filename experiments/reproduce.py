@@ -292,24 +292,46 @@ def table(rows, preset: Preset) -> str:
 
 
 def plot(rows, preset: Preset, out: Path):
+    """test_accuracy.png and test_loss.png: one panel per (mode, noise) that has rows (gradual and noisy
+    panels are where SWAP and LR differ: in one-shot pruning without noise z = y and they tie), mean ± std
+    over seeds against sparsity, the dense model's test accuracy as a dashed line, and the model, dataset,
+    N and seeds in the titles."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(m, z) for m in preset.modes for z in preset.noises]
+    datasets = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10", "imagenet2012": "ImageNet"}
+    model_name = type(preset.model()).__name__  # a Flax module: building it creates no parameters
+    dataset_name = datasets.get(preset.dataset, preset.dataset)
+    seeds = sorted({str(r["seed"]) for r in rows})
+    panels = [(m, z) for m in preset.modes for z in preset.noises
+              if any(r["mode"] == m and r["noise"] == z for r in rows)] or [(preset.modes[0], preset.noises[0])]
+    dense_mean, dense_std, dense_n = _stats(rows, "dense_test_accuracy", method=preset.methods[0])
     for metric in ("test_accuracy", "test_loss"):
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+        percent = 100.0 if metric == "test_accuracy" else 1.0
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.9), squeeze=False,
+                                 sharex=True, sharey=True)
         for ax, (mode, noise) in zip(axes[0], panels):
-            for name in preset.methods:
+            for i, name in enumerate(preset.methods):
                 st = [_stats(rows, metric, mode=mode, noise=noise, sparsity=s, method=name) for s in preset.sparsities]
-                mean, std = np.array([a for a, _, _ in st]), np.array([b for _, b, _ in st])
-                ax.plot(preset.sparsities, mean, marker="o", label=name)
-                ax.fill_between(preset.sparsities, mean - std, mean + std, alpha=0.2)
-            ax.set_title(f"{mode}, noise {noise}")
+                mean = percent * np.array([a for a, _, _ in st])
+                std = percent * np.array([b for _, b, _ in st])
+                # a marker and size per method, largest first, so that methods that tie (LR and SWAP in
+                # one-shot pruning without noise) stay visible on top of each other
+                ax.plot(preset.sparsities, mean, marker="osD^v<>"[i % 7], markersize=max(9 - 1.5 * i, 3),
+                        label=name)
+                ax.fill_between(preset.sparsities, mean - std, mean + std, alpha=0.15)
+            if metric == "test_accuracy" and dense_n:
+                ax.axhline(percent * dense_mean, color="black", linestyle="--", linewidth=1,
+                           label=f"dense ({percent * dense_mean:.1f} %)")
+            ax.set_title(f"{model_name} / {dataset_name}\n{mode}, gradient noise {noise}", fontsize=10)
             ax.set_xlabel("sparsity")
-            ax.set_ylabel(metric.replace("_", " "))
-        axes[0][0].legend()
+            ax.set_ylabel("test accuracy (%)" if metric == "test_accuracy" else "test loss")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"{model_name} on {dataset_name}: {metric.replace('_', ' ')} after pruning "
+                     f"(N = {preset.fisher_examples} examples, mean ± std over {len(seeds)} seed(s))", fontsize=11)
         fig.tight_layout()
         fig.savefig(out / f"{metric}.png", dpi=110)
         plt.close(fig)

@@ -33,3 +33,31 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert re.search(r"'Dense_0/kernel': \d+, 'Dense_1/kernel': \d+", out)
     nse = sum(int(n) for n in re.findall(r"'Dense_\d/kernel': (\d+)", out))
     assert nse == round(0.1 * (64 * 64 + 64 * 10))
+
+
+def test_install_cell_without_swapjax_asks_for_the_source_or_pip_installs_it(monkeypatch):
+    """Where swapjax cannot be imported: no SWAPJAX_SOURCE -> a RuntimeError saying what to set; with it, the
+    `%pip install "swapjax[demo] @ <source>"` line runs (the magic is stubbed: no network)."""
+    import sys
+
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = TransformerManager().transform_cell(nb.cells[1].source)
+    installed = sys.modules.get("swapjax") or __import__("swapjax")
+    monkeypatch.setitem(sys.modules, "swapjax", None)  # `import swapjax` raises ImportError
+    monkeypatch.delenv("SWAPJAX_SOURCE", raising=False)
+    with pytest.raises(RuntimeError, match="swapjax is not installed: set SWAPJAX_SOURCE"):
+        exec(code, {})
+    calls = []
+
+    class _Shell:
+        def run_line_magic(self, name, line, *args):
+            calls.append((name, line))
+            sys.modules["swapjax"] = installed  # "installed": the import after the magic finds it
+
+    monkeypatch.setenv("SWAPJAX_SOURCE", "file:///content/swapjax-0.1.0-py3-none-any.whl")
+    ns = {"get_ipython": lambda: _Shell()}
+    exec(code, ns)
+    assert calls == [("pip", 'install --quiet "swapjax[demo] @ {SWAPJAX_SOURCE}"')]
+    assert ns["SWAPJAX_SOURCE"] == "file:///content/swapjax-0.1.0-py3-none-any.whl" and ns["swapjax"] is installed

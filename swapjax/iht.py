@@ -49,6 +49,12 @@ def _objective(residual, w, w_bar, lam):
     return 0.5 * residual @ residual + 0.5 * n * lam * jnp.sum((w - w_bar) ** 2)
 
 
+def column_sq_norms(X) -> jax.Array:
+    """diag(XᵀX) = Σ_i x_i², accumulated row by row (a reduction over the leading axis of a large
+    matrix ran ~50× slower on XLA:CPU: 0.34 s against 6 ms at 800 × 32,360)."""
+    return jax.lax.fori_loop(0, X.shape[0], lambda i, acc: acc + X[i] * X[i], jnp.zeros(X.shape[1], X.dtype))
+
+
 def exact_step(X, g_s, lam, xg=None) -> jax.Array:
     """τ* = ‖g_S‖² / (‖Xg_S‖² + Nλ‖g_S‖²), the minimiser of f(w − τg_S) (0 if g_S = 0).
 
@@ -256,9 +262,21 @@ def _columns(X, idx, count):
 
 
 def _exchange(gram, X, enter, leave, count):
-    """G_S' from G_S when the first ``count`` columns of ``enter`` replace those of ``leave``: a rank-2m update."""
-    xa, xr = _columns(X, enter, count), _columns(X, leave, count)
-    return gram + xa @ xa.T - xr @ xr.T
+    """G_S' from G_S when the first ``count`` columns of ``enter`` replace those of ``leave``: a rank-2m update.
+
+    The update is formed at the smallest of a few static widths (len(enter),
+    /8, /64) that holds ``count``, so small exchanges cost little.
+    """
+    widths = sorted({max(1, enter.shape[0] >> shift) for shift in (0, 3, 6)})
+
+    def update(width):
+        def at():
+            xa, xr = _columns(X, enter[:width], count), _columns(X, leave[:width], count)
+            return gram + xa @ xa.T - xr @ xr.T
+        return at
+
+    branch = jnp.minimum(jnp.searchsorted(jnp.asarray(widths), count), len(widths) - 1)
+    return jax.lax.switch(branch, [update(width) for width in widths])
 
 
 def nearby_gram(X, support, reference, reference_gram, width: Optional[int], diff: int) -> jax.Array:
@@ -312,30 +330,31 @@ def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: jax.Array
     ½h_i·w_i² − g_i·w_i. Each round pairs the best additions with the
     cheapest removals, exchanges the m pairs that pay, backsolves on the new
     support (its Gram by a rank-2m update) and keeps it if f fell; otherwise
-    m is halved. m starts at min(⌈k/8⌉, ``most``) (static). Stops after
+    m drops to a quarter of the pairs tried. m starts at min(⌈k/8⌉, ``most``) (static). Stops after
     ``rounds`` rounds, when no pair pays, or when m reaches 0. f never
     increases, |S| stays k. Returns (w, support, f, weights exchanged).
     """
     n, p = X.shape
     k = jnp.sum(support)
-    h = jnp.sum(X * X, axis=0) + n * lam
-    rank = jnp.arange(p)
+    h = column_sq_norms(X) + n * lam
+    rank = jnp.arange(most)
 
     def body(c):
         i, w, support, gram, obj, m, swapped = c
         g = (X @ w - targets) @ X + n * lam * (w - w_bar)
         gain = jnp.where(support, -jnp.inf, g * g / (2 * h))
         cost = jnp.where(support, 0.5 * h * w * w - g * w, jnp.inf)
-        into, out = jnp.argsort(-gain), jnp.argsort(cost)
-        size = jnp.minimum(jnp.sum(gain[into] > cost[out]), m)  # the pairs that pay form a prefix
+        best_gain, into = jax.lax.top_k(gain, most)
+        least_cost, out = jax.lax.top_k(-cost, most)
+        size = jnp.minimum(jnp.sum(best_gain > -least_cost), m)  # the pairs that pay form a prefix
         enter = jnp.zeros(p, bool).at[into].set(rank < size)
         leave = jnp.zeros(p, bool).at[out].set(rank < size)
         trial = (support & ~leave) | enter
-        gram_new = _exchange(gram, X, into[:most], out[:most], size)
+        gram_new = _exchange(gram, X, into, out, size)
         w_new = backsolve(X, targets, w_bar, trial, lam, gram=gram_new)
         obj_new = objective(X, w_new, targets, w_bar, lam)
         accept = (size > 0) & (obj_new < obj)
-        m = jnp.where(accept, m, size // 2)
+        m = jnp.where(accept, m, size // 4)
         keep = lambda new, old: jnp.where(accept, new, old)  # noqa: E731
         return (i + 1, keep(w_new, w), keep(trial, support), keep(gram_new, gram), keep(obj_new, obj), m,
                 swapped + jnp.where(accept, size, 0))

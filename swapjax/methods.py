@@ -30,8 +30,9 @@ from . import iht as iht_lib
 from . import transport
 from .gradients import check_finite
 
-#: λ candidates of ``lam="auto"`` (relative to the Fisher's scale), and the value used without a score.
-LAM_PATH = (0.01, 0.03, 0.1, 0.3, 1.0)
+#: λ candidates of ``lam="auto"`` (relative to the Fisher's scale, half-decade steps), and the value
+#: used without a score, where the selection's walk along the path starts.
+LAM_PATH = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 DEFAULT_LAM = 0.03
 #: ε candidates of ``epsilon="auto"`` (besides LR's targets, the ε → 0 end), and the value used without a score.
 EPSILON_PATH = (0.1, 0.3, 1.0)
@@ -204,8 +205,11 @@ class LR:
             return info
 
         info = None
-        for lam in self.lam_path if self.lam == "auto" else (self.lam,):
-            info = attempt(lam, self._epsilon_first(), best[0] if best else w_start, duals)
+        if self.lam == "auto":
+            for lam in _walk(sorted(self.lam_path), DEFAULT_LAM, lambda: tried[-1].score):
+                info = attempt(lam, self._epsilon_first(), best[0] if best else w_start, duals)
+        else:
+            info = attempt(self.lam, self._epsilon_first(), w_start, duals)
         for eps in self._epsilon_path():
             info = attempt(best[3], eps, best[0], info.duals)
         if self.backsolve and self.swap_rounds:
@@ -297,6 +301,29 @@ class SWAP(LR):
         if self.plan_update == "iteration" and eps is not None:
             retarget = (float(eps), self.sinkhorn_threshold, self.sinkhorn_max_iters)
         return LR._config(self, eps)._replace(retarget=retarget)
+
+
+def _walk(path, start, last_score):
+    """The values of a sorted ``path`` to try, walking downhill from the one nearest ``start`` (in log).
+
+    Yields the first value, then its lower neighbours while each scores below
+    the one before (``last_score()`` reads the score of the value just
+    yielded); if the first step down did not improve, the upper neighbours
+    the same way. On a unimodal score this finds the path's best value in a
+    few tries instead of trying every value.
+    """
+    i = min(range(len(path)), key=lambda j: abs(math.log(path[j] / start)))
+    yield path[i]
+    for direction in (-1, 1):
+        current, j = last_score(), i + direction
+        moved = False
+        while 0 <= j < len(path):
+            yield path[j]
+            if not last_score() < current:
+                break
+            current, j, moved = last_score(), j + direction, True
+        if moved:
+            return
 
 
 _NO_PLAN = transport.PlanInfo(jnp.array(0), jnp.array(True), jnp.array(0.0), jnp.array(False))

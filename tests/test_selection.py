@@ -15,7 +15,10 @@ from test_methods import _cancelling_pairs, _np_objective
 import swapjax
 from swapjax import iht as iht_lib
 from swapjax import pytree
-from swapjax.methods import EPSILON_PATH, LAM_PATH
+from swapjax.methods import DEFAULT_LAM, EPSILON_PATH, LAM_PATH, _walk
+
+# with scores that rise away from the first λ (DEFAULT_LAM), the walk tries it and both neighbours
+FIRST_LAMS = [DEFAULT_LAM, LAM_PATH[LAM_PATH.index(DEFAULT_LAM) - 1], LAM_PATH[LAM_PATH.index(DEFAULT_LAM) + 1]]
 
 
 def _problem(seed=0, n=40, p=80):
@@ -29,7 +32,7 @@ def test_selection_returns_the_candidate_with_the_lowest_score(winner):
     """A scripted score: the i-th call gets a fixed value; the returned w is the one scored lowest."""
     X, w_bar = _problem()
     seen = []
-    n_calls = len(LAM_PATH) + len(EPSILON_PATH) + 1  # λ path on y, ε path at the best λ, swap search
+    n_calls = len(FIRST_LAMS) + len(EPSILON_PATH) + 1  # λ walk on y, ε path at the best λ, swap search
     values = np.linspace(2.0, 1.0, n_calls)[::-1].copy()  # increasing: the first would win ...
     values[winner] = 0.5  # ... unless another is scripted lower
 
@@ -41,10 +44,24 @@ def test_selection_returns_the_candidate_with_the_lowest_score(winner):
     assert len(seen) == len(info.candidates) == n_calls
     np.testing.assert_array_equal(np.asarray(w), seen[winner])
     assert [c.score for c in info.candidates] == pytest.approx(list(values))
-    assert [c.epsilon for c in info.candidates[: len(LAM_PATH)]] == [None] * len(LAM_PATH)
-    assert [c.epsilon for c in info.candidates[len(LAM_PATH):-1]] == list(EPSILON_PATH)
+    lams = len(FIRST_LAMS)
+    assert [c.lam for c in info.candidates[:lams]] == FIRST_LAMS
+    assert [c.epsilon for c in info.candidates[:lams]] == [None] * lams
+    assert [c.epsilon for c in info.candidates[lams:-1]] == list(EPSILON_PATH)
     assert info.candidates[-1].support == "swap"
     assert np.sum(np.asarray(w) != 0) <= 8 and int(np.sum(info.support)) == 8
+
+
+@pytest.mark.parametrize("minimum", range(len(LAM_PATH)))
+def test_the_lam_walk_finds_the_minimum_of_a_unimodal_score(minimum):
+    """Scores |i − minimum| along the path: the walk reaches the minimum, trying only the values on the way
+    (and at most one step the wrong way and one past the minimum)."""
+    tried = []
+    for lam in _walk(LAM_PATH, DEFAULT_LAM, lambda: abs(LAM_PATH.index(tried[-1]) - minimum)):
+        tried.append(lam)
+    start = LAM_PATH.index(DEFAULT_LAM)
+    assert tried[0] == DEFAULT_LAM and LAM_PATH[minimum] in tried
+    assert len(tried) <= abs(minimum - start) + 3 and len(set(tried)) == len(tried)
 
 
 def test_a_nan_score_is_never_chosen():
@@ -58,7 +75,7 @@ def test_a_nan_score_is_never_chosen():
     w, info = swapjax.LR().solve(X, w_bar, 8, score=score)
     assert info.candidates[0].score == np.inf
     assert min(info.candidates, key=lambda c: c.score) is info.candidates[1]
-    assert float(info.lam) / float(np.mean(X.astype(np.float64) ** 2)) == pytest.approx(LAM_PATH[1], rel=1e-5)
+    assert float(info.lam) / float(np.mean(X.astype(np.float64) ** 2)) == pytest.approx(FIRST_LAMS[1], rel=1e-5)
 
 
 def test_swap_never_scores_worse_than_lr_on_its_targets():
@@ -139,7 +156,7 @@ def test_prune_selects_on_held_out_examples(trained_mlp, digits):
     res = swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.8, method=swapjax.SWAP(), val_batch=val,
                         progress=False)
     (info,) = res.info
-    assert len(info.candidates) == len(LAM_PATH) + len(EPSILON_PATH) + 1
+    assert len(info.candidates) >= 2 + len(EPSILON_PATH) + 1  # at least two λ, every ε, the swap search
     assert info.held_out_loss == min(c.score for c in info.candidates)
     losses = jax.vmap(mlp_loss, in_axes=(None, 0))(res.params, val)
     assert info.held_out_loss == pytest.approx(float(jnp.mean(losses)), rel=1e-5)

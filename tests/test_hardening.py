@@ -1,4 +1,4 @@
-"""Issue 10: bad inputs rejected before any gradient with a swapjax message; no silent NaN or
+"""Hardening: bad inputs rejected before any gradient with a swapjax message; no silent NaN or
 fallback; degenerate transport handled explicitly; a property test over small random problems."""
 from __future__ import annotations
 

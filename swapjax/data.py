@@ -43,6 +43,8 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
+from . import checks
+
 __all__ = [
     "Dataset", "load", "batches", "read_idx", "DATASETS", "IDX_DATASETS", "DEFAULT_IDX_DIRS",
     "IDX_FILES",
@@ -131,9 +133,18 @@ def load(
       ValueError: unknown name/source/split, a corrupt IDX file, or varying image sizes without
         ``image_size``.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; swapjax.data.load knows {sorted(DATASETS)}")
-    if source not in SOURCES:
+    if not isinstance(name, str) or name not in DATASETS:
+        raise ValueError(f"name: unknown dataset {name!r}; swapjax.data.load knows {sorted(DATASETS)}")
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"split: expected a TFDS split spec such as 'train' or 'test[:1000]', got {split!r}")
+    checks.boolean("download", download)
+    checks.boolean("flatten", flatten)
+    checks.integer("image_size", image_size, 1, allow_none=True)
+    if data_dir is not None:
+        checks.path_like("data_dir", data_dir)
+    if examples is not None and not isinstance(examples, slice):
+        checks.integer("examples (an int n, a slice or None)", examples, 0)
+    if not isinstance(source, str) or source not in SOURCES:
         raise ValueError(f"source: must be one of {SOURCES}, got {source!r}")
     if source == "idx" and name not in IDX_DATASETS:
         raise ValueError(f"source='idx': only {IDX_DATASETS} come as IDX files, not {name!r}")

@@ -618,3 +618,25 @@ def test_schedule_and_mask_helpers_accept_numpy_numbers_and_bool_masks():
     np.testing.assert_array_equal(out["w"], [1, 0, 1])
     assert swapjax.sparsity_summary({"w": np.array([True, False, True, True])})["total"] == \
         {"kept": 3, "total": 4, "sparsity": 0.25}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(name=["mnist"]), r"name: unknown dataset \['mnist'\]"),
+        (dict(split=0), "split: expected a TFDS split spec"),
+        (dict(source=None), "source: must be one of"),
+        (dict(download="no"), "download: must be True or False"),
+        (dict(flatten=1), "flatten: must be True or False"),
+        (dict(image_size=True), "image_size: must be None or an integer ≥ 1"),
+        (dict(image_size=28.0), "image_size"),
+        (dict(examples=2.5), r"examples \(an int n, a slice or None\): must be"),
+        (dict(data_dir=7), "data_dir: expected a directory path"),
+    ],
+)
+def test_data_load_arguments_rejected_before_any_file_is_read(kwargs, match, tmp_path):
+    from swapjax import data
+
+    args = dict(dict(name="mnist", split="train", data_dir=tmp_path), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        data.load(**args)

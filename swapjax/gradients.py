@@ -1,6 +1,8 @@
 """Per-sample gradients X ∈ R^{N×p} of the prunable coordinates, and the gradient-noise model."""
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional
@@ -8,7 +10,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from . import checks, pytree
+from . import checks, layer_grads, pytree
 from .pytree import PyTree, Select
 
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -29,14 +31,72 @@ def batch_size(batch: PyTree) -> int:
     return n
 
 
-@partial(jax.jit, static_argnames=("loss_fn", "lay", "chunk_size"))
-def _per_sample_grads(loss_fn, params, batch, lay, chunk_size):
-    def loss_of_w(w, example):
-        return loss_fn(pytree.unflatten(w, params, lay), example)
+DEFAULT_CHUNK = 256  # examples per vectorised chunk; see per_sample_grads
 
-    w = pytree.flatten(params, lay)
-    value_and_grad_one = jax.value_and_grad(loss_of_w)  # the loss values come at no extra cost
-    return jax.lax.map(lambda ex: value_and_grad_one(w, ex), batch, batch_size=chunk_size)
+
+@partial(jax.jit, static_argnames=("loss_fn", "lay", "chunk_size", "fast", "progress"))
+def _per_sample_grads(loss_fn, params, batch, lay, chunk_size, fast, progress):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+
+    def loss_of_leaves(leaves, example):
+        return loss_fn(jax.tree_util.tree_unflatten(treedef, leaves), example)
+
+    selected = [i for i, s in enumerate(lay.selected) if s]
+    first = jax.tree_util.tree_map(lambda a: a[0], batch)
+    plan = layer_grads.plan(loss_of_leaves, leaves, first, selected, fast)
+
+    def row(example):  # (ℓ_i, g_i) for ONE example
+        value, grads = layer_grads.loss_and_grads(plan, leaves, example)
+        return value, jnp.concatenate([jnp.ravel(g).astype(lay.dtype) for g in grads])
+
+    return _map_chunks(row, batch, chunk_size, progress)
+
+
+def _map_chunks(row, batch, chunk_size, progress):
+    """``jax.lax.map(row, batch, batch_size=chunk_size)``, reporting each finished chunk if ``progress``."""
+    n = batch_size(batch)
+    chunks, rest = divmod(n, chunk_size)
+
+    def chunk(i, examples):
+        out = jax.vmap(row)(examples)
+        if progress:  # after the chunk's last gradient entry exists
+            jax.debug.callback(_PROGRESS.chunk_done, i, out[1][-1, -1])
+        return out
+
+    head = jax.tree_util.tree_map(lambda a: a[: chunks * chunk_size].reshape(chunks, chunk_size, *a.shape[1:]), batch)
+    out = jax.lax.map(lambda args: chunk(*args), (jnp.arange(chunks), head))
+    out = jax.tree_util.tree_map(lambda a: a.reshape(chunks * chunk_size, *a.shape[2:]), out)
+    if rest:
+        tail = chunk(chunks, jax.tree_util.tree_map(lambda a: a[chunks * chunk_size:], batch))
+        out = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), out, tail)
+    return out
+
+
+class _ChunkProgress:
+    """One line on stderr per ``interval`` seconds of gradient chunks (runs shorter stay silent),
+    and a last line for the final chunk of a run that printed any."""
+
+    interval = 5.0
+
+    def __init__(self):
+        self.begin(1, 1)
+
+    def begin(self, chunk_size: int, n: int) -> None:
+        self.size, self.n, self.chunks = chunk_size, n, -(-n // chunk_size)
+        self.start, self.last, self.printed = time.perf_counter(), 0.0, False
+
+    def chunk_done(self, i, _entry) -> None:
+        done = int(i) + 1
+        elapsed = time.perf_counter() - self.start
+        final = done == self.chunks
+        if (elapsed - self.last >= self.interval) or (final and self.printed):
+            print(f"[swapjax] per-sample gradients: chunk {done}/{self.chunks} "
+                  f"({min(self.n, done * self.size)}/{self.n} examples), "
+                  f"{elapsed:.1f} s", file=sys.stderr, flush=True)
+            self.last, self.printed = elapsed, True
+
+
+_PROGRESS = _ChunkProgress()
 
 
 def per_sample_grads(
@@ -44,20 +104,30 @@ def per_sample_grads(
     params: PyTree,
     batch: PyTree,
     select: Optional[Select] = None,
-    chunk_size: int = 256,
+    chunk_size: int = DEFAULT_CHUNK,
+    progress: bool = True,
+    fast: bool = True,
 ) -> jax.Array:
     """X ∈ R^{N×p}, row i = g_i = ∇_w ℓ(params, example_i) over the prunable coordinates.
 
     ``loss_fn(params, example)`` takes ONE example (no batch axis). Columns follow
-    the flat order of :mod:`swapjax.pytree`. Gradients are taken with
-    ``jax.vmap(jax.grad)`` over chunks of at most ``chunk_size`` examples
-    (``jax.lax.map(..., batch_size=...)``; the chunks are balanced, e.g. 4×250
-    for N = 1000, because a ragged last chunk costs a copy of X), so working
-    memory beyond the (N, p) result is O(chunk_size · p). Compiled once per
-    (loss_fn, shapes). ``select``: which leaves are prunable (default: the
-    arrays with ndim ≥ 2; see :func:`swapjax.pytree.layout`).
+    the flat order of :mod:`swapjax.pytree`. ``select``: which leaves are prunable
+    (default: the arrays with ndim ≥ 2; see :func:`swapjax.pytree.layout`).
+
+    How (``fast=True``): a kernel K used only by dense/conv layers y = op(x, K) gets its
+    per-example gradient from the layer input xᵢ and the output cotangent δᵢ of one
+    vectorised forward and backward pass: xᵢᵀδᵢ for a dense layer, the image patches of xᵢ
+    against δᵢ for a convolution (:mod:`swapjax.layer_grads`), about the cost of one
+    batched gradient. Any other prunable leaf (and every leaf with ``fast=False``) is
+    differentiated by ``jax.vmap(jax.grad)``. Both give the same X to float32 rounding.
+
+    Examples go in chunks of at most ``chunk_size`` (balanced: 4×250 for N = 1000, as a
+    ragged last chunk costs a copy of X), so working memory beyond the (N, p) result is
+    O(chunk_size · (p + activations of one example)). Compiled once per (loss_fn, shapes).
+    ``progress``: a line on stderr about every 5 s while chunks finish (silent for short
+    runs); False for none.
     """
-    return per_sample_losses_and_grads(loss_fn, params, batch, select, chunk_size)[1]
+    return per_sample_losses_and_grads(loss_fn, params, batch, select, chunk_size, progress, fast)[1]
 
 
 def per_sample_losses_and_grads(
@@ -65,15 +135,23 @@ def per_sample_losses_and_grads(
     params: PyTree,
     batch: PyTree,
     select: Optional[Select] = None,
-    chunk_size: int = 256,
+    chunk_size: int = DEFAULT_CHUNK,
+    progress: bool = True,
+    fast: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """(ℓ ∈ R^N, X ∈ R^{N×p}): the loss value of each example and :func:`per_sample_grads`, in one pass."""
     if not callable(loss_fn):
         raise ValueError(f"loss_fn: expected a function loss_fn(params, example) -> scalar, got {loss_fn!r}")
     n = batch_size(batch)
     chunk_size = checks.integer("chunk_size", chunk_size, 1)
-    balanced = -(-n // -(-n // chunk_size))  # equal chunks ≤ chunk_size: no ragged last chunk to copy in
-    losses, X = _per_sample_grads(loss_fn, params, batch, pytree.layout(params, select), balanced)
+    progress = checks.boolean("progress", progress)
+    fast = checks.boolean("fast", fast)
+    chunks = -(-n // chunk_size)
+    balanced = -(-n // chunks)  # equal chunks ≤ chunk_size: no ragged last chunk to copy in
+    if progress:
+        _PROGRESS.begin(balanced, n)
+    lay = pytree.layout(params, select)
+    losses, X = _per_sample_grads(loss_fn, params, batch, lay, balanced, fast, progress)
     if jnp.ndim(losses) != 1:
         raise ValueError(
             f"loss_fn: must return a scalar for ONE example, got shape {jnp.shape(losses)[1:]} per example"

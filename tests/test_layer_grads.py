@@ -1,0 +1,249 @@
+"""swapjax.layer_grads: per-example kernel gradients from layer inputs and output cotangents.
+
+Every figure is checked against an independent computation: ``jax.vjp`` of the convolution for
+the kernel-gradient formula, and one ``jax.grad`` per example (no vmap, no taps) for whole models.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax import lax
+
+import swapjax
+from swapjax import gradients, layer_grads, pytree
+from swapjax.models import LeNet5, MLPNet, MobileNetV1, ResNet20
+
+# ---------------------------------------------------------------- the convolution kernel gradient
+
+CONVS = {  # (x shape, kernel shape, conv_general_dilated keyword arguments)
+    "nhwc 3x3 same": ((2, 7, 6, 3), (3, 3, 3, 4), dict(window_strides=(1, 1), padding=((1, 1), (1, 1)))),
+    "stride 2, uneven padding": ((2, 8, 9, 3), (3, 2, 3, 5), dict(window_strides=(2, 3), padding=((0, 1), (2, 0)))),
+    "atrous (rhs dilation)": ((1, 9, 9, 2), (3, 3, 2, 3), dict(window_strides=(1, 1), padding=((2, 2), (1, 1)),
+                                                                 rhs_dilation=(2, 1))),
+    "transposed (lhs dilation)": ((2, 5, 4, 3), (3, 3, 3, 2), dict(window_strides=(1, 1), padding=((2, 2), (1, 2)),
+                                                                     lhs_dilation=(2, 2))),
+    "2 feature groups": ((2, 6, 6, 4), (3, 3, 2, 6), dict(window_strides=(1, 1), padding=((1, 1), (1, 1)),
+                                                            feature_group_count=2)),
+    "depthwise": ((2, 6, 6, 4), (3, 3, 1, 4), dict(window_strides=(2, 2), padding=((1, 1), (1, 1)),
+                                                     feature_group_count=4)),
+    "nchw / oihw": ((2, 3, 7, 6), (4, 3, 3, 2), dict(window_strides=(1, 2), padding=((1, 1), (0, 0)),
+                                                       dimension_numbers=("NCHW", "OIHW", "NCHW"))),
+    "1-d, negative padding": ((2, 11, 3), (4, 3, 2), dict(window_strides=(2,), padding=((-1, 2),),
+                                                            dimension_numbers=("NWC", "WIO", "NWC"))),
+    "3-d": ((1, 4, 5, 4, 2), (2, 3, 2, 2, 3), dict(window_strides=(1, 2, 1), padding=((1, 0), (1, 1), (0, 1)))),
+}
+
+
+def _conv_params(x, k, kw):
+    """The equation parameters of ``lax.conv_general_dilated(x, k, **kw)``, as a traced jaxpr records them."""
+    jaxpr = jax.make_jaxpr(lambda x, k: lax.conv_general_dilated(x, k, **kw))(x, k).jaxpr
+    (eqn,) = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    return dict(eqn.params)
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv_kernel_grad_equals_vjp_of_the_convolution(name):
+    xs, ks, kw = CONVS[name]
+    channels_last = {4: ("NHWC", "HWIO", "NHWC"), 5: ("NDHWC", "DHWIO", "NDHWC")}
+    kw = {"dimension_numbers": channels_last.get(len(xs)), **kw}
+    x = jax.random.normal(jax.random.key(0), xs)
+    k = jax.random.normal(jax.random.key(1), ks)
+    y, vjp = jax.vjp(lambda k: lax.conv_general_dilated(x, k, **kw), k)
+    delta = jax.random.normal(jax.random.key(2), y.shape)
+    params = _conv_params(x, k, kw)
+    dn = params["dimension_numbers"]
+    got = layer_grads.conv_kernel_grad(x, delta, {**params, "window": tuple(ks[i] for i in dn.rhs_spec[2:])})
+    np.testing.assert_allclose(got, vjp(delta)[0], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- whole models against a loop of jax.grad
+
+
+def _loop_reference(loss_fn, params, batch, select=None):
+    """(losses, X) from one jitted jax.grad per example: no vmap and no taps."""
+    lay = pytree.layout(params, select)
+    vg = jax.jit(jax.value_and_grad(loss_fn))
+    rows = [vg(params, jax.tree_util.tree_map(lambda a: a[i], batch)) for i in range(gradients.batch_size(batch))]
+    return np.array([float(v) for v, _ in rows]), np.stack([np.asarray(pytree.flatten(g, lay)) for _, g in rows])
+
+
+def _plan(loss_fn, params, batch, select=None):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    selected = [i for i, s in enumerate(pytree.layout(params, select).selected) if s]
+    return layer_grads.plan(lambda lv, ex: loss_fn(jax.tree_util.tree_unflatten(treedef, lv), ex), leaves,
+                            jax.tree_util.tree_map(lambda a: a[0], batch), selected)
+
+
+def _check(loss_fn, params, batch, select=None, all_fast=True, chunk_size=2):
+    """Taps (the default), vmap(grad) (fast=False) and the loop agree; returns the plan."""
+    ref_losses, ref = _loop_reference(loss_fn, params, batch, select)
+    scale = float(np.max(np.abs(ref)))
+    assert scale > 0 and not np.allclose(ref[0], ref[1])
+    for fast in (True, False):
+        losses, X = gradients.per_sample_losses_and_grads(loss_fn, params, batch, select, chunk_size,
+                                                          progress=False, fast=fast)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(X, ref, rtol=1e-4, atol=2e-5 * scale)
+    pl = _plan(loss_fn, params, batch, select)
+    if all_fast:
+        assert pl.slow == () and len(pl.fast) == len(pl.selected)
+    return pl
+
+
+def _image_batch(shape, n=3, classes=10):
+    return {"x": jax.random.normal(jax.random.key(5), (n,) + shape), "y": jnp.arange(n) % classes}
+
+
+def _xent(model, variables_of):
+    def loss(params, ex):
+        logits = model.apply(variables_of(params), ex["x"][None])[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ex["y"])
+    return loss
+
+
+def test_mlpnet_taps_equal_the_loop():
+    model = MLPNet()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 784)))["params"]
+    pl = _check(_xent(model, lambda p: {"params": p}), params, _image_batch((784,)))
+    assert len(pl.taps) == 3
+
+
+def test_lenet5_taps_equal_the_loop():
+    model = LeNet5()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    pl = _check(_xent(model, lambda p: {"params": p}), params, _image_batch((28, 28, 1)))
+    assert sorted(t.primitive.name for t in pl.taps) == ["conv_general_dilated"] * 2 + ["dot_general"] * 3
+
+
+def test_mobilenet_small_taps_equal_the_loop():
+    """Depthwise (feature groups = channels), pointwise and strided convs, BN in inference mode."""
+    model = MobileNetV1(width=0.25, num_classes=10, small_input=True, blocks=((16, 1), (32, 2), (32, 1)))
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    stats = variables["batch_stats"]
+    _check(_xent(model, lambda p: {"params": p, "batch_stats": stats}), variables["params"], _image_batch((16, 16, 3)))
+
+
+def test_resnet20_every_kernel_is_tapped():
+    """ResNet20's 22 kernels (19 convs, 2 shortcuts, fc) all take the fast path; the numbers of the
+    default call are checked against a loop in test_models_cnn, and the two paths in a slow test."""
+    model = ResNet20()
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    variables = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
+    loss = _xent(model, lambda p: {"params": p, "batch_stats": variables["batch_stats"]})
+    pl = _plan(loss, variables["params"], _image_batch((32, 32, 3), n=1))
+    assert len(pl.fast) == len(pl.selected) == 22 and pl.slow == () and len(pl.taps) == 22
+
+
+@pytest.mark.slow
+def test_resnet20_taps_equal_the_loop():
+    model = ResNet20()
+    variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), jnp.zeros((1, 32, 32, 3)))
+    x = 1.0 + 2.0 * jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    _, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    loss = _xent(model, lambda p: {"params": p, "batch_stats": upd["batch_stats"]})
+    _check(loss, variables["params"], _image_batch((32, 32, 3)))
+
+
+# ---------------------------------------------------------------- user-written models
+
+
+class _UserNet(nn.Module):
+    """A conv used twice (shared kernel), a kernel used through a reshape, a masked kernel (not a
+    tap use), a plain `W @ x` with the kernel on the left, and an NCHW convolution."""
+
+    @nn.compact
+    def __call__(self, x):  # x: (8, 8, 2), ONE example
+        conv = nn.Conv(3, (3, 3), padding="SAME", name="shared")
+        h = jnp.tanh(conv(jnp.tanh(conv(jnp.concatenate([x, x[..., :1]], -1)))))  # 3 → 3 channels, twice
+        w = self.param("nchw", nn.initializers.lecun_normal(), (4, 3, 2, 2))
+        h = lax.conv_general_dilated(h.transpose(2, 0, 1)[None], w, (2, 2), "VALID",
+                                     dimension_numbers=("NCHW", "OIHW", "NCHW"))[0]  # (4, 4, 4)
+        flat = jnp.tanh(h.reshape(-1))
+        left = self.param("left", nn.initializers.lecun_normal(), (5, 64))
+        mask = jnp.arange(5 * 64).reshape(5, 64) % 3 != 0
+        masked = self.param("masked", nn.initializers.lecun_normal(), (5, 64))
+        z = jnp.tanh(left @ flat) + jnp.tanh((masked * mask) @ flat)
+        return nn.Dense(4, name="head")(z)
+
+
+def test_user_linen_model_taps_and_fallback():
+    model = _UserNet()
+    params = model.init(jax.random.key(0), jnp.zeros((8, 8, 2)))["params"]
+    batch = {"x": jax.random.normal(jax.random.key(3), (5, 8, 8, 2)), "y": jnp.arange(5) % 4}
+
+    def loss(p, ex):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, ex["x"]), ex["y"])
+
+    pl = _check(loss, params, batch, all_fast=False)
+    names = dict(zip(pl.selected, pytree.layout(params).names))
+    assert sorted(names[i] for i in pl.fast) == ["head/kernel", "left", "nchw", "shared/kernel"]
+    assert [names[i] for i in pl.slow] == ["masked"]
+    assert sum(names[t.leaf] == "shared/kernel" for t in pl.taps) == 2
+    # biases too (vmap(grad) for them, in the same pass as the taps)
+    _check(loss, params, batch, select=swapjax.allow_vectors(lambda path, leaf: True), all_fast=False, chunk_size=3)
+
+
+class _NnxConvNet(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(2, 4, (3, 3), strides=(2, 2), rngs=rngs)
+        self.dw = nnx.Conv(4, 4, (3, 3), feature_group_count=4, use_bias=False, rngs=rngs)
+        self.out = nnx.Linear(4 * 4 * 4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.dw(nnx.relu(self.conv(x))))
+        return self.out(h.reshape(-1))
+
+
+def test_nnx_model_taps_equal_the_loop():
+    graphdef, state, rest = nnx.split(_NnxConvNet(nnx.Rngs(0)), nnx.Param, ...)
+
+    def loss(st, ex):
+        return 0.5 * jnp.sum((nnx.merge(graphdef, st, rest)(ex["x"]) - ex["y"]) ** 2)
+
+    batch = {"x": jax.random.normal(jax.random.key(1), (4, 8, 8, 2)), "y": jax.random.normal(jax.random.key(2), (4, 3))}
+    pl = _check(loss, state, batch)
+    assert len(pl.taps) == 3
+
+
+def test_kernel_in_a_scan_falls_back_to_vmap_grad():
+    """A kernel used inside lax.scan is not followed: that leaf goes to vmap(grad), the others stay fast."""
+    params = {"cell": jax.random.normal(jax.random.key(0), (4, 4)) / 2, "head": jax.random.normal(jax.random.key(1), (4, 2))}
+
+    def loss(p, ex):
+        h, _ = lax.scan(lambda h, x: (jnp.tanh(h @ p["cell"] + x), None), jnp.zeros(4), ex["x"])
+        return jnp.sum((h @ p["head"] - ex["y"]) ** 2)
+
+    batch = {"x": jax.random.normal(jax.random.key(2), (5, 3, 4)), "y": jax.random.normal(jax.random.key(3), (5, 2))}
+    pl = _check(loss, params, batch, all_fast=False)
+    assert pl.slow == (0,) and pl.fast == frozenset({1})
+
+
+def test_interpreter_failure_warns_and_uses_vmap_grad(monkeypatch, trained_mlp, prune_batch, loss_fn):
+    def broken(*args, **kwargs):
+        raise NotImplementedError("a primitive this JAX cannot replay")
+
+    monkeypatch.setattr(layer_grads, "_interpret", broken)
+    batch = jax.tree_util.tree_map(lambda a: a[:4], prune_batch)
+    with pytest.warns(RuntimeWarning, match="layer taps unavailable .*NotImplementedError"):
+        X = gradients.per_sample_grads(lambda p, ex: loss_fn(p, ex) * 1.0, trained_mlp, batch, progress=False)
+    np.testing.assert_allclose(X, _loop_reference(loss_fn, trained_mlp, batch)[1], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- progress
+
+
+def test_progress_reports_chunks_and_is_silenced(monkeypatch, capfd, trained_mlp, prune_batch, loss_fn):
+    monkeypatch.setattr(gradients._PROGRESS, "interval", 0.0)  # every chunk
+    jax.block_until_ready(gradients.per_sample_grads(loss_fn, trained_mlp, prune_batch, chunk_size=16))
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if "per-sample gradients" in ln]
+    assert len(lines) == 3
+    for i, line in enumerate(lines, start=1):
+        assert line.startswith(f"[swapjax] per-sample gradients: chunk {i}/3 ({16 * i}/48 examples), ")
+        assert line.endswith(" s")
+    jax.block_until_ready(gradients.per_sample_grads(loss_fn, trained_mlp, prune_batch, chunk_size=16, progress=False))
+    assert "per-sample gradients" not in capfd.readouterr().err

@@ -45,31 +45,43 @@ def _per_sample_grads(loss_fn, params, batch, lay, chunk_size, fast, progress):
     first = jax.tree_util.tree_map(lambda a: a[0], batch)
     plan = layer_grads.plan(loss_of_leaves, leaves, first, selected, fast)
 
-    def row(example):  # (ℓ_i, g_i) for ONE example
-        value, grads = layer_grads.loss_and_grads(plan, leaves, example)
-        return value, jnp.concatenate([jnp.ravel(g).astype(lay.dtype) for g in grads])
+    def rows(examples):  # (ℓ, [∂ℓ/∂leaf]) for a chunk of examples, each on its own
+        return jax.vmap(lambda ex: layer_grads.loss_and_grads(plan, leaves, ex))(examples)
 
-    return _map_chunks(row, batch, chunk_size, progress)
+    return _fill_chunks(rows, batch, lay, chunk_size, progress)
 
 
-def _map_chunks(row, batch, chunk_size, progress):
-    """``jax.lax.map(row, batch, batch_size=chunk_size)``, reporting each finished chunk if ``progress``."""
+def _fill_chunks(rows, batch, lay, chunk_size, progress):
+    """(ℓ ∈ R^N, X ∈ R^{N×p}) by chunks of ``chunk_size`` examples (and one shorter last chunk).
+
+    Each chunk's leaf gradients are written in place into X at (first example, leaf offset):
+    no concatenated row and no stacked copy of X. With ``progress``, each finished chunk is
+    reported on the host.
+    """
     n = batch_size(batch)
     chunks, rest = divmod(n, chunk_size)
 
-    def chunk(i, examples):
-        out = jax.vmap(row)(examples)
-        if progress:  # after the chunk's last gradient entry exists
-            jax.debug.callback(_PROGRESS.chunk_done, i, out[1][-1, -1])
-        return out
+    def fill(i, carry, examples):
+        losses, X = carry
+        values, grads = rows(examples)
+        size, start = jnp.shape(values)[0], i * chunk_size
+        losses = jax.lax.dynamic_update_slice(losses, values, (start,))
+        for g, offset in zip(grads, lay.offsets):
+            X = jax.lax.dynamic_update_slice(X, g.reshape(size, -1).astype(lay.dtype), (start, offset))
+        if progress:  # after the chunk's last entry of X is written
+            jax.debug.callback(_PROGRESS.chunk_done, i, X[start + size - 1, -1])
+        return losses, X
 
-    head = jax.tree_util.tree_map(lambda a: a[: chunks * chunk_size].reshape(chunks, chunk_size, *a.shape[1:]), batch)
-    out = jax.lax.map(lambda args: chunk(*args), (jnp.arange(chunks), head))
-    out = jax.tree_util.tree_map(lambda a: a.reshape(chunks * chunk_size, *a.shape[2:]), out)
+    def take(a, i, size):
+        return jax.lax.dynamic_slice_in_dim(a, i * chunk_size, size)
+
+    values = jax.eval_shape(rows, jax.tree_util.tree_map(lambda a: a[:1], batch))[0]
+    carry = (jnp.zeros((n,), values.dtype), jnp.zeros((n, lay.size), lay.dtype))
+    carry = jax.lax.fori_loop(
+        0, chunks, lambda i, c: fill(i, c, jax.tree_util.tree_map(lambda a: take(a, i, chunk_size), batch)), carry)
     if rest:
-        tail = chunk(chunks, jax.tree_util.tree_map(lambda a: a[chunks * chunk_size:], batch))
-        out = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), out, tail)
-    return out
+        carry = fill(chunks, carry, jax.tree_util.tree_map(lambda a: a[chunks * chunk_size:], batch))
+    return carry
 
 
 class _ChunkProgress:

@@ -78,8 +78,15 @@ def _inline_body(eqn):
     return (body.jaxpr, body.consts) if isinstance(body, jcore.ClosedJaxpr) else (body, ())
 
 
+def _run(jaxpr, consts, args, origins, trace: _Trace):
+    """The outputs of ``jaxpr``; a kernel returned as it is counts as a use that is not a tap."""
+    outs, out_origins = _interpret(jaxpr, consts, args, origins, trace)
+    trace.other_use.update(o[0] for o in out_origins if o is not None)
+    return outs
+
+
 def _interpret(jaxpr, consts, args, origins, trace: _Trace):
-    """Evaluate ``jaxpr``; ``origins[i]`` = (leaf, chain) when args[i] is a tapped kernel."""
+    """(outputs, their origins) of ``jaxpr``; origin (leaf, chain) marks a value K = chain(leaf)."""
     env, origin = {}, {}
     for v, x in zip(jaxpr.constvars, consts):
         env[v] = x
@@ -89,16 +96,17 @@ def _interpret(jaxpr, consts, args, origins, trace: _Trace):
             origin[v] = o
     for eqn in jaxpr.eqns:
         invals = [_read(env, v) for v in eqn.invars]
-        kin = [(i, origin[v]) for i, v in enumerate(eqn.invars) if not isinstance(v, jcore.Literal) and v in origin]
+        kin = [(i, o) for i, o in enumerate(_origin(origin, v) for v in eqn.invars) if o is not None]
         outs, out_origins = _step(eqn, invals, kin, trace)
         for v, x, o in zip(eqn.outvars, outs, out_origins):
             env[v] = x
             if o is not None:
                 origin[v] = o
-    for v in jaxpr.outvars:
-        if not isinstance(v, jcore.Literal) and v in origin:
-            trace.other_use.add(origin[v][0])
-    return [_read(env, v) for v in jaxpr.outvars]
+    return [_read(env, v) for v in jaxpr.outvars], [_origin(origin, v) for v in jaxpr.outvars]
+
+
+def _origin(origin, v):
+    return None if isinstance(v, jcore.Literal) else origin.get(v)
 
 
 def _step(eqn, invals, kin, trace):
@@ -115,7 +123,7 @@ def _step(eqn, invals, kin, trace):
         origins = [None] * len(invals)
         for i, o in kin:
             origins[i] = o
-        return _interpret(body, consts, invals, origins, trace), nothing
+        return _interpret(body, consts, invals, origins, trace)
     if _tappable(eqn, kin):
         return [_tap(eqn, invals, kin[0], trace)], nothing
     trace.other_use.update(o[0] for _, o in kin)
@@ -240,7 +248,7 @@ def plan(loss: Callable, leaves: Sequence, example, selected: Sequence[int], fas
     origins = _origins(len(leaves), len(jaxpr.invars), set(selected))
     trace = _Trace()
     try:
-        jax.eval_shape(lambda *args: _interpret(jaxpr, closed.consts, args, origins, trace),
+        jax.eval_shape(lambda *args: _run(jaxpr, closed.consts, args, origins, trace),
                        *[jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in jaxpr.invars])
     except Exception as err:  # noqa: BLE001 - any primitive the interpreter cannot replay
         warnings.warn(f"per-sample gradients: layer taps unavailable ({type(err).__name__}: {err}); "
@@ -269,7 +277,7 @@ def loss_and_grads(pl: Plan, leaves: Sequence, example):
             return pl.loss(vals, example), []
         args = vals + jax.tree_util.tree_leaves(example)
         trace = _Trace(perts=perts)
-        (out,) = _interpret(pl.jaxpr, pl.consts, args, _origins(len(vals), len(args), pl.fast), trace)
+        (out,) = _run(pl.jaxpr, pl.consts, args, _origins(len(vals), len(args), pl.fast), trace)
         return out, trace.captured
 
     (value, xs), (g_slow, deltas) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(

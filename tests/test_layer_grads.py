@@ -53,12 +53,17 @@ def test_conv_kernel_grad_equals_vjp_of_the_convolution(name):
     kw = {"dimension_numbers": channels_last.get(len(xs)), **kw}
     x = jax.random.normal(jax.random.key(0), xs)
     k = jax.random.normal(jax.random.key(1), ks)
-    y, vjp = jax.vjp(lambda k: lax.conv_general_dilated(x, k, **kw), k)
-    delta = jax.random.normal(jax.random.key(2), y.shape)
     params = _conv_params(x, k, kw)
-    dn = params["dimension_numbers"]
-    got = layer_grads.conv_kernel_grad(x, delta, {**params, "window": tuple(ks[i] for i in dn.rhs_spec[2:])})
-    np.testing.assert_allclose(got, vjp(delta)[0], rtol=1e-5, atol=1e-5)
+    window = tuple(ks[i] for i in params["dimension_numbers"].rhs_spec[2:])
+
+    @jax.jit  # one compilation each, instead of one per operation
+    def both(x, k, delta):
+        reference = jax.vjp(lambda k: lax.conv_general_dilated(x, k, **kw), k)[1](delta)[0]
+        return layer_grads.conv_kernel_grad(x, delta, {**params, "window": window}), reference
+
+    delta = jax.random.normal(jax.random.key(2), jax.eval_shape(lambda: lax.conv_general_dilated(x, k, **kw)).shape)
+    got, reference = both(x, k, delta)
+    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- whole models against a loop of jax.grad
@@ -79,8 +84,10 @@ def _plan(loss_fn, params, batch, select=None):
                             jax.tree_util.tree_map(lambda a: a[0], batch), selected)
 
 
-def _check(loss_fn, params, batch, select=None, all_fast=True, chunk_size=2):
-    """Taps (the default), vmap(grad) (fast=False) and the loop agree; returns the plan."""
+def _check(loss_fn, params, batch, select=None, all_fast=True, chunk_size=None):
+    """Taps (the default), vmap(grad) (fast=False) and the loop agree; returns the plan.
+    One chunk of all examples by default (one compiled copy of the model per path)."""
+    chunk_size = chunk_size or gradients.batch_size(batch)
     ref_losses, ref = _loop_reference(loss_fn, params, batch, select)
     scale = float(np.max(np.abs(ref)))
     assert scale > 0 and not np.allclose(ref[0], ref[1])
@@ -152,9 +159,12 @@ def test_resnet20_taps_equal_the_loop():
 # ---------------------------------------------------------------- user-written models
 
 
+_as_f32 = jax.jit(lambda k: k.astype(jnp.float32))  # a kernel passed through a jitted helper
+
+
 class _UserNet(nn.Module):
-    """A conv used twice (shared kernel), a kernel used through a reshape, a masked kernel (not a
-    tap use), a plain `W @ x` with the kernel on the left, and an NCHW convolution."""
+    """A conv used twice (shared kernel), a masked kernel (not a tap use), a plain `W @ x` with
+    the kernel on the left (through a jitted cast), and an NCHW convolution."""
 
     @nn.compact
     def __call__(self, x):  # x: (8, 8, 2), ONE example
@@ -167,7 +177,7 @@ class _UserNet(nn.Module):
         left = self.param("left", nn.initializers.lecun_normal(), (5, 64))
         mask = jnp.arange(5 * 64).reshape(5, 64) % 3 != 0
         masked = self.param("masked", nn.initializers.lecun_normal(), (5, 64))
-        z = jnp.tanh(left @ flat) + jnp.tanh((masked * mask) @ flat)
+        z = jnp.tanh(_as_f32(left) @ flat) + jnp.tanh((masked * mask) @ flat)
         return nn.Dense(4, name="head")(z)
 
 

@@ -248,7 +248,7 @@ def test_interpreter_failure_warns_and_uses_vmap_grad(monkeypatch, trained_mlp, 
 
 
 def test_progress_reports_chunks_and_is_silenced(monkeypatch, capfd, trained_mlp, prune_batch, loss_fn):
-    monkeypatch.setattr(gradients._PROGRESS, "interval", 0.0)  # every chunk
+    monkeypatch.setattr(gradients._ChunkProgress, "interval", 0.0)  # every chunk
     jax.block_until_ready(gradients.per_sample_grads(loss_fn, trained_mlp, prune_batch, chunk_size=16))
     lines = [ln for ln in capfd.readouterr().err.splitlines() if "per-sample gradients" in ln]
     assert len(lines) == 3

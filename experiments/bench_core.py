@@ -23,8 +23,14 @@ apart; then the median of the repeats):
   method=SWAP(), progress=False)`` and the same with ``LR()``; per-stage
   gradient/solve seconds and iteration counts from ``result.info``.
 
-Writes JSON (atomically) to --out and the table into docs/benchmarks.md
-between the bench_core markers.
+ResNet20 part (``--parts resnet20``):
+per-sample gradients of the 270,896 conv+fc weights for N = 1000 CIFAR-shaped examples with the
+default call, against one batched ``jax.grad`` of the mean loss over the same examples (the floor);
+a ``torch.func.vmap(grad)`` column where PyTorch happens to be importable (never a dependency).
+
+Writes JSON (atomically) to --out (MLPNet) and --resnet-out (ResNet20), and the tables into
+docs/benchmarks.md between the bench_core markers (one pair per part). Rerun one part alone
+with ``--parts mlpnet`` or ``--parts resnet20``, ideally on an idle machine.
 """
 from __future__ import annotations
 
@@ -396,7 +402,7 @@ and {first_lr:.1f} s for LR (LR reuses the gradient and backsolve compilations m
 What is timed:
 
 - *per-sample gradients*: `swapjax.per_sample_grads(loss_fn, params, batch)` at the dense
-  weights, one cross-entropy gradient per example, chunks of 256.
+  weights, one cross-entropy gradient per example, default chunks ({swapjax.gradients.DEFAULT_CHUNK}).
 - *Sinkhorn*: `swapjax.transport.sinkhorn_plan(y, z, ε)` on the stage-2 problem of the
   prune (y = X₂w̄, z = X₂w₁ with w₁ the magnitude-pruned weights of the first pruning stage, X₂ the
   gradients there; threshold 1e-3); *warm* passes `init=` the duals of the stage-1 problem
@@ -428,18 +434,204 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def write_doc(path: Path, section: str) -> None:
+def write_doc(path: Path, section: str, begin: str = DOC_BEGIN, end: str = DOC_END) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = path.read_text() if path.exists() else "# Benchmarks\n\nFigures measured by the scripts in `experiments/`; regenerate, do not edit by hand.\n"
-    if DOC_BEGIN in text and DOC_END in text:
-        head, rest = text.split(DOC_BEGIN, 1)
-        tail = rest.split(DOC_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
         text = head + section + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- ResNet20: per-sample gradients vs the floor
+
+RESNET_BEGIN = "<!-- bench_core:resnet20:begin (written by experiments/bench_core.py) -->"
+RESNET_END = "<!-- bench_core:resnet20:end -->"
+TARGET_RESNET_RATIO = 2.0  # per-sample gradients ≤ 2 × one batched gradient over the same examples
+RESNET_WEIGHTS = 270_896  # conv + fc kernels
+
+
+def resnet20_problem(n: int, seed: int):
+    """(loss_fn of ONE example, params, batch, batched mean loss, description): ResNet20 at random
+    init, BN running statistics from one train-mode pass, x ~ N(0, 1) CIFAR-shaped, labels uniform."""
+    import optax
+
+    from swapjax.models import ResNet20
+
+    model = ResNet20()
+    variables = jax.jit(model.init)(jax.random.key(seed, impl="rbg"), jnp.zeros((1, 32, 32, 3)))
+    kx, ky = jax.random.split(jax.random.key(seed + 1))
+    batch = {"x": jax.random.normal(kx, (n, 32, 32, 3)), "y": jax.random.randint(ky, (n,), 0, 10)}
+    _, upd = model.apply(variables, batch["x"][:256], train=True, mutable=["batch_stats"])
+    stats = upd["batch_stats"]
+
+    def loss_fn(params, example):  # BN in inference mode, as for pruning
+        logits = model.apply({"params": params, "batch_stats": stats}, example["x"][None])[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, example["y"])
+
+    def mean_loss(params, batch):  # the same model on the whole batch at once
+        logits = model.apply({"params": params, "batch_stats": stats}, batch["x"])
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]))
+
+    desc = (f"ResNet20() at random init (jax.random.key({seed}, impl='rbg')), BN running statistics from one "
+            f"train-mode pass over 256 of the inputs; x ~ N(0, 1) of shape (32, 32, 3), labels uniform in 0..9 "
+            f"(jax.random.key({seed + 1}))")
+    return loss_fn, variables["params"], batch, mean_loss, desc
+
+
+def timed_interleaved(fns: dict, repeats: int) -> dict:
+    """{name: summary} of each function's first call, then ``repeats`` rounds calling each in turn
+    (so that a change of load hits every column alike)."""
+    firsts = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        firsts[name] = time.perf_counter() - t0
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: summary(firsts[name], times[name]) for name in fns}
+
+
+def torch_resnet20(n: int, repeats: int, seed: int):
+    """{name: summary} for PyTorch's ``torch.func.vmap(grad)`` per-sample gradients of the same
+    architecture's 270,896 kernel weights (eval-mode BN, one flat (N, p) tensor) and one batched
+    backward; None where torch cannot be imported (it is never a dependency of swapjax)."""
+    try:
+        import torch
+        from torch import nn
+        from torch.func import functional_call, grad, vmap
+    except ImportError:
+        return None
+    torch.manual_seed(seed)
+
+    def conv_bn(cin, cout, k, stride):
+        return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.a, self.b = conv_bn(cin, cout, 3, stride), conv_bn(cout, cout, 3, 1)
+            self.short = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
+
+        def forward(self, x):
+            return torch.relu(self.b(torch.relu(self.a(x))) + self.short(x))
+
+    layers, cin = [conv_bn(3, 16, 3, 1), nn.ReLU()], 16
+    for stage, width in enumerate((16, 32, 64)):
+        for block in range(3):
+            layers.append(Block(cin, width, 2 if stage > 0 and block == 0 else 1))
+            cin = width
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    x, y = torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))
+    weights = {k: v.detach() for k, v in model.named_parameters() if v.ndim >= 2}
+    assert sum(v.numel() for v in weights.values()) == RESNET_WEIGHTS
+    rest = {k: v.detach() for k, v in model.named_parameters() if v.ndim < 2}
+    rest.update(dict(model.named_buffers()))
+
+    def loss(w, xi, yi):
+        out = functional_call(model, {**rest, **w}, (xi[None],))
+        return nn.functional.cross_entropy(out, yi[None])
+
+    per_example = vmap(grad(loss), in_dims=(None, 0, 0))
+
+    def per_sample():
+        g = per_example(weights, x, y)
+        return torch.cat([g[k].reshape(n, -1) for k in weights], dim=1)
+
+    def batched():
+        for p in model.parameters():
+            p.grad = None
+        nn.functional.cross_entropy(model(x), y).backward()
+
+    return timed_interleaved({"torch_per_sample": per_sample, "torch_batched": batched}, repeats)
+
+
+def bench_resnet20(args, argv):
+    """Time the ResNet20 part and write its JSON and docs section."""
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    loss_fn, params, batch, mean_loss, desc = resnet20_problem(args.resnet_n, args.seed)
+    batched_grad = jax.jit(jax.grad(mean_loss))
+    fns = {"per_sample": lambda: swapjax.per_sample_grads(loss_fn, params, batch, progress=False),
+           "batched": lambda: batched_grad(params, batch)}
+    for c in filter(None, args.resnet_chunks.split(",")):
+        fns[f"per_sample_chunk_{int(c)}"] = (
+            lambda c=int(c): swapjax.per_sample_grads(loss_fn, params, batch, chunk_size=c, progress=False))
+    meter = CpuMeter()
+    res = timed_interleaved(fns, args.resnet_repeats)
+    if args.resnet_vmap:
+        res.update(timed_interleaved({"per_sample_vmap": lambda: swapjax.per_sample_grads(
+            loss_fn, params, batch, progress=False, fast=False)}, 1))
+    share = meter.other_share()
+    torch_res = torch_resnet20(args.resnet_n, args.resnet_repeats, args.seed)
+    ratio = res["per_sample"]["median_s"] / res["batched"]["median_s"]
+    out = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "argv": (" " + " ".join(argv)) if argv else "",
+        "machine": {**machine_info(), "loadavg_at_start": load_start},
+        "config": {"n": args.resnet_n, "repeats": args.resnet_repeats, "problem": desc,
+                   "default_chunk_size": swapjax.gradients.DEFAULT_CHUNK},
+        "other_cpu_share": share,
+        "ratio_per_sample_to_batched": ratio,
+        "target": {"ratio": TARGET_RESNET_RATIO,
+                   "verdict": ("PASS" if ratio <= TARGET_RESNET_RATIO else "MISS") if args.resnet_n == 1000 else "n/a"},
+        "jax": res, "torch": torch_res,
+    }
+    path = args.resnet_out if args.resnet_out.is_absolute() else Path.cwd() / args.resnet_out
+    write_json_atomic(path, out)
+    section = resnet20_section(out, os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else str(path))
+    print(section)
+    if not args.no_doc:
+        write_doc(args.doc, section, RESNET_BEGIN, RESNET_END)
+    return out
+
+
+def resnet20_section(r, json_path) -> str:
+    m, c, j, t = r["machine"], r["config"], r["jax"], r["torch"]
+    floor = j["batched"]["median_s"]
+    chunk, n = c["default_chunk_size"], c["n"]
+    chunks = -(-n // chunk)
+    labels = {"per_sample": f"`per_sample_grads` (default call: chunk_size = {chunk}, {chunks} × {-(-n // chunks)})",
+              "batched": "one batched `jax.grad` of the mean loss (the floor)",
+              "per_sample_vmap": "`per_sample_grads(..., fast=False)`: `vmap(grad)` for every kernel"}
+    rows = ["| what | compile (first − median) | median (min) | × batched |", "| --- | ---: | ---: | ---: |"]
+    for name, s in j.items():
+        label = labels.get(name) or f"`per_sample_grads(..., chunk_size={name.rsplit('_', 1)[1]})`"
+        bold = "**" if name == "per_sample" else ""
+        rows.append(f"| {label} | {s['compile_s']:.1f} s | {bold}{s['median_s']:.2f} s{bold} ({s['min_s']:.2f} s) "
+                    f"| {bold}{s['median_s'] / floor:.2f}{bold} |")
+    if t:
+        tb = t["torch_batched"]["median_s"]
+        rows += [f"| PyTorch `torch.func.vmap(grad)`, same architecture | | {t['torch_per_sample']['median_s']:.2f} s "
+                 f"({t['torch_per_sample']['min_s']:.2f} s) | {t['torch_per_sample']['median_s'] / floor:.2f} "
+                 f"({t['torch_per_sample']['median_s'] / tb:.1f} × PyTorch's batched) |",
+                 f"| PyTorch one batched backward | | {tb:.2f} s ({t['torch_batched']['min_s']:.2f} s) | {tb / floor:.2f} |"]
+    torch_note = ("PyTorch figures: eval-mode BN, the per-sample gradients concatenated into one (N, p) tensor, "
+                  "default threads." if t else "PyTorch was not importable, so it has no column (it is optional).")
+    return f"""{RESNET_BEGIN}
+## Per-sample gradients of ResNet20, N = {n}
+
+Measured {r['date']} on {m['cpu']}, {m['cpus_usable']} usable CPU cores, JAX {m['jax']}, backend `{m['backend']}`;
+load average at the start {', '.join(f'{x:.1f}' for x in m['loadavg_at_start'] or [])}; other processes used
+{_share(r['other_cpu_share'])} of the machine's CPU time during the JAX timings.
+
+Command: `.venv/bin/python experiments/bench_core.py{r['argv']}`; raw figures in `{json_path}`.
+Problem: {c['problem']}. X is ({n}, {RESNET_WEIGHTS:,}): the 3×3 and 1×1 conv kernels and the fc kernel.
+Medians of {c['repeats']} rounds after a first (compiling) call; in each round every column runs once.
+
+{chr(10).join(rows)}
+
+Target: per-sample gradients ≤ {TARGET_RESNET_RATIO:g} × one batched gradient: **{r['target']['verdict']}**
+({r['ratio_per_sample_to_batched']:.2f} ×). {torch_note}
+{RESNET_END}"""
 
 
 def main(argv=None):
@@ -455,9 +647,28 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "experiments/results/bench_core.json")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs/benchmarks.md")
     ap.add_argument("--no-doc", action="store_true", help="do not update the table in --doc")
+    ap.add_argument("--parts", default="mlpnet,resnet20",
+                    help="comma-separated parts to measure: mlpnet, resnet20 (default both)")
+    ap.add_argument("--resnet-n", type=int, default=1000, help="N for the ResNet20 part (default 1000)")
+    ap.add_argument("--resnet-repeats", type=int, default=3, help="timed repeats in the ResNet20 part (default 3)")
+    ap.add_argument("--resnet-chunks", default="",
+                    help="also time per_sample_grads at these comma-separated chunk sizes (ResNet20)")
+    ap.add_argument("--resnet-vmap", action="store_true",
+                    help="also time the vmap(grad) path (fast=False) once: minutes at N = 1000")
+    ap.add_argument("--resnet-out", type=Path, default=ROOT / "experiments/results/bench_core_resnet20.json")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.prune_repeats < 1:
         ap.error("--repeats and --prune-repeats must be ≥ 1")
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"mlpnet", "resnet20"}:
+        ap.error(f"--parts: expected mlpnet and/or resnet20, got {args.parts!r}")
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if "resnet20" in parts:
+        bench_resnet20(args, argv)
+    return bench_mlpnet(args, argv) if "mlpnet" in parts else None
+
+
+def bench_mlpnet(args, argv):
 
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     batch, data_desc = load_batch(args.n, args.seed)
@@ -479,7 +690,7 @@ def main(argv=None):
     print(f"LR prune: {lrr['median_s']:.2f} s (first call {lrr['first_call_s']:.1f} s)", flush=True)
 
     out = args.out if args.out.is_absolute() else Path.cwd() / args.out
-    extra = [a for a in (argv if argv is not None else sys.argv[1:])]
+    extra = argv
     res = {
         "contended": None,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

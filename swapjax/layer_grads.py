@@ -8,7 +8,7 @@ the forward pass) and the cotangents δᵢ (from the backward pass of the data, 
 zero perturbations e added to each layer's output, y + e), and one batched matrix product per
 layer. ``jax.vmap(jax.grad)`` instead builds the kernel gradient of each example inside the
 backward pass, which for convolutions becomes a grouped convolution with one group per example
-(about 10× a batched gradient on CPU).
+(slow on CPU: several times a batched gradient).
 
 How: the loss of ONE example is traced to a jaxpr with every parameter leaf as an input. A
 selected leaf takes the fast path when every use of it is a *tap*: a ``dot_general`` or
@@ -239,9 +239,7 @@ def plan(loss: Callable, leaves: Sequence, example, selected: Sequence[int], fas
     generic = Plan(loss, tuple(selected))
     if not fast:
         return generic
-    structs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
-                                     (list(leaves), example))
-    closed = jax.make_jaxpr(loss)(*structs)
+    closed = jax.make_jaxpr(loss)(*jax.tree_util.tree_map(_struct, (list(leaves), example)))
     jaxpr = closed.jaxpr
     if len(jaxpr.outvars) != 1 or jnp.shape(jaxpr.outvars[0].aval) != ():
         return generic  # not a scalar: grad gives the error

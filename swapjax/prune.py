@@ -84,7 +84,7 @@ def prune(
     finetune: Optional[Callable[[PyTree, PyTree, int], PyTree]] = None,
     val_batch: Optional[PyTree] = None,
     holdout: float = 0.2,
-    chunk_size: int = 256,
+    chunk_size: int = 128,
     progress: bool = True,
 ) -> PruneResult:
     """Prune ``params`` to ``sparsity`` with ``method`` (default ``SWAP()``).
@@ -227,7 +227,7 @@ def prune(
     def run_stage(t, s, current, w, w_dense, duals):
         k = kept_count(s, p)
         t0 = time.perf_counter()
-        losses, X = per_sample_losses_and_grads(loss_fn, current, batch, select, chunk_size)
+        losses, X = per_sample_losses_and_grads(loss_fn, current, batch, select, chunk_size, progress)
         check_finite(X)
         checks.finite_losses(losses)  # NaN or inf loss values with finite gradients
         if noise is not None:

@@ -122,10 +122,11 @@ def prepare_problem(X, w_bar, k, w_start=None, duals=None):
 class LR:
     """Sparse linear regression (CHITA): min ½‖y − Xw‖² + (Nλ/2)‖w − w̄‖², ‖w‖₀ ≤ k.
 
-    lam: λ ≥ 0, or "auto" (default): the value of ``lam_path`` with the lowest
-    held-out score (``solve(..., score=)``; ``swapjax.prune`` builds the score
-    from the loss on examples it does not fit), or ``DEFAULT_LAM`` without a
-    score. lam_scale: "fisher" (default) measures λ in units of the Fisher's
+    lam: λ ≥ 0, or "auto" (default): with a held-out score
+    (``solve(..., score=)``; ``swapjax.prune`` builds it from the loss on
+    examples it does not fit), the value of ``lam_path`` found by walking
+    downhill from ``DEFAULT_LAM`` (a local minimum of the score along the path);
+    without a score, ``DEFAULT_LAM``. lam_scale: "fisher" (default) measures λ in units of the Fisher's
     scale ‖X‖²_F/(Np), so a value means the same on every network and scaling X
     does not change the solution; "absolute" takes λ as is (the published
     λ = 0.01; docs/methods.md relates the two).

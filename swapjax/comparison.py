@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import checks, pytree, transport
-from .gradients import GradientNoise, LossFn, batch_size, per_sample_grads
+from .gradients import DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, per_sample_grads
 from .methods import DEFAULT_EPSILON, SolveInfo, check_problem
 from .prune import kept_count
 from .pytree import PyTree, Select
@@ -280,7 +280,7 @@ def compare_sparsities(
     select: Optional[Select] = None,
     noise: Optional[GradientNoise] = None,
     key: Optional[jax.Array] = None,
-    chunk_size: int = 256,
+    chunk_size: int = DEFAULT_CHUNK,
     epsilon: float = EWR_EPSILON,
     sinkhorn_threshold: float = 1e-3,
     sinkhorn_max_iters: int = 5000,

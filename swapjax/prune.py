@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from . import checks, pytree, schedules
-from .gradients import GradientNoise, LossFn, batch_size, check_finite, per_sample_losses_and_grads
+from .gradients import DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, check_finite, per_sample_losses_and_grads
 from .iht import hard_threshold_mask
 from .methods import SWAP
 from .pytree import PyTree, Select
@@ -84,7 +84,7 @@ def prune(
     finetune: Optional[Callable[[PyTree, PyTree, int], PyTree]] = None,
     val_batch: Optional[PyTree] = None,
     holdout: float = 0.2,
-    chunk_size: int = 128,
+    chunk_size: int = DEFAULT_CHUNK,
     progress: bool = True,
 ) -> PruneResult:
     """Prune ``params`` to ``sparsity`` with ``method`` (default ``SWAP()``).
@@ -148,8 +148,9 @@ def prune(
             None and the method selects, in [0, 1).
         chunk_size: examples per vectorised chunk of per-sample gradients;
             working memory beyond X is O(chunk_size·p).
-        progress: one line per stage on stderr (False also silences a hook
-            from ``make_finetune_hook``).
+        progress: a line per stage, and per chunk of long gradient
+            computations, on stderr (False also silences a hook from
+            ``make_finetune_hook``).
 
     Returns:
         A ``PruneResult``: ``params`` (same structure and dtypes, exactly k of

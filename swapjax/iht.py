@@ -330,9 +330,9 @@ def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: jax.Array
     ½h_i·w_i² − g_i·w_i. Each round pairs the best additions with the
     cheapest removals, exchanges the m pairs that pay, backsolves on the new
     support (its Gram by a rank-2m update) and keeps it if f fell; otherwise
-    m drops to a quarter of the pairs tried. m starts at min(⌈k/8⌉, ``most``) (static). Stops after
-    ``rounds`` rounds, when no pair pays, or when m reaches 0. f never
-    increases, |S| stays k. Returns (w, support, f, weights exchanged).
+    m drops to a quarter of the pairs tried. m starts at min(⌈k/8⌉, ``most``)
+    (``most`` static). Stops after ``rounds`` rounds, when no pair pays, or
+    when m reaches 0. f never increases, |S| stays k. Returns (w, support, f, weights exchanged).
     """
     n, p = X.shape
     k = jnp.sum(support)

@@ -125,10 +125,10 @@ class LR:
     lam: λ ≥ 0, or "auto" (default): with a held-out score
     (``solve(..., score=)``; ``swapjax.prune`` builds it from the loss on
     examples it does not fit), the value of ``lam_path`` found by walking
-    downhill from ``DEFAULT_LAM`` (a local minimum of the score along the path);
-    without a score, ``DEFAULT_LAM``. lam_scale: "fisher" (default) measures λ in units of the Fisher's
-    scale ‖X‖²_F/(Np), so a value means the same on every network and scaling X
-    does not change the solution; "absolute" takes λ as is (the published
+    downhill from ``DEFAULT_LAM`` (a local minimum of the score along the
+    path); without a score, ``DEFAULT_LAM``. lam_scale: "fisher" (default)
+    measures λ in units of the Fisher's scale ‖X‖²_F/(Np), so a value means the
+    same on every network and scaling X does not change the solution; "absolute" takes λ as is (the published
     λ = 0.01; docs/methods.md relates the two).
     max_iters, tol: IHT stops after max_iters steps or when a step lowers f by
     ≤ tol·f. growth: factor of the geometric step growth. backsolve: the exact
@@ -189,7 +189,7 @@ class LR:
         if self.lam_scale == "absolute":
             scale = jnp.ones_like(scale)
         reference = _magnitude_reference(_bucket(k, X.shape[1]), X, w_start, jnp.asarray(k)) if self.backsolve else None
-        problem = (X, w_bar, w_start, k, y, z, scale, reference)
+        problem = (X, w_bar, k, y, z, scale, reference)
         if score is None or not self.selects:
             return self._fit(problem, self._lam_value(), self._epsilon_value(), w_start, duals)
 
@@ -232,7 +232,7 @@ class LR:
 
     def _fit(self, problem, lam, eps, init, duals, rounds=None):
         """One solve at (λ, ε): targets, IHT from H_k(init), backsolve, ``rounds`` of swap search."""
-        X, w_bar, w_start, k, y, z, scale, reference = problem
+        X, w_bar, k, y, z, scale, reference = problem
         lam_abs = lam * scale
         t, duals, plan = (y, duals, _NO_PLAN) if eps is None else self._targets(y, z, eps, duals)
         w, info = _solve(self._config(eps), X, t, y, w_bar, init, jnp.asarray(k), lam_abs, duals, plan)

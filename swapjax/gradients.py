@@ -44,6 +44,14 @@ def _fill_chunk(loss_fn, params, examples, start, X, lay, fast):
     One call per chunk from the host: XLA on CPU ran the same convolutions 3–25× slower inside
     a while loop (``lax.map`` / ``fori_loop``) than at the top level of a computation.
     """
+    values, grads = chunk_losses_and_grads(loss_fn, params, examples, lay, fast)
+    for g, offset in zip(grads, lay.offsets):
+        X = jax.lax.dynamic_update_slice(X, g.reshape(len(values), -1).astype(lay.dtype), (start, offset))
+    return values, X
+
+
+def chunk_losses_and_grads(loss_fn, params, examples, lay, fast=True):
+    """(ℓ_i, [g_i of each prunable leaf]) for a chunk of examples, inside a trace (see :func:`per_sample_grads`)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
 
     def loss_of_leaves(leaves, example):
@@ -52,10 +60,7 @@ def _fill_chunk(loss_fn, params, examples, start, X, lay, fast):
     selected = [i for i, s in enumerate(lay.selected) if s]
     first = jax.tree_util.tree_map(lambda a: a[0], examples)
     plan = layer_grads.plan(loss_of_leaves, leaves, first, selected, fast)
-    values, grads = jax.vmap(lambda ex: layer_grads.loss_and_grads(plan, leaves, ex))(examples)
-    for g, offset in zip(grads, lay.offsets):
-        X = jax.lax.dynamic_update_slice(X, g.reshape(len(values), -1).astype(lay.dtype), (start, offset))
-    return values, X
+    return jax.vmap(lambda ex: layer_grads.loss_and_grads(plan, leaves, ex))(examples)
 
 
 def chunk_starts(n: int, chunk_size: int) -> tuple[int, list[int]]:

@@ -34,6 +34,7 @@ import numpy as np
 from . import iht as iht_lib
 from . import transport
 from .methods import SolveInfo, prepare_problem
+from .operators import GradientOperator, linear
 
 
 # ---------------------------------------------------------------------------
@@ -52,7 +53,7 @@ def _info(y, w, support, trace, duals) -> SolveInfo:
 
 def _f(X, w, y):
     """f(w) = ½‖Xw − y‖² (the LR objective with λ = 0)."""
-    r = X @ w - y
+    r = linear(X).mv(w) - y
     return 0.5 * r @ r
 
 
@@ -121,6 +122,7 @@ class Magnitude:
     """
 
     scope: str = "global"
+    matrix_free = True  # solve also takes X as a GradientOperator
 
     def __post_init__(self):
         if not isinstance(self.scope, str) or self.scope not in ("global", "layer"):
@@ -155,7 +157,7 @@ class Magnitude:
 
 @jax.jit
 def _magnitude_global(X, w_bar, w_start, k):
-    y = X @ w_bar
+    y = linear(X).mv(w_bar)
     support = iht_lib.hard_threshold_mask(w_start, k)
     w = jnp.where(support, w_start, 0)
     return w, support, _f(X, w, y)[None], y
@@ -163,7 +165,8 @@ def _magnitude_global(X, w_bar, w_start, k):
 
 @partial(jax.jit, static_argnums=0)
 def _magnitude_layers(segments, X, w_bar, w_start, counts):
-    y = X @ w_bar
+    X = linear(X)
+    y = X.mv(w_bar)
     parts = [
         iht_lib.hard_threshold_mask(w_start[a:b], counts[i])
         for i, (a, b) in enumerate(zip(segments[:-1], segments[1:]))
@@ -238,6 +241,9 @@ class WoodFisher:
 
     def solve(self, X, w_bar, k, w_start=None, duals=None) -> tuple[jax.Array, SolveInfo]:
         """k-sparse w from one OBS step at w_start (default w̄); see the class doc."""
+        if isinstance(X, GradientOperator):
+            raise ValueError("X: WoodFisher needs the per-sample gradients as a matrix (its Woodbury factors use X's "
+                             "columns), got a GradientOperator; prune with mode='in-memory', or use LR, SWAP or Magnitude")
         X, w_bar, w_start, k, duals = prepare_problem(X, w_bar, k, w_start, duals)
         w, support, trace, y = _woodfisher(
             float(self.damp), self.update, min(self.block_size, X.shape[1]), X, w_bar, w_start, jnp.asarray(k)

@@ -29,6 +29,7 @@ from . import checks
 from . import iht as iht_lib
 from . import transport
 from .gradients import check_finite
+from .operators import GradientOperator, fisher_scale, linear
 
 #: λ candidates of ``lam="auto"`` (relative to the Fisher's scale, half-decade steps), and the value
 #: used without a score, where the selection's walk along the path starts.
@@ -72,8 +73,9 @@ class SolveInfo(NamedTuple):
 
 
 def check_problem(X, w_bar, k) -> int:
-    """Validate a bare problem; returns k as an int."""
-    if jnp.ndim(X) != 2:
+    """Validate a bare problem; returns k as an int. X: a matrix or a
+    :class:`swapjax.operators.GradientOperator` (checked finite when built)."""
+    if not isinstance(X, GradientOperator) and jnp.ndim(X) != 2:
         raise ValueError(f"X: expected a 2-D (N, p) matrix, got shape {jnp.shape(X)}")
     n, p = X.shape
     if n == 0:
@@ -85,7 +87,8 @@ def check_problem(X, w_bar, k) -> int:
         ok = True
     if not ok or not 1 <= k <= p:
         raise ValueError(f"k: must be an integer in [1, p] = [1, {p}], got {k!r}")
-    check_finite(X, "X")
+    if not isinstance(X, GradientOperator):
+        check_finite(X, "X")
     if not bool(jnp.all(jnp.isfinite(w_bar))):
         raise ValueError("w_bar: the dense weights contain NaN or inf")
     return int(k)
@@ -98,7 +101,8 @@ def prepare_problem(X, w_bar, k, w_start=None, duals=None):
     w_start defaults to w̄; duals to zero potentials (a cold Sinkhorn start).
     """
     k = check_problem(X, w_bar, k)
-    X = jnp.asarray(X, jnp.promote_types(jnp.result_type(X), jnp.float32))
+    if not isinstance(X, GradientOperator):
+        X = jnp.asarray(X, jnp.promote_types(jnp.result_type(X), jnp.float32))
     w_bar = jnp.asarray(w_bar, X.dtype)
     w_start = w_bar if w_start is None else jnp.asarray(w_start, X.dtype)
     if jnp.shape(w_start) != w_bar.shape:
@@ -150,6 +154,9 @@ class LR:
     swap_rounds: int = 20
     active_set: Optional[float] = None
 
+    #: ``solve`` also takes X as a :class:`swapjax.operators.GradientOperator` (backsolves by CG).
+    matrix_free = True
+
     def __post_init__(self):
         checks.number_or_auto("lam", self.lam, "λ")
         checks.choice("lam_scale", self.lam_scale, ("fisher", "absolute"))
@@ -182,8 +189,9 @@ class LR:
         checks.callable_or_none("score", score, "a function score(w) -> float")
         y, z, scale = _projections(X, w_bar, w_start)
         if not bool(jnp.isfinite(scale) & jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(z))):
+            largest = "" if isinstance(X, GradientOperator) else f"max |X| = {float(jnp.max(jnp.abs(X))):.3g}, "
             raise ValueError(
-                f"X: y = X·w_bar, z = X·w_start or ‖X‖²_F overflow {X.dtype} (max |X| = {float(jnp.max(jnp.abs(X))):.3g}, "
+                f"X: y = X·w_bar, z = X·w_start or ‖X‖²_F overflow {X.dtype} ({largest}"
                 f"max |w_bar| = {float(jnp.max(jnp.abs(w_bar))):.3g}); rescale the loss or use float64 (jax_enable_x64)"
             )
         if self.lam_scale == "absolute":
@@ -344,7 +352,8 @@ class _Config(NamedTuple):
 @jax.jit
 def _projections(X, w_bar, w_start):
     """y = Xw̄, z = X·w_start and the Fisher's scale ‖X‖²_F/(Np) = mean diag(XᵀX)/N."""
-    return X @ w_bar, X @ w_start, jnp.mean(X * X)
+    A = linear(X)
+    return A.mv(w_bar), A.mv(w_start), fisher_scale(X)
 
 
 def _retarget(cfg: _Config, y):
@@ -389,9 +398,10 @@ def _exchange_width(width: int) -> int:
 
 @partial(jax.jit, static_argnums=0)
 def _magnitude_reference(width, X, w_start, k):
-    """The magnitude support M = H_k(w_start) and its Gram X_M X_Mᵀ, shared by every candidate's backsolves."""
+    """The magnitude support M = H_k(w_start) and its Gram X_M X_Mᵀ, shared by every candidate's backsolves
+    (None where X is not formed)."""
     magnitude = iht_lib.hard_threshold_mask(w_start, k)
-    return magnitude, iht_lib.support_gram(X, magnitude, width)
+    return magnitude, None if isinstance(X, GradientOperator) else iht_lib.support_gram(X, magnitude, width)
 
 
 @partial(jax.jit, static_argnums=(0, 1))
@@ -401,19 +411,24 @@ def _refine(width, rounds, X, w_bar, w, info: SolveInfo, magnitude, magnitude_gr
     The backsolve replaces IHT's w when it lowers f (it should: it is the exact
     minimiser on the support). ``magnitude_gram`` = X_M X_Mᵀ for the magnitude
     support M; the Gram of IHT's support, which rarely strays far from M, is
-    updated from it.
+    updated from it. Where X is an operator (``magnitude_gram`` None), the
+    backsolves run by conjugate gradients from IHT's w and from w̄ on M.
     """
     t, lam, most = info.targets, info.lam, _exchange_width(width)
-    gram = iht_lib.nearby_gram(X, info.support, magnitude, magnitude_gram, width, most)
-    w_bs = iht_lib.backsolve(X, t, w_bar, info.support, lam, gram=gram)
+    gram = None
+    if magnitude_gram is not None:
+        gram = iht_lib.nearby_gram(X, info.support, magnitude, magnitude_gram, width, most)
+    X = linear(X)
+    w_bs = iht_lib.ridge(X, t, w_bar, info.support, lam, gram, w)
     obj_bs = iht_lib.objective(X, w_bs, t, w_bar, lam)
     backsolved = jnp.isfinite(obj_bs) & (obj_bs <= info.objective)
     w, obj = jnp.where(backsolved, w_bs, w), jnp.where(backsolved, obj_bs, info.objective)
-    w_mag = iht_lib.backsolve(X, t, w_bar, magnitude, lam, gram=magnitude_gram)
+    w_mag = iht_lib.ridge(X, t, w_bar, magnitude, lam, magnitude_gram, w_bar)
     obj_mag = iht_lib.objective(X, w_mag, t, w_bar, lam)
     from_mag = jnp.isfinite(obj_mag) & (obj_mag < obj)
     w, support = jnp.where(from_mag, w_mag, w), jnp.where(from_mag, magnitude, info.support)
-    obj, gram = jnp.where(from_mag, obj_mag, obj), jnp.where(from_mag, magnitude_gram, gram)
+    obj = jnp.where(from_mag, obj_mag, obj)
+    gram = jax.tree_util.tree_map(lambda a, b: jnp.where(from_mag, a, b), magnitude_gram, gram)
     swapped = jnp.array(0)
     if rounds:
         w, support, obj, swapped = iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, most)

@@ -14,10 +14,11 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from . import checks, pytree, schedules
+from . import checks, memory, pytree, schedules
 from .gradients import DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, check_finite, per_sample_losses_and_grads
 from .iht import hard_threshold_mask
 from .methods import SWAP
+from .operators import linearized_gradients
 from .pytree import PyTree, Select
 
 
@@ -53,12 +54,13 @@ class PruneResult:
     one_shot: for a multi-stage prune with selection, the held-out losses of the
     gradual result and of the one-shot solve at the final sparsity, and which
     was kept ({"gradual": ..., "one-shot": ..., "kept": "gradual" | "one-shot"});
-    None otherwise."""
+    None otherwise. mode: "in-memory" (X formed) or "matrix-free"."""
 
     params: PyTree
     masks: PyTree
     info: tuple[StageInfo, ...]
     one_shot: Optional[dict] = None
+    mode: str = "in-memory"  # how X was held: "in-memory" or "matrix-free"
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Kept / total / sparsity per prunable leaf and in total."""
@@ -85,6 +87,7 @@ def prune(
     val_batch: Optional[PyTree] = None,
     holdout: float = 0.2,
     chunk_size: int = DEFAULT_CHUNK,
+    mode: str = "auto",
     progress: bool = True,
 ) -> PruneResult:
     """Prune ``params`` to ``sparsity`` with ``method`` (default ``SWAP()``).
@@ -148,6 +151,16 @@ def prune(
             None and the method selects, in [0, 1).
         chunk_size: examples per vectorised chunk of per-sample gradients;
             working memory beyond X is O(chunk_size·p).
+        mode: how X ∈ R^{N×p} is held. ``"in-memory"`` forms it (every
+            method); ``"matrix-free"`` never does: the solver works with the
+            products Xv and Xᵀu of the linearised network
+            (:mod:`swapjax.operators`), memory O(p + N·activations) at the
+            cost of a forward pass per product, with backsolves by conjugate
+            gradients (LR, SWAP, Magnitude; no ``noise``). ``"auto"``
+            (default) estimates both peaks before computing
+            (:func:`swapjax.memory.estimate`) and takes the in-memory mode
+            where it fits in the memory available, else the matrix-free one,
+            saying so; where none fits, a ValueError names the figures.
         progress: a line per stage, and per chunk of long gradient
             computations, on stderr (False also silences a hook from
             ``make_finetune_hook``).
@@ -200,6 +213,7 @@ def prune(
     holdout = checks.real("holdout (the held-out fraction of the batch)", holdout, 0.0, 1.0, hi_open=True)
     chunk_size = checks.integer("chunk_size", chunk_size, 1)
     progress = checks.boolean("progress", progress)
+    checks.choice("mode", mode, ("auto", "in-memory", "matrix-free"))
     levels = schedules.resolve(stages, sparsity)
     lay = pytree.layout(params, select)
     checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
@@ -216,9 +230,10 @@ def prune(
     batch, val_batch = _split_held_out(batch, val_batch, holdout if selects else 0.0)
     n = batch_size(batch)
     log = (lambda msg: print(f"[swapjax] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    mode = _choose_mode(mode, method, noise, memory.estimate(loss_fn, params, batch, lay, chunk_size))
     log(f"{type(method).__name__}: N={n} examples"
         + (f" (+{batch_size(val_batch)} held out)" if val_batch is not None else "")
-        + f", p={p} prunable weights, {len(levels)} stage(s)")
+        + f", p={p} prunable weights, {len(levels)} stage(s), X {mode}")
 
     def held_out_loss(current):
         if val_batch is None:
@@ -228,11 +243,14 @@ def prune(
     def run_stage(t, s, current, w, w_dense, duals):
         k = kept_count(s, p)
         t0 = time.perf_counter()
-        losses, X = per_sample_losses_and_grads(loss_fn, current, batch, select, chunk_size, progress)
-        check_finite(X)
-        checks.finite_losses(losses)  # NaN or inf loss values with finite gradients
-        if noise is not None:
-            X = noise(X, jax.random.fold_in(key, t))
+        if mode == "matrix-free":
+            _, X = linearized_gradients(loss_fn, current, batch, select, chunk_size, progress)
+        else:
+            losses, X = per_sample_losses_and_grads(loss_fn, current, batch, select, chunk_size, progress)
+            check_finite(X)
+            checks.finite_losses(losses)  # NaN or inf loss values with finite gradients
+            if noise is not None:
+                X = noise(X, jax.random.fold_in(key, t))
         t1 = time.perf_counter()
         w_bar = w_dense if anchor == "dense" else w
         layers = {"segments": lay.offsets} if getattr(method, "needs_segments", False) else {}
@@ -304,7 +322,35 @@ def prune(
         log(f"held-out loss: gradual {gradual_loss:.4g}, one-shot {stage1.held_out_loss:.4g}; keeping {kept}")
         if kept == "one-shot":
             mask, current = info1.support, pytree.unflatten(w1, params, lay)
-    return PruneResult(_own_dtypes(current, params), pytree.mask_tree(mask, lay), tuple(infos), one_shot)
+    return PruneResult(_own_dtypes(current, params), pytree.mask_tree(mask, lay), tuple(infos), one_shot, mode)
+
+
+def _choose_mode(mode: str, method, noise, estimate: memory.Estimate) -> str:
+    """The mode to run: ``mode`` if it fits in memory, or for "auto" the in-memory mode where it fits,
+    else the matrix-free one (where the method and the options allow it); ValueError naming the
+    figures where the requested mode, or every mode, does not fit."""
+    why_not = None
+    if noise is not None:
+        why_not = "gradient noise needs X formed"
+    elif not getattr(method, "matrix_free", False):
+        why_not = f"{type(method).__name__} needs X formed"
+    if mode == "matrix-free" and why_not:
+        raise ValueError(f"mode: 'matrix-free' is not available here: {why_not}")
+    fits = {"in-memory": estimate.in_memory <= estimate.available,
+            "matrix-free": estimate.matrix_free <= estimate.available and why_not is None}
+    if mode == "auto" and (fits["in-memory"] or fits["matrix-free"]):
+        mode = "in-memory" if fits["in-memory"] else "matrix-free"
+        if mode == "matrix-free":
+            print(f"[swapjax] X does not fit in memory ({estimate.describe()}): pruning matrix-free",
+                  file=sys.stderr, flush=True)
+    if mode == "auto" or not fits[mode]:
+        options = ["fewer examples (N)", "fewer prunable leaves (select=)", "a smaller chunk_size"]
+        if mode == "in-memory" and fits["matrix-free"]:
+            options.insert(0, "mode='matrix-free'")
+        raise ValueError(("mode: no mode fits in memory" if mode == "auto" else f"mode: the {mode} prune does not fit")
+                         + f": {estimate.describe()}" + (f" (matrix-free is not available: {why_not})" if why_not else "")
+                         + "; options: " + ", ".join(options))
+    return mode
 
 
 def _run_finetune(finetune, params, masks, stage, progress):

@@ -244,19 +244,31 @@ def active_set_iht(X, targets, w_bar, w_start, k, lam, grow: float, max_rounds: 
     return result, aux, rounds
 
 
+#: Kept columns per block of :func:`support_gram`: its working memory beyond X is N × GRAM_BLOCK.
+GRAM_BLOCK = 4096
+
+
 def support_gram(X, support, width: Optional[int] = None) -> jax.Array:
     """G_S = X_S X_Sᵀ (N×N), the Gram matrix of the kept columns.
 
-    ``width`` (static, ≥ |S|) gathers the support's columns into an N×width
-    block first, so it costs O(N²·width) instead of O(N²·p).
+    Accumulated over blocks of ``GRAM_BLOCK`` kept columns, gathered one block
+    at a time: O(N²·|S|) time and O(N·GRAM_BLOCK) memory beyond X. ``width``
+    (static, ≥ |S|; default p) bounds the list of kept columns.
     """
-    p = X.shape[1]
-    if width is None or width >= p:
-        xs = jnp.where(support, X, 0)
-    else:
-        cols = jnp.nonzero(support, size=width, fill_value=0)[0]
-        xs = jnp.where(jnp.arange(width) < jnp.sum(support), X[:, cols], 0)
-    return xs @ xs.T
+    n, p = X.shape
+    width = p if width is None else min(width, p)
+    block = min(GRAM_BLOCK, width)
+    cols = jnp.nonzero(support, size=-(-width // block) * block, fill_value=0)[0]
+    count = jnp.sum(support)
+    if block == width:  # one block
+        xs = _columns(X, cols, count)
+        return xs @ xs.T
+
+    def add(i, gram):
+        xs = _columns(X, jax.lax.dynamic_slice_in_dim(cols, i * block, block), count - i * block)
+        return gram + xs @ xs.T
+
+    return jax.lax.fori_loop(0, (count + block - 1) // block, add, jnp.zeros((n, n), X.dtype))
 
 
 def _columns(X, idx, count):

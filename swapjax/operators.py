@@ -102,7 +102,7 @@ def column_sq_norms(X) -> jax.Array:
 def fisher_scale(X) -> jax.Array:
     """‖X‖²_F / (Np) = mean diag(XᵀX)/N, the Fisher's scale that relative λ is measured in."""
     A = linear(X)
-    return jnp.mean(X * X) if A.matrix is not None else jnp.sum(A.col_sq()) / (A.n * A.p)
+    return jnp.mean(X * X) if A.matrix is not None else jnp.sum(A.col_sq()) / (float(A.n) * A.p)
 
 
 @partial(jax.jit, static_argnames=("loss_fn", "lay", "fast"))

@@ -1,0 +1,192 @@
+"""Peak memory and time of a one-shot SWAP prune at 0.9 against p: X formed ("in-memory") or not ("matrix-free").
+
+    .venv/bin/python experiments/bench_memory.py                      # MLPs 784-w-w-w-10, w = 256 … 2048
+    .venv/bin/python experiments/bench_memory.py --widths 2048 --modes matrix-free
+    .venv/bin/python experiments/bench_memory.py --mobilenet          # MobileNetV1 (4.2M), synthetic 32×32 inputs
+
+Networks: ReLU MLPs 784-w-w-w-10 (p = 784w + 2w² + 10w kernel weights; w = 2048 gives 10.0M) at
+their Flax initialisation (seed 0), on Fashion-MNIST train[:N] (N(0,1) inputs if not installed);
+MobileNetV1 (width 1.0, 1000 classes, every conv and the classifier pruned) on N synthetic
+32×32×3 images. Each point runs in a fresh process: peak RSS is that process's ru_maxrss
+(Python, JAX, the data and the model included), time is the whole ``prune`` call, compilation
+included. A mode whose estimate (``swapjax.memory.estimate``) exceeds the available memory is
+recorded as not fitting, without running. Rows go to experiments/results/bench_memory.csv (a
+rerun skips the points already there); the plot to docs/figures/memory.png.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+CSV = HERE / "results" / "bench_memory.csv"
+FIGURE = HERE.parent / "docs" / "figures" / "memory.png"
+FIELDS = ["network", "p", "n", "mode", "method", "status", "seconds", "peak_rss_gb", "start_rss_gb", "x_gb",
+          "estimate_gb", "available_gb", "kept", "k", "objective", "iht_iterations", "lam", "epsilon"]
+METHODS = {"fixed": "SWAP(lam=0.03, epsilon=0.3, swap_rounds=0)", "default": "SWAP()"}
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def worker(network: str, width: int, n: int, mode: str, method_name: str) -> dict:
+    """One prune in this process; returns the CSV row."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import swapjax
+    from swapjax import memory, pytree
+
+    if network == "mlp":
+        sys.path.insert(0, str(HERE))
+        from bench_core import load_batch
+
+        batch, _ = load_batch(n, 0)
+
+        class MLP(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                for _ in range(3):
+                    x = nn.relu(nn.Dense(width)(x))
+                return nn.Dense(10)(x)
+
+        model = MLP()
+        params = model.init(jax.random.key(0), batch["x"][:1])["params"]
+
+        def loss_fn(params, example):
+            return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, example["x"]),
+                                                                   example["y"])
+    else:
+        model = swapjax.models.MobileNetV1(num_classes=1000, small_input=True)
+        kx, ky = jax.random.split(jax.random.key(1))
+        batch = {"x": jax.random.normal(kx, (n, 32, 32, 3)), "y": jax.random.randint(ky, (n,), 0, 1000)}
+        variables = model.init(jax.random.key(0), batch["x"][:1])
+        params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+        def loss_fn(params, example):
+            logits = model.apply({"params": params, **state}, example["x"][None])[0]
+            return optax.softmax_cross_entropy_with_integer_labels(logits, example["y"])
+
+    method = eval("swapjax." + METHODS[method_name])  # noqa: S307  (a fixed table above)
+    lay = pytree.layout(params)
+    p = lay.size
+    est = memory.estimate(loss_fn, params, batch, lay, swapjax.gradients.DEFAULT_CHUNK)
+    row = dict(network=network if network != "mlp" else f"mlp-{width}", p=p, n=n, mode=mode, method=method_name,
+               x_gb=round(n * p * 4 / 2**30, 3), available_gb=round(est.available / 2**30, 2),
+               estimate_gb=round((est.in_memory if mode == "in-memory" else est.matrix_free) / 2**30, 3),
+               start_rss_gb=round(_rss_gb(), 3), k=swapjax.kept_count(0.9, p))
+    t0 = time.perf_counter()
+    try:
+        res = swapjax.prune(loss_fn, params, batch, sparsity=0.9, method=method, mode=mode)
+    except ValueError as e:
+        if "does not fit" not in str(e):
+            raise
+        return {**row, "status": "does not fit (estimate)"}
+    jax.block_until_ready(res.params)
+    seconds = time.perf_counter() - t0
+    kept = int(sum(int(jnp.sum(m)) for m in jax.tree_util.tree_leaves(res.masks)))
+    stage = res.info[-1]
+    return {**row, "status": "ok", "seconds": round(seconds, 2), "peak_rss_gb": round(_rss_gb(), 3), "kept": kept,
+            "objective": f"{stage.objective:.6g}", "iht_iterations": stage.iht_iterations,
+            "lam": f"{stage.lam:.4g}", "epsilon": stage.epsilon}
+
+
+def read_rows() -> list[dict]:
+    if not CSV.exists():
+        return []
+    with open(CSV) as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(rows: list[dict]) -> None:
+    CSV.parent.mkdir(parents=True, exist_ok=True)
+    tmp = CSV.with_name(f".{CSV.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, CSV)
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, marker in (("in-memory", "o"), ("matrix-free", "s")):
+        for method in METHODS:
+            pts = sorted((int(r["p"]), float(r["peak_rss_gb"]), float(r["seconds"])) for r in rows
+                         if r["mode"] == mode and r["method"] == method and r["status"] == "ok"
+                         and r["network"].startswith("mlp"))
+            if not pts:
+                continue
+            p, mem, sec = zip(*pts)
+            label = f"{mode}, SWAP {method}"
+            ax_mem.plot(p, mem, marker=marker, label=label)
+            ax_time.plot(p, sec, marker=marker, label=label)
+    xs = sorted({int(r["p"]) for r in rows if r["network"].startswith("mlp")})
+    n = int(rows[0]["n"]) if rows else 1000
+    ax_mem.plot(xs, [n * p * 4 / 2**30 for p in xs], "k:", label=f"size of X (N = {n}, float32)")
+    for ax in (ax_mem, ax_time):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("p (prunable weights), MLP 784-w-w-w-10")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_mem.set_ylabel("peak RSS of the process (GiB)")
+    ax_time.set_ylabel("one-shot prune at 0.9 (s, 2 CPU cores)")
+    ax_mem.legend(fontsize=8)
+    fig.tight_layout()
+    FIGURE.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIGURE, dpi=120)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    ap.add_argument("--modes", nargs="+", default=["in-memory", "matrix-free"])
+    ap.add_argument("--methods", nargs="+", default=["fixed"], choices=sorted(METHODS))
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--mobilenet", action="store_true", help="MobileNetV1 on 32×32 inputs instead of the MLPs")
+    ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        network, width, n, mode, method = args.worker
+        print(json.dumps(worker(network, int(width), int(n), mode, method)))
+        return
+    rows = read_rows()
+    done = {(r["network"], r["n"], r["mode"], r["method"]) for r in rows}
+    points = [("mobilenetv1-32", 0)] if args.mobilenet else [(f"mlp-{w}", w) for w in args.widths]
+    for name, width in points:
+        for mode in args.modes:
+            for method in args.methods:
+                if (name, str(args.n), mode, method) in done:
+                    continue
+                network = "mlp" if name.startswith("mlp") else "mobilenet"
+                print(f"{name} {mode} {method} N={args.n} ...", flush=True)
+                out = subprocess.run([sys.executable, __file__, "--worker", network, str(width), str(args.n), mode,
+                                      method], stdout=subprocess.PIPE, text=True)
+                if out.returncode != 0:
+                    print(f"  failed (exit {out.returncode})", flush=True)
+                    continue
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                print("  " + ", ".join(f"{k}={row.get(k)}" for k in ("p", "status", "seconds", "peak_rss_gb",
+                                                                      "kept", "k")), flush=True)
+                rows.append(row)
+                write_rows(rows)
+    plot(rows)
+
+
+if __name__ == "__main__":
+    main()

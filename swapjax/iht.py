@@ -358,16 +358,17 @@ def backsolve_cg(X, targets, w_bar, support, lam, w_init, iters: int = CG_ITERS)
     return anchor + restrict(d)
 
 
-def ridge(X, targets, w_bar, support, lam, gram=None, w_init=None) -> jax.Array:
+def ridge(X, targets, w_bar, support, lam, gram=None, w_init=None, cg_iters: int = CG_ITERS) -> jax.Array:
     """The ridge problem on S: :func:`backsolve` (with ``gram`` if known) where X is a matrix,
-    :func:`backsolve_cg` from ``w_init`` where it is an operator."""
+    :func:`backsolve_cg` from ``w_init`` (``cg_iters`` steps) where it is an operator."""
     A = linear(X)
     if A.matrix is None:
-        return backsolve_cg(A, targets, w_bar, support, lam, w_init)
+        return backsolve_cg(A, targets, w_bar, support, lam, w_init, cg_iters)
     return backsolve(A.matrix, targets, w_bar, support, lam, gram=gram)
 
 
-def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: Optional[jax.Array], most: int):
+def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: Optional[jax.Array], most: int,
+                cg_iters: int = CG_ITERS):
     """Local search over k-supports around the backsolve: exchange kept and pruned weights while f falls.
 
     At w (the ridge solution on S, whose Gram G_S = X_S X_Sᵀ is ``gram``),
@@ -399,7 +400,7 @@ def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: Optional[
         leave = jnp.zeros(p, bool).at[out].set(rank < size)
         trial = (support & ~leave) | enter
         gram_new = None if gram is None else _exchange(gram, A.matrix, into, out, size)
-        w_new = ridge(A, targets, w_bar, trial, lam, gram_new, jnp.where(trial, w, 0))
+        w_new = ridge(A, targets, w_bar, trial, lam, gram_new, jnp.where(trial, w, 0), cg_iters)
         obj_new = objective(A, w_new, targets, w_bar, lam)
         accept = (size > 0) & (obj_new < obj)
         m = jnp.where(accept, m, size // 4)

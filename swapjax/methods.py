@@ -139,7 +139,9 @@ class LR:
     ridge solve on the support. patience: with the backsolve on, also stop IHT
     once the support has not changed for this many steps (None: run to tol).
     swap_rounds: rounds of the swap search after the backsolve (0: none; see
-    :func:`swapjax.iht.swap_search`). active_set: None, or CHITA's active-set
+    :func:`swapjax.iht.swap_search`). cg_iters: conjugate-gradient steps of
+    each backsolve where X is a :class:`swapjax.operators.GradientOperator`
+    (matrix-free; each step costs Xv and Xᵀu). active_set: None, or CHITA's active-set
     phase with ⌈active_set·k⌉ weights (:func:`swapjax.iht.active_set_iht`).
     """
 
@@ -152,6 +154,7 @@ class LR:
     backsolve: bool = True
     patience: Optional[int] = 3
     swap_rounds: int = 20
+    cg_iters: int = iht_lib.CG_ITERS
     active_set: Optional[float] = None
 
     #: ``solve`` also takes X as a :class:`swapjax.operators.GradientOperator` (backsolves by CG).
@@ -167,6 +170,7 @@ class LR:
         checks.boolean("backsolve", self.backsolve)
         checks.integer("patience", self.patience, 1, allow_none=True)
         checks.integer("swap_rounds", self.swap_rounds, 0)
+        checks.integer("cg_iters", self.cg_iters, 1)
         if self.active_set is not None:
             checks.real("active_set (the active set's size as a multiple of k)", self.active_set, 1.0)
 
@@ -246,7 +250,7 @@ class LR:
         w, info = _solve(self._config(eps), X, t, y, w_bar, init, jnp.asarray(k), lam_abs, duals, plan)
         if self.backsolve:
             rounds = self.swap_rounds if rounds is None else rounds
-            w, info = _refine(_bucket(k, X.shape[1]), rounds, X, w_bar, w, info, *reference)
+            w, info = _refine(_bucket(k, X.shape[1]), rounds, self.cg_iters, X, w_bar, w, info, *reference)
         return w, info._replace(epsilon=eps)
 
     def _targets(self, y, z, eps, duals):
@@ -404,8 +408,8 @@ def _magnitude_reference(width, X, w_start, k):
     return magnitude, None if isinstance(X, GradientOperator) else iht_lib.support_gram(X, magnitude, width)
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _refine(width, rounds, X, w_bar, w, info: SolveInfo, magnitude, magnitude_gram):
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _refine(width, rounds, cg_iters, X, w_bar, w, info: SolveInfo, magnitude, magnitude_gram):
     """Backsolve on IHT's support and on the magnitude support H_k(w_start); swap search from the better.
 
     The backsolve replaces IHT's w when it lowers f (it should: it is the exact
@@ -419,11 +423,11 @@ def _refine(width, rounds, X, w_bar, w, info: SolveInfo, magnitude, magnitude_gr
     if magnitude_gram is not None:
         gram = iht_lib.nearby_gram(X, info.support, magnitude, magnitude_gram, width, most)
     X = linear(X)
-    w_bs = iht_lib.ridge(X, t, w_bar, info.support, lam, gram, w)
+    w_bs = iht_lib.ridge(X, t, w_bar, info.support, lam, gram, w, cg_iters)
     obj_bs = iht_lib.objective(X, w_bs, t, w_bar, lam)
     backsolved = jnp.isfinite(obj_bs) & (obj_bs <= info.objective)
     w, obj = jnp.where(backsolved, w_bs, w), jnp.where(backsolved, obj_bs, info.objective)
-    w_mag = iht_lib.ridge(X, t, w_bar, magnitude, lam, magnitude_gram, w_bar)
+    w_mag = iht_lib.ridge(X, t, w_bar, magnitude, lam, magnitude_gram, w_bar, cg_iters)
     obj_mag = iht_lib.objective(X, w_mag, t, w_bar, lam)
     from_mag = jnp.isfinite(obj_mag) & (obj_mag < obj)
     w, support = jnp.where(from_mag, w_mag, w), jnp.where(from_mag, magnitude, info.support)
@@ -431,6 +435,6 @@ def _refine(width, rounds, X, w_bar, w, info: SolveInfo, magnitude, magnitude_gr
     gram = jax.tree_util.tree_map(lambda a, b: jnp.where(from_mag, a, b), magnitude_gram, gram)
     swapped = jnp.array(0)
     if rounds:
-        w, support, obj, swapped = iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, most)
+        w, support, obj, swapped = iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, most, cg_iters)
     return w, info._replace(objective=obj, backsolved=backsolved, support=support,
                             objective_magnitude=obj_mag, swapped=swapped)

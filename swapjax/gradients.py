@@ -1,6 +1,7 @@
 """Per-sample gradients X ∈ R^{N×p} of the prunable coordinates, and the gradient-noise model."""
 from __future__ import annotations
 
+import numbers
 import sys
 import time
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from . import checks, layer_grads, pytree
@@ -88,6 +90,94 @@ def _per_sample_grads(loss_fn, params, batch, lay, chunk_size, fast, progress):
     return jnp.concatenate(losses), X
 
 
+EXAMPLES = "examples"  # the mesh axis over which the examples (X's rows) are sharded
+
+
+def resolve_devices(devices, n: Optional[int] = None) -> Optional[tuple]:
+    """None (one device, unsharded), or the tuple of devices named by ``devices``: "all"
+    (``jax.devices()``), an int d (the first d of them) or a sequence of ``jax.Device``.
+    With ``n``: ValueError unless d divides the N = n examples (call it before any compute)."""
+    if devices is None:
+        return None
+    devices = _device_tuple(devices)
+    if n is not None and n % len(devices):
+        d = len(devices)
+        raise ValueError(
+            f"devices: N = {n} examples do not split evenly over {d} devices ({n} = {n // d}·{d} + {n % d}); "
+            f"pass a batch of a multiple of {d} examples (e.g. the first {n - n % d}) or a device count "
+            f"that divides {n}"
+        )
+    return devices
+
+
+def _device_tuple(devices) -> tuple:
+    available = jax.devices()
+    if isinstance(devices, str):
+        if devices != "all":
+            raise ValueError(f'devices: expected None, "all", a count or a sequence of jax devices, got {devices!r}')
+        return tuple(available)
+    if isinstance(devices, jax.Device):
+        devices = (devices,)
+    elif isinstance(devices, numbers.Integral) and not isinstance(devices, bool):
+        if not 1 <= devices <= len(available):
+            raise ValueError(f"devices: {devices} devices asked for, {len(available)} available "
+                             f"({available[0].platform}: {len(available)})")
+        return tuple(available[:devices])
+    try:
+        devices = tuple(devices)
+    except TypeError:
+        raise ValueError(f'devices: expected None, "all", a count or a sequence of jax devices, got {devices!r}') from None
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise ValueError(f"devices: expected a non-empty sequence of jax devices (jax.devices()), got {devices!r}")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices: each device may appear once, got {devices!r}")
+    return devices
+
+
+def example_mesh(devices: tuple) -> jax.sharding.Mesh:
+    """The 1-D mesh over ``devices`` whose axis "examples" shards X's rows: X has
+    ``NamedSharding(mesh, P("examples", None))``."""
+    return jax.sharding.Mesh(np.asarray(devices, dtype=object), (EXAMPLES,))
+
+
+@partial(jax.jit, static_argnames=("loss_fn", "lay", "fast", "b", "mesh"), donate_argnames=("X",))
+def _fill_chunk_sharded(loss_fn, params, batch, start, X, lay, fast, b, mesh):
+    """Each device: (ℓ of its local rows start … start + b − 1, its block of X with those rows
+    replaced by their g_i), X updated in place; one SPMD call for all devices."""
+    def local(params, batch, start, X):
+        examples = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, b), batch)
+        values, grads = chunk_losses_and_grads(loss_fn, params, examples, lay, fast)
+        for g, offset in zip(grads, lay.offsets):
+            X = jax.lax.dynamic_update_slice(X, g.reshape(b, -1).astype(lay.dtype), (start, offset))
+        return values, X
+
+    # check_vma=False: layer_grads replays the loss's jaxpr by binding primitives directly, which
+    # mixes per-device (examples) and replicated (params) operands without the casts the check wants
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(EXAMPLES), P(), P(EXAMPLES, None)),
+                         out_specs=(P(EXAMPLES), P(EXAMPLES, None)), check_vma=False)(params, batch, start, X)
+
+
+def _per_sample_grads_sharded(loss_fn, params, batch, lay, chunk_size, fast, progress, devices):
+    n, d = batch_size(batch), len(devices)
+    mesh = example_mesh(devices)
+    rows, replicated = (jax.sharding.NamedSharding(mesh, spec) for spec in (P(EXAMPLES), P()))
+    local_n = n // d
+    b, starts = chunk_starts(local_n, chunk_size)
+    batch = jax.device_put(batch, rows)  # device j holds examples j·N/d … (j + 1)·N/d − 1
+    params = jax.device_put(params, replicated)
+    X = jax.jit(lambda: jnp.zeros((n, lay.size), lay.dtype),
+                out_shardings=jax.sharding.NamedSharding(mesh, P(EXAMPLES, None)))()
+    report = _ChunkProgress(len(starts), n) if progress else None
+    losses, done = [], 0
+    for i, start in enumerate(starts):
+        values, X = _fill_chunk_sharded(loss_fn, params, batch, start, X, lay, fast, b, mesh)
+        losses.append(values.reshape(d, b)[:, done - start:])
+        done = start + b
+        if report:
+            report(i + 1, done * d, jax.block_until_ready(values))
+    return jnp.concatenate(losses, axis=1).reshape(n), X
+
+
 class _ChunkProgress:
     """A line on stderr about every ``interval`` seconds while chunks finish (shorter runs stay
     silent), and one for the last chunk of a run that printed any."""
@@ -114,6 +204,7 @@ def per_sample_grads(
     chunk_size: int = DEFAULT_CHUNK,
     progress: bool = True,
     fast: bool = True,
+    devices=None,
 ) -> jax.Array:
     """X ∈ R^{N×p}, row i = g_i = ∇_w ℓ(params, example_i) over the prunable coordinates.
 
@@ -134,8 +225,16 @@ def per_sample_grads(
     O(chunk_size · (p + activations of one example)). Compiled once per (loss_fn, shapes).
     ``progress``: a line on stderr about every 5 s while chunks finish (silent for short
     runs); False for none.
+
+    ``devices``: None (one device: the default device, X unsharded), "all" (``jax.devices()``),
+    a count d (the first d devices) or a sequence of ``jax.Device``. With d devices, device j
+    computes the gradients of examples j·N/d … (j + 1)·N/d − 1 (chunks of at most
+    ``chunk_size`` each, all devices in one SPMD call per chunk) and keeps those rows: X is
+    row-sharded, ``NamedSharding(Mesh(devices, ("examples",)), P("examples", None))``, and a
+    solve under ``jit`` (Xw, rᵀX, Grams) runs sharded. N must be a multiple of d: padding
+    would add examples to the Fisher, so an uneven split is a ValueError naming N and d.
     """
-    return per_sample_losses_and_grads(loss_fn, params, batch, select, chunk_size, progress, fast)[1]
+    return per_sample_losses_and_grads(loss_fn, params, batch, select, chunk_size, progress, fast, devices)[1]
 
 
 def per_sample_losses_and_grads(
@@ -146,6 +245,7 @@ def per_sample_losses_and_grads(
     chunk_size: int = DEFAULT_CHUNK,
     progress: bool = True,
     fast: bool = True,
+    devices=None,
 ) -> tuple[jax.Array, jax.Array]:
     """(ℓ ∈ R^N, X ∈ R^{N×p}): the loss value of each example and :func:`per_sample_grads`, in one pass."""
     if not callable(loss_fn):
@@ -154,7 +254,12 @@ def per_sample_losses_and_grads(
     chunk_size = checks.integer("chunk_size", chunk_size, 1)
     progress = checks.boolean("progress", progress)
     fast = checks.boolean("fast", fast)
-    losses, X = _per_sample_grads(loss_fn, params, batch, pytree.layout(params, select), chunk_size, fast, progress)
+    devices = resolve_devices(devices, batch_size(batch))
+    lay = pytree.layout(params, select)
+    if devices is None:
+        losses, X = _per_sample_grads(loss_fn, params, batch, lay, chunk_size, fast, progress)
+    else:
+        losses, X = _per_sample_grads_sharded(loss_fn, params, batch, lay, chunk_size, fast, progress, devices)
     if jnp.ndim(losses) != 1:
         raise ValueError(
             f"loss_fn: must return a scalar for ONE example, got shape {jnp.shape(losses)[1:]} per example"
@@ -241,10 +346,11 @@ def add_gradient_noise(X: jax.Array, key: jax.Array, std_scale, prop, *, chunk_s
     if chunk_size is None:
         chunk_size = max(1, NOISE_CHUNK_ENTRIES // max(p, 1))
     chunk_size = checks.integer("chunk_size", chunk_size, 1)
-    b, starts = chunk_starts(n, chunk_size)
     if traced:
+        b, starts = chunk_starts(n, chunk_size)
         return _noise_traced(X, key, std_scale, prop, b, len(starts))
-    rows = _row_sharding(X)
+    rows = row_sharding(X)
+    b, starts = chunk_starts(n if rows is None else X.sharding.shard_shape(X.shape)[0], chunk_size)
     noise_std = _noise_std_fn(rows)(X, std_scale)
     if not donate:
         X = X.copy()
@@ -261,7 +367,7 @@ def _row_sums(X, m):
     def body(i, acc):
         d = X[i] - m
         return acc[0] + d, acc[1] + d * d
-    zero = jnp.zeros(X.shape[1], X.dtype)
+    zero = jnp.zeros_like(X[0])  # (under shard_map, of the same per-device type as the rows)
     return jax.lax.fori_loop(0, X.shape[0], body, (zero, zero))
 
 
@@ -296,14 +402,35 @@ def _noisy_block(block, key, first_row, skip, noise_std, prop):
     return block + jnp.where((jnp.arange(b) >= skip)[:, None], noise, 0)
 
 
-def _row_sharding(X):
-    """(mesh, spec) of an X sharded over its rows only (over several devices), else None."""
+def row_sharding(X):
+    """(mesh, spec) of a concrete X sharded over its rows only, on several devices (as
+    ``per_sample_grads(..., devices=...)`` returns it), else None."""
     sharding = getattr(X, "sharding", None)
     if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
         spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
         if spec[0] is not None and spec[1] is None:
             return sharding.mesh, jax.sharding.PartitionSpec(spec[0], None)
     return None
+
+
+def sharded_column_sq_norms(X) -> jax.Array:
+    """diag(XᵀX) = Σ_i x_i ⊙ x_i of a concrete X, accumulated row by row; for a row-sharded X, each
+    device over its own rows, then one psum. (A ``fori_loop`` over the rows of a row-sharded X
+    inside ``jit`` makes XLA gather the whole X onto every device: 1,000 × 32,360 on 4 CPU
+    devices, 0.30 s against 8.5 ms this way.)"""
+    return _column_sq_norms_fn(row_sharding(X))(X)
+
+
+@lru_cache(maxsize=None)
+def _column_sq_norms_fn(rows):
+    def local(X):
+        return jax.lax.fori_loop(0, X.shape[0], lambda i, acc: acc + X[i] * X[i], jnp.zeros_like(X[0]))
+
+    if rows is None:
+        return jax.jit(local)
+    mesh, spec = rows
+    summed = lambda X: jax.lax.psum(local(X), spec[0])  # noqa: E731
+    return jax.jit(jax.shard_map(summed, mesh=mesh, in_specs=(spec,), out_specs=P()))
 
 
 @lru_cache(maxsize=None)

@@ -1,0 +1,98 @@
+"""X sharded over the examples of 4 (forced host) devices against the single-device X and solves.
+
+XLA_FLAGS must be set before jax is imported, so the checks run in a subprocess."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+_SCRIPT = r'''
+import jax, jax.numpy as jnp, numpy as np, swapjax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from swapjax import pytree
+from swapjax.gradients import per_sample_losses_and_grads
+
+assert jax.device_count() == 4, jax.devices()
+rng = np.random.default_rng(0)
+params = {"l1": {"w": 0.3 * rng.normal(size=(20, 16)).astype("float32"), "b": np.zeros(16, "float32")},
+          "l2": {"w": 0.3 * rng.normal(size=(16, 5)).astype("float32")}}
+N = 64
+batch = {"x": rng.normal(size=(N, 20)).astype("float32"), "y": rng.integers(0, 5, N).astype("int32")}
+
+def loss_fn(p, ex):
+    logits = jnp.tanh(ex["x"] @ p["l1"]["w"] + p["l1"]["b"]) @ p["l2"]["w"]
+    return jax.nn.logsumexp(logits) - logits[ex["y"]]
+
+# chunk_size 5 against 16 examples per device: 4 chunks, the last overlapping the one before
+l1, X1 = per_sample_losses_and_grads(loss_fn, params, batch, chunk_size=5, progress=False)
+l4, X4 = per_sample_losses_and_grads(loss_fn, params, batch, chunk_size=5, progress=False, devices="all")
+np.testing.assert_allclose(np.asarray(X4), np.asarray(X1), rtol=1e-5, atol=1e-6)
+np.testing.assert_allclose(np.asarray(l4), np.asarray(l1), rtol=1e-5, atol=1e-6)
+assert isinstance(X1.sharding, jax.sharding.SingleDeviceSharding), X1.sharding
+
+# X is sharded over its rows: device j holds rows 16j ... 16j + 15, every column
+mesh = X4.sharding.mesh
+assert mesh.axis_names == ("examples",) and mesh.devices.size == 4, mesh
+assert X4.sharding.is_equivalent_to(NamedSharding(mesh, P("examples", None)), 2), X4.sharding
+shards = sorted(X4.addressable_shards, key=lambda s: s.index[0].start)
+assert len({s.device for s in shards}) == 4
+for j, s in enumerate(shards):
+    assert s.data.shape == (16, X4.shape[1]) and s.index[0] == slice(16 * j, 16 * (j + 1)), (j, s.index)
+    np.testing.assert_allclose(np.asarray(s.data), np.asarray(X1)[16 * j:16 * (j + 1)], rtol=1e-5, atol=1e-6)
+
+# diag(XᵀX) without gathering X (for the swap search's curvature)
+from swapjax.gradients import sharded_column_sq_norms, row_sharding
+assert row_sharding(X1) is None and row_sharding(X4)[1] == P("examples", None)
+np.testing.assert_allclose(np.asarray(sharded_column_sq_norms(X4)), (np.asarray(X1, np.float64) ** 2).sum(0), rtol=1e-5)
+
+# the same gradients from 2 of the devices, and the errors
+_, X2 = per_sample_losses_and_grads(loss_fn, params, batch, progress=False, devices=jax.devices()[:2])
+assert len(X2.sharding.device_set) == 2
+np.testing.assert_allclose(np.asarray(X2), np.asarray(X1), rtol=1e-5, atol=1e-6)
+for bad, match in [(3, "N = 64 examples do not split evenly over 3 devices"), (5, "5 devices asked for, 4 available"),
+                   ("some", "devices: expected None"), ([0, 1], "devices: expected a non-empty sequence of jax devices"),
+                   ([jax.devices()[0]] * 2, "each device may appear once")]:
+    try:
+        per_sample_losses_and_grads(loss_fn, params, batch, progress=False, devices=bad)
+    except ValueError as e:
+        assert match in str(e), (bad, str(e))
+    else:
+        raise AssertionError(f"devices={bad!r}: no ValueError")
+
+# whole solves on the sharded X (jit with sharded inputs) against the single-device X
+lay = pytree.layout(params)
+w_bar, k = pytree.flatten(params, lay), lay.size // 5
+for method in (swapjax.LR(lam=0.01), swapjax.SWAP(lam=0.01, epsilon=0.3)):
+    w1, info1 = method.solve(X1, w_bar, k)
+    w4, info4 = method.solve(X4, w_bar, k)
+    name = type(method).__name__
+    assert int(info4.support.sum()) == k and np.array_equal(np.asarray(info4.support), np.asarray(info1.support)), name
+    assert abs(float(info4.objective) - float(info1.objective)) <= 1e-5 * abs(float(info1.objective)), (
+        name, float(info4.objective), float(info1.objective))
+    np.testing.assert_allclose(np.asarray(w4), np.asarray(w1), rtol=1e-4, atol=1e-5, err_msg=name)
+
+# the gradient noise of a sharded X: shard by shard, the same draw, still sharded
+noise = swapjax.GradientNoise(2.0, 0.25)
+Xn1 = noise(jax.device_put(X4, jax.devices()[0]), jax.random.key(3))
+Xn4 = noise(X4, jax.random.key(3), chunk_size=3)
+np.testing.assert_array_equal(np.asarray(Xn4), np.asarray(Xn1))
+assert Xn4.sharding.is_equivalent_to(X4.sharding, 2) and not X4.is_deleted()
+print("ok")
+'''
+
+
+def _doc_blocks() -> list[str]:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "scale.md").read_text()
+    return re.findall(r"^```python\n(.*?)^```", page, re.S | re.M)
+
+
+def test_four_devices_match_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    # then the examples of docs/scale.md, as written, in the same process
+    script = _SCRIPT + "\n".join(f"exec(compile({b!r}, 'docs/scale.md[{i}]', 'exec'), {{'__name__': '__docs__'}})"
+                                  for i, b in enumerate(_doc_blocks())) + "\nprint('ok')\n"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr[-4000:]

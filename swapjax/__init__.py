@@ -14,6 +14,7 @@ from .finetune import batched_loss, keep_pruned_at_zero, make_finetune_hook, mas
 from .gradients import GradientNoise, add_gradient_noise, per_sample_grads
 from .io import bcoo_bytes, from_bcoo, load_pruned, save_pruned, to_bcoo
 from .methods import LR, SWAP, SolveInfo
+from .operators import GradientOperator, linearized_gradients
 from .prune import PruneResult, StageInfo, kept_count, prune
 from .pytree import allow_vectors, apply_masks, sparsity_summary
 from .schedules import cubic_schedule, linear_schedule, polynomial_schedule
@@ -22,7 +23,7 @@ from .training import evaluate, train
 __all__ = [
     "LR", "SWAP", "Magnitude", "WoodFisher", "SolveInfo",
     "compare", "compare_sparsities", "format_table", "MethodResult", "GradientNoise", "PruneResult", "StageInfo",
-    "prune", "per_sample_grads", "add_gradient_noise", "kept_count",
+    "prune", "per_sample_grads", "add_gradient_noise", "kept_count", "linearized_gradients", "GradientOperator",
     "allow_vectors", "apply_masks", "sparsity_summary", "cubic_schedule", "linear_schedule", "polynomial_schedule",
     "keep_pruned_at_zero", "masked_updates", "masked_optimizer", "make_finetune_hook", "batched_loss",
     "train", "evaluate",

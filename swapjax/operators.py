@@ -35,6 +35,21 @@ class GradientOperator:
     Built by :func:`linearized_gradients`; ``method.solve(X, w_bar, k)`` of LR,
     SWAP and Magnitude accepts it in place of the matrix. ``col_sq`` =
     diag(XᵀX). A pytree (the arrays are its leaves), so it passes through ``jit``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, numpy as np, swapjax
+        >>> rng = np.random.default_rng(0)
+        >>> params = {"w": rng.normal(size=(6, 3)).astype("float32")}
+        >>> batch = {"x": rng.normal(size=(10, 6)).astype("float32")}
+        >>> loss_fn = lambda params, ex: jnp.sum(jnp.tanh(ex["x"] @ params["w"]) ** 2)
+        >>> _, X_op = swapjax.linearized_gradients(loss_fn, params, batch, progress=False)
+        >>> X_op.shape                                   # (N, p), never formed
+        (10, 18)
+        >>> X = swapjax.per_sample_grads(loss_fn, params, batch, progress=False)
+        >>> v = jnp.ones(18)
+        >>> Xv = jax.jit(lambda op, v: swapjax.operators.linear(op).mv(v))(X_op, v)
+        >>> bool(jnp.allclose(Xv, X @ v, rtol=1e-5, atol=1e-5))
+        True
     """
 
     def __init__(self, loss_fn, params: PyTree, batch: PyTree, lay: pytree.Layout, col_sq: jax.Array):
@@ -128,7 +143,22 @@ def linearized_gradients(
     One pass over ``batch`` in chunks computes the losses and diag(XᵀX) (and
     checks both are finite); the chunk holds at most ``chunk_size`` examples
     and at most ``CHUNK_BYTES`` of gradients, so memory stays O(p) beyond the
-    model. Arguments as :func:`swapjax.per_sample_grads`.
+    model. Arguments as :func:`swapjax.per_sample_grads`. ``swapjax.prune(...,
+    mode="matrix-free")`` builds one per stage.
+
+    Examples:
+        >>> import jax.numpy as jnp, numpy as np, swapjax
+        >>> rng = np.random.default_rng(0)
+        >>> params = {"w": rng.normal(size=(6, 3)).astype("float32")}
+        >>> batch = {"x": rng.normal(size=(10, 6)).astype("float32")}
+        >>> loss_fn = lambda params, ex: jnp.sum(jnp.tanh(ex["x"] @ params["w"]) ** 2)
+        >>> losses, X_op = swapjax.linearized_gradients(loss_fn, params, batch, progress=False)
+        >>> X = swapjax.per_sample_grads(loss_fn, params, batch, progress=False)
+        >>> w_bar = jnp.ravel(params["w"])
+        >>> lr = swapjax.LR(lam=0.01)
+        >>> on_X, on_op = lr.solve(X, w_bar, 5)[1], lr.solve(X_op, w_bar, 5)[1]
+        >>> bool(jnp.all(on_X.support == on_op.support)), int(on_op.support.sum())
+        (True, 5)
     """
     n = batch_size(batch)
     chunk_size = checks.integer("chunk_size", chunk_size, 1)

@@ -368,7 +368,7 @@ def ridge(X, targets, w_bar, support, lam, gram=None, w_init=None, cg_iters: int
 
 
 def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: Optional[jax.Array], most: int,
-                cg_iters: int = CG_ITERS):
+                cg_iters: int = CG_ITERS, col_sq: Optional[jax.Array] = None):
     """Local search over k-supports around the backsolve: exchange kept and pruned weights while f falls.
 
     At w (the ridge solution on S, whose Gram G_S = X_S X_Sᵀ is ``gram``),
@@ -380,12 +380,13 @@ def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: Optional[
     operator and ``gram`` is None) and keeps it if f fell; otherwise
     m drops to a quarter of the pairs tried. m starts at min(⌈k/8⌉, ``most``)
     (``most`` static). Stops after ``rounds`` rounds, when no pair pays, or
-    when m reaches 0. f never increases, |S| stays k. Returns (w, support, f, weights exchanged).
+    when m reaches 0. f never increases, |S| stays k. ``col_sq``: diag(XᵀX) if
+    known. Returns (w, support, f, weights exchanged).
     """
     A = linear(X)
     n, p = A.n, A.p
     k = jnp.sum(support)
-    h = A.col_sq() + n * lam
+    h = (A.col_sq() if col_sq is None else col_sq) + n * lam
     rank = jnp.arange(most)
 
     def body(c):

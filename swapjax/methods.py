@@ -28,8 +28,8 @@ import numpy as np
 from . import checks
 from . import iht as iht_lib
 from . import transport
-from .gradients import check_finite
-from .operators import GradientOperator, fisher_scale, linear
+from .gradients import check_finite, sharded_column_sq_norms
+from .operators import GradientOperator, linear
 
 #: λ candidates of ``lam="auto"`` (relative to the Fisher's scale, half-decade steps), and the value
 #: used without a score, where the selection's walk along the path starts.
@@ -191,7 +191,8 @@ class LR:
         """
         X, w_bar, w_start, k, duals = prepare_problem(X, w_bar, k, w_start, duals)
         checks.callable_or_none("score", score, "a function score(w) -> float")
-        y, z, scale = _projections(X, w_bar, w_start)
+        col_sq = X.col_sq if isinstance(X, GradientOperator) else sharded_column_sq_norms(X)
+        y, z, scale = _projections(X, w_bar, w_start, col_sq)
         if not bool(jnp.isfinite(scale) & jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(z))):
             largest = "" if isinstance(X, GradientOperator) else f"max |X| = {float(jnp.max(jnp.abs(X))):.3g}, "
             raise ValueError(
@@ -200,7 +201,9 @@ class LR:
             )
         if self.lam_scale == "absolute":
             scale = jnp.ones_like(scale)
-        reference = _magnitude_reference(_bucket(k, X.shape[1]), X, w_start, jnp.asarray(k)) if self.backsolve else None
+        reference = None
+        if self.backsolve:
+            reference = (col_sq,) + _magnitude_reference(_bucket(k, X.shape[1]), X, w_start, jnp.asarray(k))
         problem = (X, w_bar, k, y, z, scale, reference)
         if score is None or not self.selects:
             return self._fit(problem, self._lam_value(), self._epsilon_value(), w_start, duals)
@@ -354,10 +357,10 @@ class _Config(NamedTuple):
 
 
 @jax.jit
-def _projections(X, w_bar, w_start):
-    """y = Xw̄, z = X·w_start and the Fisher's scale ‖X‖²_F/(Np) = mean diag(XᵀX)/N."""
+def _projections(X, w_bar, w_start, col_sq):
+    """y = Xw̄, z = X·w_start and the Fisher's scale ‖X‖²_F/(Np) = mean diag(XᵀX)/N (col_sq = diag(XᵀX))."""
     A = linear(X)
-    return A.mv(w_bar), A.mv(w_start), fisher_scale(X)
+    return A.mv(w_bar), A.mv(w_start), jnp.sum(col_sq) / (float(A.n) * A.p)
 
 
 def _retarget(cfg: _Config, y):
@@ -409,7 +412,7 @@ def _magnitude_reference(width, X, w_start, k):
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
-def _refine(width, rounds, cg_iters, X, w_bar, w, info: SolveInfo, magnitude, magnitude_gram):
+def _refine(width, rounds, cg_iters, X, w_bar, w, info: SolveInfo, col_sq, magnitude, magnitude_gram):
     """Backsolve on IHT's support and on the magnitude support H_k(w_start); swap search from the better.
 
     The backsolve replaces IHT's w when it lowers f (it should: it is the exact
@@ -435,6 +438,7 @@ def _refine(width, rounds, cg_iters, X, w_bar, w, info: SolveInfo, magnitude, ma
     gram = jax.tree_util.tree_map(lambda a, b: jnp.where(from_mag, a, b), magnitude_gram, gram)
     swapped = jnp.array(0)
     if rounds:
-        w, support, obj, swapped = iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, most, cg_iters)
+        w, support, obj, swapped = iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, most, cg_iters,
+                                                       col_sq)
     return w, info._replace(objective=obj, backsolved=backsolved, support=support,
                             objective_magnitude=obj_mag, swapped=swapped)

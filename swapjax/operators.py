@@ -114,12 +114,6 @@ def column_sq_norms(X) -> jax.Array:
     return jax.lax.fori_loop(0, X.shape[0], lambda i, acc: acc + X[i] * X[i], jnp.zeros(X.shape[1], X.dtype))
 
 
-def fisher_scale(X) -> jax.Array:
-    """‖X‖²_F / (Np) = mean diag(XᵀX)/N, the Fisher's scale that relative λ is measured in."""
-    A = linear(X)
-    return jnp.mean(X * X) if A.matrix is not None else jnp.sum(A.col_sq()) / (float(A.n) * A.p)
-
-
 @partial(jax.jit, static_argnames=("loss_fn", "lay", "fast"))
 def _chunk_sq_norms(loss_fn, params, examples, new_rows, lay, fast):
     """(ℓ_i of the chunk, Σ_i m_i g_i ⊙ g_i) with m_i = 1 for the rows not counted by an earlier chunk."""

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from . import checks, memory, pytree, schedules
-from .gradients import DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, check_finite, per_sample_losses_and_grads
+from .gradients import (DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, check_finite, per_sample_losses_and_grads,
+                        resolve_devices)
 from .iht import hard_threshold_mask
 from .methods import SWAP
 from .operators import linearized_gradients
@@ -88,6 +89,7 @@ def prune(
     holdout: float = 0.2,
     chunk_size: int = DEFAULT_CHUNK,
     mode: str = "auto",
+    devices=None,
     progress: bool = True,
 ) -> PruneResult:
     """Prune ``params`` to ``sparsity`` with ``method`` (default ``SWAP()``).
@@ -161,6 +163,10 @@ def prune(
             (:func:`swapjax.memory.estimate`) and takes the in-memory mode
             where it fits in the memory available, else the matrix-free one,
             saying so; where none fits, a ValueError names the figures.
+        devices: None (one device), ``"all"``, an int d or a sequence of
+            ``jax.Device``: the examples (X's rows) are split into d equal
+            blocks, one per device (``swapjax.per_sample_grads``); d must
+            divide N (after the held-out split). In-memory mode only.
         progress: a line per stage, and per chunk of long gradient
             computations, on stderr (False also silences a hook from
             ``make_finetune_hook``).
@@ -229,6 +235,9 @@ def prune(
     selects = getattr(method, "selects", False)
     batch, val_batch = _split_held_out(batch, val_batch, holdout if selects else 0.0)
     n = batch_size(batch)
+    devices = resolve_devices(devices, n)  # ValueError naming N and d before any gradient
+    if devices is not None and mode == "matrix-free":
+        raise ValueError("devices: the matrix-free mode runs on one device; use mode='in-memory' with devices")
     log = (lambda msg: print(f"[swapjax] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     mode = _choose_mode(mode, method, noise, memory.estimate(loss_fn, params, batch, lay, chunk_size))
     log(f"{type(method).__name__}: N={n} examples"
@@ -246,11 +255,13 @@ def prune(
         if mode == "matrix-free":
             _, X = linearized_gradients(loss_fn, current, batch, select, chunk_size, progress)
         else:
-            losses, X = per_sample_losses_and_grads(loss_fn, current, batch, select, chunk_size, progress)
+            losses, X = per_sample_losses_and_grads(loss_fn, current, batch, select, chunk_size, progress,
+                                                    devices=devices)
             check_finite(X)
             checks.finite_losses(losses)  # NaN or inf loss values with finite gradients
             if noise is not None:
-                X = noise(X, jax.random.fold_in(key, t))
+                k_t = jax.random.fold_in(key, t)  # X is prune's own: noised in place
+                X = noise(X, k_t, donate=True) if isinstance(noise, GradientNoise) else noise(X, k_t)
         t1 = time.perf_counter()
         w_bar = w_dense if anchor == "dense" else w
         layers = {"segments": lay.offsets} if getattr(method, "needs_segments", False) else {}

@@ -72,9 +72,10 @@ class SolveInfo(NamedTuple):
     candidates: tuple = ()  # Candidate per point tried by the selection (empty without one)
 
 
-def check_problem(X, w_bar, k) -> int:
+def check_problem(X, w_bar, k, finite_x: bool = True) -> int:
     """Validate a bare problem; returns k as an int. X: a matrix or a
-    :class:`swapjax.operators.GradientOperator` (checked finite when built)."""
+    :class:`swapjax.operators.GradientOperator` (checked finite when built).
+    ``finite_x=False`` leaves X's finiteness to the caller."""
     if not isinstance(X, GradientOperator) and jnp.ndim(X) != 2:
         raise ValueError(f"X: expected a 2-D (N, p) matrix, got shape {jnp.shape(X)}")
     n, p = X.shape
@@ -87,20 +88,20 @@ def check_problem(X, w_bar, k) -> int:
         ok = True
     if not ok or not 1 <= k <= p:
         raise ValueError(f"k: must be an integer in [1, p] = [1, {p}], got {k!r}")
-    if not isinstance(X, GradientOperator):
+    if finite_x and not isinstance(X, GradientOperator):
         check_finite(X, "X")
     if not bool(jnp.all(jnp.isfinite(w_bar))):
         raise ValueError("w_bar: the dense weights contain NaN or inf")
     return int(k)
 
 
-def prepare_problem(X, w_bar, k, w_start=None, duals=None):
+def prepare_problem(X, w_bar, k, w_start=None, duals=None, finite_x: bool = True):
     """Validate and convert a problem for a method's solve: (X, w̄, w_start, k, duals).
 
     Arrays become at least float32 (there is no float16 linear algebra on CPU);
     w_start defaults to w̄; duals to zero potentials (a cold Sinkhorn start).
     """
-    k = check_problem(X, w_bar, k)
+    k = check_problem(X, w_bar, k, finite_x)
     if not isinstance(X, GradientOperator):
         X = jnp.asarray(X, jnp.promote_types(jnp.result_type(X), jnp.float32))
     w_bar = jnp.asarray(w_bar, X.dtype)
@@ -189,9 +190,11 @@ class LR:
         values are chosen along the path, each candidate starting from the
         previous one's solution; ``info.candidates`` lists every point tried.
         """
-        X, w_bar, w_start, k, duals = prepare_problem(X, w_bar, k, w_start, duals)
+        X, w_bar, w_start, k, duals = prepare_problem(X, w_bar, k, w_start, duals, finite_x=False)
         checks.callable_or_none("score", score, "a function score(w) -> float")
         col_sq = X.col_sq if isinstance(X, GradientOperator) else sharded_column_sq_norms(X)
+        if not bool(jnp.all(jnp.isfinite(col_sq))):  # X's finiteness from diag(XᵀX): no pass of its own
+            check_finite(X, "X")  # names the rows; if X is finite, ‖X‖²_F overflows (below)
         y, z, scale = _projections(X, w_bar, w_start, col_sq)
         if not bool(jnp.isfinite(scale) & jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(z))):
             largest = "" if isinstance(X, GradientOperator) else f"max |X| = {float(jnp.max(jnp.abs(X))):.3g}, "

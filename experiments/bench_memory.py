@@ -28,16 +28,21 @@ from pathlib import Path
 HERE = Path(__file__).parent
 CSV = HERE / "results" / "bench_memory.csv"
 FIGURE = HERE.parent / "docs" / "figures" / "memory.png"
-FIELDS = ["network", "p", "n", "mode", "method", "status", "seconds", "peak_rss_gb", "start_rss_gb", "x_gb",
+DOC = HERE.parent / "docs" / "benchmarks.md"
+DOC_BEGIN = "<!-- bench_memory:begin (written by experiments/bench_memory.py) -->"
+DOC_END = "<!-- bench_memory:end -->"
+FIELDS = ["network", "p", "n", "mode", "method", "noise", "status", "seconds", "peak_rss_gb", "start_rss_gb", "x_gb",
           "estimate_gb", "available_gb", "kept", "k", "objective", "iht_iterations", "lam", "epsilon"]
-METHODS = {"fixed": "SWAP(lam=0.03, epsilon=0.3, swap_rounds=0)", "default": "SWAP()"}
+METHODS = {"fixed": "SWAP(lam=0.03, epsilon=0.3, swap_rounds=0)", "default": "SWAP()",
+           "fixed-cg20": "SWAP(lam=0.03, epsilon=0.3, swap_rounds=0, cg_iters=20)"}
+NOISE = "GradientNoise(std_scale=2.0, prop=0.25)"
 
 
 def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def worker(network: str, width: int, n: int, mode: str, method_name: str) -> dict:
+def worker(network: str, width: int, n: int, mode: str, method_name: str, noise: bool) -> dict:
     """One prune in this process; returns the CSV row."""
     import flax.linen as nn
     import jax
@@ -82,12 +87,14 @@ def worker(network: str, width: int, n: int, mode: str, method_name: str) -> dic
     p = lay.size
     est = memory.estimate(loss_fn, params, batch, lay, swapjax.gradients.DEFAULT_CHUNK)
     row = dict(network=network if network != "mlp" else f"mlp-{width}", p=p, n=n, mode=mode, method=method_name,
+               noise=NOISE if noise else "",
                x_gb=round(n * p * 4 / 2**30, 3), available_gb=round(est.available / 2**30, 2),
                estimate_gb=round((est.in_memory if mode == "in-memory" else est.matrix_free) / 2**30, 3),
                start_rss_gb=round(_rss_gb(), 3), k=swapjax.kept_count(0.9, p))
     t0 = time.perf_counter()
     try:
-        res = swapjax.prune(loss_fn, params, batch, sparsity=0.9, method=method, mode=mode)
+        extra = dict(noise=eval("swapjax." + NOISE), key=jax.random.key(0)) if noise else {}  # noqa: S307
+        res = swapjax.prune(loss_fn, params, batch, sparsity=0.9, method=method, mode=mode, **extra)
     except ValueError as e:
         if "does not fit" not in str(e):
             raise
@@ -129,7 +136,7 @@ def plot(rows: list[dict]) -> None:
         for method in METHODS:
             pts = sorted((int(r["p"]), float(r["peak_rss_gb"]), float(r["seconds"])) for r in rows
                          if r["mode"] == mode and r["method"] == method and r["status"] == "ok"
-                         and r["network"].startswith("mlp"))
+                         and r["network"].startswith("mlp") and not r.get("noise"))
             if not pts:
                 continue
             p, mem, sec = zip(*pts)
@@ -152,6 +159,34 @@ def plot(rows: list[dict]) -> None:
     fig.savefig(FIGURE, dpi=120)
 
 
+def doc_section(rows: list[dict]) -> str:
+    """The table of every point, for docs/benchmarks.md."""
+    lines = ["| network | p | mode | SWAP | noise | X (GiB) | estimate (GiB) | peak RSS (GiB) | (peak − start) / X | s | kept = k |",
+             "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in sorted(rows, key=lambda r: (not r["network"].startswith("mlp"), int(r["p"]), r["mode"], r["noise"])):
+        ok = r["status"] == "ok"
+        ratio = f"{(float(r['peak_rss_gb']) - float(r['start_rss_gb'])) / float(r['x_gb']):.2f}" if ok else ""
+        lines.append(
+            f"| {r['network']} | {int(r['p']):,} | {r['mode']} | {METHODS[r['method']]} | {'yes' if r['noise'] else ''} "
+            f"| {float(r['x_gb']):.2f} | {float(r['estimate_gb']):.2f} | {r['peak_rss_gb'] if ok else r['status']} "
+            f"| {ratio} | {r['seconds'] if ok else ''} | {'yes' if ok and r['kept'] == r['k'] else ''} |")
+    n = rows[0]["n"] if rows else "?"
+    return f"""{DOC_BEGIN}
+## Memory: X formed or not (N = {n}, one-shot SWAP at 0.9)
+
+`.venv/bin/python experiments/bench_memory.py` (each point a fresh process; peak RSS of the whole process,
+"start" its RSS before `prune` (Python, JAX, data, model);
+seconds for the whole `prune` call, compilation included, on the 2 shared cores; noise =
+GradientNoise(2, 0.25)). MLPs 784-w-w-w-10 at initialisation on Fashion-MNIST train[:{n}];
+MobileNetV1 (every conv and the classifier) on {n} synthetic 32×32×3 images. "does not fit": the
+estimate exceeded the available memory, so nothing ran.
+
+{chr(10).join(lines)}
+
+![peak memory and time against p](figures/memory.png)
+{DOC_END}"""
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048])
@@ -159,24 +194,25 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", nargs="+", default=["fixed"], choices=sorted(METHODS))
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--mobilenet", action="store_true", help="MobileNetV1 on 32×32 inputs instead of the MLPs")
-    ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--noise", action="store_true", help=f"add {NOISE} to X (in-memory only)")
+    ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        network, width, n, mode, method = args.worker
-        print(json.dumps(worker(network, int(width), int(n), mode, method)))
+        network, width, n, mode, method, noise = args.worker
+        print(json.dumps(worker(network, int(width), int(n), mode, method, noise == "1")))
         return
     rows = read_rows()
-    done = {(r["network"], r["n"], r["mode"], r["method"]) for r in rows}
+    done = {(r["network"], r["n"], r["mode"], r["method"], bool(r.get("noise"))) for r in rows}
     points = [("mobilenetv1-32", 0)] if args.mobilenet else [(f"mlp-{w}", w) for w in args.widths]
     for name, width in points:
         for mode in args.modes:
             for method in args.methods:
-                if (name, str(args.n), mode, method) in done:
+                if (name, str(args.n), mode, method, args.noise) in done:
                     continue
                 network = "mlp" if name.startswith("mlp") else "mobilenet"
                 print(f"{name} {mode} {method} N={args.n} ...", flush=True)
                 out = subprocess.run([sys.executable, __file__, "--worker", network, str(width), str(args.n), mode,
-                                      method], stdout=subprocess.PIPE, text=True)
+                                      method, str(int(args.noise))], stdout=subprocess.PIPE, text=True)
                 if out.returncode != 0:
                     print(f"  failed (exit {out.returncode})", flush=True)
                     continue
@@ -186,6 +222,9 @@ def main(argv=None) -> None:
                 rows.append(row)
                 write_rows(rows)
     plot(rows)
+    from bench_core import write_doc
+
+    write_doc(DOC, doc_section(rows), DOC_BEGIN, DOC_END)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     .venv/bin/python experiments/reproduce.py --preset mlpnet-fashion-mnist          # CPU, minutes
     .venv/bin/python experiments/reproduce.py --preset mlpnet-fashion-mnist --quick  # `make demo`
     .venv/bin/python experiments/reproduce.py --preset resnet20-cifar10              # GPU-sized
+    .venv/bin/python experiments/reproduce.py --preset mobilenetv1-imagenet --synthetic --image-size 32 \
+        --methods SWAP-fixed --sparsities 0.9                # the prune step alone, random data
 
 For each seed: train the dense model (or restore its checkpoint, orbax, under
 runs/<preset>/dense-seed<s>), then for every mode (one-shot; gradual = the cubic
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import os
 import re
 import sys
@@ -338,6 +341,38 @@ def plot(rows, preset: Preset, out: Path):
     log(f"wrote {out / 'results.csv'}, {out / 'test_accuracy.png'}, {out / 'test_loss.png'}")
 
 
+def synthetic_prune(preset_name: str, preset: Preset, image_size, out: Path, progress: bool) -> dict:
+    """The preset's prune step alone, where its data or training is out of reach: the model at its
+    random initialisation (seed 0), N = ``fisher_examples`` N(0, 1) inputs (``image_size``² instead
+    of the preset's size; MobileNetV1 takes its small-input stem at ≤ 64), one-shot, the first
+    method and sparsity. Records seconds, the peak RSS and the mode (``prune(mode="auto")``)."""
+    import resource
+
+    model = preset.model()
+    shape = preset.input_shape if image_size is None else (image_size, image_size) + preset.input_shape[2:]
+    if image_size is not None and image_size <= 64 and hasattr(model, "small_input"):
+        model = model.clone(small_input=True)
+    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+    n = preset.fisher_examples
+    batch = {"x": jax.random.normal(kx, (n,) + shape),
+             "y": jax.random.randint(ky, (n,), 0, getattr(model, "num_classes", 10))}
+    variables = model.init(kp, batch["x"][:1])
+    method, anchor = METHODS[preset.methods[0]]
+    t0 = time.perf_counter()
+    result = swapjax.prune(per_example_loss(model, variables), variables["params"], batch,
+                           sparsity=preset.sparsities[0], method=method, anchor=anchor, progress=progress)
+    jax.block_until_ready(result.params)
+    kept = sum(int(jnp.sum(m)) for m in jax.tree_util.tree_leaves(result.masks))
+    row = {"preset": preset_name, "input": "x".join(map(str, shape)), "n": n, "method": preset.methods[0],
+           "sparsity": preset.sparsities[0], "mode": result.mode, "kept": kept,
+           "seconds": round(time.perf_counter() - t0, 2),
+           "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "synthetic-prune.json").write_text(json.dumps(row, indent=2) + "\n")
+    log(", ".join(f"{k}={v}" for k, v in row.items()))
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="mlpnet-fashion-mnist")
@@ -349,6 +384,9 @@ def main():
     ap.add_argument("--methods", nargs="+", choices=list(METHODS))
     ap.add_argument("--out", type=Path)
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="only the prune step, on random inputs and the untrained model (no data, no training)")
+    ap.add_argument("--image-size", type=int, help="with --synthetic: inputs of this height and width")
     args = ap.parse_args()
     preset = PRESETS[args.preset]
     if args.quick:
@@ -357,7 +395,10 @@ def main():
                  if k in ("seeds", "modes", "sparsities", "noises", "methods") and v}
     preset = replace(preset, **overrides)
     out = args.out or Path("runs") / (args.preset + ("-quick" if args.quick else ""))
-    run(args.preset, preset, out, progress=not args.quiet)
+    if args.synthetic:
+        synthetic_prune(args.preset, preset, args.image_size, out, progress=not args.quiet)
+    else:
+        run(args.preset, preset, out, progress=not args.quiet)
 
 
 if __name__ == "__main__":

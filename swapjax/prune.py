@@ -245,9 +245,19 @@ def prune(
         + f", p={p} prunable weights, {len(levels)} stage(s), X {mode}")
 
     def held_out_loss(current):
+        """The score of the selection; a progress line per candidate once a stage's solve passes 5 s."""
         if val_batch is None:
             return None
-        return lambda w: float(_mean_loss(loss_fn, lay, chunk_size, current, w, val_batch))
+        start, count = time.perf_counter(), [0]
+
+        def score(w):
+            value = float(_mean_loss(loss_fn, lay, chunk_size, current, w, val_batch))
+            count[0] += 1
+            if time.perf_counter() - start > 5.0:
+                log(f"  candidate {count[0]}: held-out loss {value:.4g} ({time.perf_counter() - start:.1f} s)")
+            return value
+
+        return score
 
     def run_stage(t, s, current, w, w_dense, duals):
         k = kept_count(s, p)

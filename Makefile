@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-digits test docs bench clean
+.PHONY: demo demo-digits test test-all docs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ demo: $(STAMP)
 demo-digits: $(STAMP)
 	$(PY) experiments/demo.py
 
+# `make test` (CI) leaves out the tests marked slow (the full-size end-to-end runs); each has a
+# smaller version in the default run. `make test-all` runs every test.
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 # The API reference site (mkdocs-material + mkdocstrings) in site/; --strict fails on any warning.

@@ -278,10 +278,26 @@ _METHOD = swapjax.LR(max_iters=5)
 
 # Every example compiles (new tree structure), so: no shrinking (a failure is reported as drawn,
 # not after minutes of re-compiling shrinks) and a derandomized, reproducible sequence of examples.
-@settings(max_examples=20, deadline=None, derandomize=True, database=None,
-          phases=[Phase.explicit, Phase.generate], suppress_health_check=[HealthCheck.too_slow])
-@given(spec=_random_tree(), sparsity=st.floats(0.0, 0.9), seed=st.integers(0, 2**16))
+# The default run draws 6 trees (about 2.5 s each); the slow test (`make test-all`) draws 20.
+_RANDOM_TREES = dict(spec=_random_tree(), sparsity=st.floats(0.0, 0.9), seed=st.integers(0, 2**16))
+_RANDOM_TREE_SETTINGS = dict(deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
+                             suppress_health_check=[HealthCheck.too_slow])
+
+
+@settings(max_examples=6, **_RANDOM_TREE_SETTINGS)
+@given(**_RANDOM_TREES)
 def test_prune_invariants_on_random_trees(spec, sparsity, seed):
+    _check_prune_invariants(spec, sparsity, seed)
+
+
+@pytest.mark.slow
+@settings(max_examples=20, **_RANDOM_TREE_SETTINGS)
+@given(**_RANDOM_TREES)
+def test_prune_invariants_on_random_trees_many(spec, sparsity, seed):
+    _check_prune_invariants(spec, sparsity, seed)
+
+
+def _check_prune_invariants(spec, sparsity, seed):
     r = np.random.default_rng(seed)
     params = {g: {n: r.normal(size=shape).astype(dt) for n, (shape, dt) in grp.items()} for g, grp in spec.items()}
     feats = {g: {n: r.normal(size=(_N,) + shape).astype(np.float32) for n, (shape, _) in grp.items()} for g, grp in spec.items()}

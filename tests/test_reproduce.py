@@ -38,13 +38,23 @@ def _rows(path):
 
 
 def test_tiny_sweep_grid_resume_and_an_independent_row(synthetic_fashion, tmp_path, capsys):
+    """Both modes, both noises, both methods at one sparsity (8 runs); the slow test adds a second sparsity."""
+    _tiny_sweep(tmp_path, capsys, sparsities=(0.5,))
+
+
+@pytest.mark.slow
+def test_tiny_sweep_two_sparsities(synthetic_fashion, tmp_path, capsys):
+    _tiny_sweep(tmp_path, capsys, sparsities=(0.5, 0.9))
+
+
+def _tiny_sweep(tmp_path, capsys, sparsities):
     preset = replace(reproduce.PRESETS["mlpnet-fashion-mnist"], epochs=1, fisher_examples=32, stages=2,
-                     sparsities=(0.5, 0.9), noises=("none", "2σ,25%"), modes=("one-shot", "gradual"),
+                     sparsities=sparsities, noises=("none", "2σ,25%"), modes=("one-shot", "gradual"),
                      seeds=(0,), methods=("MP", "LR"), batch_size=64)
     reproduce.run("tiny", preset, tmp_path, progress=False)
     rows = _rows(tmp_path / "results.csv")
     keys = {(r["mode"], r["noise"], r["sparsity"], r["method"]) for r in rows}
-    assert len(rows) == len(keys) == 2 * 2 * 2 * 2
+    assert len(rows) == len(keys) == len(sparsities) * 2 * 2 * 2
     assert all(0 <= float(r["test_accuracy"]) <= 1 and float(r["test_loss"]) > 0 for r in rows)
     assert (tmp_path / "test_accuracy.png").stat().st_size > 0 and (tmp_path / "test_loss.png").stat().st_size > 0
     assert "| MP |" in capsys.readouterr().out
@@ -129,7 +139,10 @@ def test_results_csv_malformed_and_duplicate_rows_are_dropped_and_reported(tmp_p
     assert capsys.readouterr().err == ""  # repaired once, atomically
 
 
-def test_a_sweep_killed_mid_row_resumes_with_every_row_valid(synthetic_fashion, tmp_path, capsys):
+def test_a_sweep_killed_mid_row_resumes_with_every_row_valid(synthetic_fashion, tmp_path, capsys, monkeypatch):
+    # the plots of a whole CSV are checked by the tiny sweep (the rows here are the same after each resume);
+    # matplotlib would take about a second per rerun
+    monkeypatch.setattr(reproduce, "plot", lambda rows, preset, out: None)
     preset = replace(reproduce.PRESETS["mlpnet-fashion-mnist"], epochs=1, fisher_examples=32, stages=2,
                      sparsities=(0.5, 0.9), noises=("none",), modes=("one-shot",), seeds=(0,), methods=("MP",),
                      batch_size=64)

@@ -42,7 +42,7 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def worker(network: str, width: int, n: int, mode: str, method_name: str, noise: bool) -> dict:
+def worker(network: str, width: int, n: int, mode: str, method_name: str, noise: bool, chunk_size: int) -> dict:
     """One prune in this process; returns the CSV row."""
     import flax.linen as nn
     import jax
@@ -85,8 +85,8 @@ def worker(network: str, width: int, n: int, mode: str, method_name: str, noise:
     method = eval("swapjax." + METHODS[method_name])  # noqa: S307  (a fixed table above)
     lay = pytree.layout(params)
     p = lay.size
-    est = memory.estimate(loss_fn, params, batch, lay, swapjax.gradients.DEFAULT_CHUNK)
-    row = dict(network=network if network != "mlp" else f"mlp-{width}", p=p, n=n, mode=mode, method=method_name,
+    est = memory.estimate(loss_fn, params, batch, lay, chunk_size)
+    row = dict(network="mobilenetv1-32" if network != "mlp" else f"mlp-{width}", p=p, n=n, mode=mode, method=method_name,
                noise=NOISE if noise else "",
                x_gb=round(n * p * 4 / 2**30, 3), available_gb=round(est.available / 2**30, 2),
                estimate_gb=round((est.in_memory if mode == "in-memory" else est.matrix_free) / 2**30, 3),
@@ -94,7 +94,8 @@ def worker(network: str, width: int, n: int, mode: str, method_name: str, noise:
     t0 = time.perf_counter()
     try:
         extra = dict(noise=eval("swapjax." + NOISE), key=jax.random.key(0)) if noise else {}  # noqa: S307
-        res = swapjax.prune(loss_fn, params, batch, sparsity=0.9, method=method, mode=mode, **extra)
+        res = swapjax.prune(loss_fn, params, batch, sparsity=0.9, method=method, mode=mode, chunk_size=chunk_size,
+                            **extra)
     except ValueError as e:
         if "does not fit" not in str(e):
             raise
@@ -195,11 +196,12 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--mobilenet", action="store_true", help="MobileNetV1 on 32×32 inputs instead of the MLPs")
     ap.add_argument("--noise", action="store_true", help=f"add {NOISE} to X (in-memory only)")
-    ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--chunk-size", type=int, default=128, help="examples per chunk of per-sample gradients")
+    ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        network, width, n, mode, method, noise = args.worker
-        print(json.dumps(worker(network, int(width), int(n), mode, method, noise == "1")))
+        network, width, n, mode, method, noise, chunk = args.worker
+        print(json.dumps(worker(network, int(width), int(n), mode, method, noise == "1", int(chunk))))
         return
     rows = read_rows()
     done = {(r["network"], r["n"], r["mode"], r["method"], bool(r.get("noise"))) for r in rows}
@@ -212,7 +214,8 @@ def main(argv=None) -> None:
                 network = "mlp" if name.startswith("mlp") else "mobilenet"
                 print(f"{name} {mode} {method} N={args.n} ...", flush=True)
                 out = subprocess.run([sys.executable, __file__, "--worker", network, str(width), str(args.n), mode,
-                                      method, str(int(args.noise))], stdout=subprocess.PIPE, text=True)
+                                      method, str(int(args.noise)), str(args.chunk_size)], stdout=subprocess.PIPE,
+                                     text=True)
                 if out.returncode != 0:
                     print(f"  failed (exit {out.returncode})", flush=True)
                     continue

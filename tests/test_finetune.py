@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import mlp_loss
+from conftest import fixed_lr, mlp_loss
 
 import swapjax
 from swapjax import pytree
@@ -154,6 +154,16 @@ def test_hook_steps_determinism_and_progress(capsys):
 
 
 def test_hook_inside_prune_three_stages(trained_mlp, prune_batch, digits):
+    """With λ fixed (no held-out λ walk or one-shot comparison per stage); the slow test uses LR()."""
+    _hook_inside_prune(trained_mlp, prune_batch, digits, fixed_lr())
+
+
+@pytest.mark.slow
+def test_hook_inside_prune_three_stages_with_selection(trained_mlp, prune_batch, digits):
+    _hook_inside_prune(trained_mlp, prune_batch, digits, swapjax.LR())
+
+
+def _hook_inside_prune(trained_mlp, prune_batch, digits, method):
     x, y = digits
     data = {"x": jnp.asarray(x[:512]), "y": jnp.asarray(y[:512])}
     loss = batched_loss(mlp_loss)
@@ -166,7 +176,7 @@ def test_hook_inside_prune_three_stages(trained_mlp, prune_batch, digits):
         calls.append((stage, params, masks, out))
         return out
 
-    res = swapjax.prune(mlp_loss, trained_mlp, prune_batch, sparsity=0.8, method=swapjax.LR(),
+    res = swapjax.prune(mlp_loss, trained_mlp, prune_batch, sparsity=0.8, method=method,
                         stages=[0.5, 0.7, 0.8], finetune=recording, progress=False)
     assert [c[0] for c in calls] == [1, 2]  # between stages, not after the last
     for stage, before, masks, after in calls:

@@ -163,7 +163,7 @@ def prune(
             (:func:`swapjax.memory.estimate`) and takes the in-memory mode
             where it fits in the memory available, else the matrix-free one,
             saying so; where none fits, a ValueError names the figures.
-        devices: None (one device), ``"all"``, an int d or a sequence of
+        devices (str | int | list | None): None (one device), ``"all"``, an int d or a sequence of
             ``jax.Device``: the examples (X's rows) are split into d equal
             blocks, one per device (``swapjax.per_sample_grads``); d must
             divide N (after the held-out split). In-memory mode only.

@@ -421,11 +421,15 @@ def sharded_column_sq_norms(X) -> jax.Array:
     return _column_sq_norms_fn(row_sharding(X))(X)
 
 
+def column_sq_norms(X) -> jax.Array:
+    """diag(XᵀX) = Σ_i x_i², accumulated row by row inside a trace (a reduction over the leading axis of a
+    large matrix ran ~50× slower on XLA:CPU: 0.34 s against 6 ms at 800 × 32,360)."""
+    return jax.lax.fori_loop(0, X.shape[0], lambda i, acc: acc + X[i] * X[i], jnp.zeros_like(X[0]))
+
+
 @lru_cache(maxsize=None)
 def _column_sq_norms_fn(rows):
-    def local(X):
-        return jax.lax.fori_loop(0, X.shape[0], lambda i, acc: acc + X[i] * X[i], jnp.zeros_like(X[0]))
-
+    local = column_sq_norms
     if rows is None:
         return jax.jit(local)
     mesh, spec = rows

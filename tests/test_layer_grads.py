@@ -16,7 +16,7 @@ from jax import lax
 
 import swapjax
 from swapjax import gradients, layer_grads, pytree
-from swapjax.models import LeNet5, MLPNet, MobileNetV1, ResNet20
+from swapjax.models import LeNet5, MLPNet, MobileNetV1, ResNet20, ResNet50
 
 # ---------------------------------------------------------------- the convolution kernel gradient
 
@@ -133,6 +133,17 @@ def test_mobilenet_small_taps_equal_the_loop():
     variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
     stats = variables["batch_stats"]
     _check(_xent(model, lambda p: {"params": p, "batch_stats": stats}), variables["params"], _image_batch((16, 16, 3)))
+
+
+@pytest.mark.slow  # 20 s of compilation on 2 cores; the other models cover every conv kind in CI
+def test_resnet50_small_taps_equal_the_loop():
+    """Bottlenecks (1×1, strided 3×3, 1×1 ×4, shortcut convs), the 7×7 stem and its max-pool."""
+    model = ResNet50(num_classes=10, widths=(2, 2, 4, 4), blocks=(1, 1, 1, 1))
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    stats = variables["batch_stats"]
+    pl = _check(_xent(model, lambda p: {"params": p, "batch_stats": stats}), variables["params"],
+                _image_batch((32, 32, 3)))
+    assert len(pl.taps) == 1 + 4 * 4 + 1  # stem, 3 convs + shortcut per block, fc
 
 
 def test_resnet20_every_kernel_is_tapped():

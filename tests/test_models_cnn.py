@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import swapjax
-from swapjax.models import MobileNetV1, ResNet20
+from swapjax.models import MobileNetV1, ResNet20, ResNet50
 from swapjax.models.resnet20 import BasicBlock
 
 CIFAR = (32, 32, 3)
@@ -237,3 +237,30 @@ def test_bad_input_rank_is_rejected(resnet_vars):
         RESNET.apply(resnet_vars, jnp.ones((32, 32)))
     with pytest.raises(ValueError, match="MobileNetV1"):
         MobileNetV1().init(jax.random.key(0), jnp.ones((2, 1, 32, 32, 3)))
+
+
+# ---------------------------------------------------------------- ResNet50 (only traced)
+
+
+def test_resnet50_count_is_torchvisions():
+    model = ResNet50()
+    logits, variables = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), jnp.zeros((2, 224, 224, 3))))
+    params = variables["params"]
+    assert n_params(params) == 25_557_032  # torchvision.models.resnet50().parameters()
+    assert swapjax.pytree.layout(params).size == 25_502_912 == 25_557_032 - 1_000 - 53_120
+    assert n_params(variables["batch_stats"]) == 53_120 and logits.shape == (2, 1000)
+    shapes = names(params)
+    assert shapes["conv1/kernel"] == (7, 7, 3, 64) and shapes["fc/kernel"] == (2048, 1000)
+    # v1.5: the stride sits in the 3×3 conv; the first block of each layer has a 1×1 shortcut.
+    assert shapes["layer2_0/conv1/kernel"] == (1, 1, 256, 128) and shapes["layer2_0/conv2/kernel"] == (3, 3, 128, 128)
+    assert shapes["layer4_2/conv3/kernel"] == (1, 1, 512, 2048)
+    assert {n.split("/")[0] for n in shapes if "shortcut" in n} == {"layer1_0", "layer2_0", "layer3_0", "layer4_0"}
+
+
+def test_resnet50_strides_give_7x7_at_224():
+    capture = lambda mdl, _: mdl.name in ("layer1_2", "layer2_0", "layer4_2")  # noqa: E731
+    _, state = jax.eval_shape(lambda: ResNet50().init_with_output(
+        jax.random.key(0), jnp.zeros((1, 224, 224, 3)), capture_intermediates=capture))
+    shape = lambda name: state["intermediates"][name]["__call__"][0].shape  # noqa: E731
+    assert shape("layer1_2") == (1, 56, 56, 256) and shape("layer2_0") == (1, 28, 28, 512)
+    assert shape("layer4_2") == (1, 7, 7, 2048)

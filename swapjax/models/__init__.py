@@ -3,5 +3,6 @@ from .lenet5 import LeNet5
 from .mlpnet import MLPNet
 from .mobilenetv1 import MobileNetV1
 from .resnet20 import ResNet20
+from .resnet50 import ResNet50
 
-__all__ = ["MLPNet", "LeNet5", "ResNet20", "MobileNetV1"]
+__all__ = ["MLPNet", "LeNet5", "ResNet20", "MobileNetV1", "ResNet50"]

@@ -34,7 +34,7 @@ import numpy as np
 from . import iht as iht_lib
 from . import transport
 from .methods import SolveInfo, prepare_problem
-from .operators import GradientOperator, linear
+from .operators import GradientOperator, linear, matmul
 
 
 # ---------------------------------------------------------------------------
@@ -259,11 +259,11 @@ def _woodbury_factors(X, damp, block):
     can never make it ≤ 0.
     """
     n, p = X.shape
-    lam, U = jnp.linalg.eigh(X @ X.T)
+    lam, U = jnp.linalg.eigh(matmul(X, X.T))
     c = 1.0 / (n * damp + jnp.maximum(lam, 0))
 
     def block_stats(Xb):  # (Σ_j c_j (UᵀX_b)_j², ‖x_q‖²) for the columns of one block
-        A = U.T @ Xb
+        A = matmul(U.T, Xb)
         return c @ (A * A), jnp.sum(Xb * Xb, axis=0)
 
     # full blocks in a sequential loop (one block's temporaries alive at a time), then the rest
@@ -293,13 +293,13 @@ def _inverse_fisher_diagonal(damp, block, X):
 
 def _inverse_fisher_apply(X, U, c, damp, v):
     """F⁻¹v = (v − Xᵀ U diag(c) Uᵀ X v) / damp, O(Np)."""
-    t = U @ (c * (U.T @ (X @ v)))
-    return (v - t @ X) / damp
+    t = U @ (c * (U.T @ matmul(X, v)))
+    return (v - matmul(t, X)) / damp
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
 def _woodfisher(damp, update, block, X, w_bar, w_start, k):
-    y = X @ w_bar
+    y = matmul(X, w_bar)
     U, c, diag = _woodbury_factors(X, damp, block)
     w = w_start
     scores = w * w / (2 * diag)

@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from .operators import linear
+from .operators import linear, matmul
 
 
 def hard_threshold_mask(v: jax.Array, k) -> jax.Array:
@@ -262,11 +262,11 @@ def support_gram(X, support, width: Optional[int] = None) -> jax.Array:
     count = jnp.sum(support)
     if block == width:  # one block
         xs = _columns(X, cols, count)
-        return xs @ xs.T
+        return matmul(xs, xs.T)
 
     def add(i, gram):
         xs = _columns(X, jax.lax.dynamic_slice_in_dim(cols, i * block, block), count - i * block)
-        return gram + xs @ xs.T
+        return gram + matmul(xs, xs.T)
 
     return jax.lax.fori_loop(0, (count + block - 1) // block, add, jnp.zeros((n, n), X.dtype))
 
@@ -287,7 +287,7 @@ def _exchange(gram, X, enter, leave, count):
     def update(width):
         def at():
             xa, xr = _columns(X, enter[:width], count), _columns(X, leave[:width], count)
-            return gram + xa @ xa.T - xr @ xr.T
+            return gram + matmul(xa, xa.T) - matmul(xr, xr.T)
         return at
 
     branch = jnp.minimum(jnp.searchsorted(jnp.asarray(widths), count), len(widths) - 1)
@@ -327,13 +327,13 @@ def backsolve(X, targets, w_bar, support, lam: float, width: Optional[int] = Non
     n = X.shape[0]
     anchor = jnp.where(support, w_bar, 0)
     gram = support_gram(X, support, width) if gram is None else gram
-    e = targets - X @ anchor
+    e = targets - matmul(X, anchor)
     alpha = jax.lax.cond(
         jnp.asarray(lam) > 0,
         lambda: jnp.linalg.solve(gram + n * lam * jnp.eye(n, dtype=X.dtype), e),
         lambda: jnp.linalg.pinv(gram, hermitian=True) @ e,
     )
-    return anchor + jnp.where(support, alpha @ X, 0)
+    return anchor + jnp.where(support, matmul(alpha, X), 0)
 
 
 #: Conjugate-gradient steps of the backsolve when X is not formed.

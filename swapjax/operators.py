@@ -76,6 +76,13 @@ class GradientOperator:
         return f"GradientOperator(N={self.shape[0]}, p={self.shape[1]}, loss_fn={getattr(self.loss_fn, '__name__', '?')})"
 
 
+def matmul(a, b) -> jax.Array:
+    """a @ b in full float32 on every backend, for the products with X. At XLA's default precision a GPU
+    rounds float32 operands to TF32, and for X·v it first writes a rounded copy of X: a second N×p array
+    (measured on an H100). On a CPU both are the same product."""
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 class Linear(NamedTuple):
     """X through its products, inside a trace: ``mv(v)`` = Xv, ``rmv(u)`` = Xᵀu, ``col_sq()`` = diag(XᵀX).
     ``matrix`` is X where it is formed (the Gram-based backsolve needs its columns), else None."""
@@ -106,7 +113,7 @@ def linear(X) -> Linear:
         n, p = X.shape
         return Linear(jvp, lambda u: vjp(u.astype(w.dtype))[0], lambda: X.col_sq, n, p, w.dtype, None)
     n, p = X.shape
-    return Linear(lambda v: X @ v, lambda u: u @ X, lambda: column_sq_norms(X), n, p, X.dtype, X)
+    return Linear(lambda v: matmul(X, v), lambda u: matmul(u, X), lambda: column_sq_norms(X), n, p, X.dtype, X)
 
 
 @partial(jax.jit, static_argnames=("loss_fn", "lay", "fast"))

@@ -450,9 +450,13 @@ def write_doc(path: Path, section: str, begin: str = DOC_BEGIN, end: str = DOC_E
 
 # ---------------------------------------------------------------- ResNet20: per-sample gradients vs the floor
 
-RESNET_BEGIN = "<!-- bench_core:resnet20:begin (written by experiments/bench_core.py) -->"
-RESNET_END = "<!-- bench_core:resnet20:end -->"
+def resnet_markers(backend: str):
+    """(begin, end) of the ResNet20 section for a backend: the CPU's and a GPU's figures sit side by side."""
+    name = "resnet20" if backend == "cpu" else f"resnet20-{backend}"
+    return f"<!-- bench_core:{name}:begin (written by experiments/bench_core.py) -->", f"<!-- bench_core:{name}:end -->"
 TARGET_RESNET_RATIO = 2.0  # per-sample gradients ≤ 2 × one batched gradient over the same examples
+TARGET_RESNET_PRUNE_S = 30.0  # one-shot default SWAP() prune at N = 1000, idle 2-core CPU
+RESNET_SPARSITY = 0.9
 RESNET_WEIGHTS = 270_896  # conv + fc kernels
 
 
@@ -504,8 +508,8 @@ def timed_interleaved(fns: dict, repeats: int) -> dict:
 def torch_resnet20(n: int, repeats: int, seed: int):
     """{name: summary} for PyTorch's ``torch.func.vmap(grad)`` per-sample gradients of the same
     architecture's 270,896 kernel weights (eval-mode BN, chunks of swapjax's default size, one
-    flat (N, p) tensor) and one batched backward; None where torch cannot be imported (it is
-    never a dependency of swapjax)."""
+    flat (N, p) tensor) and one batched backward, on CUDA where JAX runs on a GPU; None where
+    torch cannot be imported (it is never a dependency of swapjax)."""
     try:
         import torch
         from torch import nn
@@ -531,8 +535,10 @@ def torch_resnet20(n: int, repeats: int, seed: int):
         for block in range(3):
             layers.append(Block(cin, width, 2 if stage > 0 and block == 0 else 1))
             cin = width
-    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
-    x, y = torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))
+    device = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval().to(device)
+    x, y = torch.randn(n, 3, 32, 32, device=device), torch.randint(0, 10, (n,), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     weights = {k: v.detach() for k, v in model.named_parameters() if v.ndim >= 2}
     assert sum(v.numel() for v in weights.values()) == RESNET_WEIGHTS
     rest = {k: v.detach() for k, v in model.named_parameters() if v.ndim < 2}
@@ -546,12 +552,15 @@ def torch_resnet20(n: int, repeats: int, seed: int):
 
     def per_sample():
         g = per_example(weights, x, y)
-        return torch.cat([g[k].reshape(n, -1) for k in weights], dim=1)
+        out = torch.cat([g[k].reshape(n, -1) for k in weights], dim=1)
+        sync()
+        return out
 
     def batched():
         for p in model.parameters():
             p.grad = None
         nn.functional.cross_entropy(model(x), y).backward()
+        sync()
 
     return timed_interleaved({"torch_per_sample": per_sample, "torch_batched": batched}, repeats)
 
@@ -578,6 +587,18 @@ def bench_resnet20(args, argv):
         res.update(timed_interleaved({"per_sample_vmap": lambda: swapjax.per_sample_grads(
             loss_fn, params, batch, progress=False, fast=False)}, 1))
     share = meter.other_share()
+    last = {}
+
+    def one_shot():  # what a new user runs: default SWAP(), one stage
+        last["result"] = swapjax.prune(loss_fn, params, batch, sparsity=RESNET_SPARSITY, method=swapjax.SWAP(),
+                                       progress=False)
+        return last["result"].params
+
+    meter = CpuMeter()
+    prune_res = timed_interleaved({"prune": one_shot}, args.resnet_prune_repeats)["prune"]
+    info = last["result"].info[-1]
+    prune_res.update(other_cpu_share=meter.other_share(), gradient_s=info.gradient_seconds,
+                     solve_s=info.solve_seconds, lam=info.lam, epsilon=info.epsilon)
     torch_res = torch_resnet20(args.resnet_n, args.resnet_repeats, args.seed)
     ratio = res["per_sample"]["median_s"] / res["batched"]["median_s"]
     out = {
@@ -590,19 +611,19 @@ def bench_resnet20(args, argv):
         "ratio_per_sample_to_batched": ratio,
         "target": {"ratio": TARGET_RESNET_RATIO,
                    "verdict": ("PASS" if ratio <= TARGET_RESNET_RATIO else "MISS") if args.resnet_n == 1000 else "n/a"},
-        "jax": res, "torch": torch_res,
+        "jax": res, "torch": torch_res, "prune": prune_res,
     }
     path = args.resnet_out if args.resnet_out.is_absolute() else Path.cwd() / args.resnet_out
     write_json_atomic(path, out)
     section = resnet20_section(out, os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else str(path))
     print(section)
     if not args.no_doc:
-        write_doc(args.doc, section, RESNET_BEGIN, RESNET_END)
+        write_doc(args.doc, section, *resnet_markers(out["machine"]["backend"]))
     return out
 
 
 def resnet20_section(r, json_path) -> str:
-    m, c, j, t = r["machine"], r["config"], r["jax"], r["torch"]
+    m, c, j, t, pr = r["machine"], r["config"], r["jax"], r["torch"], r.get("prune")
     floor = j["batched"]["median_s"]
     chunk, n = c["default_chunk_size"], c["n"]
     chunks = -(-n // chunk)
@@ -624,10 +645,13 @@ def resnet20_section(r, json_path) -> str:
                  f"| PyTorch one batched backward | | {tb:.2f} s ({t['torch_batched']['min_s']:.2f} s) | {tb / floor:.2f} |"]
     torch_note = (f"PyTorch figures: eval-mode BN, `torch.func.vmap(..., chunk_size={chunk})`, the per-sample "
                   "gradients concatenated into one (N, p) tensor, default threads." if t else "PyTorch was not importable, so it has no column (it is optional).")
-    return f"""{RESNET_BEGIN}
-## Per-sample gradients of ResNet20, N = {n}
+    begin, end = resnet_markers(m["backend"])
+    gpu = f" on {m['device']}" if m["backend"] != "cpu" else ""
+    return f"""{begin}
+## Per-sample gradients of ResNet20, N = {n}{gpu}
 
-Measured {r['date']} on {m['cpu']}, {m['cpus_usable']} usable CPU cores, JAX {m['jax']}, backend `{m['backend']}`;
+Measured {r['date']} on {m['cpu']}, {m['cpus_usable']} usable CPU cores, JAX {m['jax']}, backend `{m['backend']}`
+({m['device']});
 load average at the start {', '.join(f'{x:.1f}' for x in m['loadavg_at_start'] or [])}; other processes used
 {_share(r['other_cpu_share'])} of the machine's CPU time during the JAX timings.
 
@@ -640,7 +664,18 @@ Medians of {c['repeats']} rounds after a first (compiling) call; in each round e
 Target: per-sample gradients ≤ {TARGET_RESNET_RATIO:g} × one batched gradient: **{r['target']['verdict']}**
 ({r['ratio_per_sample_to_batched']:.2f} ×; {j['per_sample']['median_s'] / j['batched_chunks']['median_s']:.2f} × the batched
 gradient taken in chunks, the faster way to take it here). {torch_note}
-{RESNET_END}"""
+{_resnet_prune_line(pr, n)}
+{end}"""
+
+
+def _resnet_prune_line(pr, n) -> str:
+    if not pr:
+        return ""
+    return (f"\nOne-shot prune, the default call `swapjax.prune(loss_fn, params, batch, sparsity={RESNET_SPARSITY}, "
+            f"method=SWAP())` on the same {n} examples: first call {pr['first_call_s']:.1f} s (compilation included), "
+            f"**median {pr['median_s']:.1f} s** of {pr['repeats']} ({pr['gradient_s']:.1f} s gradients + "
+            f"{pr['solve_s']:.1f} s solve in the last; λ = {pr['lam']:.3g}, ε = {pr['epsilon']}; other processes "
+            f"{_share(pr['other_cpu_share'])} of the CPU). Target ≤ {TARGET_RESNET_PRUNE_S:g} s on the idle 2-core CPU.")
 
 
 def main(argv=None):
@@ -664,6 +699,8 @@ def main(argv=None):
                     help="also time per_sample_grads at these comma-separated chunk sizes (ResNet20)")
     ap.add_argument("--resnet-vmap", action="store_true",
                     help="also time the vmap(grad) path (fast=False) once: minutes at N = 1000")
+    ap.add_argument("--resnet-prune-repeats", type=int, default=3,
+                    help="timed repeats of the one-shot ResNet20 prune (default 3)")
     ap.add_argument("--resnet-out", type=Path, default=ROOT / "experiments/results/bench_core_resnet20.json")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.prune_repeats < 1:

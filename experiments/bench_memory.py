@@ -2,16 +2,20 @@
 
     .venv/bin/python experiments/bench_memory.py                      # MLPs 784-w-w-w-10, w = 256 … 2048
     .venv/bin/python experiments/bench_memory.py --widths 2048 --modes matrix-free
-    .venv/bin/python experiments/bench_memory.py --mobilenet          # MobileNetV1 (4.2M), synthetic 32×32 inputs
+    .venv/bin/python experiments/bench_memory.py --network mobilenetv1  # MobileNetV1 (4.2M), synthetic 32×32 inputs
+    python experiments/bench_memory.py --network resnet50 --image-size 64 --csv gpu.csv   # on a GPU
 
 Networks: ReLU MLPs 784-w-w-w-10 (p = 784w + 2w² + 10w kernel weights; w = 2048 gives 10.0M) at
 their Flax initialisation (seed 0), on Fashion-MNIST train[:N] (N(0,1) inputs if not installed);
-MobileNetV1 (width 1.0, 1000 classes, every conv and the classifier pruned) on N synthetic
-32×32×3 images. Each point runs in a fresh process: peak RSS is that process's ru_maxrss
-(Python, JAX, the data and the model included), time is the whole ``prune`` call, compilation
-included. A mode whose estimate (``swapjax.memory.estimate``) exceeds the available memory is
-recorded as not fitting, without running. Rows go to experiments/results/bench_memory.csv (a
-rerun skips the points already there); the plot to docs/figures/memory.png.
+MobileNetV1 (width 1.0, 1000 classes, the 32×32 variant at --image-size 32) and ResNet50 (25.5M
+kernel weights) with every conv and the classifier pruned, on N synthetic images of
+--image-size² × 3. Each point runs in a fresh process: peak RSS is that process's ru_maxrss
+(Python, JAX, the data and the model included); on a GPU also the device's peak bytes in use;
+time is the whole ``prune`` call, compilation included. A mode whose estimate
+(``swapjax.memory.estimate``) exceeds the available memory is recorded as not fitting, without
+running. Rows go to --csv (default experiments/results/bench_memory.csv; a rerun skips the
+points already there), the plot (CPU MLP rows) to docs/figures/memory.png, the table into
+docs/benchmarks.md between the markers named after the CSV file.
 """
 from __future__ import annotations
 
@@ -29,10 +33,9 @@ HERE = Path(__file__).parent
 CSV = HERE / "results" / "bench_memory.csv"
 FIGURE = HERE.parent / "docs" / "figures" / "memory.png"
 DOC = HERE.parent / "docs" / "benchmarks.md"
-DOC_BEGIN = "<!-- bench_memory:begin (written by experiments/bench_memory.py) -->"
-DOC_END = "<!-- bench_memory:end -->"
 FIELDS = ["network", "p", "n", "mode", "method", "noise", "status", "seconds", "peak_rss_gb", "start_rss_gb", "x_gb",
-          "estimate_gb", "available_gb", "kept", "k", "objective", "iht_iterations", "lam", "epsilon"]
+          "estimate_gb", "available_gb", "kept", "k", "objective", "iht_iterations", "lam", "epsilon", "device",
+          "peak_device_gb"]
 METHODS = {"fixed": "SWAP(lam=0.03, epsilon=0.3, swap_rounds=0)", "default": "SWAP()",
            "fixed-cg20": "SWAP(lam=0.03, epsilon=0.3, swap_rounds=0, cg_iters=20)"}
 NOISE = "GradientNoise(std_scale=2.0, prop=0.25)"
@@ -42,7 +45,8 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def worker(network: str, width: int, n: int, mode: str, method_name: str, noise: bool, chunk_size: int) -> dict:
+def worker(network: str, width: int, n: int, mode: str, method_name: str, noise: bool, chunk_size: int,
+           image_size: int) -> dict:
     """One prune in this process; returns the CSV row."""
     import flax.linen as nn
     import jax
@@ -72,10 +76,12 @@ def worker(network: str, width: int, n: int, mode: str, method_name: str, noise:
             return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, example["x"]),
                                                                    example["y"])
     else:
-        model = swapjax.models.MobileNetV1(num_classes=1000, small_input=True)
+        model = (swapjax.models.ResNet50() if network == "resnet50" else
+                 swapjax.models.MobileNetV1(num_classes=1000, small_input=image_size < 224))
         kx, ky = jax.random.split(jax.random.key(1))
-        batch = {"x": jax.random.normal(kx, (n, 32, 32, 3)), "y": jax.random.randint(ky, (n,), 0, 1000)}
-        variables = model.init(jax.random.key(0), batch["x"][:1])
+        batch = {"x": jax.random.normal(kx, (n, image_size, image_size, 3)),
+                 "y": jax.random.randint(ky, (n,), 0, 1000)}
+        variables = jax.jit(model.init)(jax.random.key(0), batch["x"][:1])
         params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
         def loss_fn(params, example):
@@ -86,11 +92,12 @@ def worker(network: str, width: int, n: int, mode: str, method_name: str, noise:
     lay = pytree.layout(params)
     p = lay.size
     est = memory.estimate(loss_fn, params, batch, lay, chunk_size)
-    row = dict(network="mobilenetv1-32" if network != "mlp" else f"mlp-{width}", p=p, n=n, mode=mode, method=method_name,
+    device = jax.devices()[0]
+    row = dict(network=f"mlp-{width}" if network == "mlp" else f"{network}-{image_size}", p=p, n=n, mode=mode, method=method_name,
                noise=NOISE if noise else "",
                x_gb=round(n * p * 4 / 2**30, 3), available_gb=round(est.available / 2**30, 2),
                estimate_gb=round((est.in_memory if mode == "in-memory" else est.matrix_free) / 2**30, 3),
-               start_rss_gb=round(_rss_gb(), 3), k=swapjax.kept_count(0.9, p))
+               start_rss_gb=round(_rss_gb(), 3), k=swapjax.kept_count(0.9, p), device=device.device_kind)
     t0 = time.perf_counter()
     try:
         extra = dict(noise=eval("swapjax." + NOISE), key=jax.random.key(0)) if noise else {}  # noqa: S307
@@ -106,24 +113,30 @@ def worker(network: str, width: int, n: int, mode: str, method_name: str, noise:
     stage = res.info[-1]
     return {**row, "status": "ok", "seconds": round(seconds, 2), "peak_rss_gb": round(_rss_gb(), 3), "kept": kept,
             "objective": f"{stage.objective:.6g}", "iht_iterations": stage.iht_iterations,
-            "lam": f"{stage.lam:.4g}", "epsilon": stage.epsilon}
+            "lam": f"{stage.lam:.4g}", "epsilon": stage.epsilon, "peak_device_gb": _device_peak_gb(device)}
 
 
-def read_rows() -> list[dict]:
-    if not CSV.exists():
+def _device_peak_gb(device):
+    """The accelerator's peak bytes in use (GiB); "" on CPU (see peak RSS there)."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    return round(stats["peak_bytes_in_use"] / 2**30, 3) if stats and "peak_bytes_in_use" in stats else ""
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
         return []
-    with open(CSV) as f:
+    with open(path) as f:
         return list(csv.DictReader(f))
 
 
-def write_rows(rows: list[dict]) -> None:
-    CSV.parent.mkdir(parents=True, exist_ok=True)
-    tmp = CSV.with_name(f".{CSV.name}.{os.getpid()}.tmp")
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
+        writer = csv.DictWriter(f, FIELDS, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, CSV)
+    os.replace(tmp, path)
 
 
 def plot(rows: list[dict]) -> None:
@@ -160,74 +173,90 @@ def plot(rows: list[dict]) -> None:
     fig.savefig(FIGURE, dpi=120)
 
 
-def doc_section(rows: list[dict]) -> str:
-    """The table of every point, for docs/benchmarks.md."""
-    lines = ["| network | p | mode | SWAP | noise | X (GiB) | estimate (GiB) | peak RSS (GiB) | (peak − start) / X | s | kept = k |",
-             "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+def doc_section(rows: list[dict], name: str) -> str:
+    """The table of every point, for docs/benchmarks.md, between the markers of ``name`` (the CSV's stem)."""
+    gpu = any(r.get("peak_device_gb") for r in rows)
+    mem = "peak device memory (GiB)" if gpu else "peak RSS (GiB)"
+    lines = [f"| network | p | mode | SWAP | noise | X (GiB) | estimate (GiB) | {mem} | (peak − start) / X | s | kept = k | f |",
+             "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for r in sorted(rows, key=lambda r: (not r["network"].startswith("mlp"), int(r["p"]), r["mode"], r["noise"])):
         ok = r["status"] == "ok"
-        ratio = f"{(float(r['peak_rss_gb']) - float(r['start_rss_gb'])) / float(r['x_gb']):.2f}" if ok else ""
+        peak = float(r["peak_device_gb"]) if gpu and ok else float(r["peak_rss_gb"] or 0)
+        ratio = f"{(peak - (0 if gpu else float(r['start_rss_gb']))) / float(r['x_gb']):.2f}" if ok else ""
         lines.append(
             f"| {r['network']} | {int(r['p']):,} | {r['mode']} | {METHODS[r['method']]} | {'yes' if r['noise'] else ''} "
-            f"| {float(r['x_gb']):.2f} | {float(r['estimate_gb']):.2f} | {r['peak_rss_gb'] if ok else r['status']} "
-            f"| {ratio} | {r['seconds'] if ok else ''} | {'yes' if ok and r['kept'] == r['k'] else ''} |")
+            f"| {float(r['x_gb']):.2f} | {float(r['estimate_gb']):.2f} | {peak if ok else r['status']} "
+            f"| {ratio} | {r['seconds'] if ok else ''} | {'yes' if ok and r['kept'] == r['k'] else ''} "
+            f"| {r['objective'] if ok else ''} |")
     n = rows[0]["n"] if rows else "?"
-    return f"""{DOC_BEGIN}
-## Memory: X formed or not (N = {n}, one-shot SWAP at 0.9)
+    where = (f"on one {rows[0]['device']} (peak = the device's peak bytes in use, start 0)" if gpu else
+             'on the 2 shared CPU cores (peak RSS of the whole process, "start" its RSS before `prune` '
+             "(Python, JAX, data, model))")
+    plot = "" if gpu else "\n![peak memory and time against p](figures/memory.png)\n"
+    return f"""{_marker(name, "begin")}
+## Memory: X formed or not (N = {n}, one-shot SWAP at 0.9{", GPU" if gpu else ""})
 
-`.venv/bin/python experiments/bench_memory.py` (each point a fresh process; peak RSS of the whole process,
-"start" its RSS before `prune` (Python, JAX, data, model);
-seconds for the whole `prune` call, compilation included, on the 2 shared cores; noise =
-GradientNoise(2, 0.25)). MLPs 784-w-w-w-10 at initialisation on Fashion-MNIST train[:{n}];
-MobileNetV1 (every conv and the classifier) on {n} synthetic 32×32×3 images. "does not fit": the
-estimate exceeded the available memory, so nothing ran.
+`experiments/bench_memory.py` {where}: each point a fresh process; seconds for the whole `prune`
+call, compilation included; noise = GradientNoise(2, 0.25). MLPs 784-w-w-w-10 at initialisation on
+Fashion-MNIST train[:{n}]; MobileNetV1 and ResNet50 (every conv and the classifier) on {n} synthetic
+images of the size after the network's name. "does not fit": the estimate exceeded the available
+memory, so nothing ran. f: the stage's objective at the end (the backsolve is exact in memory, conjugate
+gradients matrix-free).
 
 {chr(10).join(lines)}
+{plot}{_marker(name, "end")}"""
 
-![peak memory and time against p](figures/memory.png)
-{DOC_END}"""
+
+def _marker(name: str, which: str) -> str:
+    return f"<!-- {name}:{which} (written by experiments/bench_memory.py) -->" if which == "begin" else f"<!-- {name}:end -->"
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    ap.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048], help="MLP widths w")
+    ap.add_argument("--network", default="mlp", choices=["mlp", "mobilenetv1", "resnet50"])
+    ap.add_argument("--image-size", type=int, default=32, help="side of the synthetic images (CNNs; default 32)")
     ap.add_argument("--modes", nargs="+", default=["in-memory", "matrix-free"])
     ap.add_argument("--methods", nargs="+", default=["fixed"], choices=sorted(METHODS))
     ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--mobilenet", action="store_true", help="MobileNetV1 on 32×32 inputs instead of the MLPs")
     ap.add_argument("--noise", action="store_true", help=f"add {NOISE} to X (in-memory only)")
     ap.add_argument("--chunk-size", type=int, default=128, help="examples per chunk of per-sample gradients")
-    ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    ap.add_argument("--csv", type=Path, default=CSV, help="rows are read from and appended to this file")
+    ap.add_argument("--no-doc", action="store_true", help="leave docs/benchmarks.md and the plot alone")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        network, width, n, mode, method, noise, chunk = args.worker
-        print(json.dumps(worker(network, int(width), int(n), mode, method, noise == "1", int(chunk))))
+        print(json.dumps(worker(**json.loads(args.worker))))
         return
-    rows = read_rows()
+    rows = read_rows(args.csv)
     done = {(r["network"], r["n"], r["mode"], r["method"], bool(r.get("noise"))) for r in rows}
-    points = [("mobilenetv1-32", 0)] if args.mobilenet else [(f"mlp-{w}", w) for w in args.widths]
+    points = ([(f"mlp-{w}", w) for w in args.widths] if args.network == "mlp" else
+              [(f"{args.network}-{args.image_size}", 0)])
     for name, width in points:
         for mode in args.modes:
             for method in args.methods:
                 if (name, str(args.n), mode, method, args.noise) in done:
                     continue
-                network = "mlp" if name.startswith("mlp") else "mobilenet"
                 print(f"{name} {mode} {method} N={args.n} ...", flush=True)
-                out = subprocess.run([sys.executable, __file__, "--worker", network, str(width), str(args.n), mode,
-                                      method, str(int(args.noise)), str(args.chunk_size)], stdout=subprocess.PIPE,
+                job = dict(network=args.network, width=width, n=args.n, mode=mode, method_name=method,
+                           noise=args.noise, chunk_size=args.chunk_size, image_size=args.image_size)
+                out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], stdout=subprocess.PIPE,
                                      text=True)
                 if out.returncode != 0:
                     print(f"  failed (exit {out.returncode})", flush=True)
                     continue
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 print("  " + ", ".join(f"{k}={row.get(k)}" for k in ("p", "status", "seconds", "peak_rss_gb",
-                                                                      "kept", "k")), flush=True)
+                                                                      "peak_device_gb", "kept", "k")), flush=True)
                 rows.append(row)
-                write_rows(rows)
-    plot(rows)
+                write_rows(args.csv, rows)
+    if args.no_doc:
+        return
+    if not any(r.get("peak_device_gb") for r in rows):
+        plot(rows)
     from bench_core import write_doc
 
-    write_doc(DOC, doc_section(rows), DOC_BEGIN, DOC_END)
+    write_doc(DOC, doc_section(rows, args.csv.stem), _marker(args.csv.stem, "begin"), _marker(args.csv.stem, "end"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The cost of held-out selection: the 14-stage MLPNet SWAP prune of `make bench`, default vs fixed values.
 
     .venv/bin/python experiments/bench_selection.py   # → experiments/results/bench_selection.json
+    python experiments/bench_selection.py out.json     # elsewhere (a GPU machine)
 
 Same problem as experiments/bench_core.py (MLPNet at random init, Fashion-MNIST train[:1000],
 cubic schedule of 14 stages to 0.95). "default" is ``SWAP()`` (λ, ε chosen per stage on a
@@ -25,7 +26,7 @@ METHODS = {
 }
 
 
-def main():
+def main(out: Path = Path(__file__).parent / "results/bench_selection.json"):
     batch, data_desc = B.load_batch(1000, 0)
     params, params_desc = B.make_params(0, batch, 0)
     res = {"data": data_desc, "params": params_desc, "machine": B.machine_info()}
@@ -37,8 +38,8 @@ def main():
               flush=True)
     res["ratio"] = res["default"]["median_s"] / res["fixed"]["median_s"]
     print(f"default / fixed: {res['ratio']:.2f}×")
-    B.write_json_atomic(Path(__file__).parent / "results/bench_selection.json", res)
+    B.write_json_atomic(out, res)
 
 
 if __name__ == "__main__":
-    main()
+    main(*map(Path, sys.argv[1:2]))

@@ -139,38 +139,44 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def plot(rows: list[dict]) -> None:
+def plot(rows: list[dict], figure: Path) -> None:
+    """Peak memory and time against p, one line per (mode, method); the CPU's MLPs or a GPU's networks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    gpu = any(r.get("peak_device_gb") for r in rows)
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(10, 4))
     for mode, marker in (("in-memory", "o"), ("matrix-free", "s")):
         for method in METHODS:
-            pts = sorted((int(r["p"]), float(r["peak_rss_gb"]), float(r["seconds"])) for r in rows
-                         if r["mode"] == mode and r["method"] == method and r["status"] == "ok"
-                         and r["network"].startswith("mlp") and not r.get("noise"))
+            pts = sorted((int(r["p"]), float(r["peak_device_gb" if gpu else "peak_rss_gb"]), float(r["seconds"]))
+                         for r in rows if r["mode"] == mode and r["method"] == method and r["status"] == "ok"
+                         and (gpu or r["network"].startswith("mlp")) and not r.get("noise"))
             if not pts:
                 continue
             p, mem, sec = zip(*pts)
             label = f"{mode}, SWAP {method}"
             ax_mem.plot(p, mem, marker=marker, label=label)
             ax_time.plot(p, sec, marker=marker, label=label)
-    xs = sorted({int(r["p"]) for r in rows if r["network"].startswith("mlp")})
+    xs = sorted({int(r["p"]) for r in rows if gpu or r["network"].startswith("mlp")})
     n = int(rows[0]["n"]) if rows else 1000
     ax_mem.plot(xs, [n * p * 4 / 2**30 for p in xs], "k:", label=f"size of X (N = {n}, float32)")
+    if gpu:
+        for r in rows:
+            if r["status"] == "ok":
+                ax_mem.annotate(r["network"], (int(r["p"]), float(r["peak_device_gb"])), fontsize=7)
     for ax in (ax_mem, ax_time):
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("p (prunable weights), MLP 784-w-w-w-10")
+        ax.set_xlabel("p (prunable weights)" + ("" if gpu else ", MLP 784-w-w-w-10"))
         ax.grid(True, which="both", alpha=0.3)
-    ax_mem.set_ylabel("peak RSS of the process (GiB)")
-    ax_time.set_ylabel("one-shot prune at 0.9 (s, 2 CPU cores)")
+    ax_mem.set_ylabel(f"peak {'device memory' if gpu else 'RSS of the process'} (GiB)")
+    ax_time.set_ylabel(f"one-shot prune at 0.9 (s, {'one GPU' if gpu else '2 CPU cores'})")
     ax_mem.legend(fontsize=8)
     fig.tight_layout()
-    FIGURE.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(FIGURE, dpi=120)
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=120)
 
 
 def doc_section(rows: list[dict], name: str) -> str:
@@ -192,7 +198,7 @@ def doc_section(rows: list[dict], name: str) -> str:
     where = (f"on one {rows[0]['device']} (peak = the device's peak bytes in use, start 0)" if gpu else
              'on the 2 shared CPU cores (peak RSS of the whole process, "start" its RSS before `prune` '
              "(Python, JAX, data, model))")
-    plot = "" if gpu else "\n![peak memory and time against p](figures/memory.png)\n"
+    plot = f"\n![peak memory and time against p](figures/{'memory_gpu' if gpu else 'memory'}.png)\n"
     return f"""{_marker(name, "begin")}
 ## Memory: X formed or not (N = {n}, one-shot SWAP at 0.9{", GPU" if gpu else ""})
 
@@ -252,8 +258,8 @@ def main(argv=None) -> None:
                 write_rows(args.csv, rows)
     if args.no_doc:
         return
-    if not any(r.get("peak_device_gb") for r in rows):
-        plot(rows)
+    gpu = any(r.get("peak_device_gb") for r in rows)
+    plot(rows, FIGURE.with_name("memory_gpu.png") if gpu else FIGURE)
     from bench_core import write_doc
 
     write_doc(DOC, doc_section(rows, args.csv.stem), _marker(args.csv.stem, "begin"), _marker(args.csv.stem, "end"))

@@ -87,9 +87,18 @@ def _jaxpr_bytes(jaxpr) -> int:
     return total
 
 
-def estimate(loss_fn, params: PyTree, batch: PyTree, lay: Layout, chunk_size: int, device=None) -> Estimate:
-    """The :class:`Estimate` for pruning ``params`` (prunable layout ``lay``) on ``batch`` (N examples)."""
+def estimate(loss_fn, params: PyTree, batch: PyTree, lay: Layout, chunk_size: int, device=None,
+             devices=None) -> Estimate:
+    """The :class:`Estimate` for pruning ``params`` (prunable layout ``lay``) on ``batch`` (N examples).
+
+    ``devices``: the devices X's rows are sharded over (``prune(devices=...)``): on accelerators each
+    holds N/d rows and the figures are per device (against the least free one); host CPU devices
+    share one memory, so there the figures stay those of the whole X."""
     device = jax.devices()[0] if device is None else device
+    shards = 1
+    if devices:
+        device = devices[0]
+        shards = len(devices) if device.platform != "cpu" else 1
     n = jax.tree_util.tree_leaves(batch)[0].shape[0]
     p, b = lay.size, jnp.dtype(lay.dtype).itemsize
     factor = IN_MEMORY_FACTOR.get(device.platform, ACCELERATOR_IN_MEMORY_FACTOR)
@@ -97,6 +106,7 @@ def estimate(loss_fn, params: PyTree, batch: PyTree, lay: Layout, chunk_size: in
     c = min(chunk_size, n)
     c_free = max(1, min(c, CHUNK_BYTES // (b * p)))
     solver = P_VECTORS * p * b + 4 * n * n * b
-    in_memory = int(factor * n * p * b + c * (2 * p * b + a) + solver)
+    in_memory = int(factor * n * p * b / shards + c * (2 * p * b + a) + solver)
     matrix_free = int(n * a + c_free * (2 * p * b + a) + solver)
-    return Estimate(in_memory, matrix_free, available_bytes(device))
+    available = min(available_bytes(d) for d in devices) if shards > 1 else available_bytes(device)
+    return Estimate(in_memory, matrix_free, available)

@@ -239,7 +239,8 @@ def prune(
     if devices is not None and mode == "matrix-free":
         raise ValueError("devices: the matrix-free mode runs on one device; use mode='in-memory' with devices")
     log = (lambda msg: print(f"[swapjax] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    mode = _choose_mode(mode, method, noise, memory.estimate(loss_fn, params, batch, lay, chunk_size))
+    mode = _choose_mode(mode, method, noise, memory.estimate(loss_fn, params, batch, lay, chunk_size, devices=devices),
+                        sharded=devices is not None)
     log(f"{type(method).__name__}: N={n} examples"
         + (f" (+{batch_size(val_batch)} held out)" if val_batch is not None else "")
         + f", p={p} prunable weights, {len(levels)} stage(s), X {mode}")
@@ -346,7 +347,7 @@ def prune(
     return PruneResult(_own_dtypes(current, params), pytree.mask_tree(mask, lay), tuple(infos), one_shot, mode)
 
 
-def _choose_mode(mode: str, method, noise, estimate: memory.Estimate) -> str:
+def _choose_mode(mode: str, method, noise, estimate: memory.Estimate, sharded: bool = False) -> str:
     """The mode to run: ``mode`` if it fits in memory, or for "auto" the in-memory mode where it fits,
     else the matrix-free one (where the method and the options allow it); ValueError naming the
     figures where the requested mode, or every mode, does not fit."""
@@ -355,6 +356,8 @@ def _choose_mode(mode: str, method, noise, estimate: memory.Estimate) -> str:
         why_not = "gradient noise needs X formed"
     elif not getattr(method, "matrix_free", False):
         why_not = f"{type(method).__name__} needs X formed"
+    elif sharded:
+        why_not = "the matrix-free mode runs on one device (devices= shards X's rows)"
     if mode == "matrix-free" and why_not:
         raise ValueError(f"mode: 'matrix-free' is not available here: {why_not}")
     fits = {"in-memory": estimate.in_memory <= estimate.available,

@@ -121,21 +121,44 @@ def test_example_bytes_counts_the_activations(trained_mlp, prune_batch):
     assert (2 * 12 + 10) * 4 <= a < 64 * 12 * 4  # per example, never a kernel-sized value
 
 
+class FakeDevice:
+    """A device as the estimate sees it: a platform and its free memory."""
+
+    def __init__(self, platform, free=2**30):
+        self.platform, self.free = platform, free
+
+    def memory_stats(self):
+        return {"bytes_limit": self.free, "bytes_in_use": 0}
+
+
 def test_in_memory_estimate_counts_a_second_X_on_an_accelerator(trained_mlp, prune_batch):
     """A GPU's in-memory solve was measured at 2.02 × X; a CPU's at ≤ 1.3 × X: the estimate's X term follows."""
-
-    class Device:
-        def __init__(self, platform):
-            self.platform = platform
-
-        def memory_stats(self):
-            return {"bytes_limit": 2**30, "bytes_in_use": 0}
-
     lay = pytree.layout(trained_mlp)
     x_bytes = prune_batch["x"].shape[0] * lay.size * 4
-    cpu, gpu = (memory.estimate(mlp_loss, trained_mlp, prune_batch, lay, 128, Device(name)) for name in ("cpu", "gpu"))
+    cpu, gpu = (memory.estimate(mlp_loss, trained_mlp, prune_batch, lay, 128, FakeDevice(name)) for name in ("cpu", "gpu"))
     assert abs((gpu.in_memory - cpu.in_memory) - 0.8 * x_bytes) <= 2
     assert gpu.matrix_free == cpu.matrix_free and gpu.available == cpu.available == 2**30
+
+
+def test_sharded_estimate_is_per_accelerator_and_whole_on_host_devices(trained_mlp, prune_batch):
+    lay = pytree.layout(trained_mlp)
+    x_bytes = prune_batch["x"].shape[0] * lay.size * 4
+    est = lambda devices: memory.estimate(mlp_loss, trained_mlp, prune_batch, lay, 128, devices=devices)  # noqa: E731
+    one, four = est((FakeDevice("gpu"),)), est(tuple(FakeDevice("gpu", free) for free in (4, 3, 5, 6)))
+    assert abs((one.in_memory - four.in_memory) - 2.1 * x_bytes * 3 / 4) <= 2  # each device holds N/4 rows
+    assert four.available == 3 and four.matrix_free == one.matrix_free  # the least free device
+    host = est(tuple(FakeDevice("cpu") for _ in range(4)))  # forced host devices share one RAM
+    assert host.in_memory == est((FakeDevice("cpu"),)).in_memory
+
+
+def test_auto_mode_never_goes_matrix_free_when_sharded():
+    from swapjax.prune import _choose_mode
+
+    tight = memory.Estimate(in_memory=10, matrix_free=1, available=5)
+    assert _choose_mode("auto", fixed_lr(), None, tight) == "matrix-free"
+    with pytest.raises(ValueError, match=r"no mode fits .*matrix-free is not available: the matrix-free mode runs "
+                                         r"on one device"):
+        _choose_mode("auto", fixed_lr(), None, tight, sharded=True)
 
 
 def test_auto_mode_switches_to_matrix_free_when_X_does_not_fit(trained_mlp, prune_batch, monkeypatch, capsys):

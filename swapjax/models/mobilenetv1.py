@@ -55,7 +55,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .resnet20 import _check_image, _conv_init, _pad
+from .resnet20 import _as_batch, _conv_init, _pad, _pool_and_classify
 
 # (pointwise output channels, depthwise stride) of the 13 depthwise-separable blocks at α = 1.
 BLOCKS: Tuple[Tuple[int, int], ...] = (
@@ -92,10 +92,7 @@ class MobileNetV1(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if not self.width > 0:
             raise ValueError(f"MobileNetV1: width must be > 0, got {self.width}")
-        x = jnp.asarray(x, self.dtype)
-        single = _check_image(x, "MobileNetV1")
-        if single:
-            x = x[None]
+        x, single = _as_batch(x, self.dtype, "MobileNetV1")
 
         x = nn.Conv(
             self.channels(STEM_CHANNELS), (3, 3), strides=1 if self.small_input else 2, padding=_pad(3),
@@ -110,9 +107,7 @@ class MobileNetV1(nn.Module):
             x = _Separable(
                 self.channels(out), stride, self.bn_momentum, self.bn_epsilon, self.dtype, name=f"block{i}"
             )(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
-        return x[0] if single else x
+        return _pool_and_classify(x, self.num_classes, self.dtype, single)
 
 
 class _Separable(nn.Module):

@@ -114,10 +114,7 @@ class ResNet20(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = jnp.asarray(x, self.dtype)
-        single = _check_image(x, "ResNet20")
-        if single:
-            x = x[None]
+        x, single = _as_batch(x, self.dtype, "ResNet20")
         x = nn.Conv(
             self.widths[0], (3, 3), padding=_pad(3), use_bias=False,
             kernel_init=_conv_init, dtype=self.dtype, name="conv1",
@@ -130,13 +127,18 @@ class ResNet20(nn.Module):
                     width, stride, self.bn_momentum, self.bn_epsilon, self.dtype,
                     name=f"layer{stage + 1}_{block}",
                 )(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
-        return x[0] if single else x
+        return _pool_and_classify(x, self.num_classes, self.dtype, single)
 
 
-def _check_image(x: jax.Array, model: str) -> bool:
-    """True for one (H, W, C) example, False for a (B, H, W, C) batch; ValueError otherwise."""
+def _as_batch(x, dtype, model: str) -> tuple[jax.Array, bool]:
+    """(a (B, H, W, C) batch, whether ``x`` was one (H, W, C) example); ValueError for other shapes."""
+    x = jnp.asarray(x, dtype)
     if x.ndim not in (3, 4):
         raise ValueError(f"{model}: expected an NHWC image (H, W, C) or batch (B, H, W, C), got shape {x.shape}")
-    return x.ndim == 3
+    return (x[None], True) if x.ndim == 3 else (x, False)
+
+
+def _pool_and_classify(x: jax.Array, num_classes: int, dtype, single: bool) -> jax.Array:
+    """Global average pool and the ``fc`` layer (inside the calling module's compact method)."""
+    logits = nn.Dense(num_classes, dtype=dtype, name="fc")(jnp.mean(x, axis=(1, 2)))
+    return logits[0] if single else logits

@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .resnet20 import _batch_norm, _check_image, _conv_init, _pad
+from .resnet20 import _as_batch, _batch_norm, _conv_init, _pad, _pool_and_classify
 
 
 class Bottleneck(nn.Module):
@@ -76,10 +76,7 @@ class ResNet50(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = jnp.asarray(x, self.dtype)
-        single = _check_image(x, "ResNet50")
-        if single:
-            x = x[None]
+        x, single = _as_batch(x, self.dtype, "ResNet50")
         x = nn.Conv(64, (7, 7), strides=(2, 2), padding=_pad(7), use_bias=False, kernel_init=_conv_init,
                     dtype=self.dtype, name="conv1")(x)
         x = nn.relu(_batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype, "bn1")(x))
@@ -89,6 +86,4 @@ class ResNet50(nn.Module):
                 stride = 2 if stage > 0 and block == 0 else 1
                 x = Bottleneck(width, stride, self.bn_momentum, self.bn_epsilon, self.dtype,
                                name=f"layer{stage + 1}_{block}")(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
-        return x[0] if single else x
+        return _pool_and_classify(x, self.num_classes, self.dtype, single)

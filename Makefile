@@ -31,11 +31,16 @@ demo-digits: $(STAMP)
 
 # `make test` (CI) leaves out the tests marked slow (the full-size end-to-end runs); each has a
 # smaller version in the default run. `make test-all` runs every test.
+# pytest-xdist: TEST_WORKERS processes (default 2, the CI machine's cores); --dist loadfile keeps each
+# test file in one worker, so its module fixtures and jit caches are built once. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # The API reference site (mkdocs-material + mkdocstrings) in site/; --strict fails on any warning.
 docs: $(STAMP)

@@ -1,17 +1,19 @@
 """Peak memory of a prune, estimated before any gradient is computed, and the memory at hand.
 
 Two modes hold different things (b = bytes per float, c = examples per chunk,
-a = bytes of one example's intermediate values in ``loss_fn``):
+a = bytes of one example's intermediate values in ``loss_fn``, r ≤ a the bytes
+of them that ``jax.linearize`` keeps for one example):
 
 - ``"in-memory"`` forms X: N·p·b (×1.3 on a CPU, ×2.1 on an accelerator), plus a chunk's gradients and intermediates
   c·(2p·b + a), plus the solver's N×N matrices and p-vectors;
 - ``"matrix-free"`` never forms X (:mod:`swapjax.operators`): the linearised
-  network keeps N·a, the pass for diag(XᵀX) a chunk of c' ≤ c gradients, and the
+  network keeps N·r, the pass for diag(XᵀX) a chunk of c' ≤ c gradients, and the
   solver about 40 p-vectors.
 
-a is measured by tracing ``loss_fn`` on one and on two examples (vectorised) and
-counting the bytes of every intermediate value that grows with the examples: an
-upper bound on what the linearisation keeps.
+a and r are measured by tracing on one and on two examples (vectorised, nothing
+is computed): a counts the bytes of every intermediate value of ``loss_fn`` that
+grows with the examples, r the residuals of ``jax.linearize`` (abstractly
+evaluated) that do.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .operators import CHUNK_BYTES
+from .operators import CHUNK_BYTES, example_losses
 from .pytree import Layout, PyTree
 
 #: Solver working set in p-vectors (w, g, w̄, candidates, CG vectors, masks), a generous count.
@@ -75,6 +77,19 @@ def example_bytes(loss_fn, params: PyTree, batch: PyTree) -> int:
     return max(0, _jaxpr_bytes(traced(2)) - _jaxpr_bytes(traced(1)))
 
 
+def residual_bytes(loss_fn, params: PyTree, batch: PyTree, lay: Layout) -> int:
+    """r: bytes per example that ``jax.linearize`` of the per-example losses keeps (the matrix-free
+    mode's N·r), from its abstract evaluation on one and on two examples."""
+
+    def kept(m):
+        examples = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[:m], batch)
+        w = jax.ShapeDtypeStruct((lay.size,), lay.dtype)
+        jvp = jax.eval_shape(lambda w: jax.linearize(example_losses(loss_fn, params, examples, lay), w)[1], w)
+        return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(jvp))
+
+    return max(0, kept(2) - kept(1))
+
+
 def _jaxpr_bytes(jaxpr) -> int:
     total = 0
     for eqn in jaxpr.eqns:
@@ -107,6 +122,6 @@ def estimate(loss_fn, params: PyTree, batch: PyTree, lay: Layout, chunk_size: in
     c_free = max(1, min(c, CHUNK_BYTES // (b * p)))
     solver = P_VECTORS * p * b + 4 * n * n * b
     in_memory = int(factor * n * p * b / shards + c * (2 * p * b + a) + solver)
-    matrix_free = int(n * a + c_free * (2 * p * b + a) + solver)
+    matrix_free = int(n * residual_bytes(loss_fn, params, batch, lay) + c_free * (2 * p * b + a) + solver)
     available = min(available_bytes(d) for d in devices) if shards > 1 else available_bytes(device)
     return Estimate(in_memory, matrix_free, available)

@@ -96,6 +96,17 @@ class Linear(NamedTuple):
     matrix: Optional[jax.Array]
 
 
+def example_losses(loss_fn, params: PyTree, batch: PyTree, lay: pytree.Layout) -> Callable:
+    """w ↦ (ℓ_1(w), …, ℓ_N(w)): the per-example losses as a function of the flat prunable weights,
+    whose linearisation gives Xv (jvp) and Xᵀu (its transpose)."""
+
+    def losses(w):
+        tree = pytree.unflatten(w, params, lay)
+        return jax.vmap(lambda example: loss_fn(tree, example))(batch)
+
+    return losses
+
+
 def linear(X) -> Linear:
     """The products of X: a matrix, a :class:`GradientOperator` (linearised here, once per call:
     call it outside loops), or a :class:`Linear` (returned as is)."""
@@ -103,12 +114,7 @@ def linear(X) -> Linear:
         return X
     if isinstance(X, GradientOperator):
         w = pytree.flatten(X.params, X.lay)
-
-        def losses(w):
-            tree = pytree.unflatten(w, X.params, X.lay)
-            return jax.vmap(lambda example: X.loss_fn(tree, example))(X.batch)
-
-        _, jvp = jax.linearize(losses, w)
+        _, jvp = jax.linearize(example_losses(X.loss_fn, X.params, X.batch, X.lay), w)
         vjp = jax.linear_transpose(jvp, w)
         n, p = X.shape
         return Linear(jvp, lambda u: vjp(u.astype(w.dtype))[0], lambda: X.col_sq, n, p, w.dtype, None)

@@ -121,6 +121,23 @@ def test_example_bytes_counts_the_activations(trained_mlp, prune_batch):
     assert (2 * 12 + 10) * 4 <= a < 64 * 12 * 4  # per example, never a kernel-sized value
 
 
+def test_residual_bytes_are_what_linearize_keeps(trained_mlp, prune_batch):
+    """Per example, at least the hidden activation and the softmax (12 + 10 floats), and 1 to 3 floats more
+    for each hidden unit added (the activation and tanh's derivative): r grows with the network's width."""
+    from conftest import TinyMLP
+
+    def residuals(hidden):
+        model = TinyMLP(hidden=hidden)
+        params = model.init(jax.random.key(0), prune_batch["x"][:1])["params"]
+        loss = lambda p, e: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+            model.apply({"params": p}, e["x"]), e["y"])
+        return memory.residual_bytes(loss, params, prune_batch, pytree.layout(params))
+
+    r = memory.residual_bytes(mlp_loss, trained_mlp, prune_batch, pytree.layout(trained_mlp))
+    assert r == residuals(12) >= (12 + 10) * 4
+    assert 4 * 36 <= residuals(48) - r <= 12 * 36
+
+
 class FakeDevice:
     """A device as the estimate sees it: a platform and its free memory."""
 

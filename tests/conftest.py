@@ -7,15 +7,43 @@ tests (and test files) keeps the compile count, and the wall time, down.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
-# XLA's CPU compiler takes most of this suite's time: hundreds of jit compilations of small
-# problems, each run a few times. LLVM's optimisation level 0 (instead of XLA's default 3) cuts the
-# compile time about 3x; the programs (HLO, after XLA's own passes) are the same, only the machine
-# code is less optimised, which these small problems do not notice. Set before the CPU backend
-# starts; inherited by subprocesses (the notebook's kernel). To test at XLA's default level:
-# XLA_FLAGS=--xla_backend_optimization_level=3 make test
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# XLA's CPU compiler takes most of this suite's time: some 4,000 jit compilations of small problems,
+# each run a few times. Two compile-time options, each added here unless XLA_FLAGS already sets it:
+# - --xla_backend_optimization_level=0: LLVM's optimisation level 0 instead of XLA's default 3 cuts the
+#   compile time about 3x; the programs (HLO, after XLA's own passes) are the same, only the machine
+#   code is less optimised, which these small problems do not notice.
+# - --xla_cpu_use_fusion_emitters=false: XLA's older (elemental) code generator for fused loops instead
+#   of its MLIR fusion emitters halves it again (the suite's CPU time on 2 cores: 690 s -> 350 s); the
+#   same computations, other machine code. A jaxlib that does not know the option aborts at start-up
+#   on it, so it is added only once a subprocess has started the CPU backend with it (~1 s, once:
+#   pytest-xdist's workers inherit the environment, with the option in it).
+# Set before the CPU backend starts; inherited by subprocesses (the notebook's kernel, test_sharding).
+# To test with XLA's defaults:
+# XLA_FLAGS="--xla_backend_optimization_level=3 --xla_cpu_use_fusion_emitters=true" make test
+
+
+def _with_xla_flag(flags: str, flag: str, probe: bool = False) -> str:
+    """flags + flag, unless flags already set flag's option (or, with probe, this jaxlib rejects flag)."""
+    if flag.split("=")[0] in flags:
+        return flags
+    candidate = (flags + " " + flag).strip()
+    if probe:
+        env = dict(os.environ, XLA_FLAGS=candidate, JAX_PLATFORMS="cpu")
+        try:
+            ok = subprocess.run([sys.executable, "-c", "import jax; jax.devices('cpu')"], env=env, timeout=120,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+        if not ok:
+            return flags
+    return candidate
+
+
+_flags = _with_xla_flag(os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0")
+os.environ["XLA_FLAGS"] = _with_xla_flag(_flags, "--xla_cpu_use_fusion_emitters=false", probe=True)
 
 import flax.linen as nn
 import jax

@@ -90,7 +90,7 @@ def _doc_blocks() -> list[str]:
 
 
 def test_four_devices_match_one_device():
-    # the suite's XLA_FLAGS (conftest.py: backend optimisation level 0, for compile time) plus 4 host devices
+    # the suite's XLA_FLAGS (conftest.py: its compile-time options) plus 4 host devices
     flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     # then the examples of docs/scale.md, as written, in the same process

@@ -1,8 +1,8 @@
 """Peak memory of a prune, estimated before any gradient is computed, and the memory at hand.
 
 Two modes hold different things (b = bytes per float, c = examples per chunk,
-a = bytes of one example's intermediate values in ``loss_fn``, r ≤ a the bytes
-of them that ``jax.linearize`` keeps for one example):
+a = bytes of one example's intermediate values in ``loss_fn``, r = the bytes
+that ``jax.linearize`` keeps for one example, its inputs included):
 
 - ``"in-memory"`` forms X: N·p·b (×1.3 on a CPU, ×2.1 on an accelerator), plus a chunk's gradients and intermediates
   c·(2p·b + a), plus the solver's N×N matrices and p-vectors;
@@ -30,7 +30,7 @@ from .pytree import Layout, PyTree
 P_VECTORS = 40
 #: The in-memory peak in units of X: on a CPU X plus the solver's columns gathered for Grams (measured
 #: 1.26–1.30 × X); on a GPU the solver's loops hold a second copy of X (2.02 × X measured on an H100).
-IN_MEMORY_FACTOR = {"cpu": 1.3}
+CPU_IN_MEMORY_FACTOR = 1.3
 ACCELERATOR_IN_MEMORY_FACTOR = 2.1
 
 
@@ -116,7 +116,7 @@ def estimate(loss_fn, params: PyTree, batch: PyTree, lay: Layout, chunk_size: in
         shards = len(devices) if device.platform != "cpu" else 1
     n = jax.tree_util.tree_leaves(batch)[0].shape[0]
     p, b = lay.size, jnp.dtype(lay.dtype).itemsize
-    factor = IN_MEMORY_FACTOR.get(device.platform, ACCELERATOR_IN_MEMORY_FACTOR)
+    factor = CPU_IN_MEMORY_FACTOR if device.platform == "cpu" else ACCELERATOR_IN_MEMORY_FACTOR
     a = example_bytes(loss_fn, params, batch)
     c = min(chunk_size, n)
     c_free = max(1, min(c, CHUNK_BYTES // (b * p)))

@@ -11,7 +11,6 @@ swap_rounds=0)``. Medians of 3 after a compiling call, with the other processes'
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 

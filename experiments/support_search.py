@@ -25,7 +25,7 @@ import reproduce as R  # noqa: E402
 
 import swapjax  # noqa: E402
 from swapjax import data, pytree  # noqa: E402
-from swapjax.prune import _mean_loss, _split_held_out, kept_count  # noqa: E402
+from swapjax.prune import _example_losses, _split_held_out, kept_count  # noqa: E402
 
 FIELDS = ["seed", "noise", "sparsity", "lam", "epsilon", "chosen", "held_out_loss", "swapped", "moved",
           "objective_magnitude", "objective_search", "accuracy_no_search", "accuracy_search"]
@@ -52,7 +52,7 @@ def main():
         X_clean = swapjax.per_sample_grads(loss_fn, params, fit, progress=False)
 
         def score(w):
-            return float(_mean_loss(loss_fn, lay, 256, params, w, val))
+            return _example_losses(loss_fn, lay, 256, params, w, val)
 
         def accuracy(w):
             pruned = {**variables, "params": pytree.unflatten(w, params, lay)}
@@ -63,7 +63,7 @@ def main():
             for s in (0.9, 0.95):
                 k = kept_count(s, lay.size)
                 _, info = swapjax.SWAP().solve(X, w_bar, k, score=score)
-                best = min(info.candidates, key=lambda c: c.score)
+                best = info.candidates[info.chosen]
                 lam, eps = best.lam, (0.0 if best.epsilon is None else best.epsilon)
                 # ε = 0 in one-shot pruning is the identity plan: LR's targets, as the selection's y candidate
                 plain, _ = swapjax.SWAP(lam=lam, epsilon=eps, swap_rounds=0).solve(X, w_bar, k)

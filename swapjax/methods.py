@@ -39,7 +39,9 @@ DEFAULT_LAM = 0.03
 EPSILON_PATH = (0.1, 0.3, 1.0)
 DEFAULT_EPSILON = 0.3
 
-Score = Callable[[jax.Array], float]
+#: score(w): the held-out loss of the pruned network, a float or the vector of per-example losses
+#: (lower is better; with the vector, targets ỹ must beat LR's y by more than one standard error).
+Score = Callable[[jax.Array], Union[float, np.ndarray]]
 
 
 class Candidate(NamedTuple):
@@ -70,6 +72,7 @@ class SolveInfo(NamedTuple):
     objective_magnitude: Optional[jax.Array] = None  # f of the backsolve on the magnitude support H_k(w_start)
     swapped: Optional[jax.Array] = None  # weights exchanged by the swap search
     candidates: tuple = ()  # Candidate per point tried by the selection (empty without one)
+    chosen: Optional[int] = None  # the index of the returned candidate in ``candidates``
 
 
 def check_problem(X, w_bar, k, finite_x: bool = True) -> int:
@@ -186,9 +189,14 @@ class LR:
         w_start: the weights where the stage starts (default w̄); IHT starts
         from H_k(w_start), and SWAP's plan is computed at z = X·w_start.
         duals: Sinkhorn potentials from an earlier solve, for a warm start.
-        score(w) -> float: a held-out loss (lower is better); with it, "auto"
-        values are chosen along the path, each candidate starting from the
-        previous one's solution; ``info.candidates`` lists every point tried.
+        score(w): a held-out loss (lower is better), a float or the vector of
+        per-example losses; with it, "auto" values are chosen along the path,
+        each candidate starting from the previous one's solution;
+        ``info.candidates`` lists every point tried, ``info.chosen`` the one
+        returned. With per-example losses, SWAP takes transport targets ỹ
+        (ε > 0) only where they beat the best so far by more than one
+        standard error of the paired difference: LR's y is the default, and
+        a lower mean that is within the held-out noise does not displace it.
         """
         X, w_bar, w_start, k, duals = prepare_problem(X, w_bar, k, w_start, duals, finite_x=False)
         checks.callable_or_none("score", score, "a function score(w) -> float")
@@ -211,16 +219,18 @@ class LR:
         if score is None or not self.selects:
             return self._fit(problem, self._lam_value(), self._epsilon_value(), w_start, duals)
 
-        tried, best = [], None
+        tried, best, chosen = [], None, None  # Candidates; (w, info, per-example losses) of the best; its index
 
         def attempt(lam, eps, init, duals, rounds=0):
-            nonlocal best
+            nonlocal best, chosen
             w, info = self._fit(problem, lam, eps, init, duals, rounds)
-            value = float(score(w))
-            value = value if math.isfinite(value) else math.inf
+            value, losses = _score_value(score(w))
             tried.append(Candidate(float(lam), eps, "swap" if rounds else "iht", value, float(info.objective)))
-            if best is None or value < best[2]:
-                best = (w, info, value, lam, eps)
+            margin = 0.0
+            if best is not None and eps is not None and eps != tried[chosen].epsilon:
+                margin = _standard_error(losses, best[2])  # transport targets must beat the best beyond noise
+            if best is None or value < tried[chosen].score - margin:
+                best, chosen = (w, info, losses), len(tried) - 1
             return info
 
         info = None
@@ -230,10 +240,10 @@ class LR:
         else:
             info = attempt(self.lam, self._epsilon_first(), w_start, duals)
         for eps in self._epsilon_path():
-            info = attempt(best[3], eps, best[0], info.duals)
+            info = attempt(tried[chosen].lam, eps, best[0], info.duals)
         if self.backsolve and self.swap_rounds:
-            attempt(best[3], best[4], best[0], duals, self.swap_rounds)
-        return best[0], best[1]._replace(candidates=tuple(tried))
+            attempt(tried[chosen].lam, tried[chosen].epsilon, best[0], duals, self.swap_rounds)
+        return best[0], best[1]._replace(candidates=tuple(tried), chosen=chosen)
 
     # What SWAP overrides: the ε of the targets (None: LR's y) when used as is, first, and on the path.
     def _lam_value(self):
@@ -320,6 +330,25 @@ class SWAP(LR):
         if self.plan_update == "iteration" and eps is not None:
             retarget = (float(eps), self.sinkhorn_threshold, self.sinkhorn_max_iters)
         return LR._config(self, eps)._replace(retarget=retarget)
+
+
+def _score_value(value) -> tuple[float, Optional[np.ndarray]]:
+    """(mean held-out loss, per-example losses or None) of a score's value; NaN or inf → (inf, None)."""
+    losses = np.asarray(value, np.float64)
+    if losses.ndim > 1 or losses.size == 0:
+        raise ValueError(f"score: expected a float or a vector of per-example losses, got shape {losses.shape}")
+    mean = float(np.mean(losses))
+    if not math.isfinite(mean):
+        return math.inf, None
+    return mean, (losses if losses.ndim == 1 and losses.size > 1 else None)
+
+
+def _standard_error(losses, reference) -> float:
+    """The standard error of mean(losses − reference), paired by example (0 without both vectors)."""
+    if losses is None or reference is None or losses.shape != reference.shape:
+        return 0.0
+    diff = losses - reference
+    return float(np.std(diff, ddof=1) / math.sqrt(diff.size))
 
 
 def _walk(path, start, last_score):

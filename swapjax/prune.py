@@ -252,11 +252,11 @@ def prune(
         start, count = time.perf_counter(), [0]
 
         def score(w):
-            value = float(_mean_loss(loss_fn, lay, chunk_size, current, w, val_batch))
+            losses = np.asarray(_example_losses(loss_fn, lay, chunk_size, current, w, val_batch))
             count[0] += 1
             if time.perf_counter() - start > 5.0:
-                log(f"  candidate {count[0]}: held-out loss {value:.4g} ({time.perf_counter() - start:.1f} s)")
-            return value
+                log(f"  candidate {count[0]}: held-out loss {losses.mean():.4g} ({time.perf_counter() - start:.1f} s)")
+            return losses
 
         return score
 
@@ -281,7 +281,7 @@ def prune(
         w_new, info = method.solve(X, w_bar, k, w_start=w, duals=duals, **layers, **extra)
         w_new.block_until_ready()
         t2 = time.perf_counter()
-        chosen = min(info.candidates, key=lambda c: c.score) if getattr(info, "candidates", ()) else None
+        chosen = info.candidates[info.chosen] if getattr(info, "candidates", ()) else None
         stage = StageInfo(
             stage=t, sparsity=s, k=k,
             objective_start=float(info.objective_trace[0]), objective=float(info.objective),
@@ -291,7 +291,7 @@ def prune(
             lam=_float(getattr(info, "lam", None)), epsilon=getattr(info, "epsilon", None),
             moved=int(jnp.sum(info.support & ~hard_threshold_mask(w, k))),
             objective_magnitude=_float(getattr(info, "objective_magnitude", None)),
-            held_out_loss=chosen.score if chosen else (score(w_new) if score else math.nan),
+            held_out_loss=chosen.score if chosen else (float(np.mean(score(w_new))) if score else math.nan),
             candidates=tuple(getattr(info, "candidates", ())),
         )
         if bool(getattr(info.plan, "degenerate", False)):
@@ -433,7 +433,7 @@ def _split_held_out(batch: PyTree, val_batch: Optional[PyTree], holdout: float):
 
 
 @partial(jax.jit, static_argnames=("loss_fn", "lay", "chunk_size"))
-def _mean_loss(loss_fn, lay, chunk_size, params, w, batch):
-    """Mean of loss_fn over ``batch`` at the weights w (forward passes only)."""
+def _example_losses(loss_fn, lay, chunk_size, params, w, batch):
+    """loss_fn of each example of ``batch`` at the weights w (forward passes only)."""
     tree = pytree.unflatten(w, params, lay)
-    return jnp.mean(jax.lax.map(lambda ex: loss_fn(tree, ex), batch, batch_size=chunk_size))
+    return jax.lax.map(lambda ex: loss_fn(tree, ex), batch, batch_size=chunk_size)

@@ -52,6 +52,38 @@ def test_selection_returns_the_candidate_with_the_lowest_score(winner):
     assert np.sum(np.asarray(w) != 0) <= 8 and int(np.sum(info.support)) == 8
 
 
+@pytest.mark.parametrize("gain, chosen", [(0.01, "y"), (0.5, "ε")])
+def test_transport_targets_must_beat_lr_targets_beyond_the_held_out_noise(gain, chosen):
+    """Per-example scores: a ỹ candidate whose mean is lower by less than one standard error of the
+    paired difference does not displace LR's y; one lower by many standard errors does."""
+    X, w_bar = _problem(2)
+    rng = np.random.default_rng(0)
+    base = rng.gamma(2.0, size=50)
+    noise = rng.normal(size=50)
+    noise -= noise.mean()  # paired difference of the first ε candidate: mean −gain, SE ≈ 0.14
+    lams, first_eps = len(FIRST_LAMS), len(FIRST_LAMS)
+    calls = []
+
+    def score(w):
+        i = len(calls)
+        calls.append(np.asarray(w))
+        if i < lams:  # the λ walk on y: the first (DEFAULT_LAM) is the best
+            return base + 0.1 * i
+        if i < lams + len(EPSILON_PATH):
+            return base - gain + (noise if i == first_eps else 2.0)  # only the first ε can compete
+        return base + 1.0  # the swap search loses
+
+    w, info = swapjax.SWAP().solve(X, w_bar, 8, score=score)
+    expected = 0 if chosen == "y" else first_eps
+    assert info.chosen == expected
+    np.testing.assert_array_equal(np.asarray(w), calls[expected])
+    assert info.candidates[first_eps].score < info.candidates[0].score  # a lower mean in both cases
+    # a float score has no noise estimate: the lowest mean wins
+    calls.clear()
+    _, plain = swapjax.SWAP().solve(X, w_bar, 8, score=lambda w: float(np.mean(score(w))))
+    assert plain.chosen == first_eps
+
+
 @pytest.mark.parametrize("minimum", range(len(LAM_PATH)))
 def test_the_lam_walk_finds_the_minimum_of_a_unimodal_score(minimum):
     """Scores |i − minimum| along the path: the walk reaches the minimum, trying only the values on the way
@@ -157,7 +189,9 @@ def test_prune_selects_on_held_out_examples(trained_mlp, digits):
                         progress=False)
     (info,) = res.info
     assert len(info.candidates) >= 2 + len(EPSILON_PATH) + 1  # at least two λ, every ε, the swap search
-    assert info.held_out_loss == min(c.score for c in info.candidates)
+    # the chosen candidate: never above LR's targets' best (ỹ must beat it beyond noise)
+    assert info.held_out_loss in [c.score for c in info.candidates]
+    assert info.held_out_loss <= min(c.score for c in info.candidates if c.epsilon is None)
     losses = jax.vmap(mlp_loss, in_axes=(None, 0))(res.params, val)
     assert info.held_out_loss == pytest.approx(float(jnp.mean(losses)), rel=1e-5)
     assert res.one_shot is None

@@ -2,7 +2,7 @@
 
     .venv/bin/python experiments/support_search.py --seeds 0 1 2 3 4   # → experiments/results/support_search.csv
 
-For each seed (the dense checkpoints of `reproduce.py --preset mlpnet-fashion-mnist`), sparsity
+For each seed (the problems of experiments/mlpnet_problems.py), sparsity
 (0.9, 0.95) and gradient noise (none; 2σ on 25 % of the entries, key = seed): X on the 800 fitted
 examples of `swapjax.prune`'s default hold-out, `SWAP().solve` with the held-out score, then the
 chosen (λ, ε) solved again explicitly without and with the swap search (`swap_rounds=0` / 20) to
@@ -13,7 +13,6 @@ backsolve and f after the search; test accuracy without and with the search.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -21,11 +20,11 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).parent))
+import mlpnet_problems as P  # noqa: E402
 import reproduce as R  # noqa: E402
 
 import swapjax  # noqa: E402
-from swapjax import data, pytree  # noqa: E402
-from swapjax.prune import _example_losses, _split_held_out, kept_count  # noqa: E402
+from swapjax.prune import kept_count  # noqa: E402
 
 FIELDS = ["seed", "noise", "sparsity", "lam", "epsilon", "chosen", "held_out_loss", "swapped", "moved",
           "objective_magnitude", "objective_search", "accuracy_no_search", "accuracy_search"]
@@ -37,31 +36,14 @@ def main():
     ap.add_argument("--runs", type=Path, default=Path("runs/mlpnet-fashion-mnist"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results/support_search.csv")
     args = ap.parse_args()
-    preset = R.PRESETS["mlpnet-fashion-mnist"]
-    train = data.load("fashion_mnist", "train", flatten=True)
-    test = data.load("fashion_mnist", "test", flatten=True)
     rows = []
-    for seed in args.seeds:
-        model, variables = R.dense_model(preset, "mlpnet-fashion-mnist", seed, train, args.runs, False)
-        loss_fn = R.per_example_loss(model, variables)
-        params = variables["params"]
-        batch = {"x": jnp.asarray(train.x[:1000]), "y": jnp.asarray(train.y[:1000])}
-        fit, val = _split_held_out(batch, None, 0.2)
-        lay = pytree.layout(params)
-        w_bar = pytree.flatten(params, lay)
-        X_clean = swapjax.per_sample_grads(loss_fn, params, fit, progress=False)
-
-        def score(w):
-            return _example_losses(loss_fn, lay, 256, params, w, val)
-
-        def accuracy(w):
-            pruned = {**variables, "params": pytree.unflatten(w, params, lay)}
-            return swapjax.evaluate(model, pruned, test.x, test.y)[0]
-
+    for problem in P.problems(args.seeds, args.runs):
+        seed, w_bar, score, accuracy = problem.seed, problem.w_bar, problem.score, problem.accuracy
+        X_clean = swapjax.per_sample_grads(problem.loss_fn, problem.params, problem.fit, progress=False)
         for noise in ("none", "2σ,25%"):
             X = X_clean if noise == "none" else swapjax.GradientNoise(*R.NOISE[noise])(X_clean, jax.random.key(seed))
             for s in (0.9, 0.95):
-                k = kept_count(s, lay.size)
+                k = kept_count(s, w_bar.size)
                 _, info = swapjax.SWAP().solve(X, w_bar, k, score=score)
                 best = info.candidates[info.chosen]
                 lam, eps = best.lam, (0.0 if best.epsilon is None else best.epsilon)
@@ -77,13 +59,7 @@ def main():
                            accuracy_no_search=round(accuracy(plain), 5), accuracy_search=round(accuracy(searched), 5))
                 rows.append(row)
                 print(row, flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(args.out)
+    P.write_csv(args.out, FIELDS, rows)
 
 
 if __name__ == "__main__":

@@ -281,7 +281,10 @@ def prune(
         w_new, info = method.solve(X, w_bar, k, w_start=w, duals=duals, **layers, **extra)
         w_new.block_until_ready()
         t2 = time.perf_counter()
-        chosen = info.candidates[info.chosen] if getattr(info, "candidates", ()) else None
+        candidates = tuple(getattr(info, "candidates", ()))
+        index = getattr(info, "chosen", None)  # a method of another library may list candidates without it
+        chosen = None if not candidates else (candidates[index] if index is not None
+                                               else min(candidates, key=lambda c: c.score))
         stage = StageInfo(
             stage=t, sparsity=s, k=k,
             objective_start=float(info.objective_trace[0]), objective=float(info.objective),
@@ -292,7 +295,7 @@ def prune(
             moved=int(jnp.sum(info.support & ~hard_threshold_mask(w, k))),
             objective_magnitude=_float(getattr(info, "objective_magnitude", None)),
             held_out_loss=chosen.score if chosen else (float(np.mean(score(w_new))) if score else math.nan),
-            candidates=tuple(getattr(info, "candidates", ())),
+            candidates=candidates,
         )
         if bool(getattr(info.plan, "degenerate", False)):
             warnings.warn(

@@ -46,8 +46,9 @@ Score = Callable[[jax.Array], Union[float, np.ndarray]]
 
 class Candidate(NamedTuple):
     """One point of the selection path: λ (as configured), ε (None: LR's targets y), the search
-    ("iht": IHT and the backsolve; "swap": then the swap search), its held-out score (the loss
-    of the pruned network on examples not fitted) and its objective f."""
+    ("iht": IHT and the backsolve; "ridge": the backsolve alone, on the first candidate's support;
+    "swap": IHT, the backsolve and the swap search), its held-out score (the loss of the pruned
+    network on examples not fitted) and its objective f."""
 
     lam: float
     epsilon: Optional[float]
@@ -190,8 +191,10 @@ class LR:
         from H_k(w_start), and SWAP's plan is computed at z = X·w_start.
         duals: Sinkhorn potentials from an earlier solve, for a warm start.
         score(w): a held-out loss (lower is better), a float or the vector of
-        per-example losses; with it, "auto" values are chosen along the path,
-        each candidate starting from the previous one's solution;
+        per-example losses; with it, "auto" values are chosen along the path:
+        the first candidate runs IHT and the backsolve, the others are ridge
+        fits on its support, and IHT with the swap search runs once more at
+        the best values;
         ``info.candidates`` lists every point tried, ``info.chosen`` the one
         returned. With per-example losses, SWAP takes transport targets ỹ
         (ε > 0) only where they beat the best so far by more than one
@@ -220,12 +223,22 @@ class LR:
             return self._fit(problem, self._lam_value(), self._epsilon_value(), w_start, duals)
 
         tried, best, chosen = [], None, None  # Candidates; (w, info, per-example losses) of the best; its index
+        incumbent = None  # (support, its Gram) of the first solve: the other candidates are ridge fits on it
 
-        def attempt(lam, eps, init, duals, rounds=0):
-            nonlocal best, chosen
-            w, info = self._fit(problem, lam, eps, init, duals, rounds)
+        def attempt(lam, eps, init, duals, search=False):
+            nonlocal best, chosen, incumbent
+            if search or incumbent is None:
+                rounds = self.swap_rounds if search else 0
+                w, info = self._fit(problem, lam, eps, init, duals, rounds)
+                kind = "swap" if rounds else "iht"
+                if incumbent is None and self.backsolve:
+                    incumbent = (info.support, _incumbent_gram(_bucket(k, X.shape[1]), X, info.support,
+                                                               *reference[1:]))
+            else:
+                w, info = self._fit_on(problem, lam, eps, w_start, init, *incumbent, duals)
+                kind = "ridge"
             value, losses = _score_value(score(w))
-            tried.append(Candidate(float(lam), eps, "swap" if rounds else "iht", value, float(info.objective)))
+            tried.append(Candidate(float(lam), eps, kind, value, float(info.objective)))
             margin = 0.0
             if best is not None and eps is not None and eps != tried[chosen].epsilon:
                 margin = _standard_error(losses, best[2])  # transport targets must beat the best beyond noise
@@ -241,9 +254,13 @@ class LR:
             info = attempt(self.lam, self._epsilon_first(), w_start, duals)
         for eps in self._epsilon_path():
             info = attempt(tried[chosen].lam, eps, best[0], info.duals)
-        if self.backsolve and self.swap_rounds:
-            attempt(tried[chosen].lam, tried[chosen].epsilon, best[0], duals, self.swap_rounds)
-        return best[0], best[1]._replace(candidates=tuple(tried), chosen=chosen)
+        if incumbent is not None and (self.swap_rounds or tried[chosen].support == "ridge"):
+            attempt(tried[chosen].lam, tried[chosen].epsilon, best[0], best[1].duals, search=True)
+        w, info, _ = best
+        if tried[chosen].support == "ridge":  # the magnitude support's backsolve at the chosen λ and targets
+            info = info._replace(objective_magnitude=_magnitude_objective(
+                self.cg_iters, X, info.targets, w_bar, info.lam, *reference[1:]))
+        return w, info._replace(candidates=tuple(tried), chosen=chosen)
 
     # What SWAP overrides: the ε of the targets (None: LR's y) when used as is, first, and on the path.
     def _lam_value(self):
@@ -268,6 +285,16 @@ class LR:
             rounds = self.swap_rounds if rounds is None else rounds
             w, info = _refine(_bucket(k, X.shape[1]), rounds, self.cg_iters, X, w_bar, w, info, *reference)
         return w, info._replace(epsilon=eps)
+
+    def _fit_on(self, problem, lam, eps, w_start, init, support, gram, duals):
+        """The backsolve alone at (λ, ε) on a given support (with its Gram, or by CG from ``init``)."""
+        X, w_bar, k, y, z, scale, _ = problem
+        lam_abs = lam * scale
+        t, duals, plan = (y, duals, _NO_PLAN) if eps is None else self._targets(y, z, eps, duals)
+        w, trace = _ridge_fit(self.cg_iters, X, t, w_bar, w_start, jnp.asarray(k), support, lam_abs, gram, init)
+        info = SolveInfo(trace[-1], trace, jnp.array(0), jnp.array(True), support, t, plan, duals, lam=lam_abs,
+                         epsilon=eps, swapped=jnp.array(0))
+        return w, info
 
     def _targets(self, y, z, eps, duals):
         raise NotImplementedError
@@ -441,6 +468,31 @@ def _magnitude_reference(width, X, w_start, k):
     (None where X is not formed)."""
     magnitude = iht_lib.hard_threshold_mask(w_start, k)
     return magnitude, None if isinstance(X, GradientOperator) else iht_lib.support_gram(X, magnitude, width)
+
+
+@partial(jax.jit, static_argnums=0)
+def _incumbent_gram(width, X, support, magnitude, magnitude_gram):
+    """X_S X_Sᵀ for the support S, updated from the magnitude support's Gram (None where X is not formed)."""
+    if magnitude_gram is None:
+        return None
+    return iht_lib.nearby_gram(X, support, magnitude, magnitude_gram, width, _exchange_width(width))
+
+
+@partial(jax.jit, static_argnums=0)
+def _ridge_fit(cg_iters, X, t, w_bar, w_start, k, support, lam, gram, init):
+    """The ridge solution on S and the trace (f at H_k(w_start), f at the solution)."""
+    X = linear(X)
+    w = iht_lib.ridge(X, t, w_bar, support, lam, gram, init, cg_iters)
+    start = jnp.where(iht_lib.hard_threshold_mask(w_start, k), w_start, 0)
+    return w, jnp.stack([iht_lib.objective(X, start, t, w_bar, lam), iht_lib.objective(X, w, t, w_bar, lam)])
+
+
+@partial(jax.jit, static_argnums=0)
+def _magnitude_objective(cg_iters, X, t, w_bar, lam, magnitude, magnitude_gram):
+    """f of the backsolve on the magnitude support (with its Gram, or by CG from w̄)."""
+    X = linear(X)
+    return iht_lib.objective(X, iht_lib.ridge(X, t, w_bar, magnitude, lam, magnitude_gram, w_bar, cg_iters),
+                             t, w_bar, lam)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))

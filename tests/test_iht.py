@@ -294,6 +294,18 @@ def test_backsolve_support_smaller_than_width():
     np.testing.assert_allclose(w, _np_ridge_on_support(X, t, w_bar, support, 0.01), rtol=1e-8, atol=1e-10)
 
 
+def test_solve_spd_by_cholesky_and_by_lu_where_the_factor_breaks_down():
+    rng = np.random.default_rng(3)
+    B = rng.normal(size=(40, 60))
+    A, b = B @ B.T + 0.1 * np.eye(40), rng.normal(size=40)
+    x = np.asarray(jax.jit(I.solve_spd)(jnp.asarray(A, jnp.float32), jnp.asarray(b, jnp.float32)), np.float64)
+    np.testing.assert_allclose(x, np.linalg.solve(A, b), rtol=1e-3, atol=1e-4 * np.abs(np.linalg.solve(A, b)).max())
+    # symmetric but indefinite: the Cholesky factor is NaN, LU still solves it
+    D = np.diag(np.r_[np.ones(39), -1.0]).astype(np.float32)
+    x = np.asarray(I.solve_spd(jnp.asarray(D), jnp.ones(40, jnp.float32)))
+    np.testing.assert_allclose(x, np.r_[np.ones(39), -1.0])
+
+
 @pytest.mark.parametrize("moved", [0, 3, 7], ids=["same", "near", "far"])
 def test_nearby_gram_equals_the_support_gram(moved):
     """G_S updated from a reference support R (rank-2m exchange, or afresh when S is far) equals X_S X_Sᵀ."""

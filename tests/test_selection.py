@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import mlp_loss
-from test_methods import _cancelling_pairs, _np_objective
+from test_methods import _cancelling_pairs, _np_objective, _np_ridge_on_support
 
 import swapjax
 from swapjax import iht as iht_lib
@@ -50,6 +50,37 @@ def test_selection_returns_the_candidate_with_the_lowest_score(winner):
     assert [c.epsilon for c in info.candidates[lams:-1]] == list(EPSILON_PATH)
     assert info.candidates[-1].support == "swap"
     assert np.sum(np.asarray(w) != 0) <= 8 and int(np.sum(info.support)) == 8
+
+
+def test_candidates_after_the_first_are_exact_ridge_fits_on_its_support():
+    """The first candidate runs IHT and the backsolve; the rest of the path is the ridge solution on its
+    support at their own λ (float64 NumPy reference); a winning ridge fit is searched once more at its λ."""
+    X, w_bar = _problem(5)
+    k, seen = 8, []
+
+    def score(w):
+        seen.append(np.asarray(w, np.float64))
+        return 0.5 if len(seen) == 2 else float(len(seen))  # the first ridge candidate wins
+
+    w, info = swapjax.LR(swap_rounds=0).solve(X, w_bar, k, score=score)
+    kinds = [c.support for c in info.candidates]
+    assert kinds == ["iht", "ridge", "ridge", "iht"]  # the walk down from λ = 0.03; a new search at the winner's λ
+    assert info.chosen == 1 and info.candidates[-1].lam == info.candidates[1].lam == FIRST_LAMS[1]
+    support = seen[0] != 0
+    assert support.sum() == k and all(np.array_equal(s != 0, support) for s in seen[1:3])
+    scale = float(np.mean(X.astype(np.float64) ** 2))  # ‖X‖²_F/(Np)
+    y = X.astype(np.float64) @ w_bar
+    for i in (1, 2):
+        lam = info.candidates[i].lam
+        ref = _np_ridge_on_support(X, y, w_bar, support, lam * scale)
+        np.testing.assert_allclose(seen[i], ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
+        assert info.candidates[i].objective == pytest.approx(_np_objective(X, ref, y, w_bar, lam * scale), rel=1e-3)
+    np.testing.assert_array_equal(np.asarray(w), seen[1])
+    magnitude = np.zeros(X.shape[1], bool)
+    magnitude[np.argsort(-np.abs(w_bar))[:k]] = True
+    lam = FIRST_LAMS[1] * scale
+    f_mag = _np_objective(X, _np_ridge_on_support(X, y, w_bar, magnitude, lam), y, w_bar, lam)
+    assert float(info.objective_magnitude) == pytest.approx(f_mag, rel=1e-3)
 
 
 @pytest.mark.parametrize("gain, chosen", [(0.01, "y"), (0.5, "ε")])
@@ -121,7 +152,7 @@ def test_swap_never_scores_worse_than_lr_on_its_targets():
 
     _, lr = swapjax.LR().solve(X, w_bar, 10, score=score)
     _, sw = swapjax.SWAP().solve(X, w_bar, 10, score=score)
-    lr_path = [c.score for c in lr.candidates if c.support == "iht"]
+    lr_path = [c.score for c in lr.candidates if c.support != "swap"]
     assert min(c.score for c in sw.candidates) <= min(lr_path) * (1 + 1e-6)
 
 

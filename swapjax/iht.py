@@ -26,10 +26,11 @@ import jax.scipy.linalg
 from .operators import linear, matmul
 
 
+@jax.jit
 def hard_threshold_mask(v: jax.Array, k) -> jax.Array:
     """Boolean mask of the k largest |v_i|, exactly k True; ties go to the lower index.
 
-    k may be traced. The k-th largest |v| is found by a radix select on the
+    k is traced (one compilation per shape of v). The k-th largest |v| is found by a radix select on the
     float's bit pattern (monotone for non-negative floats): one O(p) count per
     bit instead of an O(p log p) sort.
     """
@@ -313,6 +314,31 @@ def nearby_gram(X, support, reference, reference_gram, width: Optional[int], dif
     )
 
 
+def ridge_state(X, targets, w_bar, support, lam, gram, x_anchor=None):
+    """The exact ridge solution on S (:func:`backsolve`) with f(w) and ∇f(w), from one pass over X.
+
+    With e = t − X·w̄_S and α = (G_S + NλI)⁻¹e: w_S = w̄_S + X_Sᵀα, the residual
+    r = Xw − t = G_Sα − e (= −Nλα for λ > 0, free of cancellation), f = ½‖r‖² +
+    (Nλ/2)(αᵀG_Sα + ‖w̄ off S‖²) and ∇f = Xᵀr + Nλ(w − w̄): X is read once, for
+    Xᵀ[α, r]. X a matrix, ``gram`` = G_S; ``x_anchor`` = X·w̄_S if known (else one
+    more pass). λ ≥ 0 (λ = 0: the pseudo-inverse). Returns (w, f, ∇f).
+    """
+    n = X.shape[0]
+    anchor = jnp.where(support, w_bar, 0)
+    e = targets - (matmul(X, anchor) if x_anchor is None else x_anchor)
+    alpha = jax.lax.cond(
+        jnp.asarray(lam) > 0,
+        lambda: solve_spd(gram + n * lam * jnp.eye(n, dtype=X.dtype), e),
+        lambda: jnp.linalg.pinv(gram, hermitian=True) @ e,
+    )
+    g_alpha = gram @ alpha
+    r = jnp.where(jnp.asarray(lam) > 0, -n * lam * alpha, g_alpha - e)
+    xt_alpha, xt_r = matmul(jnp.stack([alpha, r]), X)
+    w = anchor + jnp.where(support, xt_alpha, 0)
+    f = 0.5 * r @ r + 0.5 * n * lam * (alpha @ g_alpha + jnp.sum(jnp.where(support, 0, w_bar) ** 2))
+    return w, f, xt_r + n * lam * (w - w_bar)
+
+
 def backsolve(X, targets, w_bar, support, lam: float, width: Optional[int] = None,
               gram: Optional[jax.Array] = None) -> jax.Array:
     """The ridge problem on the support S, solved exactly:
@@ -375,6 +401,17 @@ def ridge(X, targets, w_bar, support, lam, gram=None, w_init=None, cg_iters: int
     return backsolve(A.matrix, targets, w_bar, support, lam, gram=gram)
 
 
+def ridge_fit(X, targets, w_bar, support, lam, gram=None, w_init=None, cg_iters: int = CG_ITERS, x_anchor=None):
+    """(w, f, ∇f) of the ridge solution on S: :func:`ridge_state` (one pass over X) where X is a matrix
+    and its Gram ``gram`` is known, else :func:`ridge` and two more passes."""
+    A = linear(X)
+    if gram is None or A.matrix is None:
+        w = ridge(A, targets, w_bar, support, lam, gram, w_init, cg_iters)
+        r = A.mv(w) - targets
+        return w, _objective(r, w, w_bar, lam), A.rmv(r) + A.n * lam * (w - w_bar)
+    return ridge_state(A.matrix, targets, w_bar, support, lam, gram, x_anchor)
+
+
 def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: Optional[jax.Array], most: int,
                 cg_iters: int = CG_ITERS, col_sq: Optional[jax.Array] = None):
     """Local search over k-supports around the backsolve: exchange kept and pruned weights while f falls.
@@ -398,8 +435,7 @@ def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: Optional[
     rank = jnp.arange(most)
 
     def body(c):
-        i, w, support, gram, obj, m, swapped = c
-        g = A.rmv(A.mv(w) - targets) + n * lam * (w - w_bar)
+        i, w, support, gram, x_anchor, obj, g, m, swapped = c
         gain = jnp.where(support, -jnp.inf, g * g / (2 * h))
         cost = jnp.where(support, 0.5 * h * w * w - g * w, jnp.inf)
         best_gain, into = jax.lax.top_k(gain, most)
@@ -408,16 +444,24 @@ def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: Optional[
         enter = jnp.zeros(p, bool).at[into].set(rank < size)
         leave = jnp.zeros(p, bool).at[out].set(rank < size)
         trial = (support & ~leave) | enter
-        gram_new = None if gram is None else _exchange(gram, A.matrix, into, out, size)
-        w_new = ridge(A, targets, w_bar, trial, lam, gram_new, jnp.where(trial, w, 0), cg_iters)
-        obj_new = objective(A, w_new, targets, w_bar, lam)
+        gram_new = x_anchor_new = None
+        if gram is not None:  # G_S' by a rank-2m update, X·w̄_S' from the exchanged columns
+            gram_new = _exchange(gram, A.matrix, into, out, size)
+            moved = jnp.where(rank < size, 1.0, 0.0).astype(w.dtype)
+            x_anchor_new = (x_anchor + matmul(_columns(A.matrix, into, size), moved * w_bar[into])
+                            - matmul(_columns(A.matrix, out, size), moved * w_bar[out]))
+        w_new, obj_new, g_new = ridge_fit(A, targets, w_bar, trial, lam, gram_new, jnp.where(trial, w, 0), cg_iters,
+                                          x_anchor_new)
         accept = (size > 0) & (obj_new < obj)
         m = jnp.where(accept, m, size // 4)
         keep = lambda new, old: jnp.where(accept, new, old)  # noqa: E731
         return (i + 1, keep(w_new, w), keep(trial, support), jax.tree_util.tree_map(keep, gram_new, gram),
-                keep(obj_new, obj), m, swapped + jnp.where(accept, size, 0))
+                jax.tree_util.tree_map(keep, x_anchor_new, x_anchor), keep(obj_new, obj), keep(g_new, g), m,
+                swapped + jnp.where(accept, size, 0))
 
-    obj = objective(A, w, targets, w_bar, lam)
-    start = (jnp.array(0), w, support, gram, obj, jnp.minimum((k + 7) // 8, most), jnp.array(0, k.dtype))
-    _, w, support, _, obj, _, swapped = jax.lax.while_loop(lambda c: (c[0] < rounds) & (c[5] > 0), body, start)
+    x_anchor = None if gram is None else matmul(A.matrix, jnp.where(support, w_bar, 0))
+    r = A.mv(w) - targets
+    obj, g = _objective(r, w, w_bar, lam), A.rmv(r) + n * lam * (w - w_bar)
+    start = (jnp.array(0), w, support, gram, x_anchor, obj, g, jnp.minimum((k + 7) // 8, most), jnp.array(0, k.dtype))
+    _, w, support, _, _, obj, _, _, swapped = jax.lax.while_loop(lambda c: (c[0] < rounds) & (c[7] > 0), body, start)
     return w, support, obj, swapped

@@ -29,7 +29,7 @@ from . import checks
 from . import iht as iht_lib
 from . import transport
 from .gradients import check_finite, sharded_column_sq_norms
-from .operators import GradientOperator, linear
+from .operators import GradientOperator, linear, matmul
 
 #: λ candidates of ``lam="auto"`` (relative to the Fisher's scale, half-decade steps), and the value
 #: used without a score, where the selection's walk along the path starts.
@@ -232,10 +232,10 @@ class LR:
                 w, info = self._fit(problem, lam, eps, init, duals, rounds)
                 kind = "swap" if rounds else "iht"
                 if incumbent is None and self.backsolve:
-                    incumbent = (info.support, _incumbent_gram(_bucket(k, X.shape[1]), X, info.support,
-                                                               *reference[1:]))
+                    incumbent = (info.support,) + _incumbent(_bucket(k, X.shape[1]), X, w_bar, info.support,
+                                                             *reference[1:])
             else:
-                w, info = self._fit_on(problem, lam, eps, w_start, init, *incumbent, duals)
+                w, info = self._fit_on(problem, lam, eps, init, *incumbent, duals)
                 kind = "ridge"
             value, losses = _score_value(score(w))
             tried.append(Candidate(float(lam), eps, kind, value, float(info.objective)))
@@ -257,9 +257,10 @@ class LR:
         if incumbent is not None and (self.swap_rounds or tried[chosen].support == "ridge"):
             attempt(tried[chosen].lam, tried[chosen].epsilon, best[0], best[1].duals, search=True)
         w, info, _ = best
-        if tried[chosen].support == "ridge":  # the magnitude support's backsolve at the chosen λ and targets
-            info = info._replace(objective_magnitude=_magnitude_objective(
-                self.cg_iters, X, info.targets, w_bar, info.lam, *reference[1:]))
+        if tried[chosen].support == "ridge":  # f at H_k(w_start) and on the magnitude support, at its λ and targets
+            start, magnitude = _reference_objectives(self.cg_iters, X, info.targets, w_bar, w_start, info.lam,
+                                                     *reference[1:])
+            info = info._replace(objective_trace=jnp.stack([start, info.objective]), objective_magnitude=magnitude)
         return w, info._replace(candidates=tuple(tried), chosen=chosen)
 
     # What SWAP overrides: the ε of the targets (None: LR's y) when used as is, first, and on the path.
@@ -286,13 +287,14 @@ class LR:
             w, info = _refine(_bucket(k, X.shape[1]), rounds, self.cg_iters, X, w_bar, w, info, *reference)
         return w, info._replace(epsilon=eps)
 
-    def _fit_on(self, problem, lam, eps, w_start, init, support, gram, duals):
-        """The backsolve alone at (λ, ε) on a given support (with its Gram, or by CG from ``init``)."""
+    def _fit_on(self, problem, lam, eps, init, support, gram, x_anchor, duals):
+        """The backsolve alone at (λ, ε) on a given support: with its Gram G_S and X·w̄_S, or by CG from ``init``.
+        (``objective_trace`` holds f alone.)"""
         X, w_bar, k, y, z, scale, _ = problem
         lam_abs = lam * scale
         t, duals, plan = (y, duals, _NO_PLAN) if eps is None else self._targets(y, z, eps, duals)
-        w, trace = _ridge_fit(self.cg_iters, X, t, w_bar, w_start, jnp.asarray(k), support, lam_abs, gram, init)
-        info = SolveInfo(trace[-1], trace, jnp.array(0), jnp.array(True), support, t, plan, duals, lam=lam_abs,
+        w, f = _ridge_fit(self.cg_iters, X, t, w_bar, support, lam_abs, gram, x_anchor, init)
+        info = SolveInfo(f, f[None], jnp.array(0), jnp.array(True), support, t, plan, duals, lam=lam_abs,
                          epsilon=eps, swapped=jnp.array(0))
         return w, info
 
@@ -471,28 +473,27 @@ def _magnitude_reference(width, X, w_start, k):
 
 
 @partial(jax.jit, static_argnums=0)
-def _incumbent_gram(width, X, support, magnitude, magnitude_gram):
-    """X_S X_Sᵀ for the support S, updated from the magnitude support's Gram (None where X is not formed)."""
+def _incumbent(width, X, w_bar, support, magnitude, magnitude_gram):
+    """(X_S X_Sᵀ, X·w̄_S) for the support S, the Gram updated from the magnitude support's;
+    (None, None) where X is not formed."""
     if magnitude_gram is None:
-        return None
-    return iht_lib.nearby_gram(X, support, magnitude, magnitude_gram, width, _exchange_width(width))
+        return None, None
+    gram = iht_lib.nearby_gram(X, support, magnitude, magnitude_gram, width, _exchange_width(width))
+    return gram, matmul(X, jnp.where(support, w_bar, 0))
 
 
 @partial(jax.jit, static_argnums=0)
-def _ridge_fit(cg_iters, X, t, w_bar, w_start, k, support, lam, gram, init):
-    """The ridge solution on S and the trace (f at H_k(w_start), f at the solution)."""
-    X = linear(X)
-    w = iht_lib.ridge(X, t, w_bar, support, lam, gram, init, cg_iters)
-    start = jnp.where(iht_lib.hard_threshold_mask(w_start, k), w_start, 0)
-    return w, jnp.stack([iht_lib.objective(X, start, t, w_bar, lam), iht_lib.objective(X, w, t, w_bar, lam)])
+def _ridge_fit(cg_iters, X, t, w_bar, support, lam, gram, x_anchor, init):
+    """The ridge solution on S and its f: one pass over X with the Gram, else CG from ``init``."""
+    w, f, _ = iht_lib.ridge_fit(X, t, w_bar, support, lam, gram, init, cg_iters, x_anchor)
+    return w, f
 
 
 @partial(jax.jit, static_argnums=0)
-def _magnitude_objective(cg_iters, X, t, w_bar, lam, magnitude, magnitude_gram):
-    """f of the backsolve on the magnitude support (with its Gram, or by CG from w̄)."""
-    X = linear(X)
-    return iht_lib.objective(X, iht_lib.ridge(X, t, w_bar, magnitude, lam, magnitude_gram, w_bar, cg_iters),
-                             t, w_bar, lam)
+def _reference_objectives(cg_iters, X, t, w_bar, w_start, lam, magnitude, magnitude_gram):
+    """f at H_k(w_start) = w_start on the magnitude support M, and f of the backsolve on M."""
+    _, f_mag, _ = iht_lib.ridge_fit(X, t, w_bar, magnitude, lam, magnitude_gram, w_bar, cg_iters)
+    return iht_lib.objective(X, jnp.where(magnitude, w_start, 0), t, w_bar, lam), f_mag
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
@@ -510,12 +511,10 @@ def _refine(width, rounds, cg_iters, X, w_bar, w, info: SolveInfo, col_sq, magni
     if magnitude_gram is not None:
         gram = iht_lib.nearby_gram(X, info.support, magnitude, magnitude_gram, width, most)
     X = linear(X)
-    w_bs = iht_lib.ridge(X, t, w_bar, info.support, lam, gram, w, cg_iters)
-    obj_bs = iht_lib.objective(X, w_bs, t, w_bar, lam)
+    w_bs, obj_bs, _ = iht_lib.ridge_fit(X, t, w_bar, info.support, lam, gram, w, cg_iters)
     backsolved = jnp.isfinite(obj_bs) & (obj_bs <= info.objective)
     w, obj = jnp.where(backsolved, w_bs, w), jnp.where(backsolved, obj_bs, info.objective)
-    w_mag = iht_lib.ridge(X, t, w_bar, magnitude, lam, magnitude_gram, w_bar, cg_iters)
-    obj_mag = iht_lib.objective(X, w_mag, t, w_bar, lam)
+    w_mag, obj_mag, _ = iht_lib.ridge_fit(X, t, w_bar, magnitude, lam, magnitude_gram, w_bar, cg_iters)
     from_mag = jnp.isfinite(obj_mag) & (obj_mag < obj)
     w, support = jnp.where(from_mag, w_mag, w), jnp.where(from_mag, magnitude, info.support)
     obj = jnp.where(from_mag, obj_mag, obj)

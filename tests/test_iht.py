@@ -294,6 +294,32 @@ def test_backsolve_support_smaller_than_width():
     np.testing.assert_allclose(w, _np_ridge_on_support(X, t, w_bar, support, 0.01), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("k", [10, 48], ids=["k<N", "k>N"])
+@pytest.mark.parametrize("lam", [0.01, 0.0])
+def test_ridge_state_is_the_backsolve_with_its_objective_and_gradient(k, lam):
+    """w, f and ∇f from one pass over X (and the Gram) against float64 NumPy: the ridge solution, f by
+    its definition, ∇f = Xᵀ(Xw − t) + Nλ(w − w̄), which vanishes on S."""
+    n, p = 30, 80
+    if lam == 0.0 and k > n:
+        pytest.skip("λ = 0 with k > N has no unique least-squares solution")
+    rng = np.random.default_rng(k + 1)
+    X = rng.normal(size=(n, p))
+    w_bar = rng.normal(size=p)
+    t = X @ w_bar + 0.3 * rng.normal(size=n)
+    support = np.zeros(p, bool)
+    support[rng.choice(p, k, replace=False)] = True
+    ref = _np_ridge_on_support(X, t, w_bar, support, lam)
+    with jax.enable_x64(True):
+        gram = I.support_gram(jnp.asarray(X), jnp.asarray(support))
+        for x_anchor in (None, jnp.asarray(X @ np.where(support, w_bar, 0))):
+            w, f, g = (np.asarray(a) for a in I.ridge_state(jnp.asarray(X), jnp.asarray(t), jnp.asarray(w_bar),
+                                                               jnp.asarray(support), lam, gram, x_anchor))
+            np.testing.assert_allclose(w, ref, rtol=1e-8, atol=1e-9 * np.abs(ref).max())
+            assert f == pytest.approx(_np_objective(X, ref, t, w_bar, lam), rel=1e-9)
+            np.testing.assert_allclose(g, _np_gradient(X, ref, t, w_bar, lam), atol=1e-8 * np.abs(X.T @ t).max())
+            assert np.abs(g[support]).max() <= 1e-8 * np.abs(X.T @ t).max()
+
+
 def test_solve_spd_by_cholesky_and_by_lu_where_the_factor_breaks_down():
     rng = np.random.default_rng(3)
     B = rng.normal(size=(40, 60))

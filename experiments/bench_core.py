@@ -10,7 +10,7 @@ apart; then the median of the repeats):
 * per-sample gradients: ``swapjax.per_sample_grads(loss_fn, params, batch)``,
   X ∈ R^{N×p} at the dense weights, cross-entropy of one example per row.
 * one Sinkhorn solve: ``swapjax.transport.sinkhorn_plan(y, z, ε, init=...)``
-  with ε = SWAP()'s default. Problem "stage 2" of a prune: X₂ = gradients at
+  with ε = DEFAULT_EPSILON (SWAP's ε without a score). Problem "stage 2" of a prune: X₂ = gradients at
   the magnitude-pruned weights w₁ (sparsity s₂ of the cubic schedule),
   y = X₂w̄, z = X₂w₁. Cold = init None; warm = init from the duals of the
   stage-1 problem (y = z = X₁w̄), as ``prune`` carries them from stage to stage.
@@ -52,6 +52,7 @@ import numpy as np
 import swapjax
 from swapjax import iht as iht_lib
 from swapjax import transport
+from swapjax.methods import DEFAULT_EPSILON, DEFAULT_LAM
 from swapjax.models import MLPNet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -724,10 +725,11 @@ def bench_mlpnet(args, argv):
 
     g, X = metered(bench_grads, params, batch, args.repeats)
     print(f"per-sample grads: {g['examples_per_s']:,.0f} examples/s ({ms(g['median_s'])}, compile {g['compile_s']:.2f} s)", flush=True)
-    sk = metered(bench_sinkhorn, params, batch, X, args.sparsity, args.stages, swap.epsilon, args.repeats)
+    sk = metered(bench_sinkhorn, params, batch, X, args.sparsity, args.stages, DEFAULT_EPSILON, args.repeats)
     print(f"sinkhorn: cold {ms(sk['cold']['median_s'])} ({sk['cold']['iterations']} its), "
           f"warm {ms(sk['warm']['median_s'])} ({sk['warm']['iterations']} its)", flush=True)
-    it = metered(bench_iht, X, params, args.sparsity, lr.lam, args.repeats)
+    lam = DEFAULT_LAM * float(jnp.mean(X * X))  # the default relative λ in absolute units (‖X‖²_F/(Np))
+    it = metered(bench_iht, X, params, args.sparsity, lam, args.repeats)
     print(f"one IHT iteration: {ms(it['one_iteration_s'])}; mean over {it['iterations_to_convergence']} its "
           f"{ms(it['mean_iteration_s'])}", flush=True)
     sw = metered(bench_prune, swap, params, batch, args.sparsity, args.stages, args.prune_repeats)

@@ -223,7 +223,7 @@ class LR:
             return self._fit(problem, self._lam_value(), self._epsilon_value(), w_start, duals)
 
         tried, best, chosen = [], None, None  # Candidates; (w, info, per-example losses) of the best; its index
-        incumbent = None  # (support, its Gram) of the first solve: the other candidates are ridge fits on it
+        incumbent = None  # (support, G_S, X·w̄_S) of the first solve: the other candidates are ridge fits on it
 
         def attempt(lam, eps, init, duals, search=False):
             nonlocal best, chosen, incumbent

@@ -409,7 +409,7 @@ What is timed:
   gradients there; threshold 1e-3); *warm* passes `init=` the duals of the stage-1 problem
   (y = z = X₁w̄), as `prune` carries duals from stage to stage.
 - *one IHT iteration*: `swapjax.iht.iht` under `jax.jit` on the LR problem (targets y = Xw̄,
-  start w̄, λ = {res['iht']['lam']}, k = {res['iht']['k']}): median time with `max_iters=1, tol=0` minus median
+  start w̄, λ = {res['iht']['lam']:.3g} (the default relative λ in absolute units), k = {res['iht']['k']}): median time with `max_iters=1, tol=0` minus median
   time with `max_iters=0` (the latter is the initial hard threshold and residual). The iteration
   includes the gradient Xᵀr, the exact step, the support-change step, and the line search
   (each trial step: a hard threshold + Xw).

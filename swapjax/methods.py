@@ -284,7 +284,11 @@ class LR:
         w, info = _solve(self._config(eps), X, t, y, w_bar, init, jnp.asarray(k), lam_abs, duals, plan)
         if self.backsolve:
             rounds = self.swap_rounds if rounds is None else rounds
-            w, info = _refine(_bucket(k, X.shape[1]), rounds, self.cg_iters, X, w_bar, w, info, *reference)
+            w, obj, backsolved, support, obj_mag, swapped = _refine(
+                _bucket(k, X.shape[1]), rounds, self.cg_iters, X, w_bar, w, info.targets, info.lam, info.support,
+                info.objective, *reference)
+            info = info._replace(objective=obj, backsolved=backsolved, support=support, objective_magnitude=obj_mag,
+                                 swapped=swapped)
         return w, info._replace(epsilon=eps)
 
     def _fit_on(self, problem, lam, eps, init, support, gram, x_anchor, duals):
@@ -496,32 +500,33 @@ def _reference_objectives(cg_iters, X, t, w_bar, w_start, lam, magnitude, magnit
     return iht_lib.objective(X, jnp.where(magnitude, w_start, 0), t, w_bar, lam), f_mag
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _refine(width, rounds, cg_iters, X, w_bar, w, info: SolveInfo, col_sq, magnitude, magnitude_gram):
+@partial(jax.jit, static_argnums=(0, 2))
+def _refine(width, rounds, cg_iters, X, w_bar, w, t, lam, support, objective, col_sq, magnitude, magnitude_gram):
     """Backsolve on IHT's support and on the magnitude support H_k(w_start); swap search from the better.
 
     The backsolve replaces IHT's w when it lowers f (it should: it is the exact
     minimiser on the support). ``magnitude_gram`` = X_M X_Mᵀ for the magnitude
     support M; the Gram of IHT's support, which rarely strays far from M, is
     updated from it. Where X is an operator (``magnitude_gram`` None), the
-    backsolves run by conjugate gradients from IHT's w and from w̄ on M.
+    backsolves run by conjugate gradients from IHT's w and from w̄ on M. Takes IHT's (w, support, f) at
+    the targets t and λ; returns (w, f, backsolved, support, f on M, weights swapped).
     """
-    t, lam, most = info.targets, info.lam, _exchange_width(width)
+    most = _exchange_width(width)
     gram = None
     if magnitude_gram is not None:
-        gram = iht_lib.nearby_gram(X, info.support, magnitude, magnitude_gram, width, most)
+        gram = iht_lib.nearby_gram(X, support, magnitude, magnitude_gram, width, most)
     X = linear(X)
-    w_bs, obj_bs, _ = iht_lib.ridge_fit(X, t, w_bar, info.support, lam, gram, w, cg_iters)
-    backsolved = jnp.isfinite(obj_bs) & (obj_bs <= info.objective)
-    w, obj = jnp.where(backsolved, w_bs, w), jnp.where(backsolved, obj_bs, info.objective)
+    w_bs, obj_bs, _ = iht_lib.ridge_fit(X, t, w_bar, support, lam, gram, w, cg_iters)
+    backsolved = jnp.isfinite(obj_bs) & (obj_bs <= objective)
+    w, obj = jnp.where(backsolved, w_bs, w), jnp.where(backsolved, obj_bs, objective)
     w_mag, obj_mag, _ = iht_lib.ridge_fit(X, t, w_bar, magnitude, lam, magnitude_gram, w_bar, cg_iters)
     from_mag = jnp.isfinite(obj_mag) & (obj_mag < obj)
-    w, support = jnp.where(from_mag, w_mag, w), jnp.where(from_mag, magnitude, info.support)
+    w, support = jnp.where(from_mag, w_mag, w), jnp.where(from_mag, magnitude, support)
     obj = jnp.where(from_mag, obj_mag, obj)
     gram = jax.tree_util.tree_map(lambda a, b: jnp.where(from_mag, a, b), magnitude_gram, gram)
-    swapped = jnp.array(0)
-    if rounds:
-        w, support, obj, swapped = iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, most, cg_iters,
-                                                       col_sq)
-    return w, info._replace(objective=obj, backsolved=backsolved, support=support,
-                            objective_magnitude=obj_mag, swapped=swapped)
+    w, support, obj, swapped = jax.lax.cond(  # rounds is traced: one compilation per width serves every count
+        rounds > 0,
+        lambda: iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, most, cg_iters, col_sq),
+        lambda: (w, support, obj, jnp.zeros((), jnp.sum(support).dtype)),
+    )
+    return w, obj, backsolved, support, obj_mag, swapped

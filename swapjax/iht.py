@@ -351,16 +351,8 @@ def backsolve(X, targets, w_bar, support, lam: float, width: Optional[int] = Non
     with ``width`` (:func:`support_gram`). λ = 0 uses the pseudo-inverse (the
     minimum-norm least-squares solution). λ may be traced.
     """
-    n = X.shape[0]
-    anchor = jnp.where(support, w_bar, 0)
     gram = support_gram(X, support, width) if gram is None else gram
-    e = targets - matmul(X, anchor)
-    alpha = jax.lax.cond(
-        jnp.asarray(lam) > 0,
-        lambda: solve_spd(gram + n * lam * jnp.eye(n, dtype=X.dtype), e),
-        lambda: jnp.linalg.pinv(gram, hermitian=True) @ e,
-    )
-    return anchor + jnp.where(support, matmul(alpha, X), 0)
+    return ridge_state(X, targets, w_bar, support, lam, gram)[0]
 
 
 def solve_spd(A, b):
@@ -447,9 +439,9 @@ def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: Optional[
         gram_new = x_anchor_new = None
         if gram is not None:  # G_S' by a rank-2m update, X·w̄_S' from the exchanged columns
             gram_new = _exchange(gram, A.matrix, into, out, size)
-            moved = jnp.where(rank < size, 1.0, 0.0).astype(w.dtype)
-            x_anchor_new = (x_anchor + matmul(_columns(A.matrix, into, size), moved * w_bar[into])
-                            - matmul(_columns(A.matrix, out, size), moved * w_bar[out]))
+            paired = (rank < size).astype(w.dtype)
+            x_anchor_new = (x_anchor + matmul(_columns(A.matrix, into, size), paired * w_bar[into])
+                            - matmul(_columns(A.matrix, out, size), paired * w_bar[out]))
         w_new, obj_new, g_new = ridge_fit(A, targets, w_bar, trial, lam, gram_new, jnp.where(trial, w, 0), cg_iters,
                                           x_anchor_new)
         accept = (size > 0) & (obj_new < obj)

@@ -5,6 +5,7 @@ out), the held-out score and the test accuracy of a flat w.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import sys
 from dataclasses import dataclass
@@ -52,6 +53,15 @@ class Problem:
     def accuracy(self, w) -> float:
         pruned = {**self.variables, "params": pytree.unflatten(w, self.params, self.layout)}
         return round(swapjax.evaluate(self.model, pruned, self.test.x, self.test.y)[0], 5)
+
+
+def arguments(doc: str, out_name: str) -> argparse.Namespace:
+    """The common command line of the studies: --seeds, --runs (the dense checkpoints), --out (results/<out_name>)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--runs", type=Path, default=Path("runs/mlpnet-fashion-mnist"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / out_name)
+    return ap.parse_args()
 
 
 def problems(seeds, runs: Path):

@@ -12,7 +12,6 @@ better choice of λ could add. The noise of the two X differs (one draw per shap
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -31,11 +30,7 @@ FIELDS = ["seed", "noise", "sparsity", "selected_lam", "selected_epsilon", "sele
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--runs", type=Path, default=Path("runs/mlpnet-fashion-mnist"))
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results/selection_ceiling.csv")
-    args = ap.parse_args()
+    args = P.arguments(__doc__, "selection_ceiling.csv")
     rows = []
     for problem in P.problems(args.seeds, args.runs):
         seed, w_bar, accuracy = problem.seed, problem.w_bar, problem.accuracy

@@ -12,7 +12,6 @@ backsolve and f after the search; test accuracy without and with the search.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -31,11 +30,7 @@ FIELDS = ["seed", "noise", "sparsity", "lam", "epsilon", "chosen", "held_out_los
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--runs", type=Path, default=Path("runs/mlpnet-fashion-mnist"))
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results/support_search.csv")
-    args = ap.parse_args()
+    args = P.arguments(__doc__, "support_search.csv")
     rows = []
     for problem in P.problems(args.seeds, args.runs):
         seed, w_bar, score, accuracy = problem.seed, problem.w_bar, problem.score, problem.accuracy

@@ -294,7 +294,7 @@ class LR:
     def _fit_on(self, problem, lam, eps, init, support, gram, x_anchor, duals):
         """The backsolve alone at (λ, ε) on a given support: with its Gram G_S and X·w̄_S, or by CG from ``init``.
         (``objective_trace`` holds f alone.)"""
-        X, w_bar, k, y, z, scale, _ = problem
+        X, w_bar, _, y, z, scale, _ = problem
         lam_abs = lam * scale
         t, duals, plan = (y, duals, _NO_PLAN) if eps is None else self._targets(y, z, eps, duals)
         w, f = _ridge_fit(self.cg_iters, X, t, w_bar, support, lam_abs, gram, x_anchor, init)

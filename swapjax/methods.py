@@ -47,7 +47,8 @@ Score = Callable[[jax.Array], Union[float, np.ndarray]]
 class Candidate(NamedTuple):
     """One point of the selection path: λ (as configured), ε (None: LR's targets y), the search
     ("iht": IHT and the backsolve; "ridge": the backsolve alone, on the first candidate's support;
-    "swap": IHT, the backsolve and the swap search), its held-out score (the loss of the pruned
+    "swap": IHT, the backsolve and the swap search; "obs": the backsolve on the OBS support and the
+    swap search), its held-out score (the loss of the pruned
     network on examples not fitted) and its objective f."""
 
     lam: float
@@ -144,7 +145,11 @@ class LR:
     ridge solve on the support. patience: with the backsolve on, also stop IHT
     once the support has not changed for this many steps (None: run to tol).
     swap_rounds: rounds of the swap search after the backsolve (0: none; see
-    :func:`swapjax.iht.swap_search`). cg_iters: conjugate-gradient steps of
+    :func:`swapjax.iht.swap_search`). obs_sparsity: from this sparsity
+    1 − k/p on (None: never), the selection also starts the backsolve and
+    swap search from the k weights of largest OBS saliency
+    (:func:`swapjax.iht.obs_support`, O(N²k)) at the chosen λ and targets,
+    and keeps that where its held-out loss is lower. cg_iters: conjugate-gradient steps of
     each backsolve where X is a :class:`swapjax.operators.GradientOperator`
     (matrix-free; each step costs Xv and Xᵀu). active_set: None, or CHITA's active-set
     phase with ⌈active_set·k⌉ weights (:func:`swapjax.iht.active_set_iht`).
@@ -159,6 +164,7 @@ class LR:
     backsolve: bool = True
     patience: Optional[int] = 3
     swap_rounds: int = 20
+    obs_sparsity: Optional[float] = 0.75
     cg_iters: int = iht_lib.CG_ITERS
     active_set: Optional[float] = None
 
@@ -175,6 +181,8 @@ class LR:
         checks.boolean("backsolve", self.backsolve)
         checks.integer("patience", self.patience, 1, allow_none=True)
         checks.integer("swap_rounds", self.swap_rounds, 0)
+        if self.obs_sparsity is not None:
+            checks.real("obs_sparsity", self.obs_sparsity, 0.0, 1.0)
         checks.integer("cg_iters", self.cg_iters, 1)
         if self.active_set is not None:
             checks.real("active_set (the active set's size as a multiple of k)", self.active_set, 1.0)
@@ -194,7 +202,7 @@ class LR:
         per-example losses; with it, "auto" values are chosen along the path:
         the first candidate runs IHT and the backsolve, the others are ridge
         fits on its support, and IHT with the swap search runs once more at
-        the best values;
+        the best values, then (``obs_sparsity``) the search from the OBS support;
         ``info.candidates`` lists every point tried, ``info.chosen`` the one
         returned. With per-example losses, SWAP takes transport targets ỹ
         (ε > 0) only where they beat the best so far by more than one
@@ -225,10 +233,12 @@ class LR:
         tried, best, chosen = [], None, None  # Candidates; (w, info, per-example losses) of the best; its index
         incumbent = None  # (support, G_S, X·w̄_S) of the first solve: the other candidates are ridge fits on it
 
-        def attempt(lam, eps, init, duals, search=False):
+        def attempt(lam, eps, init, duals, kind="iht"):
             nonlocal best, chosen, incumbent
-            if search or incumbent is None:
-                rounds = self.swap_rounds if search else 0
+            if kind == "obs":
+                w, info = self._fit_obs(problem, best[1], w_start)
+            elif kind == "swap" or incumbent is None:
+                rounds = self.swap_rounds if kind == "swap" else 0
                 w, info = self._fit(problem, lam, eps, init, duals, rounds)
                 kind = "swap" if rounds else "iht"
                 if incumbent is None and self.backsolve:
@@ -255,9 +265,12 @@ class LR:
         for eps in self._epsilon_path():
             info = attempt(tried[chosen].lam, eps, best[0], info.duals)
         if incumbent is not None and (self.swap_rounds or tried[chosen].support == "ridge"):
-            attempt(tried[chosen].lam, tried[chosen].epsilon, best[0], best[1].duals, search=True)
+            attempt(tried[chosen].lam, tried[chosen].epsilon, best[0], best[1].duals, kind="swap")
+        if (self.obs_sparsity is not None and 1 - k / X.shape[1] >= self.obs_sparsity and incumbent is not None
+                and incumbent[1] is not None and float(best[1].lam) > 0):
+            attempt(tried[chosen].lam, tried[chosen].epsilon, None, None, kind="obs")
         w, info, _ = best
-        if tried[chosen].support == "ridge":  # f at H_k(w_start) and on the magnitude support, at its λ and targets
+        if tried[chosen].support in ("ridge", "obs"):  # f at H_k(w_start) and on the magnitude support, at its λ and targets
             start, magnitude = _reference_objectives(self.cg_iters, X, info.targets, w_bar, w_start, info.lam,
                                                      *reference[1:])
             info = info._replace(objective_trace=jnp.stack([start, info.objective]), objective_magnitude=magnitude)
@@ -301,6 +314,15 @@ class LR:
         info = SolveInfo(f, f[None], jnp.array(0), jnp.array(True), support, t, plan, duals, lam=lam_abs,
                          epsilon=eps, swapped=jnp.array(0))
         return w, info
+
+    def _fit_obs(self, problem, at, w_start):
+        """The backsolve on the OBS support of w_start and the swap search, at the λ and targets of the
+        solve ``at`` (a SolveInfo). (``objective_trace`` holds f alone.)"""
+        X, w_bar, k, _, _, _, reference = problem
+        w, support, f, swapped = _obs_fit(_bucket(k, X.shape[1]), self.swap_rounds, self.cg_iters, X, w_bar, w_start,
+                                          at.targets, jnp.asarray(k), at.lam, reference[0])
+        return w, at._replace(objective=f, objective_trace=f[None], iht_iterations=jnp.array(0), support=support,
+                              swapped=swapped, objective_magnitude=None)
 
     def _targets(self, y, z, eps, duals):
         raise NotImplementedError
@@ -491,6 +513,16 @@ def _ridge_fit(cg_iters, X, t, w_bar, support, lam, gram, x_anchor, init):
     """The ridge solution on S and its f: one pass over X with the Gram, else CG from ``init``."""
     w, f, _ = iht_lib.ridge_fit(X, t, w_bar, support, lam, gram, init, cg_iters, x_anchor)
     return w, f
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _obs_fit(width, rounds, cg_iters, X, w_bar, w_start, t, k, lam, col_sq):
+    """The backsolve on the OBS support of w_start (:func:`swapjax.iht.obs_support`, active set of the 2·width
+    largest |w_start|) and ``rounds`` of swap search from it: (w, support, f, weights exchanged)."""
+    support = iht_lib.obs_support(X, w_start, k, lam, min(X.shape[1], 2 * width))
+    gram = iht_lib.support_gram(X, support, width)
+    w, _, _ = iht_lib.ridge_state(X, t, w_bar, support, lam, gram)
+    return iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, _exchange_width(width), cg_iters, col_sq)
 
 
 @partial(jax.jit, static_argnums=0)

@@ -132,6 +132,7 @@ def test_nan_or_inf_loss_values_with_finite_gradients_name_the_examples():
         (lambda: swapjax.LR(lam_scale="relative"), "lam_scale: must be 'fisher' or 'absolute'"),
         (lambda: swapjax.LR(patience=1.5), "patience: must be None or an integer ≥ 1"),
         (lambda: swapjax.LR(swap_rounds=-1), "swap_rounds"),
+        (lambda: swapjax.LR(obs_sparsity=1.5), "obs_sparsity"),
         (lambda: swapjax.LR(backsolve="yes"), "backsolve: must be True or False"),
         (lambda: swapjax.LR(tol=math.nan), "tol"),
         (lambda: swapjax.LR(growth=1.0), "growth: must be > 1"),

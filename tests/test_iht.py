@@ -332,6 +332,34 @@ def test_solve_spd_by_cholesky_and_by_lu_where_the_factor_breaks_down():
     np.testing.assert_allclose(x, np.r_[np.ones(39), -1.0])
 
 
+def _rise_when_removed(H, w, q):
+    """min ½dᵀHd over d with d_q = −w_q (the others free): the cost of removing w_q, by a direct solve."""
+    rest = np.arange(len(w)) != q
+    d_rest = np.linalg.solve(H[np.ix_(rest, rest)], H[rest, q] * w[q])
+    d = np.zeros(len(w))
+    d[q], d[rest] = -w[q], d_rest
+    return 0.5 * d @ H @ d
+
+
+@pytest.mark.parametrize("n, p, k, width", [(20, 60, 10, 30), (30, 40, 8, 40)])
+def test_obs_support_keeps_the_weights_dearest_to_remove_within_the_active_set(n, p, k, width):
+    """Float64 reference: each weight of the ``width`` largest |w| priced by re-fitting the others exactly;
+    the k dearest are kept (which is not the magnitude support)."""
+    rng = np.random.default_rng(n)
+    X = rng.normal(size=(n, p)) * rng.gamma(0.5, size=p)
+    w = rng.normal(size=p)
+    lam = 0.1 * np.mean(X**2)
+    active = np.argsort(-np.abs(w))[:width]
+    H = X[:, active].T @ X[:, active] + n * lam * np.eye(width)
+    rise = np.array([_rise_when_removed(H, w[active], q) for q in range(width)])
+    expected = np.zeros(p, bool)
+    expected[active[np.argsort(-rise)[:k]]] = True
+    got = np.asarray(jax.jit(I.obs_support, static_argnums=4)(jnp.asarray(X, jnp.float32), jnp.asarray(w, jnp.float32),
+                                                              k, float(lam), width))
+    np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(got, np.asarray(I.hard_threshold_mask(jnp.asarray(w), k)))
+
+
 @pytest.mark.parametrize("moved", [0, 3, 7], ids=["same", "near", "far"])
 def test_nearby_gram_equals_the_support_gram(moved):
     """G_S updated from a reference support R (rank-2m exchange, or afresh when S is far) equals X_S X_Sᵀ."""

@@ -32,7 +32,7 @@ def test_selection_returns_the_candidate_with_the_lowest_score(winner):
     """A scripted score: the i-th call gets a fixed value; the returned w is the one scored lowest."""
     X, w_bar = _problem()
     seen = []
-    n_calls = len(FIRST_LAMS) + len(EPSILON_PATH) + 1  # λ walk on y, ε path at the best λ, swap search
+    n_calls = len(FIRST_LAMS) + len(EPSILON_PATH) + 2  # λ walk on y, ε path at the best λ, swap search, OBS start
     values = np.linspace(2.0, 1.0, n_calls)[::-1].copy()  # increasing: the first would win ...
     values[winner] = 0.5  # ... unless another is scripted lower
 
@@ -47,14 +47,15 @@ def test_selection_returns_the_candidate_with_the_lowest_score(winner):
     lams = len(FIRST_LAMS)
     assert [c.lam for c in info.candidates[:lams]] == FIRST_LAMS
     assert [c.epsilon for c in info.candidates[:lams]] == [None] * lams
-    assert [c.epsilon for c in info.candidates[lams:-1]] == list(EPSILON_PATH)
-    assert info.candidates[-1].support == "swap"
+    assert [c.epsilon for c in info.candidates[lams:-2]] == list(EPSILON_PATH)
+    assert [c.support for c in info.candidates[-2:]] == ["swap", "obs"]
     assert np.sum(np.asarray(w) != 0) <= 8 and int(np.sum(info.support)) == 8
 
 
 def test_candidates_after_the_first_are_exact_ridge_fits_on_its_support():
     """The first candidate runs IHT and the backsolve; the rest of the path is the ridge solution on its
-    support at their own λ (float64 NumPy reference); a winning ridge fit is searched once more at its λ."""
+    support at their own λ (float64 NumPy reference); a winning ridge fit is searched once more at its λ,
+    and the OBS support is backsolved at its λ."""
     X, w_bar = _problem(5)
     k, seen = 8, []
 
@@ -64,8 +65,8 @@ def test_candidates_after_the_first_are_exact_ridge_fits_on_its_support():
 
     w, info = swapjax.LR(swap_rounds=0).solve(X, w_bar, k, score=score)
     kinds = [c.support for c in info.candidates]
-    assert kinds == ["iht", "ridge", "ridge", "iht"]  # the walk down from λ = 0.03; a new search at the winner's λ
-    assert info.chosen == 1 and info.candidates[-1].lam == info.candidates[1].lam == FIRST_LAMS[1]
+    assert kinds == ["iht", "ridge", "ridge", "iht", "obs"]  # the walk down from λ = 0.03; new searches at its λ
+    assert info.chosen == 1 and info.candidates[3].lam == info.candidates[1].lam == FIRST_LAMS[1]
     support = seen[0] != 0
     assert support.sum() == k and all(np.array_equal(s != 0, support) for s in seen[1:3])
     scale = float(np.mean(X.astype(np.float64) ** 2))  # ‖X‖²_F/(Np)
@@ -81,6 +82,15 @@ def test_candidates_after_the_first_are_exact_ridge_fits_on_its_support():
     lam = FIRST_LAMS[1] * scale
     f_mag = _np_objective(X, _np_ridge_on_support(X, y, w_bar, magnitude, lam), y, w_bar, lam)
     assert float(info.objective_magnitude) == pytest.approx(f_mag, rel=1e-3)
+    # the last candidate: the ridge solution on the OBS support (w̄²/(2[H_A⁻¹]_qq) over the 2·8 largest |w̄|)
+    active = np.argsort(-np.abs(w_bar))[:2 * k]
+    Xa = X[:, active].astype(np.float64)
+    saliency = w_bar[active] ** 2 / (2 * np.diag(np.linalg.inv(Xa.T @ Xa + X.shape[0] * lam * np.eye(2 * k))))
+    obs = np.zeros(X.shape[1], bool)
+    obs[active[np.argsort(-saliency)[:k]]] = True
+    assert not np.array_equal(obs, support)
+    ref = _np_ridge_on_support(X, y, w_bar, obs, lam)
+    np.testing.assert_allclose(seen[4], ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("gain, chosen", [(0.01, "y"), (0.5, "ε")])
@@ -152,7 +162,7 @@ def test_swap_never_scores_worse_than_lr_on_its_targets():
 
     _, lr = swapjax.LR().solve(X, w_bar, 10, score=score)
     _, sw = swapjax.SWAP().solve(X, w_bar, 10, score=score)
-    lr_path = [c.score for c in lr.candidates if c.support != "swap"]
+    lr_path = [c.score for c in lr.candidates if c.support not in ("swap", "obs")]
     assert min(c.score for c in sw.candidates) <= min(lr_path) * (1 + 1e-6)
 
 

@@ -5,7 +5,8 @@ Wasserstein regression) share one solver; they differ only in the targets:
 LR keeps y = Xw̄, SWAP uses ỹ = N·πᵀy with π the entropic plan between y and
 z = Xw_start, computed once at the start (docs/methods.md). The solver is
 iterative hard thresholding, an exact ridge backsolve on the support, and a
-swap search that exchanges kept and pruned weights while the objective falls.
+swap search that exchanges kept and pruned weights while the objective falls
+(with a score, also from the OBS support).
 
 λ is measured in units of the Fisher's scale, λ_abs = λ·‖X‖²_F/(Np) (the mean
 diagonal of XᵀX/N), so scaling X changes nothing. ``lam="auto"`` and
@@ -270,7 +271,7 @@ class LR:
                 and incumbent[1] is not None and float(best[1].lam) > 0):
             attempt(tried[chosen].lam, tried[chosen].epsilon, None, None, kind="obs")
         w, info, _ = best
-        if tried[chosen].support in ("ridge", "obs"):  # f at H_k(w_start) and on the magnitude support, at its λ and targets
+        if tried[chosen].support in ("ridge", "obs"):  # f at H_k(w_start) and of the magnitude backsolve, at its λ, t
             start, magnitude = _reference_objectives(self.cg_iters, X, info.targets, w_bar, w_start, info.lam,
                                                      *reference[1:])
             info = info._replace(objective_trace=jnp.stack([start, info.objective]), objective_magnitude=magnitude)

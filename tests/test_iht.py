@@ -354,8 +354,8 @@ def test_obs_support_keeps_the_weights_dearest_to_remove_within_the_active_set(n
     rise = np.array([_rise_when_removed(H, w[active], q) for q in range(width)])
     expected = np.zeros(p, bool)
     expected[active[np.argsort(-rise)[:k]]] = True
-    got = np.asarray(jax.jit(I.obs_support, static_argnums=4)(jnp.asarray(X, jnp.float32), jnp.asarray(w, jnp.float32),
-                                                              k, float(lam), width))
+    obs_support = jax.jit(I.obs_support, static_argnums=4)
+    got = np.asarray(obs_support(jnp.asarray(X, jnp.float32), jnp.asarray(w, jnp.float32), k, float(lam), width))
     np.testing.assert_array_equal(got, expected)
     assert not np.array_equal(got, np.asarray(I.hard_threshold_mask(jnp.asarray(w), k)))
 

@@ -314,7 +314,7 @@ def prune(
             f"{stage.objective:.4g}, {stage.iht_iterations} IHT its, {stage.moved} kept weights off |w| top-k"
             + (f", Sinkhorn {stage.sinkhorn_iterations} its" if stage.sinkhorn_iterations else "")
             + (f", held-out loss {stage.held_out_loss:.4g}" if math.isfinite(stage.held_out_loss) else "")
-            + (f" (λ={chosen.lam:g}, ε={chosen.epsilon})" if chosen else "")
+            + (f" (λ={chosen.lam:g}, ε={chosen.epsilon}{_kind(chosen)})" if chosen else "")
             + f", {stage.gradient_seconds:.2f}s grads + {stage.solve_seconds:.2f}s solve"
         )
         return w_new, info, stage
@@ -348,6 +348,12 @@ def prune(
         if kept == "one-shot":
             mask, current = info1.support, pytree.unflatten(w1, params, lay)
     return PruneResult(_own_dtypes(current, params), pytree.mask_tree(mask, lay), tuple(infos), one_shot, mode)
+
+
+def _kind(candidate) -> str:
+    """', <kind> candidate' for a progress line: which search the chosen candidate ran ('' if it names none)."""
+    kind = getattr(candidate, "support", None)
+    return f", {kind} candidate" if kind else ""
 
 
 def _choose_mode(mode: str, method, noise, estimate: memory.Estimate, sharded: bool = False) -> str:

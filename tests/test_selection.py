@@ -222,14 +222,16 @@ def test_swap_search_leaves_the_magnitude_support_and_lowers_f():
     assert float(info.objective) < float(info.objective_magnitude)
 
 
-def test_prune_selects_on_held_out_examples(trained_mlp, digits):
+def test_prune_selects_on_held_out_examples(trained_mlp, digits, capsys):
     x, y = digits
     batch = {"x": jnp.asarray(x[:60]), "y": jnp.asarray(y[:60])}
     val = {"x": jnp.asarray(x[1000:1040]), "y": jnp.asarray(y[1000:1040])}
-    res = swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.8, method=swapjax.SWAP(), val_batch=val,
-                        progress=False)
+    res = swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.8, method=swapjax.SWAP(), val_batch=val)
     (info,) = res.info
-    assert len(info.candidates) >= 2 + len(EPSILON_PATH) + 1  # at least two λ, every ε, the swap search
+    assert len(info.candidates) >= 2 + len(EPSILON_PATH) + 2  # at least two λ, every ε, the two searches
+    assert [c.support for c in info.candidates[-2:]] == ["swap", "obs"]  # s = 0.8 ≥ obs_sparsity
+    chosen = next(c for c in info.candidates if c.score == info.held_out_loss)
+    assert f"λ={chosen.lam:g}, ε={chosen.epsilon}, {chosen.support} candidate" in capsys.readouterr().err
     # the chosen candidate: never above LR's targets' best (ỹ must beat it beyond noise)
     assert info.held_out_loss in [c.score for c in info.candidates]
     assert info.held_out_loss <= min(c.score for c in info.candidates if c.epsilon is None)

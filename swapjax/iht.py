@@ -280,19 +280,28 @@ def obs_support(X, w, k, lam, width: int) -> jax.Array:
     of the active set A are re-fitted (Optimal Brain Surgeon), with H_A =
     X_AᵀX_A + NλI over the ``width`` (static) largest |w|; the weights outside
     A score 0. [H_A⁻¹]_qq = (1 − x_qᵀM⁻¹x_q)/(Nλ) with M = X_AX_Aᵀ + NλI
-    (Woodbury): O(N²·width) time. λ > 0. Where the factor breaks down in
-    floating point, the magnitude support H_k(w).
+    (Woodbury): O(N²·width) time, and like :func:`support_gram` O(N·GRAM_BLOCK)
+    memory beyond X and M. λ > 0. Where the factor breaks down in floating
+    point, the magnitude support H_k(w).
     """
     n = X.shape[0]
     nl = n * lam
-    cols = jnp.nonzero(hard_threshold_mask(w, width), size=width, fill_value=0)[0]
-    xa = X[:, cols]
+    active = hard_threshold_mask(w, width)
     eye = jnp.eye(n, dtype=X.dtype)
-    m_inv = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(matmul(xa, xa.T) + nl * eye), eye)
-    quad = jnp.sum(xa * matmul(m_inv, xa), axis=0)  # x_qᵀM⁻¹x_q, M = X_AX_Aᵀ + NλI: as matrix products (fast)
-    col_sq = jnp.sum(xa * xa, axis=0)
-    inverse_diag = jnp.clip((1 - quad) / nl, 1 / (col_sq + nl), 1 / nl)  # its exact bounds
-    saliency = jnp.zeros_like(w).at[cols].set(w[cols] ** 2 / (2 * inverse_diag))
+    m_inv = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(support_gram(X, active, width) + nl * eye), eye)
+    block = min(GRAM_BLOCK, width)
+    blocks = -(-width // block)
+    cols = jnp.nonzero(active, size=blocks * block, fill_value=0)[0].reshape(blocks, block)
+
+    def saliency_of(idx):  # w_q²/(2[H_A⁻¹]_qq) for one block of A's columns
+        xb = X[:, idx]
+        quad = jnp.sum(xb * matmul(m_inv, xb), axis=0)  # x_qᵀM⁻¹x_q
+        inverse_diag = jnp.clip((1 - quad) / nl, 1 / (jnp.sum(xb * xb, axis=0) + nl), 1 / nl)  # its exact bounds
+        return w[idx] ** 2 / (2 * inverse_diag)
+
+    valid = jnp.arange(blocks * block) < width  # the padding repeats column 0: it adds nothing
+    values = jnp.where(valid, jax.lax.map(saliency_of, cols).reshape(-1), 0)
+    saliency = jnp.zeros_like(w).at[cols.reshape(-1)].add(values)
     return jnp.where(jnp.all(jnp.isfinite(m_inv)), hard_threshold_mask(saliency, k), hard_threshold_mask(w, k))
 
 

@@ -341,10 +341,14 @@ def _rise_when_removed(H, w, q):
     return 0.5 * d @ H @ d
 
 
+@pytest.mark.parametrize("block", [None, 7], ids=["one block", "blocks of 7"])
 @pytest.mark.parametrize("n, p, k, width", [(20, 60, 10, 30), (30, 40, 8, 40)])
-def test_obs_support_keeps_the_weights_dearest_to_remove_within_the_active_set(n, p, k, width):
+def test_obs_support_keeps_the_weights_dearest_to_remove_within_the_active_set(n, p, k, width, block, monkeypatch):
     """Float64 reference: each weight of the ``width`` largest |w| priced by re-fitting the others exactly;
-    the k dearest are kept (which is not the magnitude support)."""
+    the k dearest are kept (which is not the magnitude support). Blocks of 7 columns (with padding) give
+    the same support."""
+    if block is not None:
+        monkeypatch.setattr(I, "GRAM_BLOCK", block)
     rng = np.random.default_rng(n)
     X = rng.normal(size=(n, p)) * rng.gamma(0.5, size=p)
     w = rng.normal(size=p)

@@ -76,6 +76,7 @@ class Preset:
     batch_size: int = 128
     flatten: bool = False
     test_examples: int | None = None
+    val_examples: int = 0  # > 0: the selection's held-out examples are the next ones of the training set, not a fifth of N
 
 
 PRESETS = {
@@ -243,6 +244,9 @@ def run(preset_name: str, preset: Preset, out: Path, progress: bool):
         loss_fn = per_example_loss(model, variables)
         fisher = {"x": jnp.asarray(train_set.x[: preset.fisher_examples]),
                   "y": jnp.asarray(train_set.y[: preset.fisher_examples])}
+        held_out = slice(preset.fisher_examples, preset.fisher_examples + preset.val_examples)
+        val_batch = {"x": jnp.asarray(train_set.x[held_out]), "y": jnp.asarray(train_set.y[held_out])} \
+            if preset.val_examples else None
         for i, (mode, noise, s, name) in enumerate(todo, 1):
             t0 = time.perf_counter()
             gradual = mode != "one-shot"
@@ -255,7 +259,7 @@ def run(preset_name: str, preset: Preset, out: Path, progress: bool):
                 loss_fn, variables["params"], fisher, sparsity=s, method=method, anchor=anchor,
                 stages=preset.stages if gradual else 1, key=jax.random.key(seed),
                 noise=None if NOISE[noise] is None else swapjax.GradientNoise(*NOISE[noise]),
-                finetune=hook, progress=False,
+                finetune=hook, val_batch=val_batch, progress=False,
             )
             acc, loss = swapjax.evaluate(model, {**variables, "params": result.params}, test_set.x, test_set.y)
             row = dict(preset=preset_name, seed=seed, mode=mode, noise=noise, sparsity=s, method=name,
@@ -387,13 +391,16 @@ def main():
     ap.add_argument("--synthetic", action="store_true",
                     help="only the prune step, on random inputs and the untrained model (no data, no training)")
     ap.add_argument("--image-size", type=int, help="with --synthetic: inputs of this height and width")
+    ap.add_argument("--val-examples", type=int, default=0,
+                    help="held-out examples of the selection taken from the training set after the N of X "
+                         "(prune's val_batch); 0 (default): prune holds out a fifth of the N")
     args = ap.parse_args()
     preset = PRESETS[args.preset]
     if args.quick:
         preset = replace(preset, **QUICK)
     overrides = {k: tuple(v) for k, v in vars(args).items()
                  if k in ("seeds", "modes", "sparsities", "noises", "methods") and v}
-    preset = replace(preset, **overrides)
+    preset = replace(preset, **overrides, val_examples=args.val_examples)
     out = args.out or Path("runs") / (args.preset + ("-quick" if args.quick else ""))
     if args.synthetic:
         synthetic_prune(args.preset, preset, args.image_size, out, progress=not args.quiet)

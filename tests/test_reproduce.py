@@ -47,6 +47,27 @@ def test_tiny_sweep_two_sparsities(synthetic_fashion, tmp_path, capsys):
     _tiny_sweep(tmp_path, capsys, sparsities=(0.5, 0.9))
 
 
+def test_val_examples_are_the_training_examples_after_the_n_of_x(synthetic_fashion, tmp_path, monkeypatch):
+    """--val-examples V: prune gets X's N examples as the batch and the next V as val_batch (0: no val_batch)."""
+    seen, prune = [], swapjax.prune
+
+    def spy(loss_fn, params, batch, **kw):
+        seen.append((np.asarray(batch["x"]), None if kw["val_batch"] is None else np.asarray(kw["val_batch"]["x"])))
+        return prune(loss_fn, params, batch, **kw)
+
+    monkeypatch.setattr(reproduce.swapjax, "prune", spy)
+    preset = replace(reproduce.PRESETS["mlpnet-fashion-mnist"], epochs=1, fisher_examples=32, sparsities=(0.5,),
+                     noises=("none",), modes=("one-shot",), seeds=(0,), methods=("LR",), batch_size=64)
+    train = reproduce.data.load("fashion_mnist", "train", flatten=True)
+    reproduce.run("tiny", replace(preset, val_examples=16), tmp_path / "val", progress=False)
+    reproduce.run("tiny", preset, tmp_path / "plain", progress=False)
+    (x_val_run, val), (x_plain, no_val) = seen
+    np.testing.assert_array_equal(x_val_run, train.x[:32])
+    np.testing.assert_array_equal(x_plain, train.x[:32])
+    np.testing.assert_array_equal(val, train.x[32:48])
+    assert no_val is None
+
+
 def _tiny_sweep(tmp_path, capsys, sparsities):
     preset = replace(reproduce.PRESETS["mlpnet-fashion-mnist"], epochs=1, fisher_examples=32, stages=2,
                      sparsities=sparsities, noises=("none", "2σ,25%"), modes=("one-shot", "gradual"),

@@ -148,7 +148,8 @@ def prune(
             stage but the last (``swapjax.make_finetune_hook`` builds one);
             its result is masked again and checked for NaN.
         val_batch: held-out examples for the selection of λ and ε, like
-            ``batch`` (any N).
+            ``batch`` (any N). Pass it when you have more examples than the
+            N of X: without it a fifth of ``batch`` leaves X for the selection.
         holdout: the fraction of ``batch`` held out when ``val_batch`` is
             None and the method selects, in [0, 1).
         chunk_size: examples per vectorised chunk of per-sample gradients;

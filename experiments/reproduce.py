@@ -47,14 +47,14 @@ NOISE = {  # name: (std_scale, prop) of the published noise model (docs/methods.
     "none": None, "1σ,10%": (1.0, 0.1), "1σ,25%": (1.0, 0.25), "2σ,10%": (2.0, 0.1),
     "2σ,25%": (2.0, 0.25), "4σ,25%": (4.0, 0.25), "1σ,100%": (1.0, 1.0),
 }
-METHODS = {  # name: (method, anchor of swapjax.prune: w̄ kept dense, or reset to each stage's start)
-    "MP": (swapjax.Magnitude(), "dense"),
-    "WF": (swapjax.WoodFisher(), "dense"),
-    "LR": (swapjax.LR(), "dense"),
-    "SWAP": (swapjax.SWAP(), "dense"),
-    "LR-current": (swapjax.LR(), "current"),  # CHITA++
-    "SWAP-current": (swapjax.SWAP(), "current"),
-    # the defaults before held-out selection: absolute λ = 0.01, ε = 0.3, no swap search
+METHODS = {  # name: (method, anchor of swapjax.prune: w̄ reset to each stage's start, or kept dense)
+    "MP": (swapjax.Magnitude(), "current"),
+    "WF": (swapjax.WoodFisher(), "current"),
+    "LR": (swapjax.LR(), "current"),  # CHITA++ in gradual modes
+    "SWAP": (swapjax.SWAP(), "current"),
+    "LR-dense": (swapjax.LR(), "dense"),  # w̄ = the dense weights at every stage: the published SWAP setting
+    "SWAP-dense": (swapjax.SWAP(), "dense"),
+    # the defaults before held-out selection: absolute λ = 0.01, ε = 0.3, no swap search, dense anchor
     "SWAP-fixed": (swapjax.SWAP(lam=0.01, lam_scale="absolute", epsilon=0.3, patience=None, swap_rounds=0), "dense"),
 }
 

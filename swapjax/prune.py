@@ -83,7 +83,7 @@ def prune(
     select: Optional[Select] = None,
     key: Optional[jax.Array] = None,
     noise: Optional[GradientNoise] = None,
-    anchor: str = "dense",
+    anchor: str = "current",
     finetune: Optional[Callable[[PyTree, PyTree, int], PyTree]] = None,
     val_batch: Optional[PyTree] = None,
     holdout: float = 0.2,
@@ -142,8 +142,11 @@ def prune(
             allow leaves with ndim < 2 (see above).
         key: a ``jax.random.key``; needed with ``noise``.
         noise: a ``swapjax.GradientNoise`` added to X at every stage.
-        anchor: ``"dense"`` keeps w̄ = the dense weights (SWAP);
-            ``"current"`` resets w̄ to each stage's starting weights (CHITA++).
+        anchor: w̄ of each stage's problem (one stage: the dense weights either
+            way). ``"current"`` resets w̄ to the stage's starting weights w_t,
+            where X is measured, so the quadratic model is centred where its
+            curvature is taken (CHITA++); ``"dense"`` keeps w̄ = the dense
+            weights at every stage (the published SWAP setting).
         finetune: ``finetune(params, masks, stage) -> params``, run after each
             stage but the last (``swapjax.make_finetune_hook`` builds one);
             its result is masked again and checked for NaN.

@@ -182,10 +182,10 @@ def test_anchor_dense_vs_current(trained_mlp, prune_batch, loss_fn):
     lay = pytree.layout(trained_mlp)
     w_dense = np.asarray(pytree.flatten(trained_mlp, lay))
     results = {}
-    for anchor in ("dense", "current"):
+    for anchor in ("dense", "current", "default"):
         rec = Recorder(LR)
         res = swapjax.prune(loss_fn, trained_mlp, prune_batch, sparsity=0.8, method=rec, stages=(0.5, 0.8),
-                            anchor=anchor, progress=False)
+                            **({} if anchor == "default" else {"anchor": anchor}), progress=False)
         results[anchor] = res
         assert [c["k"] for c in rec.calls] == [_k(0.5), _k(0.8)]
         first, second = rec.calls
@@ -200,13 +200,14 @@ def test_anchor_dense_vs_current(trained_mlp, prune_batch, loss_fn):
         np.testing.assert_allclose(second["X"], np.asarray(swapjax.per_sample_grads(loss_fn, pruned_1, prune_batch)),
                                    rtol=1e-6, atol=1e-7)
         assert not np.allclose(second["X"], first["X"])
-        if anchor == "dense":  # SWAP: w̄ stays the dense weights
+        if anchor == "dense":  # the published SWAP setting: w̄ stays the dense weights
             np.testing.assert_array_equal(second["w_bar"], w_dense)
         else:  # CHITA++: w̄ is reset to the stage's starting weights
             np.testing.assert_array_equal(second["w_bar"], second["w_start"])
         _check_pruned(res, trained_mlp, _k(0.8))
-    assert not np.array_equal(np.asarray(results["dense"].params["Dense_0"]["kernel"]),
-                              np.asarray(results["current"].params["Dense_0"]["kernel"]))
+    kernel = {anchor: np.asarray(res.params["Dense_0"]["kernel"]) for anchor, res in results.items()}
+    assert not np.array_equal(kernel["dense"], kernel["current"])
+    np.testing.assert_array_equal(kernel["default"], kernel["current"])  # the default anchor is "current"
 
 
 def test_finetune_between_stages_and_remasked(trained_mlp, prune_batch, loss_fn):

@@ -245,9 +245,10 @@ def bench_iht(X, params, sparsity, lam, repeats):
     }
 
 
-def bench_prune(method, params, batch, sparsity, stages, repeats):
+def bench_prune(method, params, batch, sparsity, stages, repeats, anchor="current"):
     def go():
-        return swapjax.prune(loss_fn, params, batch, sparsity=sparsity, stages=stages, method=method, progress=False)
+        return swapjax.prune(loss_fn, params, batch, sparsity=sparsity, stages=stages, method=method, anchor=anchor,
+                             progress=False)
 
     t0 = time.perf_counter()
     res = go()

@@ -5,9 +5,9 @@
 
 Same problem as experiments/bench_core.py (MLPNet at random init, Fashion-MNIST train[:1000],
 cubic schedule of 14 stages to 0.95). "default" is ``SWAP()`` (λ, ε chosen per stage on a
-held-out fifth of the batch, swap search, one-shot comparison at the end); "fixed" is the solver
-before selection, ``SWAP(lam=0.01, lam_scale="absolute", epsilon=0.3, patience=None,
-swap_rounds=0)``. Medians of 3 after a compiling call, with the other processes' CPU share.
+held-out fifth of the batch, swap search, one-shot comparison at the end, w̄ reset every stage);
+"fixed" is the solver before selection, ``SWAP(lam=0.01, lam_scale="absolute", epsilon=0.3,
+patience=None, swap_rounds=0)`` with w̄ kept dense (``anchor="dense"``, the default of that time). Medians of 3 after a compiling call, with the other processes' CPU share.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import bench_core as B  # noqa: E402
 
 import swapjax  # noqa: E402
 
-METHODS = {
-    "default": swapjax.SWAP(),
-    "fixed": swapjax.SWAP(lam=0.01, lam_scale="absolute", epsilon=0.3, patience=None, swap_rounds=0),
+METHODS = {  # name: (method, anchor)
+    "default": (swapjax.SWAP(), "current"),
+    "fixed": (swapjax.SWAP(lam=0.01, lam_scale="absolute", epsilon=0.3, patience=None, swap_rounds=0), "dense"),
 }
 
 
@@ -29,8 +29,8 @@ def main(out: Path = Path(__file__).parent / "results/bench_selection.json"):
     batch, data_desc = B.load_batch(1000, 0)
     params, params_desc = B.make_params(0, batch, 0)
     res = {"data": data_desc, "params": params_desc, "machine": B.machine_info()}
-    for name, method in METHODS.items():
-        r = B.metered(B.bench_prune, method, params, batch, 0.95, 14, 3)
+    for name, (method, anchor) in METHODS.items():
+        r = B.metered(B.bench_prune, method, params, batch, 0.95, 14, 3, anchor)
         res[name] = {k: r[k] for k in ("median_s", "min_s", "max_s", "compile_s", "gradient_s_total",
                                        "solve_s_total", "iht_iterations_total", "other_cpu_share", "batch_loss")}
         print(f"{name}: median {r['median_s']:.2f} s (other processes' CPU share {r['other_cpu_share']:.0%})",

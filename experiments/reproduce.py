@@ -11,9 +11,12 @@ runs/<preset>/dense-seed<s>), then for every mode (one-shot; gradual = the cubic
 schedule with the preset's number of stages and no fine-tuning; gradual-ft = the
 same with one epoch of masked fine-tuning between stages), gradient noise
 setting (docs/methods.md), sparsity and method: prune with `swapjax.prune` on the
-first N training examples, and evaluate on the test split. One CSV row per run
+first N training examples (X's rows, for every method), LR and SWAP choosing λ and ε on
+the next 200 (`val_batch`; --val-examples 0: on a fifth of the N), and evaluate on the
+test split. One CSV row per run
 (runs/<preset>/results.csv), appended as one whole line as soon as the run ends; a
-rerun skips the rows already there, so an interrupted sweep resumes. Rows are validated
+rerun skips the rows already there, so an interrupted sweep resumes (with the same
+--val-examples, which runs/<preset>/protocol.json records; another value is an error). Rows are validated
 on load: a line cut off by a kill (or otherwise malformed, or a duplicate) is dropped,
 reported on stderr and its run redone; the file is then rewritten atomically. Then the table (mean ± std
 over seeds) and PNG plots of test accuracy and loss against sparsity, one line
@@ -76,7 +79,9 @@ class Preset:
     batch_size: int = 128
     flatten: bool = False
     test_examples: int | None = None
-    val_examples: int = 0  # > 0: the selection's held-out examples are the next ones of the training set, not a fifth of N
+    # the selection's held-out examples: the val_examples training examples after the N of X (prune's val_batch),
+    # so that X has the published N rows for every method; 0: prune holds out a fifth of the N instead
+    val_examples: int = 200
 
 
 PRESETS = {
@@ -224,14 +229,37 @@ def append_result(csv_path: Path, row: dict) -> None:
         os.close(fd)
 
 
+def _same_protocol(out: Path, preset: Preset) -> None:
+    """Rows of one results.csv share the selection's held-out examples: out/protocol.json records them
+    (a results.csv without it is from before it existed: --val-examples 0); another value is an error."""
+    path, want = out / "protocol.json", {"val_examples": preset.val_examples}
+    if path.exists():
+        have = json.loads(path.read_text())
+    elif (out / "results.csv").exists():
+        have = {"val_examples": 0}
+    else:
+        have = want
+    if have != want:
+        raise ValueError(f"{out}: its rows were run with --val-examples {have['val_examples']}, this run asks for "
+                         f"{want['val_examples']}; pass that value, or --out another directory")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(want) + "\n")
+    os.replace(tmp, path)
+
+
 def run(preset_name: str, preset: Preset, out: Path, progress: bool):
     out.mkdir(parents=True, exist_ok=True)
+    _same_protocol(out, preset)
     csv_path = out / "results.csv"
     done = {_row_key(r) for r in load_results(csv_path)}
 
     train_set = data.load(preset.dataset, "train", flatten=preset.flatten)
     test_set = data.load(preset.dataset, "test", flatten=preset.flatten, examples=preset.test_examples)
     log(f"{preset_name}: {train_set!r}, {test_set!r}")
+    if preset.fisher_examples + preset.val_examples > len(train_set.y):
+        raise ValueError(f"{preset_name}: N = {preset.fisher_examples} examples for X and {preset.val_examples} for "
+                         f"the selection need {preset.fisher_examples + preset.val_examples} training examples, the "
+                         f"split has {len(train_set.y)}; lower --val-examples")
     grid = [(m, z, s, name) for m in preset.modes for z in preset.noises for s in preset.sparsities
             for name in preset.methods]
     for seed in preset.seeds:
@@ -391,16 +419,18 @@ def main():
     ap.add_argument("--synthetic", action="store_true",
                     help="only the prune step, on random inputs and the untrained model (no data, no training)")
     ap.add_argument("--image-size", type=int, help="with --synthetic: inputs of this height and width")
-    ap.add_argument("--val-examples", type=int, default=0,
-                    help="held-out examples of the selection taken from the training set after the N of X "
-                         "(prune's val_batch); 0 (default): prune holds out a fifth of the N")
+    ap.add_argument("--val-examples", type=int,
+                    help="held-out examples of the selection, taken from the training set after the N of X "
+                         "(prune's val_batch; the presets: 200); 0: prune holds out a fifth of the N instead")
     args = ap.parse_args()
     preset = PRESETS[args.preset]
     if args.quick:
         preset = replace(preset, **QUICK)
     overrides = {k: tuple(v) for k, v in vars(args).items()
                  if k in ("seeds", "modes", "sparsities", "noises", "methods") and v}
-    preset = replace(preset, **overrides, val_examples=args.val_examples)
+    if args.val_examples is not None:
+        overrides["val_examples"] = args.val_examples
+    preset = replace(preset, **overrides)
     out = args.out or Path("runs") / (args.preset + ("-quick" if args.quick else ""))
     if args.synthetic:
         synthetic_prune(args.preset, preset, args.image_size, out, progress=not args.quiet)

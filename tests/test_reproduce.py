@@ -48,7 +48,8 @@ def test_tiny_sweep_two_sparsities(synthetic_fashion, tmp_path, capsys):
 
 
 def test_val_examples_are_the_training_examples_after_the_n_of_x(synthetic_fashion, tmp_path, monkeypatch):
-    """--val-examples V: prune gets X's N examples as the batch and the next V as val_batch (0: no val_batch)."""
+    """--val-examples V: prune gets X's N examples as the batch and the next V as val_batch (0: no val_batch);
+    more than the split holds is an error before any training."""
     seen, prune = [], swapjax.prune
 
     def spy(loss_fn, params, batch, **kw):
@@ -60,7 +61,17 @@ def test_val_examples_are_the_training_examples_after_the_n_of_x(synthetic_fashi
                      noises=("none",), modes=("one-shot",), seeds=(0,), methods=("LR",), batch_size=64)
     train = reproduce.data.load("fashion_mnist", "train", flatten=True)
     reproduce.run("tiny", replace(preset, val_examples=16), tmp_path / "val", progress=False)
-    reproduce.run("tiny", preset, tmp_path / "plain", progress=False)
+    reproduce.run("tiny", replace(preset, val_examples=0), tmp_path / "plain", progress=False)
+    with pytest.raises(ValueError, match="need 544 training examples, the split has 512"):  # before any training
+        reproduce.run("tiny", replace(preset, val_examples=512), tmp_path / "big", progress=False)
+    assert len(seen) == 2 and not (tmp_path / "big" / "dense-seed0").exists()
+    # a results directory keeps one protocol: resuming it with another is an error, before any run
+    with pytest.raises(ValueError, match="run with --val-examples 16, this run asks for 0"):
+        reproduce.run("tiny", replace(preset, val_examples=0), tmp_path / "val", progress=False)
+    (tmp_path / "val" / "protocol.json").unlink()  # a results.csv from before protocol.json: --val-examples 0
+    with pytest.raises(ValueError, match="run with --val-examples 0, this run asks for 16"):
+        reproduce.run("tiny", replace(preset, val_examples=16), tmp_path / "val", progress=False)
+    assert len(seen) == 2
     (x_val_run, val), (x_plain, no_val) = seen
     np.testing.assert_array_equal(x_val_run, train.x[:32])
     np.testing.assert_array_equal(x_plain, train.x[:32])

@@ -7,7 +7,8 @@ Same problem as experiments/bench_core.py (MLPNet at random init, Fashion-MNIST 
 cubic schedule of 14 stages to 0.95). "default" is ``SWAP()`` (λ, ε chosen per stage on a
 held-out fifth of the batch, swap search, one-shot comparison at the end, w̄ reset every stage);
 "fixed" is the solver before selection, ``SWAP(lam=0.01, lam_scale="absolute", epsilon=0.3,
-patience=None, swap_rounds=0)`` with w̄ kept dense (``anchor="dense"``, the default of that time). Medians of 3 after a compiling call, with the other processes' CPU share.
+patience=None, swap_rounds=0)`` with w̄ kept dense (``anchor="dense"``, the default of that
+time). Medians of 3 after a compiling call, with the other processes' CPU share.
 """
 from __future__ import annotations
 

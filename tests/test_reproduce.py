@@ -49,7 +49,7 @@ def test_tiny_sweep_two_sparsities(synthetic_fashion, tmp_path, capsys):
 
 def test_val_examples_are_the_training_examples_after_the_n_of_x(synthetic_fashion, tmp_path, monkeypatch):
     """--val-examples V: prune gets X's N examples as the batch and the next V as val_batch (0: no val_batch);
-    more than the split holds is an error before any training."""
+    more examples than the split holds, or another protocol in a results directory, is an error before any run."""
     seen, prune = [], swapjax.prune
 
     def spy(loss_fn, params, batch, **kw):

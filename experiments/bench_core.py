@@ -170,10 +170,10 @@ class CpuMeter:
         return max(0.0, ((b1 - b0) - (s1 - s0)) / ((w1 - w0) * (os.cpu_count() or 1)))  # /proc/stat: all CPUs
 
 
-def metered(fn, *args):
-    """fn(*args), with ``other_cpu_share`` (see CpuMeter) added to its result dict(s)."""
+def metered(fn, *args, **kwargs):
+    """fn(*args, **kwargs), with ``other_cpu_share`` (see CpuMeter) added to its result dict(s)."""
     meter = CpuMeter()
-    out = fn(*args)
+    out = fn(*args, **kwargs)
     share = meter.other_share()
     res = out[0] if isinstance(out, tuple) else out
     res["other_cpu_share"] = share
@@ -245,10 +245,10 @@ def bench_iht(X, params, sparsity, lam, repeats):
     }
 
 
-def bench_prune(method, params, batch, sparsity, stages, repeats, anchor="current"):
+def bench_prune(method, params, batch, sparsity, stages, repeats, **options):
     def go():
-        return swapjax.prune(loss_fn, params, batch, sparsity=sparsity, stages=stages, method=method, anchor=anchor,
-                             progress=False)
+        return swapjax.prune(loss_fn, params, batch, sparsity=sparsity, stages=stages, method=method, progress=False,
+                             **options)
 
     t0 = time.perf_counter()
     res = go()

@@ -31,7 +31,7 @@ def main(out: Path = Path(__file__).parent / "results/bench_selection.json"):
     params, params_desc = B.make_params(0, batch, 0)
     res = {"data": data_desc, "params": params_desc, "machine": B.machine_info()}
     for name, (method, anchor) in METHODS.items():
-        r = B.metered(B.bench_prune, method, params, batch, 0.95, 14, 3, anchor)
+        r = B.metered(B.bench_prune, method, params, batch, 0.95, 14, 3, anchor=anchor)
         res[name] = {k: r[k] for k in ("median_s", "min_s", "max_s", "compile_s", "gradient_s_total",
                                        "solve_s_total", "iht_iterations_total", "other_cpu_share", "batch_loss")}
         print(f"{name}: median {r['median_s']:.2f} s (other processes' CPU share {r['other_cpu_share']:.0%})",

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-digits test test-all docs bench clean
+.PHONY: demo demo-digits test test-all test-default-xla docs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PYTEST)
+
+# The solver, transport, gradient, sharding and prune tests compiled with XLA's default options, the
+# ones users get (the suite otherwise adds two compile-time options of its own: tests/conftest.py).
+DEFAULT_XLA_TESTS := tests/test_iht.py tests/test_methods.py tests/test_transport.py tests/test_gradients.py \
+	tests/test_sharding.py tests/test_prune.py
+test-default-xla: $(STAMP)
+	SWAPJAX_XLA_DEFAULTS=1 $(PYTEST) -m "not slow" $(DEFAULT_XLA_TESTS)
 
 # The API reference site (mkdocs-material + mkdocstrings) in site/; --strict fails on any warning.
 docs: $(STAMP)

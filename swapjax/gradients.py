@@ -318,8 +318,10 @@ def add_gradient_noise(X: jax.Array, key: jax.Array, std_scale, prop, *, chunk_s
     """X + B ⊙ E with B_ij ~ Bernoulli(prop), E_ij ~ N(0, σ²), σ = std_scale · std(X), all independent.
 
     std(X) is over all N·p entries of the clean X (a corrected two-pass sum, accumulated row by
-    row: no N×p temporary). Row i is drawn from ``jax.random.fold_in(key, i)`` alone, so the
-    result depends on the key and not on the chunking, the device count or the sharding of X.
+    row: no N×p temporary). Row i is drawn from ``jax.random.fold_in(key, i)`` alone, so the hit
+    pattern B depends on the key alone, bit for bit, whatever the chunking, tracing or sharding of X;
+    the values σ·E agree across those to float32 rounding (the order of σ's sum follows the
+    program: for a sharded X, per device, then over the devices).
 
     Memory: rows are noised ``chunk_size`` at a time (default ⌊2¹⁸/p⌋, at least 1), one compiled
     call per chunk written in place into X, so the peak is X + O(chunk_size·p) (with

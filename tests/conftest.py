@@ -21,8 +21,8 @@ import sys
 #   on it, so it is added only once a subprocess has started the CPU backend with it (~1 s, once:
 #   pytest-xdist's workers inherit the environment, with the option in it).
 # Set before the CPU backend starts; inherited by subprocesses (the notebook's kernel, test_sharding).
-# To test with XLA's defaults:
-# XLA_FLAGS="--xla_backend_optimization_level=3 --xla_cpu_use_fusion_emitters=true" make test
+# SWAPJAX_XLA_DEFAULTS=1 adds neither: the tests then compile with the options users get
+# (`make test-default-xla`, run by CI on the solver, transport, gradient, sharding and prune tests).
 
 
 def _with_xla_flag(flags: str, flag: str, probe: bool = False) -> str:
@@ -42,8 +42,11 @@ def _with_xla_flag(flags: str, flag: str, probe: bool = False) -> str:
     return candidate
 
 
-_flags = _with_xla_flag(os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0")
-os.environ["XLA_FLAGS"] = _with_xla_flag(_flags, "--xla_cpu_use_fusion_emitters=false", probe=True)
+if os.environ.get("SWAPJAX_XLA_DEFAULTS", "") not in ("", "0"):
+    pass  # XLA_FLAGS as the user's environment has it
+else:
+    _flags = _with_xla_flag(os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0")
+    os.environ["XLA_FLAGS"] = _with_xla_flag(_flags, "--xla_cpu_use_fusion_emitters=false", probe=True)
 
 import flax.linen as nn
 import jax

@@ -87,6 +87,7 @@ def test_keep_pruned_at_zero_single_update_exact():
     tx = masked_optimizer(inner, masks)
     upd, state = tx.update(grads, tx.init(params), params)
     assert isinstance(state[1], MaskedState)
+    # both run optax's update op by op on the same inputs, and the mask only selects: exact
     for leaf in ("b1", "b2"):
         np.testing.assert_array_equal(upd[leaf], ref[leaf])
     for leaf in ("w1", "w2"):

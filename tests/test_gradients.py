@@ -11,6 +11,8 @@ import swapjax
 from swapjax import pytree
 from swapjax.gradients import check_finite
 
+from floats import assert_same_noise, noise_sigma_rtol
+
 N_GRAD = 10  # not a multiple of the chunk sizes used below
 
 
@@ -169,6 +171,7 @@ def test_noise_std_of_X_is_accurate_without_a_full_size_temporary():
 
 
 def test_noise_is_deterministic_in_the_key(X_big):
+    # a and b (and the add_gradient_noise call) are one compiled program on the same X: the same bits
     noise = swapjax.GradientNoise(1.0, 0.25)
     a = noise(X_big, jax.random.key(11))
     b = noise(X_big, jax.random.key(11))
@@ -181,14 +184,25 @@ def test_noise_is_deterministic_in_the_key(X_big):
 
 
 def test_noise_does_not_depend_on_the_chunking(X_big):
+    """Other chunk shapes and a traced call are other compiled programs: the same entries hit, bit for
+    bit; the same values to float32 rounding (tests/floats.py)."""
     key, X = jax.random.key(5), X_big[:60]
+    rtol = noise_sigma_rtol(*X.shape)
     ref = np.asarray(swapjax.add_gradient_noise(X, key, 2.0, 0.25))  # default: ⌊2¹⁸/500⌋ = 524 rows, one chunk
     for chunk_size in (1, 7):  # 7 does not divide N = 60: the last chunk overlaps the one before
         got = swapjax.add_gradient_noise(X, key, 2.0, 0.25, chunk_size=chunk_size)
-        np.testing.assert_array_equal(np.asarray(got), ref, err_msg=f"chunk_size={chunk_size}")
+        assert_same_noise(got, ref, X, rtol)
     # inside a trace the chunks run in a fori_loop and give the same draw
     traced = jax.jit(lambda X, k, s, p: swapjax.add_gradient_noise(X, k, s, p, chunk_size=7))(X, key, 2.0, 0.25)
-    np.testing.assert_array_equal(np.asarray(traced), ref)
+    assert_same_noise(traced, ref, X, rtol)
+    # the check fails on a σ beyond that rounding, and on a hit pattern that moved by one entry
+    with pytest.raises(AssertionError, match="noise values differ"):
+        assert_same_noise(swapjax.add_gradient_noise(X, key, 2.0 * (1 + 3 * rtol), 0.25), ref, X, rtol)
+    moved, x = ref.copy(), np.asarray(X)
+    j = int(np.flatnonzero(ref[0] != x[0])[0])  # the first hit entry of row 0, put back
+    moved[0, j] = x[0, j]
+    with pytest.raises(AssertionError, match="hit pattern"):
+        assert_same_noise(moved, ref, X, rtol)
     # row i is drawn from fold_in(key, i) alone, as documented (row 0 and the last row checked)
     for i in (0, X.shape[0] - 1):
         np.testing.assert_allclose(ref[i], _row_noise(X, key, 2.0, 0.25, i), rtol=1e-6, atol=1e-6)
@@ -203,6 +217,7 @@ def _row_noise(X, key, std_scale, prop, i):
 
 
 def test_noise_leaves_the_users_X_alone(X_big):
+    # every call here runs the same programs on the same X (NumPy input copied, donate or not): the same bits
     X = X_big + 0  # a JAX array of our own, so that the fixture is not at stake
     before = np.asarray(X).copy()
     Xn = swapjax.add_gradient_noise(X, jax.random.key(1), 1.0, 0.5)

@@ -137,6 +137,7 @@ def test_same_key_same_result_with_noise(trained_mlp, prune_batch, loss_fn, one_
     run = lambda key: swapjax.prune(loss_fn, trained_mlp, prune_batch, sparsity=0.8, method=SWAP,  # noqa: E731
                                     key=key, noise=noise, progress=False)
     a, b, c = run(jax.random.key(0)), run(jax.random.key(0)), run(jax.random.key(1))
+    # a and b: the same compiled programs on the same inputs, so the same bits on any CPU
     for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert a.info[0].objective == b.info[0].objective

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 _SCRIPT = r'''
+import sys; sys.path.insert(0, TESTS_DIR)  # tests/floats.py
 import jax, jax.numpy as jnp, numpy as np, swapjax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from swapjax import pytree
@@ -74,12 +75,29 @@ for method in (swapjax.LR(lam=0.01), swapjax.SWAP(lam=0.01, epsilon=0.3)):
         name, float(info4.objective), float(info1.objective))
     np.testing.assert_allclose(np.asarray(w4), np.asarray(w1), rtol=1e-4, atol=1e-5, err_msg=name)
 
-# the gradient noise of a sharded X: shard by shard, the same draw, still sharded
+# the gradient noise of a sharded X, shard by shard and still sharded, against one device (docs/scale.md):
+# the same hit pattern bit for bit; the values to σ's float32 rounding (σ sums the N·p entries per
+# shard, then over the shards, so its last bits follow the sharding: they differ on Intel AVX-512)
+from floats import assert_same_noise, noise_sigma_rtol
+from swapjax.gradients import _noise_std_fn
 noise = swapjax.GradientNoise(2.0, 0.25)
-Xn1 = noise(jax.device_put(X4, jax.devices()[0]), jax.random.key(3))
+X0 = jax.device_put(X4, jax.devices()[0])
+Xn1 = noise(X0, jax.random.key(3))
 Xn4 = noise(X4, jax.random.key(3), chunk_size=3)
-np.testing.assert_array_equal(np.asarray(Xn4), np.asarray(Xn1))
+rtol = noise_sigma_rtol(*X4.shape)
+assert_same_noise(Xn4, Xn1, X0, rtol)
 assert Xn4.sharding.is_equivalent_to(X4.sharding, 2) and not X4.is_deleted()
+sigma64 = 2.0 * np.asarray(X0, np.float64).std()
+for sigma in (_noise_std_fn(None)(X0, 2.0), _noise_std_fn(row_sharding(X4))(X4, 2.0)):
+    assert abs(float(sigma) - sigma64) <= rtol / 2 * sigma64, (float(sigma), sigma64)
+# the check is tight enough to fail: a σ off by 3x the bound (a sum wrong beyond rounding) is caught
+off = swapjax.GradientNoise(2.0 * (1 + 3 * rtol), 0.25)(X0, jax.random.key(3))
+try:
+    assert_same_noise(off, Xn1, X0, rtol)
+except AssertionError:
+    pass
+else:
+    raise AssertionError("a sigma off by 3x the float32 bound passed the noise check")
 print("ok")
 '''
 
@@ -94,7 +112,7 @@ def test_four_devices_match_one_device():
     flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     # then the examples of docs/scale.md, as written, in the same process
-    script = _SCRIPT + "\n".join(f"exec(compile({b!r}, 'docs/scale.md[{i}]', 'exec'), {{'__name__': '__docs__'}})"
+    script = _SCRIPT.replace("TESTS_DIR", repr(str(Path(__file__).resolve().parent))) + "\n".join(f"exec(compile({b!r}, 'docs/scale.md[{i}]', 'exec'), {{'__name__': '__docs__'}})"
                                   for i, b in enumerate(_doc_blocks())) + "\nprint('ok')\n"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr[-4000:]

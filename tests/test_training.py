@@ -53,6 +53,7 @@ def _numpy_metrics(model, variables, x, y):
 
 
 def _leaves_equal(a, b):
+    """Bit-identity: a resumed run restores its state exactly and runs the same compiled step."""
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
     return all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(la, lb))

@@ -210,7 +210,7 @@ def per_sample_grads(
 
     ``loss_fn(params, example)`` takes ONE example (no batch axis). Columns follow
     the flat order of :mod:`swapjax.pytree`. ``select``: which leaves are prunable
-    (default: the arrays with ndim ≥ 2; see :func:`swapjax.pytree.layout`).
+    (default: the kernels; see :func:`swapjax.pytree.default_rule`).
 
     How (``fast=True``): a kernel K used only by dense/conv layers y = op(x, K) gets its
     per-example gradient from the layer input xᵢ and the output cotangent δᵢ of one

@@ -99,11 +99,16 @@ def prune(
     the pruning problem (X, w̄, k_t) with ``method``, k_t = round((1 − s_t)·p)
     weights kept. Stages that keep every weight are skipped.
 
-    Which weights are prunable (``select``). By default the arrays with
-    ndim ≥ 2: dense and conv kernels; biases, norm scales and scalars are never
-    pruned. ``select(path, leaf) -> bool`` (``path`` like ``"Dense_0/kernel"``)
+    Which weights are prunable (``select``). By default the weight matrices of
+    linear maps: in a Flax tree the ``kernel`` leaves (Dense, DenseGeneral, Conv,
+    attention projections, Einsum), in a plain dict the arrays with ndim ≥ 2
+    not named as a bias, embedding, token or scale
+    (:func:`swapjax.pytree.default_rule`); tokens, position embeddings,
+    embedding tables, biases of any rank, norm scales and scalars are never
+    pruned, and the progress line names the ndim ≥ 2 leaves left dense.
+    ``select(path, leaf) -> bool`` (``path`` like ``"Dense_0/kernel"``)
     only *narrows* that rule: it chooses among the kernels, and returning True
-    for a leaf with ndim < 2 is a ValueError naming the leaf, so
+    for any other leaf is a ValueError naming the leaf, so
     ``select=lambda path, leaf: "Dense_1" in path`` prunes ``Dense_1/kernel``
     and cannot silently zero ``Dense_1/bias``. To prune such leaves as well,
     say so with ``select=swapjax.allow_vectors(fn)``; ``fn`` then decides
@@ -137,9 +142,9 @@ def prune(
             ``WoodFisher()``, or any object with ``solve(X, w_bar, k)``.
         stages: an int T (the cubic schedule with T stages; 1 = one-shot) or a
             sequence of sparsities s_1 ≤ … ≤ s_T ending at ``sparsity``.
-        select: None (the arrays with ndim ≥ 2) or ``select(path, leaf) ->
+        select: None (the kernels, see above) or ``select(path, leaf) ->
             bool`` narrowing that rule; wrap it in ``swapjax.allow_vectors`` to
-            allow leaves with ndim < 2 (see above).
+            allow any leaf.
         key: a ``jax.random.key``; needed with ``noise``.
         noise: a ``swapjax.GradientNoise`` added to X at every stage.
         anchor: w̄ of each stage's problem (one stage: the dense weights either
@@ -248,6 +253,7 @@ def prune(
     log(f"{type(method).__name__}: N={n} examples"
         + (f" (+{batch_size(val_batch)} held out)" if val_batch is not None else "")
         + f", p={p} prunable weights, {len(levels)} stage(s), X {mode}")
+    log(f"pruning {lay.describe()}")
 
     def held_out_loss(current):
         """The score of the selection; a progress line per candidate once a stage's solve passes 5 s."""

@@ -4,15 +4,25 @@ The flat order is fixed and documented: the prunable leaves in the order of
 ``jax.tree_util.tree_flatten_with_path`` (sorted dict keys for dicts, Flax
 linen and NNX states alike), each raveled in row-major (C) order.
 
-Which leaves are prunable: by default the arrays with ``ndim >= 2`` (dense and
-conv kernels). A ``select(path, leaf) -> bool`` only *narrows* that rule:
-it picks among the kernels, and returning True for a leaf with ``ndim < 2``
-(a bias, a norm scale, a scalar) is a ValueError naming the leaf, so a
-``select`` such as ``lambda path, leaf: "fc" in path`` cannot silently prune
-biases. To prune such leaves, say so: ``select=allow_vectors(fn)``.
+Which leaves are prunable, by role (:func:`default_rule`): the weight matrices of
+linear maps. In a Flax tree (any leaf named ``kernel``) those are the ``kernel``
+leaves: Dense, DenseGeneral, Conv, ConvTranspose, Einsum and the attention
+projections of linen and NNX; class tokens, position embeddings, embedding
+tables, biases of any rank and norm scales stay dense. In a tree without
+``kernel`` names (a plain dict), the floating arrays with ``ndim >= 2`` whose
+name does not say bias, embedding, position, token, class token, scale, norm or
+table. A Flax model's own ``self.param("w", ...)`` is not a ``kernel``: it stays
+dense unless a ``select`` (with :func:`allow_vectors`) asks for it, and the
+progress line of :func:`swapjax.prune` lists it among the leaves left dense.
+
+A ``select(path, leaf) -> bool`` only *narrows* that rule: returning True for a
+leaf that the rule leaves dense is a ValueError naming the leaf, so a ``select``
+such as ``lambda path, leaf: "fc" in path`` cannot silently prune biases. To prune such leaves, say so: ``select=allow_vectors(fn)``.
 """
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -31,9 +41,44 @@ def path_name(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def default_select(path: str, leaf) -> bool:
-    """Prune the kernels of dense and conv layers: arrays with ndim ≥ 2."""
-    return jnp.ndim(leaf) >= 2
+def leaf_name(path) -> str:
+    """The leaf's own name, the last key of its path: 'kernel' for 'Dense_0/kernel' and for NNX's
+    'query/kernel/value' (the Variable's ``.value`` is skipped)."""
+    keys = list(path)
+    if len(keys) > 1 and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys.pop()
+    return path_name(keys[-1:]) if keys else ""
+
+
+# Words that name a leaf that is not the weight matrix of a linear map. A word of the leaf's own name
+# (split at '_', '.', '-', digits and camelCase: 'pos_embedding', 'clsToken', 'ln1_scale') that starts
+# or ends with one of them marks it: 'positions', 'layernorm', 'qbias'; not 'transposed'.
+_NOT_A_WEIGHT = ("bias", "embed", "pos", "token", "cls", "scale", "norm", "table")
+
+
+def _role_word(name: str) -> bool:
+    words = re.split(r"[^a-z]+", re.sub(r"(?<=[a-z])(?=[A-Z])", "_", name).lower())
+    return any(w.startswith(_NOT_A_WEIGHT) or w.endswith(_NOT_A_WEIGHT) for w in words if w)
+
+
+def _kernel_rule(path, leaf) -> bool:
+    return jnp.ndim(leaf) >= 2 and leaf_name(path) == "kernel"
+
+
+def _matrix_rule(path, leaf) -> bool:
+    return jnp.ndim(leaf) >= 2 and not _role_word(leaf_name(path))
+
+
+def default_rule(params: PyTree) -> Callable[[Any, Any], bool]:
+    """The default prunable leaves of ``params``, as a rule ``(key_path, leaf) -> bool``.
+
+    A tree with a leaf named ``kernel`` (Flax linen or NNX): its ``kernel`` leaves with ndim ≥ 2.
+    Otherwise: the arrays with ndim ≥ 2 whose own name has no word that starts or ends with bias,
+    embed, pos, token, cls, scale, norm or table ('pos_embedding', 'cls_token', 'layernorm' stay
+    dense; 'w1', 'transposed' are pruned).
+    """
+    paths = (p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+    return _kernel_rule if any(leaf_name(p) == "kernel" for p in paths) else _matrix_rule
 
 
 @dataclass(frozen=True)
@@ -47,9 +92,11 @@ class _WithVectors:
 def allow_vectors(select: Select) -> Select:
     """Let ``select`` choose leaves with ndim < 2 (biases, norm scales, scalars) too.
 
-    Without it, a ``select`` that returns True for such a leaf is a ValueError:
-    a custom ``select`` only narrows the default rule (arrays with ndim ≥ 2).
-    With it, ``select`` alone decides, for leaves of every rank.
+    Without it, a ``select`` that returns True for such a leaf, or for any leaf
+    that the default rule leaves dense (a token, a position embedding, a table,
+    a 2-D attention bias), is a ValueError: a custom ``select`` only narrows the
+    default rule (:func:`default_rule`). With it, ``select`` alone decides, for
+    leaves of every rank and role.
 
     Examples:
         >>> import numpy as np, swapjax
@@ -80,6 +127,7 @@ class Layout:
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[Any, ...]
     offsets: tuple[int, ...]  # start of each prunable leaf in w; offsets[-1] == p
+    left_dense: tuple[str, ...] = ()  # the leaves with ndim ≥ 2 that are not pruned
 
     @property
     def size(self) -> int:
@@ -91,29 +139,49 @@ class Layout:
         """The common dtype of w (promotion of the prunable leaves' dtypes)."""
         return jnp.result_type(*self.dtypes)
 
+    def describe(self) -> str:
+        """'12 kernels (69,312 weights); left dense: cls, pos_embedding, 6 biases'."""
+        noun = "kernel" if {_own_name(name) for name in self.names} == {"kernel"} else "leaf"
+        text = f"{len(self.names)} {_plural(noun, len(self.names))} ({self.size:,} weights)"
+        if self.left_dense:
+            text += "; left dense: " + _grouped(self.left_dense)
+        return text
+
 
 def layout(params: PyTree, select: Optional[Select] = None) -> Layout:
     """Choose the prunable leaves of ``params``.
 
-    select: None (the arrays with ndim ≥ 2), or ``select(path, leaf) -> bool``
+    select: None (:func:`default_rule`), or ``select(path, leaf) -> bool``
     with ``path`` like ``"Dense_0/kernel"``, narrowing that rule; wrap it in
-    :func:`allow_vectors` to let it choose leaves with ndim < 2. ValueError if
-    nothing is selected, a selected leaf is not floating point, or a 1-D/0-D
-    leaf is selected without :func:`allow_vectors`.
+    :func:`allow_vectors` to let it choose any leaf. ValueError if nothing is
+    selected, a selected leaf is not floating point, or a leaf the rule leaves
+    dense is selected without :func:`allow_vectors`.
     """
     vectors_ok = isinstance(select, _WithVectors)
-    select = select or default_select
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-    if not callable(select):
+    if select is not None and not callable(select):
         raise ValueError(f"select: expected None or a function select(path, leaf) -> bool, got {select!r}")
-    selected = tuple(_selected(select, path_name(p), x) for p, x in leaves_with_path)
+    rule = default_rule(params)
+    if select is None:
+        selected = tuple(bool(rule(p, x)) for p, x in leaves_with_path)
+    else:
+        selected = tuple(_selected(select, path_name(p), x) for p, x in leaves_with_path)
     chosen = [(path_name(p), x) for (p, x), s in zip(leaves_with_path, selected) if s]
     vectors = [f"{name} {tuple(jnp.shape(x))}" for name, x in chosen if jnp.ndim(x) < 2]
     if vectors and not vectors_ok:
         raise ValueError(
             f"select: chose {', '.join(vectors)}, with ndim < 2 (biases, norm scales or scalars); "
-            "a custom select only narrows the default rule (ndim >= 2). Return False for these leaves "
+            "a custom select only narrows the default rule (the kernels). Return False for these leaves "
             "(e.g. `lambda path, leaf: leaf.ndim >= 2 and ...`), or pass "
+            "select=swapjax.allow_vectors(your_select) to prune them"
+        )
+    roles = [f"{path_name(p)} {tuple(jnp.shape(x))}" for (p, x), s in zip(leaves_with_path, selected)
+             if s and jnp.ndim(x) >= 2 and not rule(p, x)]
+    if roles and not vectors_ok:
+        raise ValueError(
+            f"select: chose {', '.join(roles)}, which the default rule leaves dense (not a `kernel` "
+            "of a Flax layer, or named as a token, position embedding, table, bias or norm scale); a custom select only "
+            "narrows the default rule. Return False for these leaves, or pass "
             "select=swapjax.allow_vectors(your_select) to prune them"
         )
     if not chosen:
@@ -132,7 +200,35 @@ def layout(params: PyTree, select: Optional[Select] = None) -> Layout:
         shapes=tuple(tuple(jnp.shape(x)) for _, x in chosen),
         dtypes=tuple(jnp.result_type(x) for _, x in chosen),
         offsets=tuple(np.cumsum([0] + sizes).tolist()),
+        left_dense=tuple(path_name(p) for (p, x), s in zip(leaves_with_path, selected)
+                         if not s and jnp.ndim(x) >= 2 and jnp.issubdtype(jnp.result_type(x), jnp.floating)),
     )
+
+
+def _own_name(name: str) -> str:
+    """The last component of a path name ('kernel' of 'query/kernel/value')."""
+    return name.removesuffix("/value").rsplit("/", 1)[-1]
+
+
+def _plural(word: str, count: int) -> str:
+    if count == 1:
+        return word
+    return word[:-1] + "ves" if word.endswith("f") else word + ("es" if word.endswith("s") else "s")
+
+
+def _grouped(names) -> str:
+    """Paths named one by one where their own name is unique, else counted: 'cls, 6 biases'."""
+    names = [name.removesuffix("/value") for name in names]
+    own = [_own_name(name) for name in names]
+    counts = Counter(own)
+    parts, seen = [], set()
+    for name, leaf in zip(names, own):
+        if counts[leaf] == 1:
+            parts.append(name)
+        elif leaf not in seen:
+            seen.add(leaf)
+            parts.append(f"{counts[leaf]} {_plural(leaf, counts[leaf])}")
+    return ", ".join(parts)
 
 
 def _selected(select: Select, name: str, leaf) -> bool:

@@ -200,8 +200,11 @@ def test_user_linen_model_taps_and_fallback():
     def loss(p, ex):
         return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, ex["x"]), ex["y"])
 
-    pl = _check(loss, params, batch, all_fast=False)
-    names = dict(zip(pl.selected, pytree.layout(params).names))
+    # its own parameters ("nchw", "left", "masked") are not `kernel` leaves: the default leaves them dense
+    assert pytree.layout(params).names == ("head/kernel", "shared/kernel")
+    matrices = swapjax.allow_vectors(lambda path, leaf: leaf.ndim >= 2)
+    pl = _check(loss, params, batch, select=matrices, all_fast=False)
+    names = dict(zip(pl.selected, pytree.layout(params, matrices).names))
     assert sorted(names[i] for i in pl.fast) == ["head/kernel", "left", "nchw", "shared/kernel"]
     assert [names[i] for i in pl.slow] == ["masked"]
     assert sum(names[t.leaf] == "shared/kernel" for t in pl.taps) == 2

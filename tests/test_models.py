@@ -43,7 +43,7 @@ def test_zero_input_gives_zero_logits(params):
 
 
 def test_all_weights_prunable_by_default(params):
-    # The default selection (ndim ≥ 2) takes all 32,360 weights: nothing is left unpruned.
+    # The default selection (the kernels) takes all 32,360 weights: nothing is left unpruned.
     assert swapjax.pytree.layout(params).size == 32_360
 
 

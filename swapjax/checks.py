@@ -136,7 +136,7 @@ def sparsities(name: str, value) -> tuple[float, ...]:
     """A non-empty sequence (not a string) of sparsities in [0, 1)."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or hasattr(value, "keys"):
         raise ValueError(f"{name}: expected a sequence of sparsities in [0, 1), got {_show(value)}")
-    out = tuple(real(f"{name} (each)", s, 0.0, 1.0, hi_open=True) for s in value)
+    out = tuple(sparsity(s, f"{name} (each)") for s in value)
     if not out:
         raise ValueError(f"{name}: expected at least one sparsity, got {_show(value)}")
     return out
@@ -170,8 +170,12 @@ def prng_key(name: str, value) -> None:
     raise ValueError(f"{name}: expected a JAX PRNG key such as jax.random.key(0), got {_show(value)}")
 
 
-def sparsity(value) -> float:
-    return real("sparsity", value, 0.0, 1.0, hi_open=True)
+def sparsity(value, name: str = "sparsity") -> float:
+    """A fraction in [0, 1); a percentage such as 90 is refused with the fraction it meant."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and 1 < value < 100:
+        raise ValueError(f"{name}: must be the fraction of weights set to zero, in [0, 1), got {_show(value)}; "
+                         f"for {value:g} % pass {value / 100:g}")
+    return real(name, value, 0.0, 1.0, hi_open=True)
 
 
 def stages(value) -> None:

@@ -33,6 +33,7 @@ import numpy as np
 
 from . import checks, pytree, transport
 from .gradients import DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, per_sample_grads
+from .loss_check import check_loss_fn
 from .methods import DEFAULT_EPSILON, SolveInfo, check_problem
 from .prune import kept_count
 from .pytree import PyTree, Select
@@ -307,8 +308,6 @@ def compare_sparsities(
         >>> {s: {name: r.kept for name, r in by_method.items()} for s, by_method in table.items()}
         {0.5: {'MP': 16, 'WF': 16}, 0.75: {'MP': 8, 'WF': 8}}
     """
-    if not callable(loss_fn):
-        raise ValueError(f"loss_fn: expected a function loss_fn(params, example) -> scalar, got {loss_fn!r}")
     sparsities = list(checks.sparsities("sparsities", sparsities))
     checks.methods(methods)
     if noise is not None and not callable(noise):
@@ -322,6 +321,7 @@ def compare_sparsities(
     batch_size(batch)
     lay = pytree.layout(params, select)
     checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
+    check_loss_fn(loss_fn, params, batch)
     p = lay.size
     for s in sparsities:
         if kept_count(s, p) < 1:

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from . import checks
-from .pytree import PyTree, apply_masks
+from .pytree import PyTree, apply_masks, path_name
 
 
 def _is_none(m) -> bool:
@@ -71,10 +71,6 @@ def masked_updates(masks: PyTree) -> optax.GradientTransformation:
     """
     checks.mask_tree("masks", masks)
 
-    def init_fn(params):
-        del params
-        return MaskedState()
-
     def update_fn(updates, state, params=None):
         del params
         new = jax.tree_util.tree_map(
@@ -82,7 +78,7 @@ def masked_updates(masks: PyTree) -> optax.GradientTransformation:
         )
         return new, state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(_checked_init(masks), update_fn)
 
 
 def keep_pruned_at_zero(masks: PyTree) -> optax.GradientTransformation:
@@ -105,10 +101,6 @@ def keep_pruned_at_zero(masks: PyTree) -> optax.GradientTransformation:
     """
     checks.mask_tree("masks", masks)
 
-    def init_fn(params):
-        del params
-        return MaskedState()
-
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("keep_pruned_at_zero: params are needed; call tx.update(updates, state, params)")
@@ -118,7 +110,28 @@ def keep_pruned_at_zero(masks: PyTree) -> optax.GradientTransformation:
         )
         return new, state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(_checked_init(masks), update_fn)
+
+
+def _checked_init(masks):
+    """``init(params)`` of a masking transformation: checks that ``masks`` fit ``params``; no state."""
+    def init_fn(params):
+        _check_masks_fit(masks, params)
+        return MaskedState()
+    return init_fn
+
+
+def _check_masks_fit(masks, params) -> None:
+    """ValueError unless ``masks`` has the structure of ``params`` and each array mask its leaf's shape."""
+    mask_leaves, mask_def = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)
+    param_leaves, param_def = jax.tree_util.tree_flatten(params)
+    if mask_def != param_def:
+        raise ValueError(f"masks: expected the pytree structure of params, {param_def}; got {mask_def}. "
+                         "Use the masks that swapjax.prune returned for these params (result.masks)")
+    for (path, m), w in zip(mask_leaves, param_leaves):
+        if m is not None and not isinstance(m, (bool, np.bool_)) and jnp.shape(m) != jnp.shape(w):
+            raise ValueError(f"masks: the mask of {path_name(path)} has shape {jnp.shape(m)}, "
+                             f"its parameter {jnp.shape(w)}")
 
 
 def masked_optimizer(optimizer: optax.GradientTransformation, masks: PyTree) -> optax.GradientTransformation:

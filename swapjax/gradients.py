@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from . import checks, layer_grads, pytree
+from .loss_check import check_loss_fn
 from .pytree import PyTree, Select
 
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -248,23 +249,21 @@ def per_sample_losses_and_grads(
     devices=None,
 ) -> tuple[jax.Array, jax.Array]:
     """(ℓ ∈ R^N, X ∈ R^{N×p}): the loss value of each example and :func:`per_sample_grads`, in one pass."""
-    if not callable(loss_fn):
-        raise ValueError(f"loss_fn: expected a function loss_fn(params, example) -> scalar, got {loss_fn!r}")
-    batch_size(batch)  # ValueError if empty or ragged
+    n = batch_size(batch)  # ValueError if empty or ragged
     chunk_size = checks.integer("chunk_size", chunk_size, 1)
     progress = checks.boolean("progress", progress)
     fast = checks.boolean("fast", fast)
-    devices = resolve_devices(devices, batch_size(batch))
+    devices = resolve_devices(devices, n)
     lay = pytree.layout(params, select)
+    check_loss_fn(loss_fn, params, batch)
+    return losses_and_grads(loss_fn, params, batch, lay, chunk_size, fast, progress, devices)
+
+
+def losses_and_grads(loss_fn, params, batch, lay, chunk_size, fast, progress, devices):
+    """:func:`per_sample_losses_and_grads` on checked arguments (``swapjax.prune`` checks them once)."""
     if devices is None:
-        losses, X = _per_sample_grads(loss_fn, params, batch, lay, chunk_size, fast, progress)
-    else:
-        losses, X = _per_sample_grads_sharded(loss_fn, params, batch, lay, chunk_size, fast, progress, devices)
-    if jnp.ndim(losses) != 1:
-        raise ValueError(
-            f"loss_fn: must return a scalar for ONE example, got shape {jnp.shape(losses)[1:]} per example"
-        )
-    return losses, X
+        return _per_sample_grads(loss_fn, params, batch, lay, chunk_size, fast, progress)
+    return _per_sample_grads_sharded(loss_fn, params, batch, lay, chunk_size, fast, progress, devices)
 
 
 @jax.jit

@@ -52,17 +52,18 @@ class Candidate(NamedTuple):
     swap search), its held-out score (the loss of the pruned
     network on examples not fitted) and its objective f."""
 
-    lam: float
+    lam: float  # λ as configured: the unit of LR(lam=...), relative to the Fisher's scale by default
     epsilon: Optional[float]
     support: str
     score: float
     objective: float
+    lam_absolute: float = math.nan  # the λ of f (λ·‖X‖²_F/(Np) under lam_scale="fisher")
 
 
 class SolveInfo(NamedTuple):
     """Diagnostics of one solve (arrays unless noted)."""
 
-    objective: jax.Array  # f(w) at the returned w, f = ½‖Xw − t‖² + (Nλ/2)‖w − w̄‖²
+    objective: jax.Array  # f(w) at the returned w, f = ½‖Xw − t‖² + (Nλ/2)‖w − w̄‖², λ = lam_absolute
     objective_trace: jax.Array  # f after each IHT iteration (index 0 = start), NaN-padded
     iht_iterations: jax.Array
     backsolved: jax.Array  # the backsolve was run and lowered f
@@ -70,7 +71,8 @@ class SolveInfo(NamedTuple):
     targets: jax.Array  # t: y for LR, ỹ for SWAP
     plan: transport.PlanInfo  # Sinkhorn report (zeros for LR and ε = 0)
     duals: tuple  # Sinkhorn potentials (f, g), for warm starts
-    lam: Optional[jax.Array] = None  # the absolute λ of f (LR and SWAP)
+    lam: Optional[jax.Array] = None  # λ as configured (LR and SWAP; relative to the Fisher's scale by default)
+    lam_absolute: Optional[jax.Array] = None  # the λ of f (λ·‖X‖²_F/(Np) under lam_scale="fisher")
     epsilon: Optional[float] = None  # SWAP's ε, None where the targets are y
     objective_magnitude: Optional[jax.Array] = None  # f of the backsolve on the magnitude support H_k(w_start)
     swapped: Optional[jax.Array] = None  # weights exchanged by the swap search
@@ -249,7 +251,7 @@ class LR:
                 w, info = self._fit_on(problem, lam, eps, init, *incumbent, duals)
                 kind = "ridge"
             value, losses = _score_value(score(w))
-            tried.append(Candidate(float(lam), eps, kind, value, float(info.objective)))
+            tried.append(Candidate(float(lam), eps, kind, value, float(info.objective), float(info.lam_absolute)))
             margin = 0.0
             if best is not None and eps is not None and eps != tried[chosen].epsilon:
                 margin = _standard_error(losses, best[2])  # transport targets must beat the best beyond noise
@@ -268,11 +270,11 @@ class LR:
         if incumbent is not None and (self.swap_rounds or tried[chosen].support == "ridge"):
             attempt(tried[chosen].lam, tried[chosen].epsilon, best[0], best[1].duals, kind="swap")
         if (self.obs_sparsity is not None and 1 - k / X.shape[1] >= self.obs_sparsity and incumbent is not None
-                and incumbent[1] is not None and float(best[1].lam) > 0):
+                and incumbent[1] is not None and float(best[1].lam_absolute) > 0):
             attempt(tried[chosen].lam, tried[chosen].epsilon, None, None, kind="obs")
         w, info, _ = best
         if tried[chosen].support in ("ridge", "obs"):  # f at H_k(w_start) and of the magnitude backsolve, at its λ, t
-            start, magnitude = _reference_objectives(self.cg_iters, X, info.targets, w_bar, w_start, info.lam,
+            start, magnitude = _reference_objectives(self.cg_iters, X, info.targets, w_bar, w_start, info.lam_absolute,
                                                      *reference[1:])
             info = info._replace(objective_trace=jnp.stack([start, info.objective]), objective_magnitude=magnitude)
         return w, info._replace(candidates=tuple(tried), chosen=chosen)
@@ -296,10 +298,11 @@ class LR:
         lam_abs = lam * scale
         t, duals, plan = (y, duals, _NO_PLAN) if eps is None else self._targets(y, z, eps, duals)
         w, info = _solve(self._config(eps), X, t, y, w_bar, init, jnp.asarray(k), lam_abs, duals, plan)
+        info = info._replace(lam=jnp.asarray(lam, lam_abs.dtype))
         if self.backsolve:
             rounds = self.swap_rounds if rounds is None else rounds
             w, obj, backsolved, support, obj_mag, swapped = _refine(
-                _bucket(k, X.shape[1]), rounds, self.cg_iters, X, w_bar, w, info.targets, info.lam, info.support,
+                _bucket(k, X.shape[1]), rounds, self.cg_iters, X, w_bar, w, info.targets, info.lam_absolute, info.support,
                 info.objective, *reference)
             info = info._replace(objective=obj, backsolved=backsolved, support=support, objective_magnitude=obj_mag,
                                  swapped=swapped)
@@ -312,7 +315,8 @@ class LR:
         lam_abs = lam * scale
         t, duals, plan = (y, duals, _NO_PLAN) if eps is None else self._targets(y, z, eps, duals)
         w, f = _ridge_fit(self.cg_iters, X, t, w_bar, support, lam_abs, gram, x_anchor, init)
-        info = SolveInfo(f, f[None], jnp.array(0), jnp.array(True), support, t, plan, duals, lam=lam_abs,
+        info = SolveInfo(f, f[None], jnp.array(0), jnp.array(True), support, t, plan, duals,
+                         lam=jnp.asarray(lam, lam_abs.dtype), lam_absolute=lam_abs,
                          epsilon=eps, swapped=jnp.array(0))
         return w, info
 
@@ -321,7 +325,7 @@ class LR:
         solve ``at`` (a SolveInfo). (``objective_trace`` holds f alone.)"""
         X, w_bar, k, _, _, _, reference = problem
         w, support, f, swapped = _obs_fit(_bucket(k, X.shape[1]), self.swap_rounds, self.cg_iters, X, w_bar, w_start,
-                                          at.targets, jnp.asarray(k), at.lam, reference[0])
+                                          at.targets, jnp.asarray(k), at.lam_absolute, reference[0])
         return w, at._replace(objective=f, objective_trace=f[None], iht_iterations=jnp.array(0), support=support,
                               swapped=swapped, objective_magnitude=None)
 
@@ -477,7 +481,7 @@ def _solve(cfg: _Config, X, t, y, w_bar, init, k, lam, duals, plan):
     else:
         result, (duals, plan), _ = iht_lib.active_set_iht(X, t, w_bar, init, k, lam, cfg.active_set, **iht_args)
     info = SolveInfo(result.objective, result.trace, result.iterations, jnp.array(False),
-                     result.support, result.targets, plan, duals, lam=lam)
+                     result.support, result.targets, plan, duals, lam_absolute=lam)
     return result.w, info
 
 
@@ -533,12 +537,20 @@ def _reference_objectives(cg_iters, X, t, w_bar, w_start, lam, magnitude, magnit
     return iht_lib.objective(X, jnp.where(magnitude, w_start, 0), t, w_bar, lam), f_mag
 
 
+def _rounding_of_f(f, t):
+    """4·√N·eps·(f + ½‖t‖²): how far two evaluations of f at (near) the same w may differ in t's dtype.
+    f is a sum of N squared residuals r = Xw − t that cancel against t (the backsolve evaluates it
+    in its dual form), so its rounding scales with ½‖t‖², not with f alone."""
+    eps = jnp.finfo(t.dtype).eps
+    return 4 * jnp.sqrt(t.shape[0]) * eps * (jnp.abs(f) + 0.5 * t @ t)
+
+
 @partial(jax.jit, static_argnums=(0, 2))
 def _refine(width, rounds, cg_iters, X, w_bar, w, t, lam, support, objective, col_sq, magnitude, magnitude_gram):
     """Backsolve on IHT's support and on the magnitude support H_k(w_start); swap search from the better.
 
-    The backsolve replaces IHT's w when it lowers f (it should: it is the exact
-    minimiser on the support). ``magnitude_gram`` = X_M X_Mᵀ for the magnitude
+    The backsolve replaces IHT's w unless its f is not finite or higher beyond rounding (it
+    should not be: it is the exact minimiser on the support, and CG descends from IHT's w). ``magnitude_gram`` = X_M X_Mᵀ for the magnitude
     support M; the Gram of IHT's support, which rarely strays far from M, is
     updated from it. Where X is an operator (``magnitude_gram`` None), the
     backsolves run by conjugate gradients from IHT's w and from w̄ on M. Takes IHT's (w, support, f) at
@@ -550,7 +562,7 @@ def _refine(width, rounds, cg_iters, X, w_bar, w, t, lam, support, objective, co
         gram = iht_lib.nearby_gram(X, support, magnitude, magnitude_gram, width, most)
     X = linear(X)
     w_bs, obj_bs, _ = iht_lib.ridge_fit(X, t, w_bar, support, lam, gram, w, cg_iters)
-    backsolved = jnp.isfinite(obj_bs) & (obj_bs <= objective)
+    backsolved = jnp.isfinite(obj_bs) & (obj_bs <= objective + _rounding_of_f(objective, t))
     w, obj = jnp.where(backsolved, w_bs, w), jnp.where(backsolved, obj_bs, objective)
     w_mag, obj_mag, _ = iht_lib.ridge_fit(X, t, w_bar, magnitude, lam, magnitude_gram, w_bar, cg_iters)
     from_mag = jnp.isfinite(obj_mag) & (obj_mag < obj)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from . import checks, pytree
+from .loss_check import check_loss_fn
 from .gradients import (DEFAULT_CHUNK, _ChunkProgress, batch_size, chunk_losses_and_grads, chunk_starts,
                         column_sq_norms)
 from .pytree import PyTree, Select
@@ -162,9 +163,16 @@ def linearized_gradients(
         >>> bool(jnp.all(on_X.support == on_op.support)), int(on_op.support.sum())
         (True, 5)
     """
-    n = batch_size(batch)
+    batch_size(batch)
     chunk_size = checks.integer("chunk_size", chunk_size, 1)
     lay = pytree.layout(params, select)
+    check_loss_fn(loss_fn, params, batch)
+    return linearize(loss_fn, params, batch, lay, chunk_size, progress, fast)
+
+
+def linearize(loss_fn, params, batch, lay, chunk_size, progress=True, fast=True):
+    """:func:`linearized_gradients` on checked arguments (``swapjax.prune`` checks them once)."""
+    n = batch_size(batch)
     itemsize = jnp.dtype(lay.dtype).itemsize
     b, starts = chunk_starts(n, max(1, min(chunk_size, CHUNK_BYTES // (itemsize * lay.size))))
     report = _ChunkProgress(len(starts), n) if progress else None
@@ -172,8 +180,6 @@ def linearized_gradients(
     for i, start in enumerate(starts):
         examples = jax.tree_util.tree_map(lambda a: jax.lax.slice_in_dim(jnp.asarray(a), start, start + b), batch)
         values, sq = _chunk_sq_norms(loss_fn, params, examples, start + b - done, lay, fast)
-        if jnp.ndim(values) != 1:
-            raise ValueError(f"loss_fn: must return a scalar for ONE example, got shape {jnp.shape(values)[1:]}")
         losses.append(values[done - start:])
         col_sq, done = col_sq + sq, start + b
         if report:

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from . import checks, memory, pytree, schedules
-from .gradients import (DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, check_finite, per_sample_losses_and_grads,
-                        resolve_devices)
+from .gradients import DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, check_finite, losses_and_grads, resolve_devices
 from .iht import hard_threshold_mask
+from .loss_check import check_loss_fn
 from .methods import SWAP
-from .operators import linearized_gradients
+from .operators import linearize
 from .pytree import PyTree, Select
 
 
@@ -39,7 +39,8 @@ class StageInfo:
     sinkhorn_error: float
     gradient_seconds: float
     solve_seconds: float
-    lam: float = math.nan  # the absolute λ of f (LR, SWAP)
+    lam: float = math.nan  # λ as configured (LR, SWAP): LR(lam=...)'s unit, relative to the Fisher's scale by default
+    lam_absolute: float = math.nan  # the λ of f (λ·‖X‖²_F/(Np) under lam_scale="fisher")
     epsilon: Optional[float] = None  # SWAP's ε; None where the targets were LR's y
     moved: int = 0  # kept weights outside the magnitude support H_k(w_start)
     objective_magnitude: float = math.nan  # f of the backsolve on the magnitude support
@@ -213,8 +214,6 @@ def prune(
     """
     method = SWAP() if method is None else method
     checks.method(method)
-    if not callable(loss_fn):
-        raise ValueError(f"loss_fn: expected a function loss_fn(params, example) -> scalar, got {loss_fn!r}")
     sparsity = checks.sparsity(sparsity)
     checks.stages(stages)
     checks.choice("anchor", anchor, ("dense", "current"))
@@ -247,6 +246,7 @@ def prune(
     devices = resolve_devices(devices, n)  # ValueError naming N and d before any gradient
     if devices is not None and mode == "matrix-free":
         raise ValueError("devices: the matrix-free mode runs on one device; use mode='in-memory' with devices")
+    check_loss_fn(loss_fn, params, batch)  # one trace, before any gradient
     log = (lambda msg: print(f"[swapjax] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     mode = _choose_mode(mode, method, noise, memory.estimate(loss_fn, params, batch, lay, chunk_size, devices=devices),
                         sharded=devices is not None)
@@ -274,10 +274,9 @@ def prune(
         k = kept_count(s, p)
         t0 = time.perf_counter()
         if mode == "matrix-free":
-            _, X = linearized_gradients(loss_fn, current, batch, select, chunk_size, progress)
+            _, X = linearize(loss_fn, current, batch, lay, chunk_size, progress)
         else:
-            losses, X = per_sample_losses_and_grads(loss_fn, current, batch, select, chunk_size, progress,
-                                                    devices=devices)
+            losses, X = losses_and_grads(loss_fn, current, batch, lay, chunk_size, True, progress, devices)
             check_finite(X)
             checks.finite_losses(losses)  # NaN or inf loss values with finite gradients
             if noise is not None:
@@ -301,7 +300,8 @@ def prune(
             iht_iterations=int(info.iht_iterations), backsolved=bool(info.backsolved),
             sinkhorn_iterations=int(info.plan.iterations), sinkhorn_converged=bool(info.plan.converged),
             sinkhorn_error=float(info.plan.error), gradient_seconds=t1 - t0, solve_seconds=t2 - t1,
-            lam=_float(getattr(info, "lam", None)), epsilon=getattr(info, "epsilon", None),
+            lam=_float(getattr(info, "lam", None)), lam_absolute=_float(getattr(info, "lam_absolute", None)),
+            epsilon=getattr(info, "epsilon", None),
             moved=int(jnp.sum(info.support & ~hard_threshold_mask(w, k))),
             objective_magnitude=_float(getattr(info, "objective_magnitude", None)),
             held_out_loss=chosen.score if chosen else (float(np.mean(score(w_new))) if score else math.nan),
@@ -324,7 +324,8 @@ def prune(
             f"{stage.objective:.4g}, {stage.iht_iterations} IHT its, {stage.moved} kept weights off |w| top-k"
             + (f", Sinkhorn {stage.sinkhorn_iterations} its" if stage.sinkhorn_iterations else "")
             + (f", held-out loss {stage.held_out_loss:.4g}" if math.isfinite(stage.held_out_loss) else "")
-            + (f" (λ={chosen.lam:g}, ε={chosen.epsilon}{_kind(chosen)})" if chosen else "")
+            + (f" (λ={chosen.lam:g} [absolute {stage.lam_absolute:.3g}], ε={chosen.epsilon}{_kind(chosen)})"
+               if chosen else "")
             + f", {stage.gradient_seconds:.2f}s grads + {stage.solve_seconds:.2f}s solve"
         )
         return w_new, info, stage

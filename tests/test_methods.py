@@ -338,7 +338,9 @@ def test_backsolve_never_worse(cls, seed):
     w_no, i_no = cls(backsolve=False).solve(X, w_bar, k)
     w_bs, i_bs = cls().solve(X, w_bar, k)
     np.testing.assert_array_equal(np.asarray(i_bs.support), np.asarray(i_no.support))
-    assert float(i_bs.objective) <= float(i_no.objective)
+    # in float32, never above IHT's f beyond the rounding of f (the backsolve evaluates it in another form)
+    slack = float(swapjax.methods._rounding_of_f(i_no.objective, i_no.targets))
+    assert float(i_bs.objective) <= float(i_no.objective) + slack
     f_no = _np_objective(X, w_no, i_no.targets, w_bar, 0.01)
     f_bs = _np_objective(X, w_bs, i_bs.targets, w_bar, 0.01)
     assert f_bs <= f_no * (1 + 1e-5)

@@ -310,7 +310,7 @@ def _unchanged(small):
     [
         (dict(sparsity=-0.1), r"sparsity: must be in \[0, 1\), got -0.1"),
         (dict(sparsity=1.0), r"sparsity: must be in \[0, 1\), got 1.0"),
-        (dict(sparsity=1.5), r"sparsity: must be in \[0, 1\), got 1.5"),
+        (dict(sparsity=1.5), r"sparsity: must be the fraction of weights set to zero, in \[0, 1\), got 1.5; for 1.5 % pass 0.015"),
         (dict(sparsity=float("nan")), r"sparsity: must be in \[0, 1\)"),
         (dict(sparsity=0.9999), r"sparsity: 0.9999 keeps .* 0 of p = 100"),
         (dict(select=lambda path, leaf: False), "select: no prunable leaf"),

@@ -148,7 +148,8 @@ def test_a_nan_score_is_never_chosen():
     w, info = swapjax.LR().solve(X, w_bar, 8, score=score)
     assert info.candidates[0].score == np.inf
     assert min(info.candidates, key=lambda c: c.score) is info.candidates[1]
-    assert float(info.lam) / float(np.mean(X.astype(np.float64) ** 2)) == pytest.approx(FIRST_LAMS[1], rel=1e-5)
+    assert float(info.lam) == pytest.approx(FIRST_LAMS[1])  # as configured, and f's λ on the Fisher's scale:
+    assert float(info.lam_absolute) / float(np.mean(X.astype(np.float64) ** 2)) == pytest.approx(FIRST_LAMS[1], rel=1e-5)
 
 
 def test_swap_never_scores_worse_than_lr_on_its_targets():
@@ -173,11 +174,12 @@ def test_relative_lam_makes_the_solution_invariant_to_scaling_X(scale):
     w2, i2 = swapjax.SWAP(lam=0.1, epsilon=0.3).solve(X * np.float32(scale), w_bar, 12)
     np.testing.assert_array_equal(np.asarray(i1.support), np.asarray(i2.support))
     np.testing.assert_allclose(np.asarray(w2), np.asarray(w1), rtol=2e-3, atol=2e-4)
-    assert float(i2.lam) == pytest.approx(float(i1.lam) * scale**2, rel=1e-4)
+    assert float(i2.lam_absolute) == pytest.approx(float(i1.lam_absolute) * scale**2, rel=1e-4)
+    assert float(i1.lam) == float(i2.lam) == pytest.approx(0.1)
     # an absolute λ is not invariant: the same number means a different penalty
     _, a1 = swapjax.LR(lam=0.1, lam_scale="absolute").solve(X, w_bar, 12)
     _, a2 = swapjax.LR(lam=0.1, lam_scale="absolute").solve(X * np.float32(scale), w_bar, 12)
-    assert float(a1.lam) == float(a2.lam) == pytest.approx(0.1)
+    assert float(a1.lam_absolute) == float(a2.lam_absolute) == float(a1.lam) == pytest.approx(0.1)
 
 
 def test_explicit_values_are_used_exactly_and_never_scored():
@@ -192,8 +194,8 @@ def test_explicit_values_are_used_exactly_and_never_scored():
     w0, info0 = method.solve(X, w_bar, 8)
     np.testing.assert_array_equal(np.asarray(w), np.asarray(w0))
     assert info.candidates == () and info.epsilon == 0.3
-    assert float(info.lam) == pytest.approx(0.01 * float(np.mean(X.astype(np.float64) ** 2)), rel=1e-5)
-    f = _np_objective(X, w, info.targets, w_bar, float(info.lam))
+    assert float(info.lam_absolute) == pytest.approx(0.01 * float(np.mean(X.astype(np.float64) ** 2)), rel=1e-5)
+    f = _np_objective(X, w, info.targets, w_bar, float(info.lam_absolute))
     assert float(info.objective) == pytest.approx(f, rel=1e-4)
     # without a score, "auto" means the documented defaults
     _, auto = swapjax.SWAP().solve(X, w_bar, 8)
@@ -231,7 +233,9 @@ def test_prune_selects_on_held_out_examples(trained_mlp, digits, capsys):
     assert len(info.candidates) >= 2 + len(EPSILON_PATH) + 2  # at least two λ, every ε, the two searches
     assert [c.support for c in info.candidates[-2:]] == ["swap", "obs"]  # s = 0.8 ≥ obs_sparsity
     chosen = next(c for c in info.candidates if c.score == info.held_out_loss)
-    assert f"λ={chosen.lam:g}, ε={chosen.epsilon}, {chosen.support} candidate" in capsys.readouterr().err
+    assert f"λ={chosen.lam:g} [absolute {chosen.lam_absolute:.3g}], ε={chosen.epsilon}, {chosen.support} candidate" \
+        in capsys.readouterr().err
+    assert info.lam == chosen.lam and info.lam_absolute == pytest.approx(chosen.lam_absolute)
     # the chosen candidate: never above LR's targets' best (ỹ must beat it beyond noise)
     assert info.held_out_loss in [c.score for c in info.candidates]
     assert info.held_out_loss <= min(c.score for c in info.candidates if c.epsilon is None)

@@ -2,6 +2,7 @@
 
     .venv/bin/python experiments/reproduce.py --preset mlpnet-fashion-mnist          # CPU, minutes
     .venv/bin/python experiments/reproduce.py --preset mlpnet-fashion-mnist --quick  # `make demo`
+    .venv/bin/python experiments/reproduce.py --preset vit-fashion-mnist             # CPU, an hour
     .venv/bin/python experiments/reproduce.py --preset resnet20-cifar10              # GPU-sized
     .venv/bin/python experiments/reproduce.py --preset mobilenetv1-imagenet --synthetic --image-size 32 \
         --methods SWAP-fixed --sparsities 0.9                # the prune step alone, random data
@@ -91,6 +92,9 @@ PRESETS = {
     "lenet5-fashion-mnist": Preset("fashion_mnist", lambda: _models().LeNet5(), (28, 28, 1), epochs=3, lr=1e-3,
                                    fisher_examples=1000, stages=8, modes=("one-shot", "gradual"),
                                    noises=("none", "2σ,25%"), seeds=(0, 1, 2, 3, 4)),
+    "vit-fashion-mnist": Preset("fashion_mnist", lambda: _models().ViT(), (28, 28, 1), epochs=10, lr=1e-3,
+                                fisher_examples=1000, stages=8, sparsities=(0.5, 0.7, 0.9),
+                                modes=("one-shot", "gradual"), noises=("none", "2σ,25%"), seeds=(0, 1, 2, 3, 4)),
     "mlpnet-mnist": Preset("mnist", MLPNet, (784,), epochs=5, lr=1e-3, fisher_examples=1000, stages=14,
                            modes=("one-shot", "gradual"), flatten=True, noises=tuple(NOISE)),
     "resnet20-cifar10": Preset("cifar10", lambda: _models().ResNet20(), (32, 32, 3), epochs=100, lr=1e-3,

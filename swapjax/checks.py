@@ -179,14 +179,16 @@ def sparsity(value, name: str = "sparsity") -> float:
 
 
 def stages(value) -> None:
-    """An int T ≥ 1 (not a bool) or a sequence of numbers (not a string)."""
+    """"auto", an int T ≥ 1 (not a bool) or a sequence of numbers (not another string)."""
+    if isinstance(value, str) and value == "auto":
+        return
     if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)):
-        raise ValueError(f"stages: expected an integer ≥ 1 or a sequence of sparsities, got {_show(value)}")
+        raise ValueError(f"stages: expected \"auto\", an integer ≥ 1 or a sequence of sparsities, got {_show(value)}")
     if isinstance(value, numbers.Integral):
         integer("stages", value, 1)
         return
     if isinstance(value, numbers.Number) or not hasattr(value, "__iter__"):
-        raise ValueError(f"stages: expected an integer ≥ 1 or a sequence of sparsities, got {_show(value)}")
+        raise ValueError(f"stages: expected \"auto\", an integer ≥ 1 or a sequence of sparsities, got {_show(value)}")
     for s in value:
         real("stages (each sparsity)", s, 0.0, 1.0, hi_open=True)
 

@@ -69,6 +69,10 @@ class PruneResult:
         return pytree.sparsity_summary(self.masks)
 
 
+#: Stages of ``stages="auto"`` (the cubic schedule) where the one-shot comparison runs.
+AUTO_STAGES = 8
+
+
 def kept_count(sparsity: float, p: int) -> int:
     """k = round((1 − sparsity)·p), the number of weights kept."""
     return int(round((1 - sparsity) * p))
@@ -80,7 +84,7 @@ def prune(
     batch: PyTree,
     sparsity: float = 0.9,
     method=None,
-    stages: schedules.Schedule = 1,
+    stages: schedules.Schedule | str = "auto",
     select: Optional[Select] = None,
     key: Optional[jax.Array] = None,
     noise: Optional[GradientNoise] = None,
@@ -125,6 +129,15 @@ def prune(
     whichever has the lower held-out loss (``result.one_shot``). Methods
     without "auto" values use the whole batch and no selection.
 
+    The schedule (``stages="auto"``, the default). Where that comparison runs
+    (a method that selects on held-out examples, no ``finetune``), ``"auto"``
+    prunes gradually in ``AUTO_STAGES`` = 8 stages of the cubic schedule and
+    returns the better of the gradual and the one-shot network by held-out
+    loss: never worse than one-shot on those examples, at about 1.5–3× its
+    time. With ``finetune``, it is 8 stages (fine-tuned between them). For any
+    other method (Magnitude, WoodFisher, a fixed λ) it is one stage.
+    ``stages=1`` is always the one-shot prune of the papers.
+
     Every argument is checked (types included) before any gradient is
     computed; a wrong one is a ValueError naming it (a method class instead of
     an instance is a TypeError). NaN or inf in ``params`` names the leaf, a NaN
@@ -141,8 +154,9 @@ def prune(
         sparsity: the final fraction of prunable weights set to zero, in [0, 1).
         method (object): ``SWAP()`` (default), ``LR()``, ``Magnitude()``,
             ``WoodFisher()``, or any object with ``solve(X, w_bar, k)``.
-        stages: an int T (the cubic schedule with T stages; 1 = one-shot) or a
-            sequence of sparsities s_1 ≤ … ≤ s_T ending at ``sparsity``.
+        stages: ``"auto"`` (default; see "The schedule" above), an int T (the
+            cubic schedule with T stages; 1 = the one-shot prune of the papers)
+            or a sequence of sparsities s_1 ≤ … ≤ s_T ending at ``sparsity``.
         select: None (the kernels, see above) or ``select(path, leaf) ->
             bool`` narrowing that rule; wrap it in ``swapjax.allow_vectors`` to
             allow any leaf.
@@ -228,7 +242,7 @@ def prune(
     chunk_size = checks.integer("chunk_size", chunk_size, 1)
     progress = checks.boolean("progress", progress)
     checks.choice("mode", mode, ("auto", "in-memory", "matrix-free"))
-    levels = schedules.resolve(stages, sparsity)
+    levels = None if stages == "auto" else schedules.resolve(stages, sparsity)
     lay = pytree.layout(params, select)
     checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
     batch_size(batch)
@@ -242,6 +256,9 @@ def prune(
         )
     selects = getattr(method, "selects", False)
     batch, val_batch = _split_held_out(batch, val_batch, holdout if selects else 0.0)
+    if levels is None:  # "auto": gradual where one-shot is compared with it on held-out loss, or fine-tuned
+        compared = selects and val_batch is not None and finetune is None
+        levels = schedules.resolve(AUTO_STAGES if compared or finetune is not None else 1, sparsity)
     n = batch_size(batch)
     devices = resolve_devices(devices, n)  # ValueError naming N and d before any gradient
     if devices is not None and mode == "matrix-free":

@@ -309,7 +309,7 @@ def _check_prune_invariants(spec, sparsity, seed):
     k = int(np.round((1 - sparsity) * p))
     if k < 1:
         return
-    res = swapjax.prune(_feature_loss, params, batch, sparsity=sparsity, method=_METHOD, progress=False)
+    res = swapjax.prune(_feature_loss, params, batch, sparsity=sparsity, method=_METHOD, stages=1, progress=False)
 
     # the inputs are not mutated
     for a, b in zip(jax.tree_util.tree_leaves((params, batch)), jax.tree_util.tree_leaves((params_copy, batch_copy))):

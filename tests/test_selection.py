@@ -15,6 +15,7 @@ from test_methods import _cancelling_pairs, _np_objective, _np_ridge_on_support
 import swapjax
 from swapjax import iht as iht_lib
 from swapjax import pytree
+from swapjax.prune import AUTO_STAGES
 from swapjax.methods import DEFAULT_LAM, EPSILON_PATH, LAM_PATH, _walk
 
 # with scores that rise away from the first λ (DEFAULT_LAM), the walk tries it and both neighbours
@@ -228,7 +229,7 @@ def test_prune_selects_on_held_out_examples(trained_mlp, digits, capsys):
     x, y = digits
     batch = {"x": jnp.asarray(x[:60]), "y": jnp.asarray(y[:60])}
     val = {"x": jnp.asarray(x[1000:1040]), "y": jnp.asarray(y[1000:1040])}
-    res = swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.8, method=swapjax.SWAP(), val_batch=val)
+    res = swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.8, method=swapjax.SWAP(), stages=1, val_batch=val)
     (info,) = res.info
     assert len(info.candidates) >= 2 + len(EPSILON_PATH) + 2  # at least two λ, every ε, the two searches
     assert [c.support for c in info.candidates[-2:]] == ["swap", "obs"]  # s = 0.8 ≥ obs_sparsity
@@ -250,7 +251,7 @@ def test_prune_selects_on_held_out_examples(trained_mlp, digits, capsys):
             seen.append((X.shape[0], kw.get("score") is not None))
             return super().solve(X, *a, **kw)
 
-    swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.8, method=Spy(), progress=False)
+    swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.8, method=Spy(), stages=1, progress=False)
     swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.8, method=Spy(lam=0.01), progress=False)
     assert seen == [(48, True), (60, False)]
 
@@ -267,3 +268,17 @@ def test_gradual_keeps_the_better_of_gradual_and_one_shot(trained_mlp, digits):
     assert loss == pytest.approx(res.one_shot[kept], rel=1e-5)
     lay = pytree.layout(res.params)
     assert int(jnp.sum(pytree.flatten(res.params, lay) != 0)) == swapjax.kept_count(0.9, lay.size)
+
+
+def test_auto_schedule_is_gradual_where_compared_and_one_shot_elsewhere(trained_mlp, digits):
+    x, y = digits
+    batch = {"x": jnp.asarray(x[:60]), "y": jnp.asarray(y[:60])}
+    auto = swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.9, method=swapjax.LR(), progress=False)
+    levels = swapjax.cubic_schedule(0.9, AUTO_STAGES)
+    assert [i.sparsity for i in auto.info] == list(levels[1:])  # the first stage keeps every weight
+    assert auto.one_shot["kept"] == min(("gradual", "one-shot"), key=lambda kind: auto.one_shot[kind])
+    for method in (swapjax.LR(lam=0.01), swapjax.Magnitude()):  # nothing to compare on: one-shot
+        fixed = swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.9, method=method, progress=False)
+        assert [i.sparsity for i in fixed.info] == [0.9] and fixed.one_shot is None
+    with pytest.raises(ValueError, match=r'stages: expected "auto", an integer'):
+        swapjax.prune(mlp_loss, trained_mlp, batch, stages="gradual", progress=False)

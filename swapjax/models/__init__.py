@@ -1,8 +1,9 @@
-"""Flax models of the paper's experiments, and LeNet-5 as a small CNN."""
+"""Flax models of the paper's experiments, LeNet-5 as a small CNN and a small ViT."""
 from .lenet5 import LeNet5
 from .mlpnet import MLPNet
 from .mobilenetv1 import MobileNetV1
 from .resnet20 import ResNet20
 from .resnet50 import ResNet50
+from .vit import ViT
 
-__all__ = ["MLPNet", "LeNet5", "ResNet20", "MobileNetV1", "ResNet50"]
+__all__ = ["MLPNet", "LeNet5", "ResNet20", "MobileNetV1", "ResNet50", "ViT"]

@@ -1,6 +1,6 @@
 """What the default schedule (``stages="auto"``) buys and costs: one-shot, 8-stage gradual, and auto.
 
-    .venv/bin/python experiments/bench_auto.py          # → experiments/results/bench_auto.json (CPU, ~20 min)
+    .venv/bin/python experiments/bench_auto.py          # → experiments/results/bench_auto.json (CPU, ~25 min)
 
 For the MLPNet preset at 0.9 and the ViT preset at 0.7 (experiments/reproduce.py: Fashion-MNIST,
 the dense model of each seed trained or restored under runs/<preset>/, N = 1000 examples for X and

@@ -92,7 +92,7 @@ PRESETS = {
     "lenet5-fashion-mnist": Preset("fashion_mnist", lambda: _models().LeNet5(), (28, 28, 1), epochs=3, lr=1e-3,
                                    fisher_examples=1000, stages=8, modes=("one-shot", "gradual"),
                                    noises=("none", "2σ,25%"), seeds=(0, 1, 2, 3, 4)),
-    "vit-fashion-mnist": Preset("fashion_mnist", lambda: _models().ViT(), (28, 28, 1), epochs=10, lr=1e-3,
+    "vit-fashion-mnist": Preset("fashion_mnist", lambda: _models().ViT(), (28, 28, 1), epochs=5, lr=1e-3,
                                 fisher_examples=1000, stages=8, sparsities=(0.5, 0.7, 0.9),
                                 modes=("one-shot", "gradual"), noises=("none", "2σ,25%"), seeds=(0, 1, 2, 3, 4)),
     "mlpnet-mnist": Preset("mnist", MLPNet, (784,), epochs=5, lr=1e-3, fisher_examples=1000, stages=14,

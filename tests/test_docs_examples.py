@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -51,6 +52,13 @@ def test_readme_examples(tmp_path, monkeypatch):
     net, masks = ns["net"], ns["nnx_result"].masks
     assert np.array_equal(np.asarray(net.l1.kernel[...]) != 0, np.asarray(masks["l1"]["kernel"].value))
     assert ns["nnx_result"].summary()["total"]["kept"] == swapjax.kept_count(0.9, p)
+    # a transformer: every kernel pruned, exactly k kept; tokens, positions and biases untouched
+    vit = ns["vit_result"]
+    assert vit.summary()["total"]["kept"] == swapjax.kept_count(0.7, 9024)
+    flat = {jax.tree_util.keystr(path, simple=True, separator="/"): m for path, m in
+            jax.tree_util.tree_flatten_with_path(vit.masks, is_leaf=lambda m: m is None)[0]}
+    assert all((m is not None) == name.endswith("kernel") for name, m in flat.items())
+    assert {"cls", "pos_embedding", "attn/query/bias"} <= set(flat) and _zero_off_mask(vit.params, vit.masks)
     # fine-tuning: the tuned weights moved, the pruned ones are still exactly 0
     gradual, tuned = ns["gradual"], ns["tuned"]
     assert len(gradual.info) >= 1 and _zero_off_mask(tuned["params"], gradual.masks)

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from . import checks, pytree
-from .loss_check import check_loss_fn
 from .gradients import (DEFAULT_CHUNK, _ChunkProgress, batch_size, chunk_losses_and_grads, chunk_starts,
                         column_sq_norms)
+from .loss_check import check_loss_fn
 from .pytree import PyTree, Select
 
 #: Bytes of per-sample gradients one chunk of :func:`linearized_gradients` may hold (c·p·4 ≤ this).

@@ -134,8 +134,9 @@ def prune(
     prunes gradually in ``AUTO_STAGES`` = 8 stages of the cubic schedule and
     returns the better of the gradual and the one-shot network by held-out
     loss: never worse than one-shot on those examples, at a median 1.5× (a
-    ViT) to 3.4× (an MLP) the one-shot call's time. With ``finetune``, it is 8 stages (fine-tuned between them). For any
-    other method (Magnitude, WoodFisher, a fixed λ) it is one stage.
+    ViT) to 3.4× (an MLP) the one-shot call's time. With ``finetune``, it is
+    8 stages, fine-tuned between them. For any other method (Magnitude,
+    WoodFisher, a fixed λ) it is one stage.
     ``stages=1`` is always the one-shot prune of the papers.
 
     Every argument is checked (types included) before any gradient is

@@ -44,10 +44,7 @@ def path_name(path) -> str:
 def leaf_name(path) -> str:
     """The leaf's own name, the last key of its path: 'kernel' for 'Dense_0/kernel' and for NNX's
     'query/kernel/value' (the Variable's ``.value`` is skipped)."""
-    keys = list(path)
-    if len(keys) > 1 and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
-        keys.pop()
-    return path_name(keys[-1:]) if keys else ""
+    return _own_name(path_name(path))
 
 
 # Words that name a leaf that is not the weight matrix of a linear map. A word of the leaf's own name

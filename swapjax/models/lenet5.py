@@ -11,6 +11,13 @@ import jax
 import jax.numpy as jnp
 
 
+def as_images(x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+    """(B, 28, 28, 1) float32 images from (..., 28, 28, 1) or (..., 784), and the leading axes (...)."""
+    x = jnp.asarray(x, jnp.float32)
+    batch = x.shape[:-1] if x.shape[-1] == 784 else x.shape[:-3]
+    return x.reshape((-1, 28, 28, 1)), batch
+
+
 class LeNet5(nn.Module):
     """LeNet-5 on (..., 28, 28, 1) or (..., 784) images; returns logits (..., num_classes).
 
@@ -22,9 +29,7 @@ class LeNet5(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.asarray(x, jnp.float32)
-        batch = x.shape[:-1] if x.shape[-1] == 784 else x.shape[:-3]
-        x = x.reshape((-1, 28, 28, 1))
+        x, batch = as_images(x)
         x = nn.avg_pool(nn.relu(nn.Conv(6, (5, 5), padding="SAME", name="conv1")(x)), (2, 2), (2, 2))
         x = nn.avg_pool(nn.relu(nn.Conv(16, (5, 5), padding="VALID", name="conv2")(x)), (2, 2), (2, 2))
         x = x.reshape((x.shape[0], -1))

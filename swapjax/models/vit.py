@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .lenet5 import as_images
+
 
 class EncoderBlock(nn.Module):
     """x + MHA(LN(x)), then + MLP(LN(x)): the pre-norm transformer block."""
@@ -46,9 +48,7 @@ class ViT(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.asarray(x, jnp.float32)
-        batch = x.shape[:-1] if x.shape[-1] == 784 else x.shape[:-3]
-        x = x.reshape((-1, 28, 28, 1))
+        x, batch = as_images(x)
         x = nn.Conv(self.dim, (self.patch, self.patch), strides=(self.patch, self.patch), padding="VALID",
                     name="patch_embed")(x)
         x = x.reshape((x.shape[0], -1, self.dim))  # (B, 16, dim): the patches in raster order

@@ -16,6 +16,7 @@ are used exactly as given.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -194,6 +195,16 @@ class LR:
     def selects(self) -> bool:
         """True when some value is "auto": ``solve`` then needs a ``score`` to choose it."""
         return self.lam == "auto"
+
+    def without_search(self) -> "LR":
+        """This method with its λ selection alone: LR's targets y where ε is "auto", no swap search
+        and no OBS start. The fit of the stages before the last under ``prune(stages="auto")``, where
+        measurement found the ε path and the searches changed nothing but the time."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(LR)}
+        fields.update(swap_rounds=0, obs_sparsity=None)
+        if self._epsilon_first() is None:
+            return LR(**fields)
+        return dataclasses.replace(self, **fields)
 
     def solve(self, X, w_bar, k, w_start=None, duals=None, score: Optional[Score] = None):
         """k-sparse w for the problem (X ∈ R^{N×p}, w̄ ∈ R^p, k) → (w, SolveInfo).

@@ -257,9 +257,12 @@ def prune(
         )
     selects = getattr(method, "selects", False)
     batch, val_batch = _split_held_out(batch, val_batch, holdout if selects else 0.0)
+    stage_method = {}  # stage → the method of its solve where it is not ``method``
     if levels is None:  # "auto": gradual where one-shot is compared with it on held-out loss, or fine-tuned
         compared = selects and val_batch is not None and finetune is None
         levels = schedules.resolve(AUTO_STAGES if compared or finetune is not None else 1, sparsity)
+        if compared and hasattr(method, "without_search"):  # the stages before the last: λ alone
+            stage_method = dict.fromkeys(range(1, len(levels)), method.without_search())
     n = batch_size(batch)
     devices = resolve_devices(devices, n)  # ValueError naming N and d before any gradient
     if devices is not None and mode == "matrix-free":
@@ -288,7 +291,7 @@ def prune(
 
         return score
 
-    def run_stage(t, s, current, w, w_dense, duals):
+    def run_stage(t, s, current, w, w_dense, duals, method=method):
         k = kept_count(s, p)
         t0 = time.perf_counter()
         if mode == "matrix-free":
@@ -304,7 +307,7 @@ def prune(
         w_bar = w_dense if anchor == "dense" else w
         layers = {"segments": lay.offsets} if getattr(method, "needs_segments", False) else {}
         score = held_out_loss(current)
-        extra = {"score": score} if score is not None and selects else {}
+        extra = {"score": score} if score is not None and getattr(method, "selects", False) else {}
         w_new, info = method.solve(X, w_bar, k, w_start=w, duals=duals, **layers, **extra)
         w_new.block_until_ready()
         t2 = time.perf_counter()
@@ -343,7 +346,7 @@ def prune(
             + (f", Sinkhorn {stage.sinkhorn_iterations} its" if stage.sinkhorn_iterations else "")
             + (f", held-out loss {stage.held_out_loss:.4g}" if math.isfinite(stage.held_out_loss) else "")
             + (f" (λ={chosen.lam:g} [absolute {stage.lam_absolute:.3g}], ε={chosen.epsilon}{_kind(chosen)})"
-               if chosen else "")
+               if chosen else f" (λ={stage.lam:g} [absolute {stage.lam_absolute:.3g}])" if math.isfinite(stage.lam) else "")
             + f", {stage.gradient_seconds:.2f}s grads + {stage.solve_seconds:.2f}s solve"
         )
         return w_new, info, stage
@@ -357,7 +360,7 @@ def prune(
     for t, s in enumerate(levels, start=1):
         if kept_count(s, p) == p:
             continue
-        w, solve_info, stage = run_stage(t, s, current, w, w_dense, duals)
+        w, solve_info, stage = run_stage(t, s, current, w, w_dense, duals, stage_method.get(t, method))
         duals, mask = solve_info.duals, solve_info.support
         infos.append(stage)
         current = pytree.unflatten(w, current, lay)

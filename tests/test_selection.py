@@ -282,3 +282,31 @@ def test_auto_schedule_is_gradual_where_compared_and_one_shot_elsewhere(trained_
         assert [i.sparsity for i in fixed.info] == [0.9] and fixed.one_shot is None
     with pytest.raises(ValueError, match=r'stages: expected "auto", an integer'):
         swapjax.prune(mlp_loss, trained_mlp, batch, stages="gradual", progress=False)
+
+
+@pytest.mark.parametrize("method, expected", [
+    (swapjax.LR(), swapjax.LR(swap_rounds=0, obs_sparsity=None)),
+    (swapjax.LR(lam=0.01, cg_iters=7), swapjax.LR(lam=0.01, cg_iters=7, swap_rounds=0, obs_sparsity=None)),
+    (swapjax.SWAP(max_iters=9), swapjax.LR(max_iters=9, swap_rounds=0, obs_sparsity=None)),
+    (swapjax.SWAP(epsilon=0.5), swapjax.SWAP(epsilon=0.5, swap_rounds=0, obs_sparsity=None)),
+])
+def test_without_search_keeps_the_lam_selection_alone(method, expected):
+    assert method.without_search() == expected
+
+
+def test_auto_schedule_searches_only_at_the_last_stage(trained_mlp, digits):
+    """The stages before the last choose λ alone (LR's targets, no swap or OBS candidates), as the same
+    schedule run with ``without_search()`` does (same objectives); the last stage runs the whole path."""
+    x, y = digits
+    batch = {"x": jnp.asarray(x[:60]), "y": jnp.asarray(y[:60])}
+    auto = swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.9, method=swapjax.SWAP(), progress=False)
+    *early, last = auto.info
+    assert all({c.support for c in i.candidates} <= {"iht", "ridge"} and i.epsilon is None for i in early)
+    assert all(c.epsilon is None for i in early for c in i.candidates)
+    assert {"swap", "obs"} <= {c.support for c in last.candidates} and len({c.epsilon for c in last.candidates}) > 1
+    levels = swapjax.cubic_schedule(0.9, AUTO_STAGES)[:-1]
+    light = swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=levels[-1], stages=levels,
+                          method=swapjax.SWAP().without_search(), finetune=lambda p, m, t: p, progress=False)
+    assert [i.k for i in light.info] == [i.k for i in early]
+    np.testing.assert_allclose([i.objective for i in light.info], [i.objective for i in early], rtol=1e-5)
+    np.testing.assert_allclose([i.held_out_loss for i in light.info], [i.held_out_loss for i in early], rtol=1e-5)

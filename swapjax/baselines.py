@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import iht as iht_lib
 from . import transport
+from .constraints import Groups, as_groups
 from .methods import SolveInfo, prepare_problem
 from .operators import GradientOperator, linear, matmul
 
@@ -139,18 +139,21 @@ class Magnitude:
         segments: layer offsets (0 = o_0 ≤ o_1 ≤ … ≤ o_L = p), needed for scope="layer",
         ignored for scope="global".
         """
-        X, w_bar, w_start, k, duals = prepare_problem(X, w_bar, k, w_start, duals)
+        X, w_bar, w_start, groups, duals = prepare_problem(X, w_bar, k, w_start, duals)
         p = X.shape[1]
         if self.scope == "global":
-            w, support, trace, y = _magnitude_global(X, w_bar, w_start, jnp.asarray(k))
+            w, support, trace, y = _magnitude_global(X, w_bar, w_start, groups)
         else:
             if segments is None:
                 raise ValueError(
                     "segments: Magnitude(scope='layer') needs the layer offsets, "
                     "solve(X, w_bar, k, segments=swapjax.pytree.layout(params).offsets)"
                 )
+            if groups.ids is not None:
+                raise ValueError(f"k: Magnitude(scope='layer') sets its own per-layer counts; with a constraint "
+                                 f"({groups.label}) use Magnitude()")
             seg = _check_segments(segments, p)
-            counts = layer_quotas(k, [b - a for a, b in zip(seg, seg[1:])])
+            counts = layer_quotas(int(groups.k), [b - a for a, b in zip(seg, seg[1:])])
             w, support, trace, y = _magnitude_layers(seg, X, w_bar, w_start, jnp.asarray(counts))
         return w, _info(y, w, support, trace, duals)
 
@@ -158,7 +161,7 @@ class Magnitude:
 @jax.jit
 def _magnitude_global(X, w_bar, w_start, k):
     y = linear(X).mv(w_bar)
-    support = iht_lib.hard_threshold_mask(w_start, k)
+    support = as_groups(k).project(w_start)
     w = jnp.where(support, w_start, 0)
     return w, support, _f(X, w, y)[None], y
 
@@ -168,14 +171,14 @@ def _magnitude_layers(segments, X, w_bar, w_start, counts):
     X = linear(X)
     y = X.mv(w_bar)
     parts = [
-        iht_lib.hard_threshold_mask(w_start[a:b], counts[i])
+        Groups.top_k(counts[i]).project(w_start[a:b])
         for i, (a, b) in enumerate(zip(segments[:-1], segments[1:]))
         if b > a
     ]
     support = jnp.concatenate(parts)
     w = jnp.where(support, w_start, 0)
     # trace[0] is f at the global H_k(w_start), the starting point every method shares
-    start_support = iht_lib.hard_threshold_mask(w_start, jnp.sum(counts))
+    start_support = Groups.top_k(jnp.sum(counts)).project(w_start)
     start = _f(X, jnp.where(start_support, w_start, 0), y)
     return w, support, jnp.stack([start, _f(X, w, y)]), y
 
@@ -246,7 +249,7 @@ class WoodFisher:
                              "columns), got a GradientOperator; prune with mode='in-memory', or use LR, SWAP or Magnitude")
         X, w_bar, w_start, k, duals = prepare_problem(X, w_bar, k, w_start, duals)
         w, support, trace, y = _woodfisher(
-            float(self.damp), self.update, min(self.block_size, X.shape[1]), X, w_bar, w_start, jnp.asarray(k)
+            float(self.damp), self.update, min(self.block_size, X.shape[1]), X, w_bar, w_start, k
         )
         return w, _info(y, w, support, trace, duals)
 
@@ -303,8 +306,9 @@ def _woodfisher(damp, update, block, X, w_bar, w_start, k):
     U, c, diag = _woodbury_factors(X, damp, block)
     w = w_start
     scores = w * w / (2 * diag)
-    support = iht_lib.hard_threshold_mask(scores, k)
-    start = _f(X, jnp.where(iht_lib.hard_threshold_mask(w, k), w, 0), y)
+    k = as_groups(k)
+    support = k.project(scores)
+    start = _f(X, jnp.where(k.project(w), w, 0), y)
     masked = jnp.where(support, w, 0)
     trace = [start, _f(X, masked, y)]
     if update:

@@ -35,7 +35,7 @@ from . import checks, pytree, transport
 from .gradients import DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, per_sample_grads
 from .loss_check import check_loss_fn
 from .methods import DEFAULT_EPSILON, SolveInfo, check_problem
-from .prune import kept_count
+from .constraints import kept_count
 from .pytree import PyTree, Select
 
 #: Relative ε of the EWR objective's plan: the same scale (cost (y_i − z_j)²/Var(y))
@@ -171,7 +171,7 @@ def compare(
         True
     """
     checks.methods(methods)
-    k = check_problem(X, w_bar, k)
+    count = int(check_problem(X, w_bar, k).k)  # k may be an int or a swapjax.constraints.Groups
     X = jnp.asarray(X)
     w_bar = jnp.asarray(w_bar, X.dtype)
     n, p = X.shape
@@ -185,14 +185,14 @@ def compare(
     _check_options(evaluate, epsilon, sinkhorn_threshold, sinkhorn_max_iters, warmup, progress)
     checks.callable_or_none("unflatten", unflatten, "a function unflatten(w) -> model")
     log = (lambda msg: print(f"[swapjax.compare] {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
-    log(f"N={n}, p={p}, k={k} (sparsity {1 - k / p:.4f}), {len(methods)} method(s)")
+    log(f"N={n}, p={p}, k={count} (sparsity {1 - count / p:.4f}), {len(methods)} method(s)")
     y = _project(X, w_bar)
 
     results = {}
     for name, method in methods.items():
         name = str(name)
         try:
-            r = _run_one(name, method, X, w_bar, k, y, w_start, segments, evaluate, unflatten,
+            r = _run_one(name, method, X, w_bar, k, count, y, w_start, segments, evaluate, unflatten,
                          epsilon, sinkhorn_threshold, sinkhorn_max_iters, warmup)
         except Exception as e:  # noqa: BLE001 — one failing method must not stop the others
             r = MethodResult(name, None, 0, math.nan, math.nan, False, math.nan,
@@ -237,7 +237,7 @@ def _check_options(evaluate, epsilon, sinkhorn_threshold, sinkhorn_max_iters, wa
     checks.boolean("progress", progress)
 
 
-def _run_one(name, method, X, w_bar, k, y, w_start, segments, evaluate, unflatten,
+def _run_one(name, method, X, w_bar, k, count, y, w_start, segments, evaluate, unflatten,
              epsilon, threshold, max_iters, warmup) -> MethodResult:
     """Solve, time, check and measure one method (what raises is recorded by :func:`compare`)."""
     p = X.shape[1]
@@ -254,8 +254,8 @@ def _run_one(name, method, X, w_bar, k, y, w_start, segments, evaluate, unflatte
         return MethodResult(name, None, 0, nan, nan, False, seconds, info=info, error=error)
     error = tb = None
     kept = int(jnp.count_nonzero(w))
-    if kept > k:
-        error = f"ValueError: solve returned {kept} non-zeros, more than k = {k}"
+    if kept > count:
+        error = f"ValueError: solve returned {kept} non-zeros, more than k = {count}"
     local = local_objective(X, w, w_bar)
     ewr, plan = ewr_objective(y, _project(X, w), epsilon, threshold, max_iters)
     accuracy = loss = None

@@ -1,8 +1,10 @@
 """Iterative hard thresholding on "least squares with targets", shared by LR and SWAP.
 
-    f(w) = ½‖Xw − t‖² + (Nλ/2)‖w − w̄‖²   subject to ‖w‖₀ ≤ k
+    f(w) = ½‖Xw − t‖² + (Nλ/2)‖w − w̄‖²   subject to w's support feasible (‖w‖₀ ≤ k by default)
 
-LR takes t = y = Xw̄; SWAP takes t = ỹ = N·πᵀy (docs/methods.md). Each step
+LR takes t = y = Xw̄; SWAP takes t = ỹ = N·πᵀy (docs/methods.md). The constraint is a
+:class:`swapjax.constraints.Groups` (an int k is the global top-k): it owns the projection H
+(the hard threshold), and every step stays feasible. Each step
 follows CHITA's line search: gradient g = Xᵀ(Xw − t) + Nλ(w − w̄); the exact
 minimising step τ* on the current support (f is quadratic along −g_S); the
 support-change step τ_c, the largest step that keeps the top-k support of
@@ -23,29 +25,8 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
 
+from .constraints import Groups, as_groups, hard_threshold_mask  # noqa: F401  (hard_threshold_mask: re-exported)
 from .operators import linear, matmul
-
-
-@jax.jit
-def hard_threshold_mask(v: jax.Array, k) -> jax.Array:
-    """Boolean mask of the k largest |v_i|, exactly k True; ties go to the lower index.
-
-    k is traced (one compilation per shape of v). The k-th largest |v| is found by a radix select on the
-    float's bit pattern (monotone for non-negative floats): one O(p) count per
-    bit instead of an O(p log p) sort.
-    """
-    a = jnp.abs(v)
-    int_type = {4: jnp.int32, 8: jnp.int64, 2: jnp.int16}[a.dtype.itemsize]
-    bits = jax.lax.bitcast_convert_type(a, int_type)
-    width = 8 * a.dtype.itemsize - 1  # the sign bit is 0
-
-    def set_bit_if_k_remain(i, kth):
-        trial = kth | (jnp.ones((), int_type) << jnp.asarray(width - 1 - i, int_type))
-        return jnp.where(jnp.sum(bits >= trial) >= k, trial, kth)
-
-    kth = jax.lax.fori_loop(0, width, set_bit_if_k_remain, jnp.zeros((), int_type))
-    above, ties = bits > kth, bits == kth
-    return above | (ties & (jnp.cumsum(ties) <= k - jnp.sum(above)))
 
 
 def objective(X, w, t, w_bar, lam) -> jax.Array:
@@ -70,13 +51,14 @@ def exact_step(X, g_s, lam, xg=None) -> jax.Array:
     return jnp.where(curvature > 0, gg / jnp.where(curvature > 0, curvature, 1), 0)
 
 
-def support_change_step(w, g, support) -> jax.Array:
-    """τ_c = sup{τ ≥ 0 : |w_i − τg_i| ≥ τ·max_{j∉S}|g_j| for all i ∈ S}.
+def support_change_step(w, g, support, groups: Optional[Groups] = None) -> jax.Array:
+    """τ_c = sup{τ ≥ 0 : |w_i − τg_i| ≥ τ·max_{j∉S, j in i's group}|g_j| for all i ∈ S}.
 
     For i ∈ S with a = |w_i|, b = sign(w_i)·g_i the bound fails first at
-    τ = a / (b + G), G = max_{j∉S}|g_j|; +inf when nothing outside S can enter.
+    τ = a / (b + G_i), G_i = max |g_j| over the pruned j of i's group (one group
+    by default); +inf when nothing outside S can enter.
     """
-    G = jnp.max(jnp.where(support, -jnp.inf, jnp.abs(g)))
+    G = (groups or Groups.top_k(1)).group_max(jnp.where(support, -jnp.inf, jnp.abs(g)))
     a = jnp.abs(w)
     rate = jnp.sign(w) * g + G
     limits = jnp.where(support & (rate > 0), a / jnp.where(rate > 0, rate, 1), jnp.inf)
@@ -124,7 +106,8 @@ def iht(
     allowed: Optional[jax.Array] = None,
     resume: Optional[IHTResult] = None,
 ) -> tuple[IHTResult, object]:
-    """Minimise f over k-sparse w from H_k(w_start) (traceable; k may be traced).
+    """Minimise f over feasible w from H(w_start) (traceable; k, an int or a
+    :class:`swapjax.constraints.Groups`, may be traced).
 
     Stops after ``max_iters`` steps, when a step lowers f by at most ``tol``·f,
     or (if ``patience`` is given) once the support has stayed the same for
@@ -138,6 +121,7 @@ def iht(
     """
     A = linear(X)
     n = A.n
+    groups = as_groups(k)
 
     def at(w, t):
         residual = A.mv(w) - t
@@ -155,7 +139,7 @@ def iht(
         g_s = jnp.where(s.support, g, 0)
         xg = A.mv(g_s)
         tau_star = exact_step(A, g_s, lam, xg)
-        tau_c = support_change_step(s.w, g, s.support)
+        tau_c = support_change_step(s.w, g, s.support, groups)
 
         def along_support(tau):  # w − τg_S; its residual needs no product with X
             w = s.w - tau * g_s
@@ -163,7 +147,7 @@ def iht(
             return w, s.support, r, _objective(r, w, w_bar, lam)
 
         def threshold_at(tau):
-            support = hard_threshold_mask(s.w - tau * g, k)
+            support = groups.project(s.w - tau * g)
             w = jnp.where(support, s.w - tau * g, 0)
             return (w, support) + at(w, t)
 
@@ -199,7 +183,7 @@ def iht(
             done = done | (stable >= patience)
         return _State(w, support, r, new_obj, s.it + 1, done, stable, s.trace.at[s.it + 1].set(new_obj), t, aux_)
 
-    support0 = hard_threshold_mask(w_start, k)
+    support0 = groups.project(w_start)
     w0 = jnp.where(support0, w_start, 0)
     r0, obj0 = at(w0, targets)
     if resume is None:
@@ -215,31 +199,33 @@ def active_set_iht(X, targets, w_bar, w_start, k, lam, grow: float, max_rounds: 
     """CHITA's active-set phase: IHT restricted to an active set A, grown until no
     coordinate outside A would enter the support.
 
-    A starts as the ⌈grow·k⌉ largest |w_start|. After IHT converges on A, a
+    A starts as the ⌈grow·k⌉ largest |w_start| and H(w_start). After IHT converges on A, a
     coordinate j ∉ A enters A when the exact step τ* along the full gradient
-    would lift |τ*·g_j| above the smallest kept |w_i − τ*g_i|; stop when none
+    would lift |τ*·g_j| above the smallest kept |w_i − τ*g_i| of its group; stop when none
     does or after ``max_rounds``. Each round starts where the last ended, so f
     never increases; the rounds share one budget of ``max_iters`` IHT steps
     and one trace. Returns (IHTResult, aux, rounds).
     """
     A = linear(X)
-    allowed0 = hard_threshold_mask(w_start, jnp.minimum(A.p, jnp.ceil(grow * k)).astype(jnp.int32))
+    groups = as_groups(k)
+    pool = Groups.top_k(jnp.minimum(A.p, jnp.ceil(grow * groups.k)).astype(jnp.int32))
+    allowed0 = pool.project(w_start) | groups.project(w_start)
 
     def entering(result):
         g = A.rmv(A.mv(result.w) - result.targets) + A.n * lam * (result.w - w_bar)
         tau = exact_step(A, jnp.where(result.support, g, 0), lam)
-        smallest_kept = jnp.min(jnp.where(result.support, jnp.abs(result.w - tau * g), jnp.inf))
+        smallest_kept = -groups.group_max(jnp.where(result.support, -jnp.abs(result.w - tau * g), -jnp.inf))
         return tau * jnp.abs(g) > smallest_kept
 
     def body(c):
         rounds, allowed, result, aux, _ = c
         new = entering(result) & ~allowed
         allowed = allowed | new
-        result, aux = iht(A, result.targets, w_bar, result.w, k, lam, allowed=allowed, aux=aux,
+        result, aux = iht(A, result.targets, w_bar, result.w, groups, lam, allowed=allowed, aux=aux,
                           resume=result, **iht_args)
         return rounds + 1, allowed, result, aux, jnp.any(new)
 
-    result, aux = iht(A, targets, w_bar, w_start, k, lam, allowed=allowed0, aux=aux, **iht_args)
+    result, aux = iht(A, targets, w_bar, w_start, groups, lam, allowed=allowed0, aux=aux, **iht_args)
     rounds, _, result, aux, _ = jax.lax.while_loop(
         lambda c: c[4] & (c[0] < max_rounds), body, (0, allowed0, result, aux, True)
     )
@@ -274,7 +260,8 @@ def support_gram(X, support, width: Optional[int] = None) -> jax.Array:
 
 
 def obs_support(X, w, k, lam, width: int) -> jax.Array:
-    """The k weights of largest OBS saliency ρ_q = w_q² / (2[H_A⁻¹]_qq), a k-support to start a search from.
+    """The feasible support of largest OBS saliency ρ_q = w_q² / (2[H_A⁻¹]_qq) (k: an int or Groups),
+    a support to start a search from.
 
     ρ_q is the rise of ½(v − w)ᵀH_A(v − w) when v_q = 0 and the other weights
     of the active set A are re-fitted (Optimal Brain Surgeon), with H_A =
@@ -286,7 +273,8 @@ def obs_support(X, w, k, lam, width: int) -> jax.Array:
     """
     n = X.shape[0]
     nl = n * lam
-    active = hard_threshold_mask(w, width)
+    groups = as_groups(k)
+    active = Groups.top_k(width).project(w)
     eye = jnp.eye(n, dtype=X.dtype)
     m_inv = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(support_gram(X, active, width) + nl * eye), eye)
     block = min(GRAM_BLOCK, width)
@@ -302,7 +290,7 @@ def obs_support(X, w, k, lam, width: int) -> jax.Array:
     valid = jnp.arange(blocks * block) < width  # the padding repeats column 0: it adds nothing
     values = jnp.where(valid, jax.lax.map(saliency_of, cols).reshape(-1), 0)
     saliency = jnp.zeros_like(w).at[cols.reshape(-1)].add(values)
-    return jnp.where(jnp.all(jnp.isfinite(m_inv)), hard_threshold_mask(saliency, k), hard_threshold_mask(w, k))
+    return jnp.where(jnp.all(jnp.isfinite(m_inv)), groups.project(saliency), groups.project(w))
 
 
 def _columns(X, idx, count):
@@ -437,7 +425,7 @@ def ridge_fit(X, targets, w_bar, support, lam, gram=None, w_init=None, cg_iters:
 
 
 def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: Optional[jax.Array], most: int,
-                cg_iters: int = CG_ITERS, col_sq: Optional[jax.Array] = None):
+                cg_iters: int = CG_ITERS, col_sq: Optional[jax.Array] = None, groups: Optional[Groups] = None):
     """Local search over k-supports around the backsolve: exchange kept and pruned weights while f falls.
 
     At w (the ridge solution on S, whose Gram G_S = X_S X_Sᵀ is ``gram``),
@@ -450,11 +438,14 @@ def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: Optional[
     m drops to a quarter of the pairs tried. m starts at min(⌈k/8⌉, ``most``)
     (``most`` static). Stops after ``rounds`` rounds, when no pair pays, or
     when m reaches 0. f never increases, |S| stays k. ``col_sq``: diag(XᵀX) if
-    known. Returns (w, support, f, weights exchanged).
+    known. ``groups``: the constraint (default one group); pairs are formed
+    within a group (:meth:`swapjax.constraints.Groups.pairs`), so every
+    exchange keeps the support feasible. Returns (w, support, f, weights exchanged).
     """
     A = linear(X)
     n, p = A.n, A.p
     k = jnp.sum(support)
+    groups = groups or Groups.top_k(k)
     h = (A.col_sq() if col_sq is None else col_sq) + n * lam
     rank = jnp.arange(most)
 
@@ -462,9 +453,8 @@ def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: Optional[
         i, w, support, gram, x_anchor, obj, g, m, swapped = c
         gain = jnp.where(support, -jnp.inf, g * g / (2 * h))
         cost = jnp.where(support, 0.5 * h * w * w - g * w, jnp.inf)
-        best_gain, into = jax.lax.top_k(gain, most)
-        least_cost, out = jax.lax.top_k(-cost, most)
-        size = jnp.minimum(jnp.sum(best_gain > -least_cost), m)  # the pairs that pay form a prefix
+        into, out, net = groups.pairs(gain, cost, most)
+        size = jnp.minimum(jnp.sum(net > 0), m)  # the pairs that pay form a prefix
         enter = jnp.zeros(p, bool).at[into].set(rank < size)
         leave = jnp.zeros(p, bool).at[out].set(rank < size)
         trial = (support & ~leave) | enter

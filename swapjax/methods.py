@@ -31,6 +31,7 @@ from . import checks
 from . import iht as iht_lib
 from . import transport
 from .gradients import check_finite, sharded_column_sq_norms
+from .constraints import Groups, as_groups, check_groups
 from .operators import GradientOperator, linear, matmul
 
 #: λ candidates of ``lam="auto"`` (relative to the Fisher's scale, half-decade steps), and the value
@@ -81,8 +82,9 @@ class SolveInfo(NamedTuple):
     chosen: Optional[int] = None  # the index of the returned candidate in ``candidates``
 
 
-def check_problem(X, w_bar, k, finite_x: bool = True) -> int:
-    """Validate a bare problem; returns k as an int. X: a matrix or a
+def check_problem(X, w_bar, k, finite_x: bool = True) -> Groups:
+    """Validate a bare problem; returns the constraint as :class:`swapjax.constraints.Groups` (an
+    integer k is the global top-k). X: a matrix or a
     :class:`swapjax.operators.GradientOperator` (checked finite when built).
     ``finite_x=False`` leaves X's finiteness to the caller."""
     if not isinstance(X, GradientOperator) and jnp.ndim(X) != 2:
@@ -92,16 +94,20 @@ def check_problem(X, w_bar, k, finite_x: bool = True) -> int:
         raise ValueError("X: N = 0 rows; at least one per-sample gradient is needed")
     if jnp.shape(w_bar) != (p,):
         raise ValueError(f"w_bar: expected shape ({p},) to match X's columns, got {jnp.shape(w_bar)}")
-    ok = isinstance(k, numbers.Integral) and not isinstance(k, (bool, np.bool_))
-    if isinstance(k, (jax.Array, np.ndarray)) and k.ndim == 0 and jnp.issubdtype(k.dtype, jnp.integer):
-        ok = True
-    if not ok or not 1 <= k <= p:
-        raise ValueError(f"k: must be an integer in [1, p] = [1, {p}], got {k!r}")
+    if isinstance(k, Groups):
+        groups = check_groups(k, p)
+    else:
+        ok = isinstance(k, numbers.Integral) and not isinstance(k, (bool, np.bool_))
+        if isinstance(k, (jax.Array, np.ndarray)) and k.ndim == 0 and jnp.issubdtype(k.dtype, jnp.integer):
+            ok = True
+        if not ok or not 1 <= k <= p:
+            raise ValueError(f"k: must be an integer in [1, p] = [1, {p}] or a swapjax.constraints.Groups, got {k!r}")
+        groups = Groups.top_k(int(k))
     if finite_x and not isinstance(X, GradientOperator):
         check_finite(X, "X")
     if not bool(jnp.all(jnp.isfinite(w_bar))):
         raise ValueError("w_bar: the dense weights contain NaN or inf")
-    return int(k)
+    return groups
 
 
 def prepare_problem(X, w_bar, k, w_start=None, duals=None, finite_x: bool = True):
@@ -223,7 +229,8 @@ class LR:
         standard error of the paired difference: LR's y is the default, and
         a lower mean that is within the held-out noise does not displace it.
         """
-        X, w_bar, w_start, k, duals = prepare_problem(X, w_bar, k, w_start, duals, finite_x=False)
+        X, w_bar, w_start, groups, duals = prepare_problem(X, w_bar, k, w_start, duals, finite_x=False)
+        k = int(groups.k)
         checks.callable_or_none("score", score, "a function score(w) -> float")
         col_sq = X.col_sq if isinstance(X, GradientOperator) else sharded_column_sq_norms(X)
         if not bool(jnp.all(jnp.isfinite(col_sq))):  # X's finiteness from diag(XᵀX): no pass of its own
@@ -239,8 +246,8 @@ class LR:
             scale = jnp.ones_like(scale)
         reference = None
         if self.backsolve:
-            reference = (col_sq,) + _magnitude_reference(_bucket(k, X.shape[1]), X, w_start, jnp.asarray(k))
-        problem = (X, w_bar, k, y, z, scale, reference)
+            reference = (col_sq,) + _magnitude_reference(_bucket(k, X.shape[1]), X, w_start, groups)
+        problem = (X, w_bar, groups, y, z, scale, reference)
         if score is None or not self.selects:
             return self._fit(problem, self._lam_value(), self._epsilon_value(), w_start, duals)
 
@@ -305,16 +312,17 @@ class LR:
 
     def _fit(self, problem, lam, eps, init, duals, rounds=None):
         """One solve at (λ, ε): targets, IHT from H_k(init), backsolve, ``rounds`` of swap search."""
-        X, w_bar, k, y, z, scale, reference = problem
+        X, w_bar, groups, y, z, scale, reference = problem
+        k = int(groups.k)
         lam_abs = lam * scale
         t, duals, plan = (y, duals, _NO_PLAN) if eps is None else self._targets(y, z, eps, duals)
-        w, info = _solve(self._config(eps), X, t, y, w_bar, init, jnp.asarray(k), lam_abs, duals, plan)
+        w, info = _solve(self._config(eps), X, t, y, w_bar, init, groups, lam_abs, duals, plan)
         info = info._replace(lam=jnp.asarray(lam, lam_abs.dtype))
         if self.backsolve:
             rounds = self.swap_rounds if rounds is None else rounds
             w, obj, backsolved, support, obj_mag, swapped = _refine(
                 _bucket(k, X.shape[1]), rounds, self.cg_iters, X, w_bar, w, info.targets, info.lam_absolute, info.support,
-                info.objective, *reference)
+                info.objective, *reference, groups)
             info = info._replace(objective=obj, backsolved=backsolved, support=support, objective_magnitude=obj_mag,
                                  swapped=swapped)
         return w, info._replace(epsilon=eps)
@@ -334,9 +342,9 @@ class LR:
     def _fit_obs(self, problem, at, w_start):
         """The backsolve on the OBS support of w_start and the swap search, at the λ and targets of the
         solve ``at`` (a SolveInfo). (``objective_trace`` holds f alone.)"""
-        X, w_bar, k, _, _, _, reference = problem
-        w, support, f, swapped = _obs_fit(_bucket(k, X.shape[1]), self.swap_rounds, self.cg_iters, X, w_bar, w_start,
-                                          at.targets, jnp.asarray(k), at.lam_absolute, reference[0])
+        X, w_bar, groups, _, _, _, reference = problem
+        w, support, f, swapped = _obs_fit(_bucket(int(groups.k), X.shape[1]), self.swap_rounds, self.cg_iters, X,
+                                          w_bar, w_start, at.targets, groups, at.lam_absolute, reference[0])
         return w, at._replace(objective=f, objective_trace=f[None], iht_iterations=jnp.array(0), support=support,
                               swapped=swapped, objective_magnitude=None)
 
@@ -510,7 +518,7 @@ def _exchange_width(width: int) -> int:
 def _magnitude_reference(width, X, w_start, k):
     """The magnitude support M = H_k(w_start) and its Gram X_M X_Mᵀ, shared by every candidate's backsolves
     (None where X is not formed)."""
-    magnitude = iht_lib.hard_threshold_mask(w_start, k)
+    magnitude = as_groups(k).project(w_start)
     return magnitude, None if isinstance(X, GradientOperator) else iht_lib.support_gram(X, magnitude, width)
 
 
@@ -538,7 +546,8 @@ def _obs_fit(width, rounds, cg_iters, X, w_bar, w_start, t, k, lam, col_sq):
     support = iht_lib.obs_support(X, w_start, k, lam, min(X.shape[1], 2 * width))
     gram = iht_lib.support_gram(X, support, width)
     w, _, _ = iht_lib.ridge_state(X, t, w_bar, support, lam, gram)
-    return iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, _exchange_width(width), cg_iters, col_sq)
+    return iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, _exchange_width(width), cg_iters, col_sq,
+                               k)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -557,7 +566,8 @@ def _rounding_of_f(f, t):
 
 
 @partial(jax.jit, static_argnums=(0, 2))
-def _refine(width, rounds, cg_iters, X, w_bar, w, t, lam, support, objective, col_sq, magnitude, magnitude_gram):
+def _refine(width, rounds, cg_iters, X, w_bar, w, t, lam, support, objective, col_sq, magnitude, magnitude_gram,
+            groups):
     """Backsolve on IHT's support and on the magnitude support H_k(w_start); swap search from the better.
 
     The backsolve replaces IHT's w unless its f is not finite or higher beyond rounding (it
@@ -582,7 +592,7 @@ def _refine(width, rounds, cg_iters, X, w_bar, w, t, lam, support, objective, co
     gram = jax.tree_util.tree_map(lambda a, b: jnp.where(from_mag, a, b), magnitude_gram, gram)
     w, support, obj, swapped = jax.lax.cond(  # rounds is traced: one compilation per width serves every count
         rounds > 0,
-        lambda: iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, most, cg_iters, col_sq),
+        lambda: iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, most, cg_iters, col_sq, groups),
         lambda: (w, support, obj, jnp.zeros((), jnp.sum(support).dtype)),
     )
     return w, obj, backsolved, support, obj_mag, swapped

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from . import checks, memory, pytree, schedules
 from .gradients import DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, check_finite, losses_and_grads, resolve_devices
-from .iht import hard_threshold_mask
+from .constraints import NM, Constraint, TopK, kept_count
 from .loss_check import check_loss_fn
 from .methods import SWAP
 from .operators import linearize
@@ -63,27 +63,26 @@ class PruneResult:
     info: tuple[StageInfo, ...]
     one_shot: Optional[dict] = None
     mode: str = "in-memory"  # how X was held: "in-memory" or "matrix-free"
+    constraint: str = "global top-k"  # the sparsity constraint, e.g. "2:4" or "per-layer ERK"
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Kept / total / sparsity per prunable leaf and in total."""
-        return pytree.sparsity_summary(self.masks)
+        """Kept / total / sparsity per prunable leaf and in total (``"total"`` also names the constraint)."""
+        summary = pytree.sparsity_summary(self.masks)
+        summary["total"]["constraint"] = self.constraint
+        return summary
 
 
 #: Stages of ``stages="auto"`` (the cubic schedule) where the one-shot comparison runs.
 AUTO_STAGES = 8
 
 
-def kept_count(sparsity: float, p: int) -> int:
-    """k = round((1 − sparsity)·p), the number of weights kept."""
-    return int(round((1 - sparsity) * p))
-
-
 def prune(
     loss_fn: LossFn,
     params: PyTree,
     batch: PyTree,
-    sparsity: float = 0.9,
+    sparsity: Optional[float] = None,
     method=None,
+    constraint: Optional[Constraint] = None,
     stages: schedules.Schedule | str = "auto",
     select: Optional[Select] = None,
     key: Optional[jax.Array] = None,
@@ -131,12 +130,13 @@ def prune(
 
     The schedule (``stages="auto"``, the default). Where that comparison runs
     (a method that selects on held-out examples, no ``finetune``), ``"auto"``
-    prunes gradually in ``AUTO_STAGES`` = 8 stages of the cubic schedule and
-    returns the better of the gradual and the one-shot network by held-out
-    loss: never worse than one-shot on those examples, at a median 1.5× (a
-    ViT) to 3.4× (an MLP) the one-shot call's time. With ``finetune``, it is
-    8 stages, fine-tuned between them. For any other method (Magnitude,
-    WoodFisher, a fixed λ) it is one stage.
+    prunes gradually in ``AUTO_STAGES`` = 8 stages of the cubic schedule, the
+    7 before the last choosing λ alone (``method.without_search()``), the last
+    the whole path, and returns the better of the gradual and the one-shot
+    network by held-out loss: never worse than one-shot on those examples, at
+    a median 4.5× (an MLP) to 6.2× (a ViT) the one-shot call's time. With
+    ``finetune``, it is 8 stages, fine-tuned between them. For any other method
+    (Magnitude, WoodFisher, a fixed λ) it is one stage.
     ``stages=1`` is always the one-shot prune of the papers.
 
     Every argument is checked (types included) before any gradient is
@@ -152,9 +152,17 @@ def prune(
             NNX ``nnx.split`` state, a dict. Never modified.
         batch: pytree of arrays with a common leading axis N, the examples of
             the Fisher (the rows of X).
-        sparsity: the final fraction of prunable weights set to zero, in [0, 1).
+        sparsity: the final fraction of prunable weights set to zero, in [0, 1)
+            (default 0.9; with ``NM(n, m)``, 1 − n/m, and any other value is a ValueError).
         method (object): ``SWAP()`` (default), ``LR()``, ``Magnitude()``,
             ``WoodFisher()``, or any object with ``solve(X, w_bar, k)``.
+        constraint: which supports are allowed (:mod:`swapjax.constraints`):
+            ``TopK()`` (default: the k largest over all prunable weights),
+            ``LayerBudgets("uniform" | "erk" | "owl" | {path: sparsity}, max_sparsity=...)``
+            (a count per leaf) or ``NM(n, m)`` (n of every m weights along each
+            kernel's reduction axis). Each stage's constraint is resolved to
+            ``Groups`` and passed to ``method.solve`` in place of k; every
+            method keeps exactly its counts.
         stages: ``"auto"`` (default; see "The schedule" above), an int T (the
             cubic schedule with T stages; 1 = the one-shot prune of the papers)
             or a sequence of sparsities s_1 ≤ … ≤ s_T ending at ``sparsity``.
@@ -213,7 +221,7 @@ def prune(
         ...     return jnp.sum((example["x"] @ params["w"] + params["b"] - example["y"]) ** 2)
         >>> result = swapjax.prune(loss_fn, params, batch, sparsity=0.75, progress=False)
         >>> result.summary()["total"]  # k = round(0.25 · 32) kernel weights kept
-        {'kept': 8, 'total': 32, 'sparsity': 0.75}
+        {'kept': 8, 'total': 32, 'sparsity': 0.75, 'constraint': 'global top-k'}
         >>> result.masks["b"] is None  # a bias (ndim 1) is not prunable by default
         True
 
@@ -225,11 +233,14 @@ def prune(
         >>> both = swapjax.allow_vectors(lambda path, leaf: True)
         >>> swapjax.prune(loss_fn, params, batch, sparsity=0.75, select=both,
         ...               method=swapjax.Magnitude(), progress=False).summary()["total"]
-        {'kept': 9, 'total': 36, 'sparsity': 0.75}
+        {'kept': 9, 'total': 36, 'sparsity': 0.75, 'constraint': 'global top-k'}
     """
     method = SWAP() if method is None else method
     checks.method(method)
-    sparsity = checks.sparsity(sparsity)
+    constraint = TopK() if constraint is None else constraint
+    if not callable(getattr(constraint, "resolve", None)):
+        raise ValueError(f"constraint: expected None, swapjax.TopK(), LayerBudgets(...) or NM(n, m), got {constraint!r}")
+    sparsity = _sparsity(sparsity, constraint)
     checks.stages(stages)
     checks.choice("anchor", anchor, ("dense", "current"))
     if noise is not None and not callable(noise):
@@ -274,7 +285,10 @@ def prune(
     log(f"{type(method).__name__}: N={n} examples"
         + (f" (+{batch_size(val_batch)} held out)" if val_batch is not None else "")
         + f", p={p} prunable weights, {len(levels)} stage(s), X {mode}")
-    log(f"pruning {lay.describe()}")
+    log(f"pruning {lay.describe()}" + ("" if isinstance(constraint, TopK) else f" under {constraint.label}"))
+    if isinstance(constraint, NM) and constraint.ragged_leaves(lay):
+        log(f"{constraint.label}: left dense, their inputs not a multiple of {constraint.m}: "
+            + ", ".join(constraint.ragged_leaves(lay)))
 
     def held_out_loss(current):
         """The score of the selection; a progress line per candidate once a stage's solve passes 5 s."""
@@ -292,7 +306,6 @@ def prune(
         return score
 
     def run_stage(t, s, current, w, w_dense, duals, method=method):
-        k = kept_count(s, p)
         t0 = time.perf_counter()
         if mode == "matrix-free":
             _, X = linearize(loss_fn, current, batch, lay, chunk_size, progress)
@@ -304,11 +317,15 @@ def prune(
                 k_t = jax.random.fold_in(key, t)  # X is prune's own: noised in place
                 X = noise(X, k_t, donate=True) if isinstance(noise, GradientNoise) else noise(X, k_t)
         t1 = time.perf_counter()
+        col_sq = (X.col_sq if mode == "matrix-free" else jnp.sum(X * X, axis=0)) if constraint.needs_fisher else None
+        groups = constraint.resolve(lay, s, w, col_sq)
+        k = int(groups.k)
         w_bar = w_dense if anchor == "dense" else w
         layers = {"segments": lay.offsets} if getattr(method, "needs_segments", False) else {}
         score = held_out_loss(current)
         extra = {"score": score} if score is not None and getattr(method, "selects", False) else {}
-        w_new, info = method.solve(X, w_bar, k, w_start=w, duals=duals, **layers, **extra)
+        w_new, info = method.solve(X, w_bar, groups if groups.ids is not None else k, w_start=w, duals=duals,
+                                   **layers, **extra)
         w_new.block_until_ready()
         t2 = time.perf_counter()
         candidates = tuple(getattr(info, "candidates", ()))
@@ -323,7 +340,7 @@ def prune(
             sinkhorn_error=float(info.plan.error), gradient_seconds=t1 - t0, solve_seconds=t2 - t1,
             lam=_float(getattr(info, "lam", None)), lam_absolute=_float(getattr(info, "lam_absolute", None)),
             epsilon=getattr(info, "epsilon", None),
-            moved=int(jnp.sum(info.support & ~hard_threshold_mask(w, k))),
+            moved=int(jnp.sum(info.support & ~groups.project(w))),
             objective_magnitude=_float(getattr(info, "objective_magnitude", None)),
             held_out_loss=chosen.score if chosen else (float(np.mean(score(w_new))) if score else math.nan),
             candidates=candidates,
@@ -379,7 +396,18 @@ def prune(
         log(f"held-out loss: gradual {gradual_loss:.4g}, one-shot {stage1.held_out_loss:.4g}; keeping {kept}")
         if kept == "one-shot":
             mask, current = info1.support, pytree.unflatten(w1, params, lay)
-    return PruneResult(_own_dtypes(current, params), pytree.mask_tree(mask, lay), tuple(infos), one_shot, mode)
+    return PruneResult(_own_dtypes(current, params), pytree.mask_tree(mask, lay), tuple(infos), one_shot, mode,
+                       constraint.label)
+
+
+def _sparsity(sparsity, constraint) -> float:
+    """The final sparsity: as given (default 0.9), or N:M's 1 − N/M (a different one given is a ValueError)."""
+    if isinstance(constraint, NM):
+        if sparsity is not None and abs(float(sparsity) - constraint.sparsity) > 1e-9:
+            raise ValueError(f"sparsity: {constraint.label} prunes 1 - {constraint.n}/{constraint.m} = "
+                             f"{constraint.sparsity:g} of the grouped weights; leave sparsity out or pass that")
+        return constraint.sparsity
+    return checks.sparsity(0.9 if sparsity is None else sparsity)
 
 
 def _kind(candidate) -> str:

@@ -44,7 +44,8 @@ def test_readme_examples(tmp_path, monkeypatch):
     ns = _run("README.md", tmp_path, monkeypatch)
     # linen: exactly k of p kernel weights kept, the rest exactly 0, biases untouched; better than chance
     result, p = ns["result"], 64 * 32 + 32 * 10
-    assert result.summary()["total"] == {"kept": swapjax.kept_count(0.9, p), "total": p, "sparsity": pytest.approx(0.9, abs=1e-3)}
+    assert result.summary()["total"] == {"kept": swapjax.kept_count(0.9, p), "total": p,
+                                         "sparsity": pytest.approx(0.9, abs=1e-3), "constraint": "global top-k"}
     assert _zero_off_mask(result.params, result.masks) and result.masks["Dense_0"]["bias"] is None
     np.testing.assert_array_equal(result.params["Dense_0"]["bias"], ns["variables"]["params"]["Dense_0"]["bias"])
     assert ns["accuracy"] > 0.3

@@ -43,7 +43,8 @@ def _check_pruned(res, params, k):
         assert res.masks[name]["bias"] is None
         assert res.params[name]["bias"] is params[name]["bias"]
     assert kept == k
-    assert res.summary()["total"] == {"kept": k, "total": P, "sparsity": pytest.approx(1 - k / P)}
+    assert res.summary()["total"] == {"kept": k, "total": P, "sparsity": pytest.approx(1 - k / P),
+                                      "constraint": "global top-k"}
 
 
 def _check_masks_are_bool(res):

@@ -75,6 +75,14 @@ for method in (swapjax.LR(lam=0.01), swapjax.SWAP(lam=0.01, epsilon=0.3)):
         name, float(info4.objective), float(info1.objective))
     np.testing.assert_allclose(np.asarray(w4), np.asarray(w1), rtol=1e-4, atol=1e-5, err_msg=name)
 
+# a constraint on the sharded X (2:4 along the inputs; per-layer ERK): the same feasible support
+for spec, s in ((swapjax.NM(2, 4), 0.5), (swapjax.LayerBudgets("erk"), 0.8)):
+    groups = spec.resolve(lay, s)
+    _, info1 = swapjax.LR(lam=0.01).solve(X1, w_bar, groups)
+    _, info4 = swapjax.LR(lam=0.01).solve(X4, w_bar, groups)
+    assert bool(groups.feasible(info4.support)), spec
+    assert np.array_equal(np.asarray(info4.support), np.asarray(info1.support)), spec
+
 # the gradient noise of a sharded X, shard by shard and still sharded, against one device (docs/scale.md):
 # the same hit pattern bit for bit; the values to σ's float32 rounding (σ sums the N·p entries per
 # shard, then over the shards, so its last bits follow the sharding: they differ on Intel AVX-512)

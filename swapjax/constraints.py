@@ -1,0 +1,438 @@
+"""Sparsity constraints: which supports a pruned w ∈ R^p may have.
+
+A constraint is a *spec* chosen by the user (:class:`TopK`, :class:`LayerBudgets`, :class:`NM`)
+that :func:`resolve` turns, at each stage's sparsity s, into :class:`Groups`: a partition of the p
+prunable coordinates into G groups with a count c_g of weights to keep in each. Every method works
+with the Groups alone:
+
+- ``project(v)``: the feasible support nearest v, the c_g largest |v_i| of each group g, ties to the
+  lower index (IHT's hard threshold H(v), the magnitude mask, a ranking by any score);
+- ``feasible(mask)``: every group holds exactly its count;
+- ``group_max(values)``: per coordinate, the largest value in its group (IHT's support-change step);
+- ``pairs(gain, cost, most)``: the exchanges a swap search may make, pruned for kept *within a group*.
+
+One group holding k = round((1 − s)·p) is the global top-k of the papers (``TopK``); one group per
+layer is a per-layer budget; the groups of M consecutive weights along a kernel's reduction axis,
+each keeping N, are N:M sparsity.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import checks
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Groups:
+    """A resolved constraint: coordinate i belongs to group ``ids[i]``, which keeps ``counts[g]``.
+
+    ids: int32 (p,), or None for one group (the global top-k). counts: int32 (G,).
+    ``label``: how the constraint reads in messages and summaries (e.g. "2:4", "per-layer ERK").
+    Every method's ``solve(X, w_bar, k)`` takes Groups in place of the int k.
+
+    Examples:
+        >>> import jax.numpy as jnp, swapjax
+        >>> g = swapjax.Groups(jnp.array([1, 2]), jnp.array([0, 0, 1, 1, 1]))  # keep 1 of 2, then 2 of 3
+        >>> g.project(jnp.array([0.1, -3.0, 2.0, 0.5, -1.0])).tolist()
+        [False, True, True, False, True]
+        >>> int(g.k), bool(g.feasible(jnp.array([True, True, False, False, False])))
+        (3, False)
+    """
+
+    counts: jax.Array
+    ids: Optional[jax.Array] = None
+    label: str = field(default="global top-k", metadata=dict(static=True))
+
+    @classmethod
+    def top_k(cls, k) -> "Groups":
+        """One group of all p coordinates keeping k."""
+        return cls(jnp.asarray(k, jnp.int32).reshape(1))
+
+    @property
+    def num_groups(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def k(self) -> jax.Array:
+        """The number of weights kept, Σ_g c_g."""
+        return jnp.sum(self.counts)
+
+    def project(self, v: jax.Array) -> jax.Array:
+        """Bool mask of the c_g largest |v_i| in every group g (exactly Σ c_g True); ties to the lower index."""
+        if self.ids is None:
+            return hard_threshold_mask(v, self.counts[0])
+        return _grouped_top(jnp.abs(v), self.ids, self.counts)
+
+    def feasible(self, mask: jax.Array) -> jax.Array:
+        """True where every group keeps exactly its count."""
+        if self.ids is None:
+            return jnp.sum(mask) == self.counts[0]
+        kept = jax.ops.segment_sum(mask.astype(jnp.int32), self.ids, self.num_groups)
+        return jnp.all(kept == self.counts)
+
+    def group_max(self, values: jax.Array) -> jax.Array:
+        """max_{j in group(i)} values_j for every i (one value broadcast for one group)."""
+        if self.ids is None:
+            return jnp.max(values)
+        return jax.ops.segment_max(values, self.ids, self.num_groups)[self.ids]
+
+    def pairs(self, gain: jax.Array, cost: jax.Array, most: int):
+        """The ``most`` (static) best exchanges: (into, out, net), net = gain[into] − cost[out], descending.
+
+        ``gain`` is −inf on kept coordinates, ``cost`` +inf on pruned ones. Within each group the
+        r-th largest gain is paired with the r-th smallest cost, so every exchange keeps the group's
+        count; across groups the pairs are ranked by net.
+        """
+        if self.ids is None:
+            best_gain, into = jax.lax.top_k(gain, most)
+            least_cost, out = jax.lax.top_k(-cost, most)
+            return into, out, best_gain + least_cost
+        index = jnp.arange(gain.shape[0])
+        by_gain = jnp.lexsort((index, -gain, self.ids))  # group-major, then gain descending
+        by_cost = jnp.lexsort((index, cost, self.ids))  # group-major, then cost ascending
+        # both orders are group-major, so each group occupies the same positions in both: position r pairs
+        # the group's r-th best addition with its r-th cheapest removal
+        net = gain[by_gain] - cost[by_cost]
+        net = jnp.where(jnp.isnan(net), -jnp.inf, net)
+        best, at = jax.lax.top_k(net, most)
+        return by_gain[at], by_cost[at], best
+
+
+def check_groups(groups: Groups, p: int) -> Groups:
+    """ValueError unless ``groups`` partitions p coordinates with counts in [0, group size] and 1 ≤ k ≤ p."""
+    counts = np.asarray(groups.counts)
+    if counts.ndim != 1 or counts.size == 0 or not np.issubdtype(counts.dtype, np.integer):
+        raise ValueError(f"k: Groups.counts must be a non-empty 1-D integer array, got {counts.dtype}{counts.shape}")
+    if groups.ids is None:
+        sizes = np.array([p])
+        if counts.size != 1:
+            raise ValueError(f"k: Groups without ids hold one group; got {counts.size} counts")
+    else:
+        ids = np.asarray(groups.ids)
+        if ids.shape != (p,) or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= counts.size:
+            raise ValueError(f"k: Groups.ids must be integers in [0, {counts.size}) of shape ({p},), "
+                             f"got {ids.dtype}{ids.shape}")
+        sizes = np.bincount(ids, minlength=counts.size)
+    if np.any(counts < 0) or np.any(counts > sizes) or not 1 <= counts.sum() <= p:
+        raise ValueError(f"k: every group's count must lie in [0, its size] and k = Σ counts in [1, {p}]; "
+                         f"got k = {counts.sum()} ({groups.label})")
+    return groups
+
+
+def as_groups(k) -> Groups:
+    """``k`` as Groups: Groups as they are, an int (or integer array) k as the global top-k."""
+    return k if isinstance(k, Groups) else Groups.top_k(k)
+
+
+@jax.jit
+def hard_threshold_mask(v: jax.Array, k) -> jax.Array:
+    """Boolean mask of the k largest |v_i|, exactly k True; ties go to the lower index.
+
+    k is traced (one compilation per shape of v). The k-th largest |v| is found by a radix select on the
+    float's bit pattern (monotone for non-negative floats): one O(p) count per
+    bit instead of an O(p log p) sort.
+    """
+    a = jnp.abs(v)
+    int_type = {4: jnp.int32, 8: jnp.int64, 2: jnp.int16}[a.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(a, int_type)
+    width = 8 * a.dtype.itemsize - 1  # the sign bit is 0
+
+    def set_bit_if_k_remain(i, kth):
+        trial = kth | (jnp.ones((), int_type) << jnp.asarray(width - 1 - i, int_type))
+        return jnp.where(jnp.sum(bits >= trial) >= k, trial, kth)
+
+    kth = jax.lax.fori_loop(0, width, set_bit_if_k_remain, jnp.zeros((), int_type))
+    above, ties = bits > kth, bits == kth
+    return above | (ties & (jnp.cumsum(ties) <= k - jnp.sum(above)))
+
+
+@jax.jit
+def _grouped_top(a, ids, counts):
+    """Mask of the counts[g] largest a_i of each group g; ties to the lower index. O(p log p)."""
+    p = a.shape[0]
+    index = jnp.arange(p)
+    order = jnp.lexsort((index, -a, ids))
+    sizes = jax.ops.segment_sum(jnp.ones(p, jnp.int32), ids, counts.shape[0])
+    starts = jnp.cumsum(sizes) - sizes
+    rank = index - starts[ids[order]]  # position of order[j] within its group
+    return jnp.zeros(p, bool).at[order].set(rank < counts[ids[order]])
+
+
+def kept_count(sparsity: float, p: int) -> int:
+    """k = round((1 − sparsity)·p), the number of weights kept."""
+    return int(round((1 - sparsity) * p))
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The k = round((1 − s)·p) largest weights over all prunable leaves together (the papers' default).
+
+    Examples:
+        >>> import numpy as np, swapjax
+        >>> lay = swapjax.pytree.layout({"w": np.ones((4, 5), "float32")})
+        >>> groups = swapjax.TopK().resolve(lay, 0.75)   # one group of p = 20 keeping 5
+        >>> int(groups.k), groups.ids is None
+        (5, True)
+    """
+
+    label = "global top-k"
+    needs_fisher = False  # resolve takes diag(XᵀX)
+
+    def resolve(self, lay, sparsity: float, w=None, col_sq=None) -> Groups:
+        return Groups.top_k(kept_count(sparsity, lay.size))
+
+
+@dataclass(frozen=True)
+class LayerBudgets:
+    """A budget per prunable leaf ("layer"), the counts summing to round((1 − s)·p).
+
+    rule: how the density d_l = 1 − s_l of leaf l is set, with Σ_l d_l·p_l = (1 − s)·p:
+
+    - ``"uniform"``: d_l = 1 − s in every leaf;
+    - ``"erk"`` (Erdős–Rényi kernel, RigL): d_l ∝ (Σ of the leaf's dimensions)/(their product), so
+      small layers keep more; a leaf that would pass density 1 is dense and the rest rescaled;
+    - ``"owl"`` (outlier-weighted, in the spirit of OWL): leaf l's outlier share D_l is the
+      fraction of its saliencies ρ_i = w_i²·(XᵀX)_ii above ``owl_threshold`` × the leaf's mean;
+      d_l = 1 − s + ``owl_spread``·(2(D_l − min D)/(max D − min D) − 1), shifted to the total:
+      more outliers, more weights kept, all within about s ± ``owl_spread``;
+    - a mapping {leaf path: sparsity} for every prunable leaf (e.g. ``{"Dense_0/kernel": 0.5, ...}``),
+      the final sparsities; ``prune``'s ``sparsity`` must be their size-weighted mean, and the
+      stages before the last scale every s_l by s_t/s.
+
+    max_sparsity: a cap on every leaf's sparsity (densities ≥ 1 − cap), the excess moved to the
+    others. Counts are rounded by largest remainder so that they sum exactly to the total.
+
+    Examples:
+        >>> import numpy as np, swapjax
+        >>> lay = swapjax.pytree.layout({"a": {"kernel": np.ones((100, 50), "float32")},
+        ...                              "b": {"kernel": np.ones((10, 10), "float32")}})
+        >>> swapjax.LayerBudgets().resolve(lay, 0.9).counts.tolist()        # 10 % of each leaf
+        [500, 10]
+        >>> swapjax.LayerBudgets("erk").resolve(lay, 0.9).counts.tolist()   # the small leaf keeps more
+        [450, 60]
+    """
+
+    rule: Union[str, Mapping[str, float]] = "uniform"
+    max_sparsity: Optional[float] = None
+    owl_threshold: float = 5.0
+    owl_spread: float = 0.08
+
+    def __post_init__(self):
+        if isinstance(self.rule, Mapping):
+            for name, value in self.rule.items():
+                checks.real(f"rule[{name!r}] (a leaf's sparsity)", value, 0.0, 1.0, hi_open=True)
+        else:
+            checks.choice("rule", self.rule, ("uniform", "erk", "owl"))
+        if self.max_sparsity is not None:
+            checks.real("max_sparsity", self.max_sparsity, 0.0, 1.0)
+        checks.real("owl_threshold", self.owl_threshold, 0.0, lo_open=True)
+        checks.real("owl_spread", self.owl_spread, 0.0, 0.5)
+
+    @property
+    def label(self) -> str:
+        rule = "given" if isinstance(self.rule, Mapping) else {"uniform": "uniform", "erk": "ERK", "owl": "OWL"}[self.rule]
+        cap = f", cap {self.max_sparsity:g}" if self.max_sparsity is not None else ""
+        return f"per-layer {rule}{cap}"
+
+    @property
+    def needs_fisher(self) -> bool:
+        return self.rule == "owl"
+
+    def densities(self, lay, sparsity: float, w=None, col_sq=None) -> np.ndarray:
+        """d_l per leaf (float64) with Σ d_l·p_l = (1 − s)·p, within [1 − cap, 1]."""
+        sizes = np.diff(np.asarray(lay.offsets)).astype(np.float64)
+        target = (1 - sparsity) * sizes.sum()
+        if isinstance(self.rule, Mapping):
+            raw = 1 - self._given(lay, sparsity)
+        elif self.rule == "uniform":
+            raw = np.full(len(sizes), 1 - sparsity)
+        elif self.rule == "erk":
+            raw = np.array([sum(shape) / math.prod(shape) for shape in lay.shapes])
+        else:
+            raw = 1 - sparsity + self._owl_shift(lay, np.asarray(w), np.asarray(col_sq))
+        low = np.zeros(len(sizes)) if self.max_sparsity is None else np.full(len(sizes), 1 - self.max_sparsity)
+        if target < low @ sizes - 1e-9:
+            raise ValueError(f"max_sparsity: every leaf at most {self.max_sparsity:g} sparse cannot reach "
+                             f"sparsity {sparsity:g}; raise max_sparsity or lower the sparsity")
+        additive = self.rule == "owl" or isinstance(self.rule, Mapping)
+        return _fit_total(raw, sizes, target, low, additive)
+
+    def resolve(self, lay, sparsity: float, w=None, col_sq=None) -> Groups:
+        sizes = np.diff(np.asarray(lay.offsets))
+        counts = _round_counts(self.densities(lay, sparsity, w, col_sq) * sizes, sizes, kept_count(sparsity, lay.size))
+        ids = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+        return Groups(jnp.asarray(counts, jnp.int32), jnp.asarray(ids), self.label)
+
+    def _given(self, lay, sparsity):
+        missing = [name for name in lay.names if name not in self.rule]
+        extra = [name for name in self.rule if name not in lay.names]
+        if missing or extra:
+            raise ValueError(f"rule: the mapping must give a sparsity for every prunable leaf and no other; "
+                             f"missing {missing}, unknown {extra} (the prunable leaves: {list(lay.names)})")
+        given = np.array([self.rule[name] for name in lay.names], np.float64)
+        sizes = np.diff(np.asarray(lay.offsets))
+        final = given @ sizes / sizes.sum()
+        return given * (sparsity / final if final > 0 else 0.0)
+
+    def _owl_shift(self, lay, w, col_sq):
+        saliency = w.astype(np.float64) ** 2 * col_sq.astype(np.float64)
+        share = []
+        for a, b in zip(lay.offsets[:-1], lay.offsets[1:]):
+            rho = saliency[a:b]
+            share.append(float(np.mean(rho > self.owl_threshold * rho.mean())) if rho.size else 0.0)
+        share = np.asarray(share)
+        spread = share.max() - share.min()
+        return np.zeros_like(share) if spread == 0 else self.owl_spread * (2 * (share - share.min()) / spread - 1)
+
+
+def _fit_total(raw, sizes, target, low, additive: bool):
+    """Densities from ``raw`` rescaled (×c, or + c where ``additive``) to Σ d·sizes = target, clipped to [low, 1]
+    with the excess moved to the leaves still free (bisection on c; monotone in c)."""
+    def total(c):
+        return np.clip(raw + c if additive else raw * c, low, 1.0) @ sizes
+
+    lo, hi = (-2.0, 2.0) if additive else (0.0, 1.0)
+    while not additive and total(hi) < target and hi < 1e30:
+        hi *= 2
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if total(mid) < target else (lo, mid)
+    return np.clip(raw + hi if additive else raw * hi, low, 1.0)
+
+
+def _round_counts(exact, sizes, k: int) -> np.ndarray:
+    """Integer counts ≤ sizes near ``exact`` summing to k: floors, then largest remainders (ties: lower index)."""
+    counts = np.minimum(np.floor(exact + 1e-9).astype(np.int64), sizes)
+    leftover = k - int(counts.sum())
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - counts[i]), i))
+    step = 1 if leftover > 0 else -1
+    while leftover != 0:
+        moved = False
+        for i in order if step > 0 else order[::-1]:
+            if leftover == 0:
+                break
+            if 0 <= counts[i] + step <= sizes[i]:
+                counts[i] += step
+                leftover -= step
+                moved = True
+        if not moved:
+            raise ValueError(f"k: {k} cannot be split over leaves of sizes {list(sizes)}")
+    return counts
+
+
+#: Leaf names of attention input projections: their kernels are (in, heads, head_dim), reduced over axis 0.
+_INPUT_PROJECTIONS = ("query", "key", "value", "q", "k", "v", "qkv", "q_proj", "k_proj", "v_proj")
+
+
+def reduction_axes(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The axes a kernel's matrix product sums over (Flax layouts), along which N:M groups run.
+
+    Dense (in, out): (0,). Conv (h, w, in, out): (0, 1, 2), the patch h·w·in, row-major, so the
+    groups run along the input channels. Attention q/k/v (in, heads, head_dim), a leaf under a
+    module named query/key/value (or q/k/v, qkv, *_proj): (0,). Any other 3-D kernel, such as the
+    attention output (heads, head_dim, out): (0, 1). Pass ``NM(axes=...)`` for other layouts.
+    """
+    if len(shape) == 2:
+        return (0,)
+    if len(shape) == 3:
+        module = path.split("/")[-2] if "/" in path else ""
+        return (0,) if module.lower() in _INPUT_PROJECTIONS else (0, 1)
+    if len(shape) >= 4:
+        return tuple(range(len(shape) - 1))
+    raise ValueError(f"NM: {path} has shape {shape}; N:M needs a kernel with ndim ≥ 2")
+
+
+@dataclass(frozen=True)
+class NM:
+    """N:M sparsity: in every group of M consecutive weights along a kernel's reduction axis, keep N.
+
+    The groups run along :func:`reduction_axes` (Dense: the input axis; Conv: the input channels
+    of the flattened patch; attention q/k/v: the input axis, output projection: (heads, head_dim)),
+    or ``axes(path, shape) -> axes``. A leaf whose reduction size is not a multiple of M (a ViT's
+    7×7×1 patch conv: 49 inputs) is left dense where ``ragged="dense"`` (default; ``prune`` names
+    it) or is a ValueError naming it where ``ragged="error"``. The stages of a schedule keep
+    max(N, round(M·(1 − s_t))) per group, so the last stage is exactly N:M; the sparsity is then
+    (1 − N/M) of the grouped weights.
+
+    Examples:
+        >>> import jax.numpy as jnp, numpy as np, swapjax
+        >>> params = {"Dense_0": {"kernel": np.arange(16, dtype="float32").reshape(8, 2)}}  # (in, out)
+        >>> lay = swapjax.pytree.layout(params)
+        >>> groups = swapjax.NM(2, 4).resolve(lay, 0.5)
+        >>> mask = groups.project(swapjax.pytree.flatten(params, lay)).reshape(8, 2)
+        >>> mask[:, 0].astype(int).tolist()   # in each 4 consecutive inputs, the 2 largest
+        [0, 0, 1, 1, 0, 0, 1, 1]
+        >>> swapjax.NM(2, 4).sparsity
+        0.5
+    """
+
+    n: int = 2
+    m: int = 4
+    axes: Optional[Callable[[str, tuple], Sequence[int]]] = None
+    ragged: str = "dense"
+
+    label = property(lambda self: f"{self.n}:{self.m}")
+    needs_fisher = False
+
+    def __post_init__(self):
+        checks.integer("m", self.m, 1)
+        checks.integer("n", self.n, 1)
+        if self.n > self.m:
+            raise ValueError(f"n: N:M keeps n of every m weights, so n ≤ m; got {self.n}:{self.m}")
+        checks.choice("ragged", self.ragged, ("dense", "error"))
+
+    @property
+    def sparsity(self) -> float:
+        return 1 - self.n / self.m
+
+    def ragged_leaves(self, lay) -> list[str]:
+        """The prunable leaves whose reduction size is not a multiple of M."""
+        return [name for name, shape in zip(lay.names, lay.shapes) if self._grouping(name, shape) is None]
+
+    def resolve(self, lay, sparsity: float, w=None, col_sq=None) -> Groups:
+        keep = max(self.n, min(self.m, int(round(self.m * (1 - sparsity)))))
+        ids, counts, groups = [], [], 0
+        for name, shape in zip(lay.names, lay.shapes):
+            grouping = self._grouping(name, shape)
+            size = math.prod(shape)
+            if grouping is None:
+                if self.ragged == "error":
+                    raise ValueError(self._ragged_message(name, shape))
+                ids.append(np.full(size, groups, np.int32))
+                counts.append(size)
+                groups += 1
+            else:
+                ids.append(grouping + groups)
+                count = size // self.m
+                counts.extend([keep] * count)
+                groups += count
+        return Groups(jnp.asarray(np.asarray(counts, np.int32)), jnp.asarray(np.concatenate(ids)), self.label)
+
+    def _grouping(self, name, shape) -> Optional[np.ndarray]:
+        """Group index (0-based, within the leaf) of each of its coordinates in row-major order, or None."""
+        axes = tuple(int(a) % len(shape) for a in (self.axes or reduction_axes)(name, shape))
+        reduce = math.prod(shape[a] for a in axes)
+        if reduce % self.m:
+            return None
+        others = tuple(a for a in range(len(shape)) if a not in axes)
+        position = np.arange(math.prod(shape)).reshape(shape).transpose(others + axes).reshape(-1, reduce)
+        group = np.arange(position.size, dtype=np.int64).reshape(position.shape) // self.m
+        ids = np.empty(position.size, np.int32)
+        ids[position.reshape(-1)] = group.reshape(-1)
+        return ids
+
+    def _ragged_message(self, name, shape) -> str:
+        axes = tuple((self.axes or reduction_axes)(name, shape))
+        reduce = math.prod(shape[a] for a in axes)
+        return (f"NM: {name} {shape} sums over {reduce} inputs (axes {axes}), not a multiple of m = {self.m}; "
+                f"leave it dense (NM(..., ragged='dense')) or exclude it with select")
+
+
+Constraint = Union[TopK, LayerBudgets, NM]

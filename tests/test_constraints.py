@@ -1,0 +1,228 @@
+"""Sparsity constraints: the projection, feasibility and swap pairs of Groups, the per-layer rules
+and N:M groups, and every method honouring them through prune.
+
+References: NumPy sorts per group, closed-form ERK densities, explicit N:M groups built by index
+arithmetic, Magnitude(scope="layer"), and the objective f in float64.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import swapjax
+from swapjax import constraints as C
+from swapjax import pytree
+
+
+def _np_project(a, ids, counts):
+    """Per group, the counts[g] largest |a| (ties to the lower index): a stable NumPy sort."""
+    mask = np.zeros(a.size, bool)
+    for g, c in enumerate(counts):
+        members = np.flatnonzero(ids == g)
+        order = members[np.argsort(-np.abs(a[members]), kind="stable")]
+        mask[order[:c]] = True
+    return mask
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 6), st.integers(1, 60))
+def test_project_keeps_the_largest_of_each_group(seed, groups, p):
+    rng = np.random.default_rng(seed)
+    ids = np.unique(rng.integers(0, groups, p), return_inverse=True)[1].astype(np.int32)  # labels 0..G-1
+    groups = int(ids.max()) + 1
+    sizes = np.bincount(ids, minlength=groups)
+    counts = np.array([rng.integers(0, s + 1) for s in sizes], np.int32)
+    v = np.round(rng.normal(size=p), 1).astype(np.float32)  # rounded: many ties
+    g = C.Groups(jnp.asarray(counts), jnp.asarray(ids))
+    mask = np.asarray(g.project(jnp.asarray(v)))
+    np.testing.assert_array_equal(mask, _np_project(v, ids, counts))
+    assert bool(g.feasible(jnp.asarray(mask)))
+    if counts.sum() < p:  # one more kept weight breaks feasibility
+        assert not bool(g.feasible(jnp.asarray(mask | ~mask & (np.arange(p) == np.flatnonzero(~mask)[0]))))
+
+
+def test_one_group_is_the_hard_threshold():
+    v = jnp.asarray(np.random.default_rng(0).normal(size=50).astype(np.float32))
+    one = C.Groups(jnp.array([7], jnp.int32), jnp.zeros(50, jnp.int32))
+    np.testing.assert_array_equal(C.Groups.top_k(7).project(v), one.project(v))
+    np.testing.assert_array_equal(C.Groups.top_k(7).project(v), swapjax.iht.hard_threshold_mask(v, 7))
+
+
+def test_pairs_stay_within_groups_and_rank_by_net():
+    rng = np.random.default_rng(1)
+    ids = np.repeat(np.arange(4), 6).astype(np.int32)
+    support = np.tile([True, True, False, False, False, True], 4)
+    gain = np.where(support, -np.inf, rng.uniform(0, 2, 24)).astype(np.float32)
+    cost = np.where(support, rng.uniform(0, 2, 24), np.inf).astype(np.float32)
+    g = C.Groups(jnp.full(4, 3, jnp.int32), jnp.asarray(ids))
+    into, out, net = (np.asarray(a) for a in g.pairs(jnp.asarray(gain), jnp.asarray(cost), 8))
+    finite = np.isfinite(net)
+    assert np.all(ids[into[finite]] == ids[out[finite]]) and np.all(~support[into[finite]] & support[out[finite]])
+    np.testing.assert_allclose(net[finite], gain[into[finite]] - cost[out[finite]], rtol=1e-6)
+    assert np.all(np.diff(net[finite]) <= 0)
+    expected = sorted((-(np.sort(gain[ids == q])[::-1][r] - np.sort(cost[ids == q])[r]) for q in range(4)
+                       for r in range(3)))[:8]  # within each group: r-th best gain with r-th least cost
+    np.testing.assert_allclose(net, -np.array(expected), rtol=1e-6)
+
+
+def _tree(rng):
+    """A dense, a conv, attention q/k/v-style (in, heads, head_dim) and output (heads, head_dim, out) kernels."""
+    f = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
+    return {"Dense_0": {"kernel": f(8, 6), "bias": f(6)}, "Conv_0": {"kernel": f(3, 3, 4, 4)},
+            "query": {"kernel": f(8, 2, 4)}, "out": {"kernel": f(2, 4, 8)}, "patch": {"kernel": f(7, 7, 1, 2)}}
+
+
+def test_nm_groups_run_along_the_reduction_axis():
+    lay = pytree.layout(_tree(np.random.default_rng(0)))
+    g = C.NM(2, 4).resolve(lay, 0.5)
+    ids = np.asarray(g.ids)
+    leaf = dict(zip(lay.names, zip(lay.offsets, lay.shapes)))
+
+    def groups_of(name):
+        start, shape = leaf[name]
+        return ids[start:start + math.prod(shape)].reshape(shape)
+
+    dense = groups_of("Dense_0/kernel")  # (in, out): groups of 4 consecutive inputs per output
+    assert all(len(set(dense[4 * j:4 * j + 4, o])) == 1 for j in range(2) for o in range(6))
+    assert len(np.unique(dense)) == 12
+    conv = groups_of("Conv_0/kernel")  # (h, w, in, out): the 4 input channels of one (h, w, out)
+    assert all(len(set(conv[h, w_, :, o])) == 1 for h in range(3) for w_ in range(3) for o in range(4))
+    query = groups_of("query/kernel")  # (in, heads, head_dim): along in
+    assert all(len(set(query[4 * j:4 * j + 4, h, d])) == 1 for j in range(2) for h in range(2) for d in range(4))
+    out = groups_of("out/kernel")  # (heads, head_dim, out): along the flattened (heads, head_dim)
+    assert all(len(set(out.reshape(8, 8)[4 * j:4 * j + 4, o])) == 1 for j in range(2) for o in range(8))
+    patch = groups_of("patch/kernel")  # 49 inputs: ragged, one dense group keeping all
+    assert len(np.unique(patch)) == 1 and int(g.counts[patch.flat[0]]) == patch.size
+    assert C.NM(2, 4).ragged_leaves(lay) == ["patch/kernel"]
+    with pytest.raises(ValueError, match=r"patch/kernel \(7, 7, 1, 2\) sums over 49 inputs"):
+        C.NM(2, 4, ragged="error").resolve(lay, 0.5)
+
+
+def test_layer_budgets_uniform_erk_cap_and_given():
+    lay = pytree.layout({"a": {"kernel": np.ones((100, 50), np.float32)}, "b": {"kernel": np.ones((10, 10), np.float32)}})
+    sizes = np.array([5000, 100])
+    k = swapjax.kept_count(0.9, 5100)
+    uniform = np.asarray(C.LayerBudgets().resolve(lay, 0.9).counts)
+    assert uniform.sum() == k and list(uniform) == swapjax.baselines.layer_quotas(k, sizes)
+    erk = C.LayerBudgets("erk").densities(lay, 0.9)  # ∝ (Σ dims)/(Π dims): 150/5000 and 20/100
+    ratio = np.array([150 / 5000, 20 / 100])
+    c = k / (ratio @ sizes)
+    np.testing.assert_allclose(erk, ratio * c, rtol=1e-9)
+    assert np.asarray(C.LayerBudgets("erk").resolve(lay, 0.9).counts).sum() == k
+    # at 0.6, ERK's b would pass density 1: b dense, a the rest; a cap of 0.6 on a moves weights back to it
+    np.testing.assert_allclose(C.LayerBudgets("erk").densities(lay, 0.6), [(0.4 * 5100 - 100) / 5000, 1.0])
+    np.testing.assert_allclose(C.LayerBudgets("erk", max_sparsity=0.6).densities(lay, 0.6), [0.4, 0.4])
+    with pytest.raises(ValueError, match="max_sparsity: every leaf at most 0.5 sparse cannot reach sparsity 0.9"):
+        C.LayerBudgets(max_sparsity=0.5).resolve(lay, 0.9)
+    given_ = C.LayerBudgets({"a/kernel": 0.95, "b/kernel": 0.5})
+    final = (0.95 * 5000 + 0.5 * 100) / 5100
+    np.testing.assert_allclose(1 - given_.densities(lay, final), [0.95, 0.5], atol=1e-9)
+    with pytest.raises(ValueError, match=r"missing \['b/kernel'\]"):
+        C.LayerBudgets({"a/kernel": 0.9}).resolve(lay, 0.9)
+
+
+def test_owl_keeps_more_where_saliency_has_outliers():
+    rng = np.random.default_rng(0)
+    lay = pytree.layout({"a": {"kernel": np.ones((40, 25), np.float32)}, "b": {"kernel": np.ones((40, 25), np.float32)}})
+    w = rng.normal(size=2000).astype(np.float32)
+    w[1000:1050] *= 30  # outliers in b
+    owl = C.LayerBudgets("owl", owl_spread=0.08)
+    d = owl.densities(lay, 0.7, w, np.ones(2000, np.float32))
+    assert d[1] > d[0] and d[1] - d[0] == pytest.approx(0.16, abs=1e-6) and d.mean() == pytest.approx(0.3)
+
+
+def _loss(params, example):
+    h = jnp.tanh(example["x"] @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    return jnp.sum((h @ params["Dense_1"]["kernel"] - example["y"]) ** 2)
+
+
+@pytest.fixture(scope="module")
+def mlp_problem():
+    rng = np.random.default_rng(0)
+    params = {"Dense_0": {"kernel": rng.normal(size=(16, 12)).astype(np.float32) / 4, "bias": np.zeros(12, np.float32)},
+              "Dense_1": {"kernel": rng.normal(size=(12, 4)).astype(np.float32) / 3}}
+    x = rng.normal(size=(40, 16)).astype(np.float32)
+    y = np.tanh(x @ params["Dense_0"]["kernel"]) @ params["Dense_1"]["kernel"] + 0.1 * rng.normal(size=(40, 4))
+    return params, {"x": x, "y": y.astype(np.float32)}
+
+
+METHODS = {"MP": swapjax.Magnitude(), "WF": swapjax.WoodFisher(), "LR": swapjax.LR(lam=0.01),
+           "SWAP": swapjax.SWAP(lam=0.01, epsilon=0.3)}
+CONSTRAINTS = {"2:4": swapjax.NM(2, 4), "1:4": swapjax.NM(1, 4), "uniform": swapjax.LayerBudgets(),
+               "erk": swapjax.LayerBudgets("erk"), "owl": swapjax.LayerBudgets("owl", max_sparsity=0.9)}
+
+
+@pytest.mark.parametrize("method", METHODS, ids=str)
+@pytest.mark.parametrize("constraint", CONSTRAINTS, ids=str)
+def test_every_method_keeps_the_constraint_exactly(mlp_problem, method, constraint):
+    params, batch = mlp_problem
+    before = jax.tree_util.tree_map(np.copy, params)
+    spec = CONSTRAINTS[constraint]
+    sparsity = None if isinstance(spec, swapjax.NM) else 0.7
+    res = swapjax.prune(_loss, params, batch, sparsity=sparsity, method=METHODS[method], constraint=spec,
+                        stages=2, progress=False)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, before)  # inputs unmutated
+    lay = pytree.layout(params)
+    w = np.asarray(pytree.flatten(res.params, lay))
+    mask = np.asarray(pytree.flatten(pytree.apply_masks(jax.tree_util.tree_map(np.ones_like, params), res.masks), lay))
+    groups = spec.resolve(lay, 1 - spec.n / spec.m if isinstance(spec, swapjax.NM) else 0.7, pytree.flatten(params, lay),
+                          jnp.ones(lay.size))
+    if constraint != "owl":  # OWL's counts follow the Fisher of the stage; the total is what is fixed
+        assert bool(groups.feasible(jnp.asarray(mask > 0)))
+    assert mask.sum() == int(groups.k) and np.all(w[mask == 0] == 0)
+    assert res.summary()["total"]["constraint"] == spec.label
+    np.testing.assert_array_equal(res.params["Dense_0"]["bias"], params["Dense_0"]["bias"])
+
+
+def test_uniform_layer_budgets_reproduce_magnitude_per_layer(mlp_problem):
+    params, batch = mlp_problem
+    a = swapjax.prune(_loss, params, batch, sparsity=0.9, method=swapjax.Magnitude(), progress=False,
+                      constraint=swapjax.LayerBudgets("uniform"))
+    b = swapjax.prune(_loss, params, batch, sparsity=0.9, method=swapjax.Magnitude("layer"), progress=False)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)
+
+
+def test_lr_at_2_4_beats_magnitude_at_2_4(mlp_problem):
+    """f of LR's 2:4 solution (float64 NumPy) is below that of the 2:4 magnitude mask refitted by nothing."""
+    params, batch = mlp_problem
+    lay = pytree.layout(params)
+    X = np.asarray(swapjax.per_sample_grads(_loss, params, batch), np.float64)
+    w_bar = np.asarray(pytree.flatten(params, lay), np.float64)
+    groups = swapjax.NM(2, 4).resolve(lay, 0.5)
+    f = lambda w: 0.5 * np.sum((X @ (w - w_bar)) ** 2) + 0.5 * 40 * 1e-3 * np.sum((w - w_bar) ** 2)  # noqa: E731
+    w_mp, _ = swapjax.Magnitude().solve(X.astype(np.float32), w_bar.astype(np.float32), groups)
+    w_lr, info = swapjax.LR(lam=1e-3, lam_scale="absolute").solve(X.astype(np.float32), w_bar.astype(np.float32),
+                                                                   groups)
+    assert bool(groups.feasible(info.support)) and f(np.asarray(w_lr, np.float64)) < f(np.asarray(w_mp, np.float64))
+
+
+def test_nm_sparsity_and_constraint_errors(mlp_problem):
+    params, batch = mlp_problem
+    with pytest.raises(ValueError, match=r"sparsity: 2:4 prunes 1 - 2/4 = 0.5"):
+        swapjax.prune(_loss, params, batch, sparsity=0.9, constraint=swapjax.NM(2, 4), progress=False)
+    with pytest.raises(ValueError, match="constraint: expected None"):
+        swapjax.prune(_loss, params, batch, constraint=4, progress=False)
+    with pytest.raises(ValueError, match="n: N:M keeps n of every m weights"):
+        swapjax.NM(5, 4)
+    with pytest.raises(ValueError, match="rule: must be 'uniform', 'erk' or 'owl'"):
+        swapjax.LayerBudgets("random")
+
+
+@pytest.mark.parametrize("method", ["MP", "LR"])
+def test_matrix_free_mode_keeps_the_constraint(mlp_problem, method):
+    params, batch = mlp_problem
+    lay = pytree.layout(params)
+    for spec in (swapjax.NM(2, 4), swapjax.LayerBudgets("erk")):
+        res = swapjax.prune(_loss, params, batch, sparsity=None if isinstance(spec, swapjax.NM) else 0.8,
+                            method=METHODS[method], constraint=spec, stages=1, mode="matrix-free", progress=False)
+        assert res.mode == "matrix-free"
+        w = pytree.flatten(res.params, lay)
+        mask = pytree.flatten(pytree.apply_masks(jax.tree_util.tree_map(np.ones_like, params), res.masks), lay) > 0
+        assert bool(spec.resolve(lay, 0.5 if isinstance(spec, swapjax.NM) else 0.8).feasible(mask))
+        assert bool(jnp.all(jnp.where(mask, True, w == 0)))

@@ -15,6 +15,7 @@ from .finetune import batched_loss, keep_pruned_at_zero, make_finetune_hook, mas
 from .gradients import GradientNoise, add_gradient_noise, per_sample_grads
 from .io import bcoo_bytes, from_bcoo, load_pruned, save_pruned, to_bcoo
 from .methods import LR, SWAP, SolveInfo
+from .nm_format import from_nm, to_nm
 from .operators import GradientOperator, linearized_gradients
 from .prune import PruneResult, StageInfo, prune
 from .pytree import allow_vectors, apply_masks, sparsity_summary
@@ -28,7 +29,7 @@ __all__ = [
     "allow_vectors", "apply_masks", "sparsity_summary", "cubic_schedule", "linear_schedule", "polynomial_schedule",
     "keep_pruned_at_zero", "masked_updates", "masked_optimizer", "make_finetune_hook", "batched_loss",
     "train", "evaluate",
-    "save_pruned", "load_pruned", "to_bcoo", "from_bcoo", "bcoo_bytes",
+    "save_pruned", "load_pruned", "to_bcoo", "from_bcoo", "bcoo_bytes", "to_nm", "from_nm",
 ]
 __version__ = "0.1.0"
 

@@ -226,3 +226,24 @@ def test_matrix_free_mode_keeps_the_constraint(mlp_problem, method):
         mask = pytree.flatten(pytree.apply_masks(jax.tree_util.tree_map(np.ones_like, params), res.masks), lay) > 0
         assert bool(spec.resolve(lay, 0.5 if isinstance(spec, swapjax.NM) else 0.8).feasible(mask))
         assert bool(jnp.all(jnp.where(mask, True, w == 0)))
+
+
+def test_nm_export_round_trips_a_pruned_network(mlp_problem):
+    """prune at 2:4, export values + in-group indices, rebuild: the same kernels; each index selects
+    the kept weight of its group (checked against the mask by index arithmetic)."""
+    params, batch = mlp_problem
+    res = swapjax.prune(_loss, params, batch, method=swapjax.LR(lam=0.01), constraint=swapjax.NM(2, 4), stages=1,
+                        progress=False)
+    packed = swapjax.to_nm(res.params, res.masks)
+    assert set(packed) == {"Dense_0/kernel", "Dense_1/kernel"}
+    rebuilt = swapjax.from_nm(packed, params)
+    np.testing.assert_array_equal(rebuilt["Dense_0"]["kernel"], res.params["Dense_0"]["kernel"])
+    kernel, mask = np.asarray(res.params["Dense_1"]["kernel"]), np.asarray(res.masks["Dense_1"]["kernel"])  # (12, 4)
+    nm = packed["Dense_1/kernel"]
+    assert nm.values.shape == (4, 6) and nm.indices.dtype == np.uint8
+    for o in range(4):
+        for j in range(6):
+            i = 4 * (j // 2) + int(nm.indices[o, j])  # group j // 2 of output o's 12 inputs
+            assert mask[i, o] and nm.values[o, j] == kernel[i, o]
+    with pytest.raises(ValueError, match=r"masks: k is not 2:4: group 0 along axes \(0,\) keeps 4"):
+        swapjax.to_nm({"k": np.ones((4, 1), np.float32)}, {"k": np.ones((4, 1), bool)})

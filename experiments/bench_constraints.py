@@ -1,0 +1,70 @@
+"""Every method under every constraint on a preset's network: N:M (2:4, 4:8, 1:4) and per-layer budgets
+(uniform, ERK) against the global top-k at 0.9, one-shot.
+
+    .venv/bin/python experiments/bench_constraints.py [preset] [seeds...]   # → experiments/results/constraints-<preset>.json
+
+The preset's dense model of each seed (experiments/reproduce.py, trained or restored under
+runs/<preset>/), N = its Fisher examples for X and the next val_examples for the selection of the
+methods that select (LR, SWAP); ``stages=1``. Test accuracy on the test split, the constraint's
+label, the sparsity reached and each call's seconds (after a compiling call of the same cell).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).parent))
+import reproduce as R  # noqa: E402
+
+import swapjax  # noqa: E402
+from swapjax import data  # noqa: E402
+
+CONSTRAINTS = {"global 0.9": (swapjax.TopK(), 0.9), "uniform 0.9": (swapjax.LayerBudgets(), 0.9),
+               "ERK 0.9": (swapjax.LayerBudgets("erk"), 0.9), "2:4": (swapjax.NM(2, 4), None),
+               "4:8": (swapjax.NM(4, 8), None), "1:4": (swapjax.NM(1, 4), None), "global 0.5": (swapjax.TopK(), 0.5)}
+METHODS = {"MP": swapjax.Magnitude(), "WF": swapjax.WoodFisher(), "LR": swapjax.LR(), "SWAP": swapjax.SWAP()}
+
+
+def main(name: str = "mlpnet-fashion-mnist", seeds=(0, 1), runs: Path = Path("runs")):
+    preset = R.PRESETS[name]
+    train = data.load(preset.dataset, "train", flatten=preset.flatten)
+    test = data.load(preset.dataset, "test", flatten=preset.flatten)
+    n, v = preset.fisher_examples, preset.val_examples
+    batch = {"x": jnp.asarray(train.x[:n]), "y": jnp.asarray(train.y[:n])}
+    val = {"x": jnp.asarray(train.x[n:n + v]), "y": jnp.asarray(train.y[n:n + v])}
+    rows = []
+    for seed in seeds:
+        model, variables = R.dense_model(preset, name, seed, train, runs / name, progress=False)
+        loss_fn = R.per_example_loss(model, variables)
+        dense = swapjax.evaluate(model, variables, test.x, test.y)[0]
+        for cell, (constraint, sparsity) in CONSTRAINTS.items():
+            for method_name, method in METHODS.items():
+                def call():
+                    t0 = time.perf_counter()
+                    result = swapjax.prune(loss_fn, variables["params"], batch, sparsity=sparsity, method=method,
+                                           constraint=constraint, stages=1, val_batch=val, progress=False)
+                    jax.block_until_ready(result.params)
+                    return result, time.perf_counter() - t0
+                call()
+                result, seconds = call()
+                accuracy = swapjax.evaluate(model, {**variables, "params": result.params}, test.x, test.y)[0]
+                total = result.summary()["total"]
+                rows.append(dict(seed=seed, constraint=cell, method=method_name, dense=dense, accuracy=accuracy,
+                                 sparsity=total["sparsity"], seconds=seconds))
+                print(f"seed {seed} {cell} {method_name}: {100 * accuracy:.1f} % (sparsity {total['sparsity']:.3f}, "
+                      f"{seconds:.1f} s)", flush=True)
+    out = Path(__file__).parent / f"results/constraints-{name}.json"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"preset": name, "seeds": list(seeds), "rows": rows}, indent=1) + "\n")
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "mlpnet-fashion-mnist",
+         tuple(int(s) for s in sys.argv[2:]) or (0, 1))

@@ -247,3 +247,27 @@ def test_nm_export_round_trips_a_pruned_network(mlp_problem):
             assert mask[i, o] and nm.values[o, j] == kernel[i, o]
     with pytest.raises(ValueError, match=r"masks: k is not 2:4: group 0 along axes \(0,\) keeps 4"):
         swapjax.to_nm({"k": np.ones((4, 1), np.float32)}, {"k": np.ones((4, 1), bool)})
+
+
+class _FirstHalf:
+    """A toy constraint written here alone: keep (1 − s) of the first half of w and nothing of the rest."""
+
+    label = "first half"
+    needs_fisher = False
+
+    def resolve(self, lay, sparsity, w=None, col_sq=None):
+        half = lay.size // 2
+        ids = jnp.asarray(np.repeat([0, 1], [half, lay.size - half]).astype(np.int32))
+        return swapjax.Groups(jnp.array([swapjax.kept_count(sparsity, half), 0], jnp.int32), ids, self.label)
+
+
+def test_a_constraint_defined_outside_the_library(mlp_problem):
+    params, batch = mlp_problem
+    lay = pytree.layout(params)
+    res = swapjax.prune(_loss, params, batch, sparsity=0.5, method=swapjax.LR(lam=0.01), constraint=_FirstHalf(),
+                        stages=2, progress=False)
+    w = np.asarray(pytree.flatten(res.params, lay))
+    half = lay.size // 2
+    assert np.count_nonzero(w[half:]) == 0 and np.count_nonzero(w[:half]) <= swapjax.kept_count(0.5, half)
+    assert res.summary()["total"]["kept"] == swapjax.kept_count(0.5, half)
+    assert res.summary()["total"]["constraint"] == "first half"

@@ -3,6 +3,8 @@
 
     .venv/bin/python experiments/bench_constraints.py [preset] [seeds...]   # → experiments/results/constraints-<preset>.json
 
+A rerun adds the seeds and cells not yet in the file (written after every cell, atomically).
+
 The preset's dense model of each seed (experiments/reproduce.py, trained or restored under
 runs/<preset>/), N = its Fisher examples for X and the next val_examples for the selection of the
 methods that select (LR, SWAP); ``stages=1``. Test accuracy on the test split, the constraint's
@@ -38,13 +40,18 @@ def main(name: str = "mlpnet-fashion-mnist", seeds=(0, 1), runs: Path = Path("ru
     n, v = preset.fisher_examples, preset.val_examples
     batch = {"x": jnp.asarray(train.x[:n]), "y": jnp.asarray(train.y[:n])}
     val = {"x": jnp.asarray(train.x[n:n + v]), "y": jnp.asarray(train.y[n:n + v])}
-    rows = []
+    out = Path(__file__).parent / f"results/constraints-{name}.json"
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []  # a rerun adds seeds, skips cells done
+    done = {(r["seed"], r["constraint"], r["method"]) for r in rows}
     for seed in seeds:
         model, variables = R.dense_model(preset, name, seed, train, runs / name, progress=False)
         loss_fn = R.per_example_loss(model, variables)
         dense = swapjax.evaluate(model, variables, test.x, test.y)[0]
         for cell, (constraint, sparsity) in CONSTRAINTS.items():
             for method_name, method in METHODS.items():
+                if (seed, cell, method_name) in done:
+                    continue
+
                 def call():
                     t0 = time.perf_counter()
                     result = swapjax.prune(loss_fn, variables["params"], batch, sparsity=sparsity, method=method,
@@ -59,9 +66,14 @@ def main(name: str = "mlpnet-fashion-mnist", seeds=(0, 1), runs: Path = Path("ru
                                  sparsity=total["sparsity"], seconds=seconds))
                 print(f"seed {seed} {cell} {method_name}: {100 * accuracy:.1f} % (sparsity {total['sparsity']:.3f}, "
                       f"{seconds:.1f} s)", flush=True)
-    out = Path(__file__).parent / f"results/constraints-{name}.json"
+                _write(out, name, rows)
+
+
+def _write(out: Path, name: str, rows: list) -> None:
+    """The rows so far, atomically (an interrupted run resumes from them)."""
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"preset": name, "seeds": list(seeds), "rows": rows}, indent=1) + "\n")
+    seeds = sorted({r["seed"] for r in rows})
+    tmp.write_text(json.dumps({"preset": name, "seeds": seeds, "rows": rows}, indent=1) + "\n")
     os.replace(tmp, out)
 
 

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -46,9 +45,7 @@ def main(out: Path = Path(__file__).parent / "results/bench_auto.json", runs: Pa
         preset = R.PRESETS[name]
         train = data.load(preset.dataset, "train", flatten=preset.flatten)
         test = data.load(preset.dataset, "test", flatten=preset.flatten)
-        n, v = preset.fisher_examples, preset.val_examples
-        batch = {"x": jnp.asarray(train.x[:n]), "y": jnp.asarray(train.y[:n])}
-        val = {"x": jnp.asarray(train.x[n:n + v]), "y": jnp.asarray(train.y[n:n + v])}
+        batch, val = R.calibration(preset, train)
         rows = []
         for seed in SEEDS:
             model, variables = R.dense_model(preset, name, seed, train, runs / name, progress=False)

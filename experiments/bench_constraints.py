@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).parent))
 import reproduce as R  # noqa: E402
@@ -37,9 +36,7 @@ def main(name: str = "mlpnet-fashion-mnist", seeds=(0, 1), runs: Path = Path("ru
     preset = R.PRESETS[name]
     train = data.load(preset.dataset, "train", flatten=preset.flatten)
     test = data.load(preset.dataset, "test", flatten=preset.flatten)
-    n, v = preset.fisher_examples, preset.val_examples
-    batch = {"x": jnp.asarray(train.x[:n]), "y": jnp.asarray(train.y[:n])}
-    val = {"x": jnp.asarray(train.x[n:n + v]), "y": jnp.asarray(train.y[n:n + v])}
+    batch, val = R.calibration(preset, train)
     out = Path(__file__).parent / f"results/constraints-{name}.json"
     rows = json.loads(out.read_text())["rows"] if out.exists() else []  # a rerun adds seeds, skips cells done
     done = {(r["seed"], r["constraint"], r["method"]) for r in rows}

@@ -130,6 +130,13 @@ def dense_model(preset: Preset, name: str, seed: int, train_set, out: Path, prog
     return model, variables
 
 
+def calibration(preset: Preset, train_set) -> tuple[dict, dict | None]:
+    """(X's examples, the selection's): the first N training examples, then the next ``val_examples``."""
+    n, v = preset.fisher_examples, preset.val_examples
+    take = lambda a, b: {"x": jnp.asarray(train_set.x[a:b]), "y": jnp.asarray(train_set.y[a:b])}  # noqa: E731
+    return take(0, n), (take(n, n + v) if v else None)
+
+
 def per_example_loss(model, variables):
     """loss_fn(params, example) for swapjax.prune: BatchNorm (if any) in inference mode."""
     extra = {k: v for k, v in variables.items() if k != "params"}
@@ -274,11 +281,7 @@ def run(preset_name: str, preset: Preset, out: Path, progress: bool):
         dense_acc, dense_loss = swapjax.evaluate(model, variables, test_set.x, test_set.y)
         log(f"seed {seed}: dense test accuracy {dense_acc:.4f}, loss {dense_loss:.4f}; {len(todo)} runs to do")
         loss_fn = per_example_loss(model, variables)
-        fisher = {"x": jnp.asarray(train_set.x[: preset.fisher_examples]),
-                  "y": jnp.asarray(train_set.y[: preset.fisher_examples])}
-        held_out = slice(preset.fisher_examples, preset.fisher_examples + preset.val_examples)
-        val_batch = {"x": jnp.asarray(train_set.x[held_out]), "y": jnp.asarray(train_set.y[held_out])} \
-            if preset.val_examples else None
+        fisher, val_batch = calibration(preset, train_set)
         for i, (mode, noise, s, name) in enumerate(todo, 1):
             t0 = time.perf_counter()
             gradual = mode != "one-shot"

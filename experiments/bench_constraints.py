@@ -3,7 +3,8 @@
 
     .venv/bin/python experiments/bench_constraints.py [preset] [seeds...]   # → experiments/results/constraints-<preset>.json
 
-A rerun adds the seeds and cells not yet in the file (written after every cell, atomically).
+A rerun adds the seeds and cells not yet in the file (written after every cell, atomically); the
+table of docs/constraints.md is printed at the end (mean ± std over the seeds; both values for 2).
 
 The preset's dense model of each seed (experiments/reproduce.py, trained or restored under
 runs/<preset>/), N = its Fisher examples for X and the next val_examples for the selection of the
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import reproduce as R  # noqa: E402
@@ -64,6 +66,20 @@ def main(name: str = "mlpnet-fashion-mnist", seeds=(0, 1), runs: Path = Path("ru
                 print(f"seed {seed} {cell} {method_name}: {100 * accuracy:.1f} % (sparsity {total['sparsity']:.3f}, "
                       f"{seconds:.1f} s)", flush=True)
                 _write(out, name, rows)
+    print(table(rows))
+
+
+def table(rows: list) -> str:
+    """Test accuracy % per constraint and method: mean ± std over the seeds (the seeds' values when 2)."""
+    seeds = sorted({r["seed"] for r in rows})
+    lines = ["| constraint | sparsity | " + " | ".join(METHODS) + " |", "|---" * (2 + len(METHODS)) + "|"]
+    for cell in CONSTRAINTS:
+        cells = [[100 * r["accuracy"] for r in rows if r["constraint"] == cell and r["method"] == m] for m in METHODS]
+        sparsity = np.mean([r["sparsity"] for r in rows if r["constraint"] == cell])
+        show = (lambda a: " / ".join(f"{x:.1f}" for x in a)) if len(seeds) <= 2 else \
+            (lambda a: f"{np.mean(a):.1f} ± {np.std(a):.1f}")
+        lines.append(f"| {cell} | {sparsity:.3f} | " + " | ".join(show(a) for a in cells) + " |")
+    return "\n".join(lines)
 
 
 def _write(out: Path, name: str, rows: list) -> None:

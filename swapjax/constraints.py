@@ -1,7 +1,7 @@
 """Sparsity constraints: which supports a pruned w ∈ R^p may have.
 
 A constraint is a *spec* chosen by the user (:class:`TopK`, :class:`LayerBudgets`, :class:`NM`)
-that :func:`resolve` turns, at each stage's sparsity s, into :class:`Groups`: a partition of the p
+whose ``resolve(layout, s, w, col_sq)`` turns it, at each stage's sparsity s, into :class:`Groups`: a partition of the p
 prunable coordinates into G groups with a count c_g of weights to keep in each. Every method works
 with the Groups alone:
 

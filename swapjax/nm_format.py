@@ -62,7 +62,8 @@ def to_nm(params: PyTree, masks: PyTree, n: int = 2, m: int = 4,
     for name, (mask, leaf) in _kept_leaves(params, masks).items():
         shape = tuple(np.shape(leaf))
         ax = tuple(int(a) % len(shape) for a in (axes or reduction_axes)(name, shape))
-        if math.prod(shape[a] for a in ax) % m:
+        reduce = math.prod(shape[a] for a in ax)
+        if reduce % m:
             continue
         W = _as_matrix(np.asarray(leaf), ax).reshape(-1, m)  # one row per group
         kept = _as_matrix(np.asarray(mask, bool), ax).reshape(-1, m)
@@ -71,7 +72,7 @@ def to_nm(params: PyTree, masks: PyTree, n: int = 2, m: int = 4,
             g = int(np.flatnonzero(counts != n)[0])
             raise ValueError(f"masks: {name} is not {n}:{m}: group {g} along axes {ax} keeps {int(counts[g])}")
         order = np.argsort(~kept, axis=1, kind="stable")[:, :n]  # the kept positions, in order
-        rows = _as_matrix(np.zeros(shape), ax).shape[0]
+        rows = math.prod(shape) // reduce
         out[name] = NMKernel(np.take_along_axis(W, order, axis=1).reshape(rows, -1),
                              order.astype(np.uint8).reshape(rows, -1), shape, ax, m)
     return out

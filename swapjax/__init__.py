@@ -9,23 +9,25 @@ first use, so ``import swapjax`` stays light; ott-jax (Sinkhorn), orbax and
 import importlib
 
 from .baselines import Magnitude, WoodFisher
-from .constraints import NM, Groups, LayerBudgets, TopK, kept_count
+from .constraints import NM, Constraint, Groups, LayerBudgets, TopK, kept_count
+from .contract import Method
 from .comparison import MethodResult, compare, compare_sparsities, format_table
 from .finetune import batched_loss, keep_pruned_at_zero, make_finetune_hook, masked_optimizer, masked_updates
 from .gradients import GradientNoise, add_gradient_noise, per_sample_grads
 from .io import bcoo_bytes, from_bcoo, load_pruned, save_pruned, to_bcoo
 from .methods import LR, SWAP, SolveInfo
 from .nm_format import from_nm, to_nm
-from .operators import GradientOperator, linearized_gradients
+from .operators import Formed, GradientOperator, Operator, RowSharded, linearized_gradients
 from .prune import PruneResult, StageInfo, prune
 from .pytree import allow_vectors, apply_masks, sparsity_summary
 from .schedules import cubic_schedule, linear_schedule, polynomial_schedule
 from .training import evaluate, train
 
 __all__ = [
-    "LR", "SWAP", "Magnitude", "WoodFisher", "SolveInfo", "TopK", "LayerBudgets", "NM", "Groups",
+    "Method", "LR", "SWAP", "Magnitude", "WoodFisher", "SolveInfo", "Constraint", "TopK", "LayerBudgets", "NM", "Groups",
     "compare", "compare_sparsities", "format_table", "MethodResult", "GradientNoise", "PruneResult", "StageInfo",
-    "prune", "per_sample_grads", "add_gradient_noise", "kept_count", "linearized_gradients", "GradientOperator",
+    "prune", "per_sample_grads", "add_gradient_noise", "kept_count", "linearized_gradients", "Operator", "Formed", "RowSharded",
+    "GradientOperator",
     "allow_vectors", "apply_masks", "sparsity_summary", "cubic_schedule", "linear_schedule", "polynomial_schedule",
     "keep_pruned_at_zero", "masked_updates", "masked_optimizer", "make_finetune_hook", "batched_loss",
     "train", "evaluate",

@@ -1,8 +1,8 @@
 """The paper's baselines on a bare problem (X, w̄, k): magnitude pruning and WoodFisher.
 
-Both follow the method contract of :mod:`swapjax.methods`:
+Both follow the method contract (:class:`swapjax.contract.Method`):
 ``w, info = method.solve(X, w_bar, k, w_start=None, duals=None)`` with a
-:class:`~swapjax.methods.SolveInfo` the prune driver can read.
+:class:`BaselineInfo`.
 
 Which weights are pruned. Both act on the weights where the stage starts,
 w_start (default w̄): in a one-shot problem that is w̄ itself; in a
@@ -25,30 +25,41 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import transport
 from .constraints import Groups, as_groups
-from .methods import SolveInfo, prepare_problem
-from .operators import GradientOperator, linear, matmul
+from .contract import Method
+from .methods import prepare_problem
+from .operators import linear, matmul
 
 
 # ---------------------------------------------------------------------------
 # shared pieces
 
 
-def _info(y, w, support, trace, duals) -> SolveInfo:
-    """SolveInfo of a non-iterative method: no IHT, no backsolve, no plan; duals passed through."""
-    dtype = y.dtype
-    no_plan = transport.PlanInfo(jnp.array(0), jnp.array(True), jnp.zeros((), dtype), jnp.array(False))
-    return SolveInfo(
-        objective=trace[-1], objective_trace=trace, iht_iterations=jnp.array(0),
-        backsolved=jnp.array(False), support=support, targets=y, plan=no_plan, duals=duals,
-    )
+class BaselineInfo(NamedTuple):
+    """Diagnostics of a solve of Magnitude or WoodFisher (arrays): f = ½‖Xw − y‖² at the result, its
+    trace (index 0: H_k(w_start)), the support, y = Xw̄, and the duals passed through."""
+
+    objective: jax.Array
+    objective_trace: jax.Array
+    support: jax.Array
+    targets: jax.Array
+    duals: tuple
+
+    def stage_fields(self) -> dict:
+        return {}
+
+    def warnings(self, n: int) -> tuple[str, ...]:
+        return ()
+
+
+def _info(y, w, support, trace, duals) -> BaselineInfo:
+    return BaselineInfo(trace[-1], trace, support, y, duals)
 
 
 def _f(X, w, y):
@@ -99,7 +110,7 @@ def _check_segments(segments, p: int) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class Magnitude:
+class Magnitude(Method):
     """Magnitude pruning (MP): keep the k largest |w| of the stage's starting weights.
 
     scope: "global" ranks all p prunable weights together; "layer" keeps the
@@ -122,7 +133,7 @@ class Magnitude:
     """
 
     scope: str = "global"
-    matrix_free = True  # solve also takes X as a GradientOperator
+    matrix_free = True  # solve also takes an X that is not formed
 
     def __post_init__(self):
         if not isinstance(self.scope, str) or self.scope not in ("global", "layer"):
@@ -133,11 +144,12 @@ class Magnitude:
         """True when ``solve`` needs the layer offsets (``segments=``)."""
         return self.scope == "layer"
 
-    def solve(self, X, w_bar, k, w_start=None, duals=None, segments=None) -> tuple[jax.Array, SolveInfo]:
+    def solve(self, X, w_bar, k, w_start=None, duals=None, *, score=None, segments=None
+              ) -> tuple[jax.Array, BaselineInfo]:
         """k-sparse w keeping the largest |w_start| (default w_start = w̄); see the class doc.
 
         segments: layer offsets (0 = o_0 ≤ o_1 ≤ … ≤ o_L = p), needed for scope="layer",
-        ignored for scope="global".
+        ignored for scope="global". ``score`` is not used.
         """
         X, w_bar, w_start, groups, duals = prepare_problem(X, w_bar, k, w_start, duals)
         p = X.shape[1]
@@ -188,7 +200,7 @@ def _magnitude_layers(segments, X, w_bar, w_start, counts):
 
 
 @dataclass(frozen=True)
-class WoodFisher:
+class WoodFisher(Method):
     """WoodFisher (Singh & Alistarh 2020): one-shot OBS with the empirical Fisher.
 
         F = damp·I + XᵀX/N,  ρ_q = w_q² / (2[F⁻¹]_qq),  keep the k largest ρ,
@@ -242,14 +254,16 @@ class WoodFisher:
         if not (isinstance(self.block_size, int) and not isinstance(self.block_size, bool) and self.block_size >= 1):
             raise ValueError(f"block_size: must be an int ≥ 1, got {self.block_size!r}")
 
-    def solve(self, X, w_bar, k, w_start=None, duals=None) -> tuple[jax.Array, SolveInfo]:
-        """k-sparse w from one OBS step at w_start (default w̄); see the class doc."""
-        if isinstance(X, GradientOperator):
-            raise ValueError("X: WoodFisher needs the per-sample gradients as a matrix (its Woodbury factors use X's "
-                             "columns), got a GradientOperator; prune with mode='in-memory', or use LR, SWAP or Magnitude")
+    def solve(self, X, w_bar, k, w_start=None, duals=None, *, score=None, segments=None
+              ) -> tuple[jax.Array, BaselineInfo]:
+        """k-sparse w from one OBS step at w_start (default w̄); see the class doc. X must be formed
+        (the Woodbury factors use its columns); ``score`` and ``segments`` are not used."""
         X, w_bar, w_start, k, duals = prepare_problem(X, w_bar, k, w_start, duals)
+        if not X.formed:
+            raise ValueError(f"X: WoodFisher needs the per-sample gradients formed (its Woodbury factors use X's "
+                             f"columns), got X {X.label}; prune with mode='in-memory', or use LR, SWAP or Magnitude")
         w, support, trace, y = _woodfisher(
-            float(self.damp), self.update, min(self.block_size, X.shape[1]), X, w_bar, w_start, k
+            float(self.damp), self.update, min(self.block_size, X.shape[1]), X.matrix, w_bar, w_start, k
         )
         return w, _info(y, w, support, trace, duals)
 

@@ -88,15 +88,17 @@ def callable_or_none(name: str, value, what: str) -> None:
 
 
 def method(value, name: str = "method") -> None:
-    """A pruning method instance (anything with ``.solve``), not the class."""
+    """A pruning method: an instance of a :class:`swapjax.contract.Method` subclass, not the class."""
+    from .contract import Method
+
     if isinstance(value, type):
         raise TypeError(
             f"{name}: got the class {value.__name__}; pass an instance, e.g. swapjax.{value.__name__}()"
         )
-    if not callable(getattr(value, "solve", None)):
+    if not isinstance(value, Method):
         raise ValueError(
-            f"{name}: expected an object with .solve(X, w_bar, k) (swapjax.SWAP(), LR(), Magnitude(), "
-            f"WoodFisher()), got {_show(value)}"
+            f"{name}: expected a swapjax method (swapjax.SWAP(), LR(), Magnitude(), WoodFisher(), or an "
+            f"instance of your own subclass of swapjax.Method), got {_show(value)}"
         )
 
 

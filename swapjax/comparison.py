@@ -34,8 +34,9 @@ import numpy as np
 from . import checks, pytree, transport
 from .gradients import DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, per_sample_grads
 from .loss_check import check_loss_fn
-from .methods import DEFAULT_EPSILON, SolveInfo, check_problem
+from .methods import DEFAULT_EPSILON, check_problem
 from .constraints import kept_count
+from .contract import Info
 from .pytree import PyTree, Select
 
 #: Relative ε of the EWR objective's plan: the same scale (cost (y_i − z_j)²/Var(y))
@@ -53,7 +54,7 @@ class MethodResult:
     (ε relative, see :func:`ewr_objective`); ewr_converged: Sinkhorn's flag.
     seconds: wall time of ``method.solve`` (compilation included unless
     ``warmup=True``). accuracy, loss: from ``evaluate`` (None without one).
-    info: the method's SolveInfo. error: "Type: message" when the method (or
+    info: the method's info (:class:`swapjax.contract.Info`). error: "Type: message" when the method (or
     the evaluation) failed, else None; traceback: its formatted traceback.
 
     Examples:
@@ -74,7 +75,7 @@ class MethodResult:
     seconds: float
     accuracy: Optional[float] = None
     loss: Optional[float] = None
-    info: Optional[SolveInfo] = None
+    info: Optional[Info] = None
     error: Optional[str] = None
     traceback: Optional[str] = None
 
@@ -171,7 +172,7 @@ def compare(
         True
     """
     checks.methods(methods)
-    count = int(check_problem(X, w_bar, k).k)  # k may be an int or a swapjax.constraints.Groups
+    count = int(check_problem(X, w_bar, k)[1].k)  # k may be an int or a swapjax.constraints.Groups
     X = jnp.asarray(X)
     w_bar = jnp.asarray(w_bar, X.dtype)
     n, p = X.shape
@@ -241,7 +242,7 @@ def _run_one(name, method, X, w_bar, k, count, y, w_start, segments, evaluate, u
              epsilon, threshold, max_iters, warmup) -> MethodResult:
     """Solve, time, check and measure one method (what raises is recorded by :func:`compare`)."""
     p = X.shape[1]
-    kwargs = {"segments": segments} if getattr(method, "needs_segments", False) else {}
+    kwargs = {"segments": segments} if method.needs_segments else {}
     if warmup:
         jax.block_until_ready(method.solve(X, w_bar, k, w_start=w_start, duals=None, **kwargs))
     t0 = time.perf_counter()

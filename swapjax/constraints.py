@@ -17,9 +17,10 @@ each keeping N, are N:M sparsity.
 """
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, ClassVar, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -170,8 +171,46 @@ def kept_count(sparsity: float, p: int) -> int:
     return int(round((1 - sparsity) * p))
 
 
+class Constraint(abc.ABC):
+    """A sparsity constraint: ``resolve`` turns it into the :class:`Groups` of one stage.
+
+    ``resolve(lay, sparsity, w, col_sq)`` gets the layout of the prunable leaves
+    (:class:`swapjax.pytree.Layout`), the stage's sparsity s, the stage's starting
+    weights w and, where ``needs_fisher``, diag(XᵀX); it returns Groups whose counts
+    sum to the weights kept. ``label`` names it in progress lines and summaries.
+    A subclass is all a new constraint needs: every method honours it through the Groups.
+
+    Examples:
+        A new constraint in one class: the first row of every kernel stays dense, the
+        rest is one group keeping what is left of the budget.
+
+        >>> import jax.numpy as jnp, numpy as np, swapjax
+        >>> class DenseFirstRow(swapjax.Constraint):
+        ...     label = "first rows dense"
+        ...     def resolve(self, lay, sparsity, w=None, col_sq=None):
+        ...         ids = np.ones(lay.size, np.int32)
+        ...         for start, shape in zip(lay.offsets, lay.shapes):
+        ...             ids[start:start + int(np.prod(shape[1:]))] = 0          # row 0, row-major
+        ...         dense = int((ids == 0).sum())
+        ...         rest = max(swapjax.kept_count(sparsity, lay.size) - dense, 0)
+        ...         return swapjax.Groups(jnp.array([dense, rest], jnp.int32), jnp.asarray(ids), self.label)
+        >>> params = {"w": np.arange(1.0, 13.0, dtype="float32").reshape(4, 3)}
+        >>> lay = swapjax.pytree.layout(params)
+        >>> mask = DenseFirstRow().resolve(lay, 0.5).project(swapjax.pytree.flatten(params, lay))
+        >>> mask.reshape(4, 3).astype(int).tolist()    # 6 kept: row 0, then the 3 largest of the rest
+        [[1, 1, 1], [0, 0, 0], [0, 0, 0], [1, 1, 1]]
+    """
+
+    label: ClassVar[str] = "constraint"
+    needs_fisher: ClassVar[bool] = False  # resolve takes diag(XᵀX)
+
+    @abc.abstractmethod
+    def resolve(self, lay, sparsity: float, w=None, col_sq=None) -> Groups:
+        """The groups and their counts at sparsity s."""
+
+
 @dataclass(frozen=True)
-class TopK:
+class TopK(Constraint):
     """The k = round((1 − s)·p) largest weights over all prunable leaves together (the papers' default).
 
     Examples:
@@ -183,14 +222,13 @@ class TopK:
     """
 
     label = "global top-k"
-    needs_fisher = False  # resolve takes diag(XᵀX)
 
     def resolve(self, lay, sparsity: float, w=None, col_sq=None) -> Groups:
         return Groups.top_k(kept_count(sparsity, lay.size))
 
 
 @dataclass(frozen=True)
-class LayerBudgets:
+class LayerBudgets(Constraint):
     """A budget per prunable leaf ("layer"), the counts summing to round((1 − s)·p).
 
     rule: how the density d_l = 1 − s_l of leaf l is set, with Σ_l d_l·p_l = (1 − s)·p:
@@ -350,7 +388,7 @@ def reduction_axes(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class NM:
+class NM(Constraint):
     """N:M sparsity: in every group of M consecutive weights along a kernel's reduction axis, keep N.
 
     The groups run along :func:`reduction_axes` (Dense: the input axis; Conv: the input channels
@@ -434,5 +472,3 @@ class NM:
         return (f"NM: {name} {shape} sums over {reduce} inputs (axes {axes}), not a multiple of m = {self.m}; "
                 f"leave it dense (NM(..., ragged='dense')) or exclude it with select")
 
-
-Constraint = Union[TopK, LayerBudgets, NM]

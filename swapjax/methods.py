@@ -21,7 +21,7 @@ import math
 import numbers
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +30,9 @@ import numpy as np
 from . import checks
 from . import iht as iht_lib
 from . import transport
-from .gradients import check_finite, sharded_column_sq_norms
 from .constraints import Groups, as_groups, check_groups
-from .operators import GradientOperator, linear, matmul
+from .contract import Method, Score
+from .operators import Operator, as_operator, linear, matmul
 
 #: λ candidates of ``lam="auto"`` (relative to the Fisher's scale, half-decade steps), and the value
 #: used without a score, where the selection's walk along the path starts.
@@ -42,9 +42,6 @@ DEFAULT_LAM = 0.03
 EPSILON_PATH = (0.1, 0.3, 1.0)
 DEFAULT_EPSILON = 0.3
 
-#: score(w): the held-out loss of the pruned network, a float or the vector of per-example losses
-#: (lower is better; with the vector, targets ỹ must beat LR's y by more than one standard error).
-Score = Callable[[jax.Array], Union[float, np.ndarray]]
 
 
 class Candidate(NamedTuple):
@@ -81,14 +78,36 @@ class SolveInfo(NamedTuple):
     candidates: tuple = ()  # Candidate per point tried by the selection (empty without one)
     chosen: Optional[int] = None  # the index of the returned candidate in ``candidates``
 
+    def stage_fields(self) -> dict:
+        """The diagnostics of :class:`swapjax.prune.StageInfo` that this solve reports (Python values)."""
+        fields = dict(iht_iterations=int(self.iht_iterations), backsolved=bool(self.backsolved),
+                      sinkhorn_iterations=int(self.plan.iterations), sinkhorn_converged=bool(self.plan.converged),
+                      sinkhorn_error=float(self.plan.error), epsilon=self.epsilon, candidates=self.candidates)
+        for name in ("lam", "lam_absolute", "objective_magnitude"):
+            value = getattr(self, name)
+            if value is not None:
+                fields[name] = float(value)
+        if self.candidates:
+            fields.update(held_out_loss=self.candidates[self.chosen].score, chosen=self.chosen)
+        return fields
 
-def check_problem(X, w_bar, k, finite_x: bool = True) -> Groups:
-    """Validate a bare problem; returns the constraint as :class:`swapjax.constraints.Groups` (an
-    integer k is the global top-k). X: a matrix or a
-    :class:`swapjax.operators.GradientOperator` (checked finite when built).
-    ``finite_x=False`` leaves X's finiteness to the caller."""
-    if not isinstance(X, GradientOperator) and jnp.ndim(X) != 2:
-        raise ValueError(f"X: expected a 2-D (N, p) matrix, got shape {jnp.shape(X)}")
+    def warnings(self, n: int) -> tuple[str, ...]:
+        """A degenerate plan (no spread in y) or a Sinkhorn run that did not converge, in words."""
+        if bool(self.plan.degenerate):
+            return (f"the projections y = X·w_bar have no spread (Var(y) is 0, at rounding level or not finite: "
+                    f"N = {n}, identical examples?), so there is nothing to transport: SWAP's targets are y, "
+                    "as LR's (info.plan.degenerate)",)
+        if not bool(self.plan.converged):
+            return (f"Sinkhorn did not converge in {int(self.plan.iterations)} iterations (marginal error "
+                    f"{float(self.plan.error):.2e}); raise sinkhorn_max_iters or epsilon",)
+        return ()
+
+
+def check_problem(X, w_bar, k, finite_x: bool = True) -> tuple[Operator, Groups]:
+    """Validate a bare problem: (X as an :class:`swapjax.operators.Operator`, the constraint as
+    :class:`swapjax.constraints.Groups`; an integer k is the global top-k). X: a matrix or an operator
+    (one not formed is checked finite when built). ``finite_x=False`` leaves X's finiteness to the caller."""
+    X = as_operator(X)
     n, p = X.shape
     if n == 0:
         raise ValueError("X: N = 0 rows; at least one per-sample gradient is needed")
@@ -103,11 +122,11 @@ def check_problem(X, w_bar, k, finite_x: bool = True) -> Groups:
         if not ok or not 1 <= k <= p:
             raise ValueError(f"k: must be an integer in [1, p] = [1, {p}] or a swapjax.constraints.Groups, got {k!r}")
         groups = Groups.top_k(int(k))
-    if finite_x and not isinstance(X, GradientOperator):
-        check_finite(X, "X")
+    if finite_x:
+        X.check_finite("X")
     if not bool(jnp.all(jnp.isfinite(w_bar))):
         raise ValueError("w_bar: the dense weights contain NaN or inf")
-    return groups
+    return X, groups
 
 
 def prepare_problem(X, w_bar, k, w_start=None, duals=None, finite_x: bool = True):
@@ -116,9 +135,7 @@ def prepare_problem(X, w_bar, k, w_start=None, duals=None, finite_x: bool = True
     Arrays become at least float32 (there is no float16 linear algebra on CPU);
     w_start defaults to w̄; duals to zero potentials (a cold Sinkhorn start).
     """
-    k = check_problem(X, w_bar, k, finite_x)
-    if not isinstance(X, GradientOperator):
-        X = jnp.asarray(X, jnp.promote_types(jnp.result_type(X), jnp.float32))
+    X, k = check_problem(X, w_bar, k, finite_x)
     w_bar = jnp.asarray(w_bar, X.dtype)
     w_start = w_bar if w_start is None else jnp.asarray(w_start, X.dtype)
     if jnp.shape(w_start) != w_bar.shape:
@@ -139,7 +156,7 @@ def prepare_problem(X, w_bar, k, w_start=None, duals=None, finite_x: bool = True
 
 
 @dataclass(frozen=True)
-class LR:
+class LR(Method):
     """Sparse linear regression (CHITA): min ½‖y − Xw‖² + (Nλ/2)‖w − w̄‖², ‖w‖₀ ≤ k.
 
     lam: λ ≥ 0, or "auto" (default): with a held-out score
@@ -160,8 +177,8 @@ class LR:
     swap search from the k weights of largest OBS saliency
     (:func:`swapjax.iht.obs_support`, O(N²k)) at the chosen λ and targets,
     and keeps that where its held-out loss is lower. cg_iters: conjugate-gradient steps of
-    each backsolve where X is a :class:`swapjax.operators.GradientOperator`
-    (matrix-free; each step costs Xv and Xᵀu). active_set: None, or CHITA's active-set
+    each backsolve where X is not formed (an operator of products only, such as
+    :class:`swapjax.operators.GradientOperator`; each step costs Xv and Xᵀu). active_set: None, or CHITA's active-set
     phase with ⌈active_set·k⌉ weights (:func:`swapjax.iht.active_set_iht`).
     """
 
@@ -178,7 +195,7 @@ class LR:
     cg_iters: int = iht_lib.CG_ITERS
     active_set: Optional[float] = None
 
-    #: ``solve`` also takes X as a :class:`swapjax.operators.GradientOperator` (backsolves by CG).
+    #: ``solve`` also takes an X that is not formed (backsolves by CG).
     matrix_free = True
 
     def __post_init__(self):
@@ -212,7 +229,7 @@ class LR:
             return LR(**fields)
         return dataclasses.replace(self, **fields)
 
-    def solve(self, X, w_bar, k, w_start=None, duals=None, score: Optional[Score] = None):
+    def solve(self, X, w_bar, k, w_start=None, duals=None, *, score: Optional[Score] = None, segments=None):
         """k-sparse w for the problem (X ∈ R^{N×p}, w̄ ∈ R^p, k) → (w, SolveInfo).
 
         w_start: the weights where the stage starts (default w̄); IHT starts
@@ -228,18 +245,19 @@ class LR:
         (ε > 0) only where they beat the best so far by more than one
         standard error of the paired difference: LR's y is the default, and
         a lower mean that is within the held-out noise does not displace it.
+        ``segments`` is not used (the constraint ``k`` carries any per-layer budget).
         """
         X, w_bar, w_start, groups, duals = prepare_problem(X, w_bar, k, w_start, duals, finite_x=False)
         k = int(groups.k)
         checks.callable_or_none("score", score, "a function score(w) -> float")
-        col_sq = X.col_sq if isinstance(X, GradientOperator) else sharded_column_sq_norms(X)
+        col_sq = X.col_sq
         if not bool(jnp.all(jnp.isfinite(col_sq))):  # X's finiteness from diag(XᵀX): no pass of its own
-            check_finite(X, "X")  # names the rows; if X is finite, ‖X‖²_F overflows (below)
+            X.check_finite("X")  # names the rows; if X is finite, ‖X‖²_F overflows (below)
         y, z, scale = _projections(X, w_bar, w_start, col_sq)
         if not bool(jnp.isfinite(scale) & jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(z))):
-            largest = "" if isinstance(X, GradientOperator) else f"max |X| = {float(jnp.max(jnp.abs(X))):.3g}, "
             raise ValueError(
-                f"X: y = X·w_bar, z = X·w_start or ‖X‖²_F overflow {X.dtype} ({largest}"
+                f"X: y = X·w_bar, z = X·w_start or ‖X‖²_F overflow {X.dtype} (largest column norm "
+                f"{float(jnp.sqrt(jnp.max(col_sq))):.3g}, "
                 f"max |w_bar| = {float(jnp.max(jnp.abs(w_bar))):.3g}); rescale the loss or use float64 (jax_enable_x64)"
             )
         if self.lam_scale == "absolute":
@@ -288,7 +306,7 @@ class LR:
         if incumbent is not None and (self.swap_rounds or tried[chosen].support == "ridge"):
             attempt(tried[chosen].lam, tried[chosen].epsilon, best[0], best[1].duals, kind="swap")
         if (self.obs_sparsity is not None and 1 - k / X.shape[1] >= self.obs_sparsity and incumbent is not None
-                and incumbent[1] is not None and float(best[1].lam_absolute) > 0):
+                and X.formed and float(best[1].lam_absolute) > 0):
             attempt(tried[chosen].lam, tried[chosen].epsilon, None, None, kind="obs")
         w, info, _ = best
         if tried[chosen].support in ("ridge", "obs"):  # f at H_k(w_start) and of the magnitude backsolve, at its λ, t
@@ -519,17 +537,17 @@ def _magnitude_reference(width, X, w_start, k):
     """The magnitude support M = H_k(w_start) and its Gram X_M X_Mᵀ, shared by every candidate's backsolves
     (None where X is not formed)."""
     magnitude = as_groups(k).project(w_start)
-    return magnitude, None if isinstance(X, GradientOperator) else iht_lib.support_gram(X, magnitude, width)
+    return magnitude, iht_lib.support_gram(X.matrix, magnitude, width) if X.formed else None
 
 
 @partial(jax.jit, static_argnums=0)
 def _incumbent(width, X, w_bar, support, magnitude, magnitude_gram):
     """(X_S X_Sᵀ, X·w̄_S) for the support S, the Gram updated from the magnitude support's;
     (None, None) where X is not formed."""
-    if magnitude_gram is None:
+    if not X.formed:
         return None, None
-    gram = iht_lib.nearby_gram(X, support, magnitude, magnitude_gram, width, _exchange_width(width))
-    return gram, matmul(X, jnp.where(support, w_bar, 0))
+    gram = iht_lib.nearby_gram(X.matrix, support, magnitude, magnitude_gram, width, _exchange_width(width))
+    return gram, matmul(X.matrix, jnp.where(support, w_bar, 0))
 
 
 @partial(jax.jit, static_argnums=0)
@@ -543,9 +561,10 @@ def _ridge_fit(cg_iters, X, t, w_bar, support, lam, gram, x_anchor, init):
 def _obs_fit(width, rounds, cg_iters, X, w_bar, w_start, t, k, lam, col_sq):
     """The backsolve on the OBS support of w_start (:func:`swapjax.iht.obs_support`, active set of the 2·width
     largest |w_start|) and ``rounds`` of swap search from it: (w, support, f, weights exchanged)."""
-    support = iht_lib.obs_support(X, w_start, k, lam, min(X.shape[1], 2 * width))
-    gram = iht_lib.support_gram(X, support, width)
-    w, _, _ = iht_lib.ridge_state(X, t, w_bar, support, lam, gram)
+    M = X.matrix
+    support = iht_lib.obs_support(M, w_start, k, lam, min(X.shape[1], 2 * width))
+    gram = iht_lib.support_gram(M, support, width)
+    w, _, _ = iht_lib.ridge_state(M, t, w_bar, support, lam, gram)
     return iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, _exchange_width(width), cg_iters, col_sq,
                                k)
 
@@ -573,14 +592,14 @@ def _refine(width, rounds, cg_iters, X, w_bar, w, t, lam, support, objective, co
     The backsolve replaces IHT's w unless its f is not finite or higher beyond rounding (it
     should not be: it is the exact minimiser on the support, and CG descends from IHT's w). ``magnitude_gram`` = X_M X_Mᵀ for the magnitude
     support M; the Gram of IHT's support, which rarely strays far from M, is
-    updated from it. Where X is an operator (``magnitude_gram`` None), the
+    updated from it. Where X is not formed (``magnitude_gram`` None), the
     backsolves run by conjugate gradients from IHT's w and from w̄ on M. Takes IHT's (w, support, f) at
     the targets t and λ; returns (w, f, backsolved, support, f on M, weights swapped).
     """
     most = _exchange_width(width)
     gram = None
-    if magnitude_gram is not None:
-        gram = iht_lib.nearby_gram(X, support, magnitude, magnitude_gram, width, most)
+    if X.formed:
+        gram = iht_lib.nearby_gram(X.matrix, support, magnitude, magnitude_gram, width, most)
     X = linear(X)
     w_bs, obj_bs, _ = iht_lib.ridge_fit(X, t, w_bar, support, lam, gram, w, cg_iters)
     backsolved = jnp.isfinite(obj_bs) & (obj_bs <= objective + _rounding_of_f(objective, t))

@@ -14,12 +14,11 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from . import checks, memory, pytree, schedules
-from .gradients import DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, check_finite, losses_and_grads, resolve_devices
+from . import checks, holding, memory, pytree, schedules
+from .gradients import DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, resolve_devices
 from .constraints import NM, Constraint, TopK, kept_count
 from .loss_check import check_loss_fn
 from .methods import SWAP
-from .operators import linearize
 from .pytree import PyTree, Select
 
 
@@ -32,13 +31,13 @@ class StageInfo:
     k: int
     objective_start: float  # f at H_k(w_start), the solver's objective with the stage's targets
     objective: float  # f at the stage's result
-    iht_iterations: int
-    backsolved: bool
-    sinkhorn_iterations: int  # 0 for LR and ε = 0
-    sinkhorn_converged: bool
-    sinkhorn_error: float
     gradient_seconds: float
     solve_seconds: float
+    iht_iterations: int = 0
+    backsolved: bool = False
+    sinkhorn_iterations: int = 0  # 0 for LR, ε = 0 and the methods without a plan
+    sinkhorn_converged: bool = True
+    sinkhorn_error: float = 0.0
     lam: float = math.nan  # λ as configured (LR, SWAP): LR(lam=...)'s unit, relative to the Fisher's scale by default
     lam_absolute: float = math.nan  # the λ of f (λ·‖X‖²_F/(Np) under lam_scale="fisher")
     epsilon: Optional[float] = None  # SWAP's ε; None where the targets were LR's y
@@ -46,6 +45,7 @@ class StageInfo:
     objective_magnitude: float = math.nan  # f of the backsolve on the magnitude support
     held_out_loss: float = math.nan  # mean loss_fn of the stage's result on the held-out examples
     candidates: tuple = ()  # methods.Candidate per (λ, ε) tried by the selection
+    chosen: Optional[int] = None  # the index of the returned candidate in ``candidates``
 
 
 @dataclass(frozen=True)
@@ -238,8 +238,9 @@ def prune(
     method = SWAP() if method is None else method
     checks.method(method)
     constraint = TopK() if constraint is None else constraint
-    if not callable(getattr(constraint, "resolve", None)):
-        raise ValueError(f"constraint: expected None, swapjax.TopK(), LayerBudgets(...) or NM(n, m), got {constraint!r}")
+    if not isinstance(constraint, Constraint):
+        raise ValueError(f"constraint: expected None, swapjax.TopK(), LayerBudgets(...), NM(n, m) or an instance of "
+                         f"a subclass of swapjax.Constraint, got {constraint!r}")
     sparsity = _sparsity(sparsity, constraint)
     checks.stages(stages)
     checks.choice("anchor", anchor, ("dense", "current"))
@@ -253,7 +254,7 @@ def prune(
     holdout = checks.real("holdout (the held-out fraction of the batch)", holdout, 0.0, 1.0, hi_open=True)
     chunk_size = checks.integer("chunk_size", chunk_size, 1)
     progress = checks.boolean("progress", progress)
-    checks.choice("mode", mode, ("auto", "in-memory", "matrix-free"))
+    checks.choice("mode", mode, holding.MODES)
     levels = None if stages == "auto" else schedules.resolve(stages, sparsity)
     lay = pytree.layout(params, select)
     checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
@@ -266,25 +267,23 @@ def prune(
             f"sparsity: {sparsity} keeps round((1 - sparsity) * p) = 0 of p = {p} prunable weights; "
             f"use sparsity ≤ {1 - 1 / p:.6g}"
         )
-    selects = getattr(method, "selects", False)
+    selects = method.selects
     batch, val_batch = _split_held_out(batch, val_batch, holdout if selects else 0.0)
     stage_method = {}  # stage → the method of its solve where it is not ``method``
     if levels is None:  # "auto": gradual where one-shot is compared with it on held-out loss, or fine-tuned
         compared = selects and val_batch is not None and finetune is None
         levels = schedules.resolve(AUTO_STAGES if compared or finetune is not None else 1, sparsity)
-        if compared and hasattr(method, "without_search"):  # the stages before the last: λ alone
+        if compared:  # the stages before the last: the method's cheaper variant (LR, SWAP: λ alone)
             stage_method = dict.fromkeys(range(1, len(levels)), method.without_search())
     n = batch_size(batch)
     devices = resolve_devices(devices, n)  # ValueError naming N and d before any gradient
-    if devices is not None and mode == "matrix-free":
-        raise ValueError("devices: the matrix-free mode runs on one device; use mode='in-memory' with devices")
     check_loss_fn(loss_fn, params, batch)  # one trace, before any gradient
     log = (lambda msg: print(f"[swapjax] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    mode = _choose_mode(mode, method, noise, memory.estimate(loss_fn, params, batch, lay, chunk_size, devices=devices),
-                        sharded=devices is not None)
+    hold = holding.choose(mode, method, noise, memory.estimate(loss_fn, params, batch, lay, chunk_size, devices=devices),
+                          devices)
     log(f"{type(method).__name__}: N={n} examples"
         + (f" (+{batch_size(val_batch)} held out)" if val_batch is not None else "")
-        + f", p={p} prunable weights, {len(levels)} stage(s), X {mode}")
+        + f", p={p} prunable weights, {len(levels)} stage(s), X {hold.mode}")
     log(f"pruning {lay.describe()}" + ("" if isinstance(constraint, TopK) else f" under {constraint.label}"))
     if isinstance(constraint, NM) and constraint.ragged_leaves(lay):
         log(f"{constraint.label}: left dense, their inputs not a multiple of {constraint.m}: "
@@ -307,56 +306,30 @@ def prune(
 
     def run_stage(t, s, current, w, w_dense, duals, method=method):
         t0 = time.perf_counter()
-        if mode == "matrix-free":
-            _, X = linearize(loss_fn, current, batch, lay, chunk_size, progress)
-        else:
-            losses, X = losses_and_grads(loss_fn, current, batch, lay, chunk_size, True, progress, devices)
-            check_finite(X)
-            checks.finite_losses(losses)  # NaN or inf loss values with finite gradients
-            if noise is not None:
-                k_t = jax.random.fold_in(key, t)  # X is prune's own: noised in place
-                X = noise(X, k_t, donate=True) if isinstance(noise, GradientNoise) else noise(X, k_t)
+        X = hold.gradients(loss_fn, current, batch, lay, chunk_size, progress, noise,
+                           None if noise is None else jax.random.fold_in(key, t))
         t1 = time.perf_counter()
-        col_sq = (X.col_sq if mode == "matrix-free" else jnp.sum(X * X, axis=0)) if constraint.needs_fisher else None
-        groups = constraint.resolve(lay, s, w, col_sq)
+        groups = constraint.resolve(lay, s, w, X.col_sq if constraint.needs_fisher else None)
         k = int(groups.k)
-        w_bar = w_dense if anchor == "dense" else w
-        layers = {"segments": lay.offsets} if getattr(method, "needs_segments", False) else {}
         score = held_out_loss(current)
-        extra = {"score": score} if score is not None and getattr(method, "selects", False) else {}
-        w_new, info = method.solve(X, w_bar, groups if groups.ids is not None else k, w_start=w, duals=duals,
-                                   **layers, **extra)
+        declared = {}
+        if method.needs_segments:
+            declared["segments"] = lay.offsets
+        if method.selects and score is not None:
+            declared["score"] = score
+        w_new, info = method.solve(X, w_dense if anchor == "dense" else w, groups if groups.ids is not None else k,
+                                   w_start=w, duals=duals, **declared)
         w_new.block_until_ready()
         t2 = time.perf_counter()
-        candidates = tuple(getattr(info, "candidates", ()))
-        index = getattr(info, "chosen", None)  # a method of another library may list candidates without it
-        chosen = None if not candidates else (candidates[index] if index is not None
-                                               else min(candidates, key=lambda c: c.score))
-        stage = StageInfo(
-            stage=t, sparsity=s, k=k,
-            objective_start=float(info.objective_trace[0]), objective=float(info.objective),
-            iht_iterations=int(info.iht_iterations), backsolved=bool(info.backsolved),
-            sinkhorn_iterations=int(info.plan.iterations), sinkhorn_converged=bool(info.plan.converged),
-            sinkhorn_error=float(info.plan.error), gradient_seconds=t1 - t0, solve_seconds=t2 - t1,
-            lam=_float(getattr(info, "lam", None)), lam_absolute=_float(getattr(info, "lam_absolute", None)),
-            epsilon=getattr(info, "epsilon", None),
-            moved=int(jnp.sum(info.support & ~groups.project(w))),
-            objective_magnitude=_float(getattr(info, "objective_magnitude", None)),
-            held_out_loss=chosen.score if chosen else (float(np.mean(score(w_new))) if score else math.nan),
-            candidates=candidates,
-        )
-        if bool(getattr(info.plan, "degenerate", False)):
-            warnings.warn(
-                f"stage {t}: the projections y = X·w_bar have no spread (Var(y) is 0, at rounding level or not "
-                f"finite: N = {n}, identical examples?), so there is nothing to transport: SWAP's targets are "
-                "y, as LR's (info.plan.degenerate)", RuntimeWarning, stacklevel=3,
-            )
-        elif not stage.sinkhorn_converged:
-            warnings.warn(
-                f"stage {t}: Sinkhorn did not converge in {stage.sinkhorn_iterations} iterations "
-                f"(marginal error {stage.sinkhorn_error:.2e}); raise sinkhorn_max_iters or epsilon",
-                RuntimeWarning, stacklevel=3,
-            )
+        fields = info.stage_fields()
+        if "held_out_loss" not in fields and score is not None:
+            fields["held_out_loss"] = float(np.mean(score(w_new)))
+        stage = StageInfo(stage=t, sparsity=s, k=k, objective_start=float(info.objective_trace[0]),
+                          objective=float(info.objective), gradient_seconds=t1 - t0, solve_seconds=t2 - t1,
+                          moved=int(jnp.sum(info.support & ~groups.project(w))), **fields)
+        for message in info.warnings(n):
+            warnings.warn(f"stage {t}: {message}", RuntimeWarning, stacklevel=3)
+        chosen = stage.candidates[stage.chosen] if stage.candidates else None
         log(
             f"stage {t}/{len(levels)} sparsity {s:.4f} k={k}: f {stage.objective_start:.4g} -> "
             f"{stage.objective:.4g}, {stage.iht_iterations} IHT its, {stage.moved} kept weights off |w| top-k"
@@ -396,7 +369,7 @@ def prune(
         log(f"held-out loss: gradual {gradual_loss:.4g}, one-shot {stage1.held_out_loss:.4g}; keeping {kept}")
         if kept == "one-shot":
             mask, current = info1.support, pytree.unflatten(w1, params, lay)
-    return PruneResult(_own_dtypes(current, params), pytree.mask_tree(mask, lay), tuple(infos), one_shot, mode,
+    return PruneResult(_own_dtypes(current, params), pytree.mask_tree(mask, lay), tuple(infos), one_shot, hold.mode,
                        constraint.label)
 
 
@@ -411,39 +384,8 @@ def _sparsity(sparsity, constraint) -> float:
 
 
 def _kind(candidate) -> str:
-    """', <kind> candidate' for a progress line: which search the chosen candidate ran ('' if it names none)."""
-    kind = getattr(candidate, "support", None)
-    return f", {kind} candidate" if kind else ""
-
-
-def _choose_mode(mode: str, method, noise, estimate: memory.Estimate, sharded: bool = False) -> str:
-    """The mode to run: ``mode`` if it fits in memory, or for "auto" the in-memory mode where it fits,
-    else the matrix-free one (where the method and the options allow it); ValueError naming the
-    figures where the requested mode, or every mode, does not fit."""
-    why_not = None
-    if noise is not None:
-        why_not = "gradient noise needs X formed"
-    elif not getattr(method, "matrix_free", False):
-        why_not = f"{type(method).__name__} needs X formed"
-    elif sharded:
-        why_not = "the matrix-free mode runs on one device (devices= shards X's rows)"
-    if mode == "matrix-free" and why_not:
-        raise ValueError(f"mode: 'matrix-free' is not available here: {why_not}")
-    fits = {"in-memory": estimate.in_memory <= estimate.available,
-            "matrix-free": estimate.matrix_free <= estimate.available and why_not is None}
-    if mode == "auto" and (fits["in-memory"] or fits["matrix-free"]):
-        mode = "in-memory" if fits["in-memory"] else "matrix-free"
-        if mode == "matrix-free":
-            print(f"[swapjax] X does not fit in memory ({estimate.describe()}): pruning matrix-free",
-                  file=sys.stderr, flush=True)
-    if mode == "auto" or not fits[mode]:
-        options = ["fewer examples (N)", "fewer prunable leaves (select=)", "a smaller chunk_size"]
-        if mode == "in-memory" and fits["matrix-free"]:
-            options.insert(0, "mode='matrix-free'")
-        raise ValueError(("mode: no mode fits in memory" if mode == "auto" else f"mode: the {mode} prune does not fit")
-                         + f": {estimate.describe()}" + (f" (matrix-free is not available: {why_not})" if why_not else "")
-                         + "; options: " + ", ".join(options))
-    return mode
+    """', <kind> candidate' for a progress line: which search the chosen candidate ran."""
+    return f", {candidate.support} candidate"
 
 
 def _run_finetune(finetune, params, masks, stage, progress):
@@ -477,10 +419,6 @@ def _own_dtypes(result: PyTree, params: PyTree) -> PyTree:
             return np.asarray(new).astype(dtype)
         return new
     return jax.tree_util.tree_map(cast, result, params)
-
-
-def _float(x) -> float:
-    return math.nan if x is None else float(x)
 
 
 def _split_held_out(batch: PyTree, val_batch: Optional[PyTree], holdout: float):

@@ -73,7 +73,7 @@ def _methods():
     return {"MP": Magnitude(), "WF": WoodFisher(), "LR": fixed_lr(), "SWAP": fixed_swap()}
 
 
-class _Spy:
+class _Spy(swapjax.Method):
     """A method that records the X and w̄ it was given, then delegates."""
 
     def __init__(self, inner, seen):
@@ -84,12 +84,12 @@ class _Spy:
         return self.inner.solve(X, w_bar, k, w_start=w_start, duals=duals)
 
 
-class _Boom:
+class _Boom(swapjax.Method):
     def solve(self, X, w_bar, k, w_start=None, duals=None):
         raise RuntimeError("planned failure 42")
 
 
-class _TooDense:
+class _TooDense(swapjax.Method):
     def solve(self, X, w_bar, k, w_start=None, duals=None):
         return jnp.asarray(w_bar), None
 
@@ -121,7 +121,7 @@ def test_every_method_sees_the_same_X_and_a_failure_stops_nothing(capsys):
         assert r.ok and r.w is not None and r.kept <= k and np.isfinite(r.local_objective)
     assert not results["boom"].ok and "RuntimeError: planned failure 42" in results["boom"].error
     assert "planned failure 42" in results["boom"].traceback and results["boom"].w is None
-    with pytest.raises(ValueError, match=r"methods\['no-solve'\]: expected an object with \.solve"):
+    with pytest.raises(ValueError, match=r"methods\['no-solve'\]: expected a swapjax method"):
         C.compare(X, w_bar, k, dict(methods, **{"no-solve": object()}), progress=False)  # a wrong type: at once
     assert len(seen) == 3
     assert "more than k" in results["dense"].error  # reported, and its numbers still measured

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import swapjax
@@ -249,11 +249,10 @@ def test_nm_export_round_trips_a_pruned_network(mlp_problem):
         swapjax.to_nm({"k": np.ones((4, 1), np.float32)}, {"k": np.ones((4, 1), bool)})
 
 
-class _FirstHalf:
+class _FirstHalf(swapjax.Constraint):
     """A toy constraint written here alone: keep (1 − s) of the first half of w and nothing of the rest."""
 
     label = "first half"
-    needs_fisher = False
 
     def resolve(self, lay, sparsity, w=None, col_sq=None):
         half = lay.size // 2
@@ -271,3 +270,82 @@ def test_a_constraint_defined_outside_the_library(mlp_problem):
     assert np.count_nonzero(w[half:]) == 0 and np.count_nonzero(w[:half]) <= swapjax.kept_count(0.5, half)
     assert res.summary()["total"]["kept"] == swapjax.kept_count(0.5, half)
     assert res.summary()["total"]["constraint"] == "first half"
+
+
+# ---------------------------------------------------------------------------
+# property test: random trees of dense, conv and 3-D attention kernels, every method × constraint × mode
+
+
+def _net_loss(params, example):
+    """conv (3×3, SAME) → spatial mean → dense → attention q (in, heads, head_dim) → output (heads, head_dim, out)."""
+    h = jax.lax.conv_general_dilated(example["x"][None], params["Conv_0"]["kernel"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
+    h = jnp.tanh(jnp.mean(h, axis=(0, 1)) @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    q = jnp.tanh(jnp.einsum("d,dhk->hk", h, params["query"]["kernel"]))
+    out = jnp.einsum("hk,hkd->d", q, params["out"]["kernel"])
+    return jnp.sum((out - example["y"]) ** 2)
+
+
+def _net(seed, c_in, c_out, d, heads, head_dim, n=24):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: (rng.normal(size=s) / np.sqrt(np.prod(s[:-1]))).astype(np.float32)  # noqa: E731
+    params = {"Conv_0": {"kernel": f(3, 3, c_in, c_out)}, "Dense_0": {"kernel": f(c_out, d), "bias": f(d)},
+              "query": {"kernel": f(d, heads, head_dim)}, "out": {"kernel": f(heads, head_dim, d)}}
+    batch = {"x": rng.normal(size=(n, 4, 4, c_in)).astype(np.float32), "y": rng.normal(size=(n, d)).astype(np.float32)}
+    return params, batch
+
+
+def _nm_holds(mask, axes, n, m) -> bool:
+    """Every m consecutive weights along ``axes`` (flattened row-major) keep exactly n; a reduction size
+    that m does not divide, all (the leaf left dense). An independent NumPy reading of N:M."""
+    rest = [a for a in range(mask.ndim) if a not in axes]
+    rows = np.transpose(mask, list(axes) + rest).reshape(int(np.prod([mask.shape[a] for a in axes])), -1)
+    if rows.shape[0] % m:
+        return bool(rows.all())
+    return bool(np.all(rows.reshape(rows.shape[0] // m, m, -1).sum(axis=1) == n))
+
+
+PROPERTY_CONSTRAINTS = {"top-k": swapjax.TopK(), "2:4": swapjax.NM(2, 4), "1:4": swapjax.NM(1, 4),
+                        "4:8": swapjax.NM(4, 8), "uniform": swapjax.LayerBudgets(), "erk": swapjax.LayerBudgets("erk"),
+                        "owl": swapjax.LayerBudgets("owl", max_sparsity=0.9)}
+_REDUCTION = {"Conv_0": (0, 1, 2), "Dense_0": (0,), "query": (0,), "out": (0, 1)}
+
+
+# Each example compiles its own gradients and solve (2-5 s): 8 in the default run.
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), c_in=st.sampled_from([1, 4]), c_out=st.sampled_from([4, 6, 8]),
+       d=st.sampled_from([4, 8]), heads=st.sampled_from([1, 2]), head_dim=st.sampled_from([2, 4]),
+       method=st.sampled_from(sorted(METHODS)), constraint=st.sampled_from(sorted(PROPERTY_CONSTRAINTS)),
+       mode=st.sampled_from(["in-memory", "matrix-free"]), stages=st.sampled_from([1, 2]),
+       sparsity=st.floats(0.3, 0.9))
+def test_property_every_method_constraint_and_mode_on_random_trees(seed, c_in, c_out, d, heads, head_dim, method,
+                                                                   constraint, mode, stages, sparsity):
+    if method == "WF":
+        mode = "in-memory"  # WoodFisher needs X formed (refused matrix-free: tested in test_operators)
+    params, batch = _net(seed, c_in, c_out, d, heads, head_dim)
+    before, batch_before = (jax.tree_util.tree_map(np.copy, t) for t in (params, batch))
+    spec = PROPERTY_CONSTRAINTS[constraint]
+    nm = isinstance(spec, swapjax.NM)
+    res = swapjax.prune(_net_loss, params, batch, sparsity=None if nm else sparsity, method=METHODS[method],
+                        constraint=spec, stages=stages, mode=mode, progress=False)
+    for original, kept in ((params, before), (batch, batch_before)):  # inputs unmutated
+        jax.tree_util.tree_map(np.testing.assert_array_equal, original, kept)
+    assert res.mode == mode
+    np.testing.assert_array_equal(res.params["Dense_0"]["bias"], params["Dense_0"]["bias"])
+    lay = pytree.layout(params)
+    total = 0
+    for name, axes in _REDUCTION.items():
+        mask, w = np.asarray(res.masks[name]["kernel"]), np.asarray(res.params[name]["kernel"])
+        assert mask.shape == w.shape and np.all(w[~mask] == 0)  # pruned weights exactly 0
+        total += int(mask.sum())
+        if nm:
+            assert _nm_holds(mask, axes, spec.n, spec.m), (name, mask.shape)
+    if not nm:
+        assert total == swapjax.kept_count(sparsity, lay.size)  # the budget, split across layers or not
+    if constraint == "uniform":  # each layer (1 − s) of its weights, the remainders as Magnitude("layer") splits them
+        quotas = swapjax.baselines.layer_quotas(total, [int(np.prod(shape)) for shape in lay.shapes])
+        assert [int(res.masks[name.split("/")[0]]["kernel"].sum()) for name in lay.names] == quotas
+    if constraint == "erk":  # ERK's counts depend on the shapes alone
+        flat = pytree.flatten(pytree.apply_masks(jax.tree_util.tree_map(np.ones_like, params), res.masks), lay) > 0
+        assert bool(spec.resolve(lay, sparsity).feasible(flat))
+    assert res.summary()["total"]["constraint"] == spec.label

@@ -359,7 +359,7 @@ def _check_property(seed, sparsity, dtype, method, stages):
 # method runs, any gradient or forward pass is computed, or anything is written.
 
 
-class _ForbiddenMethod:
+class _ForbiddenMethod(swapjax.Method):
     """A method whose solve must never be reached."""
 
     def solve(self, X, w_bar, k, w_start=None, duals=None):
@@ -379,7 +379,7 @@ def _problem():
     "kwargs, error, match",
     [
         (dict(methods={"SWAP": swapjax.SWAP}), TypeError, r"methods\['SWAP'\]: got the class SWAP; pass an instance"),
-        (dict(methods={"x": "LR"}), ValueError, r"methods\['x'\]: expected an object with \.solve"),
+        (dict(methods={"x": "LR"}), ValueError, r"methods\['x'\]: expected a swapjax method"),
         (dict(methods=[_ForbiddenMethod()]), ValueError, "methods: expected a non-empty mapping"),
         (dict(k=True), ValueError, "k: must be an integer"),
         (dict(w_start=np.full(10, np.nan, np.float32)), ValueError, "w_start: the starting weights contain NaN"),

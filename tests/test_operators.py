@@ -98,9 +98,56 @@ def test_selection_on_the_operator_picks_what_the_matrix_picks(problem):
     np.testing.assert_array_equal(info2.support, info1.support)
 
 
+@jax.tree_util.register_pytree_node_class
+class _ColumnBlocks(swapjax.Operator):
+    """A toy way of holding X, written here alone: two column blocks [X₁ | X₂], never joined."""
+
+    label = "two column blocks"
+
+    def __init__(self, left, right):
+        self.left, self.right = left, right
+
+    @property
+    def shape(self):
+        return (self.left.shape[0], self.left.shape[1] + self.right.shape[1])
+
+    @property
+    def col_sq(self):
+        return jnp.concatenate([jnp.sum(self.left ** 2, 0), jnp.sum(self.right ** 2, 0)])
+
+    def products(self):
+        split = self.left.shape[1]
+        return operators.Linear(lambda v: self.left @ v[:split] + self.right @ v[split:],
+                                lambda u: jnp.concatenate([u @ self.left, u @ self.right]),
+                                lambda: self.col_sq, *self.shape, self.left.dtype, None)
+
+    def tree_flatten(self):
+        return (self.left, self.right), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+@pytest.mark.parametrize("method", [fixed_lr(swap_rounds=3), fixed_swap(swap_rounds=3), swapjax.Magnitude()],
+                         ids=["LR", "SWAP", "MP"])
+def test_an_operator_defined_outside_the_library(problem, method):
+    """Every method that needs only products solves on a new way of holding X as on the matrix."""
+    _, X, w_bar = problem
+    toy = _ColumnBlocks(X[:, :300], X[:, 300:])
+    k = 200
+    w1, info1 = method.solve(X, w_bar, k)
+    w2, info2 = method.solve(toy, w_bar, k)
+    np.testing.assert_array_equal(info2.support, info1.support)
+    np.testing.assert_allclose(w2, w1, rtol=2e-3, atol=2e-4 * float(jnp.abs(w1).max()))
+    assert np.count_nonzero(w2) == k
+    with pytest.raises(ValueError, match="WoodFisher needs the per-sample gradients formed.*two column blocks"):
+        swapjax.WoodFisher().solve(toy, w_bar, k)
+
+
 def test_woodfisher_refuses_the_operator(problem):
     op, _, w_bar = problem
-    with pytest.raises(ValueError, match="WoodFisher needs the per-sample gradients as a matrix"):
+    with pytest.raises(ValueError, match="WoodFisher needs the per-sample gradients formed"):
         swapjax.WoodFisher().solve(op, w_bar, 100)
 
 
@@ -170,13 +217,13 @@ def test_sharded_estimate_is_per_accelerator_and_whole_on_host_devices(trained_m
 
 
 def test_auto_mode_never_goes_matrix_free_when_sharded():
-    from swapjax.prune import _choose_mode
+    from swapjax import holding
 
     tight = memory.Estimate(in_memory=10, matrix_free=1, available=5)
-    assert _choose_mode("auto", fixed_lr(), None, tight) == "matrix-free"
+    assert holding.choose("auto", fixed_lr(), None, tight) == holding.Holding("matrix-free")
     with pytest.raises(ValueError, match=r"no mode fits .*matrix-free is not available: the matrix-free mode runs "
                                          r"on one device"):
-        _choose_mode("auto", fixed_lr(), None, tight, sharded=True)
+        holding.choose("auto", fixed_lr(), None, tight, devices=(jax.devices()[0],))
 
 
 def test_auto_mode_switches_to_matrix_free_when_X_does_not_fit(trained_mlp, prune_batch, monkeypatch, capsys):

@@ -65,14 +65,14 @@ def _check_info(info, levels):
         assert i.sinkhorn_converged
 
 
-class Recorder:
+class Recorder(swapjax.Method):
     """A method wrapper that records what the driver hands to .solve (the problem of each stage)."""
 
     def __init__(self, inner):
         self.inner, self.calls = inner, []
 
     def solve(self, X, w_bar, k, w_start=None, duals=None):
-        self.calls.append(dict(X=np.asarray(X), w_bar=np.asarray(w_bar), k=k, w_start=np.asarray(w_start)))
+        self.calls.append(dict(X=np.asarray(X.matrix), w_bar=np.asarray(w_bar), k=k, w_start=np.asarray(w_start)))
         return self.inner.solve(X, w_bar, k, w_start=w_start, duals=duals)
 
 
@@ -320,7 +320,7 @@ def _unchanged(small):
         (dict(stages=(0.5, 0.3, 0.9)), "stages: sparsities must be non-decreasing"),
         (dict(stages=(0.3, 0.6)), "stages: the schedule must end at sparsity=0.9"),
         (dict(stages=0), "stages: must be an integer"),
-        (dict(method=object()), r"method: expected an object with \.solve"),
+        (dict(method=object()), r"method: expected a swapjax method"),
     ],
 )
 def test_argument_errors_before_any_gradient(small, kwargs, match):

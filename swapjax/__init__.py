@@ -20,11 +20,12 @@ from .nm_format import from_nm, to_nm
 from .operators import Formed, GradientOperator, Operator, RowSharded, linearized_gradients
 from .prune import PruneResult, StageInfo, prune
 from .pytree import allow_vectors, apply_masks, sparsity_summary
+from .selection import Selected
 from .schedules import cubic_schedule, linear_schedule, polynomial_schedule
 from .training import evaluate, train
 
 __all__ = [
-    "Method", "LR", "SWAP", "Magnitude", "WoodFisher", "SolveInfo", "Constraint", "TopK", "LayerBudgets", "NM", "Groups",
+    "Method", "LR", "SWAP", "Magnitude", "WoodFisher", "Selected", "SolveInfo", "Constraint", "TopK", "LayerBudgets", "NM", "Groups",
     "compare", "compare_sparsities", "format_table", "MethodResult", "GradientNoise", "PruneResult", "StageInfo",
     "prune", "per_sample_grads", "add_gradient_noise", "kept_count", "linearized_gradients", "Operator", "Formed", "RowSharded",
     "GradientOperator",

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import checks
 from . import iht as iht_lib
-from . import transport
+from . import selection, transport
 from .constraints import Groups, as_groups, check_groups
 from .contract import Method, Score
 from .operators import Operator, as_operator, linear, matmul
@@ -57,6 +57,9 @@ class Candidate(NamedTuple):
     score: float
     objective: float
     lam_absolute: float = math.nan  # the λ of f (λ·‖X‖²_F/(Np) under lam_scale="fisher")
+
+    def describe(self) -> str:
+        return f"λ={self.lam:g} [absolute {self.lam_absolute:.3g}], ε={self.epsilon}, {self.support} candidate"
 
 
 class SolveInfo(NamedTuple):
@@ -268,54 +271,10 @@ class LR(Method):
         problem = (X, w_bar, groups, y, z, scale, reference)
         if score is None or not self.selects:
             return self._fit(problem, self._lam_value(), self._epsilon_value(), w_start, duals)
+        return selection.regression_path(self, problem, w_start, duals, score)
 
-        tried, best, chosen = [], None, None  # Candidates; (w, info, per-example losses) of the best; its index
-        incumbent = None  # (support, G_S, X·w̄_S) of the first solve: the other candidates are ridge fits on it
-
-        def attempt(lam, eps, init, duals, kind="iht"):
-            nonlocal best, chosen, incumbent
-            if kind == "obs":
-                w, info = self._fit_obs(problem, best[1], w_start)
-            elif kind == "swap" or incumbent is None:
-                rounds = self.swap_rounds if kind == "swap" else 0
-                w, info = self._fit(problem, lam, eps, init, duals, rounds)
-                kind = "swap" if rounds else "iht"
-                if incumbent is None and self.backsolve:
-                    incumbent = (info.support,) + _incumbent(_bucket(k, X.shape[1]), X, w_bar, info.support,
-                                                             *reference[1:])
-            else:
-                w, info = self._fit_on(problem, lam, eps, init, *incumbent, duals)
-                kind = "ridge"
-            value, losses = _score_value(score(w))
-            tried.append(Candidate(float(lam), eps, kind, value, float(info.objective), float(info.lam_absolute)))
-            margin = 0.0
-            if best is not None and eps is not None and eps != tried[chosen].epsilon:
-                margin = _standard_error(losses, best[2])  # transport targets must beat the best beyond noise
-            if best is None or value < tried[chosen].score - margin:
-                best, chosen = (w, info, losses), len(tried) - 1
-            return info
-
-        info = None
-        if self.lam == "auto":
-            for lam in _walk(sorted(self.lam_path), DEFAULT_LAM, lambda: tried[-1].score):
-                info = attempt(lam, self._epsilon_first(), best[0] if best else w_start, duals)
-        else:
-            info = attempt(self.lam, self._epsilon_first(), w_start, duals)
-        for eps in self._epsilon_path():
-            info = attempt(tried[chosen].lam, eps, best[0], info.duals)
-        if incumbent is not None and (self.swap_rounds or tried[chosen].support == "ridge"):
-            attempt(tried[chosen].lam, tried[chosen].epsilon, best[0], best[1].duals, kind="swap")
-        if (self.obs_sparsity is not None and 1 - k / X.shape[1] >= self.obs_sparsity and incumbent is not None
-                and X.formed and float(best[1].lam_absolute) > 0):
-            attempt(tried[chosen].lam, tried[chosen].epsilon, None, None, kind="obs")
-        w, info, _ = best
-        if tried[chosen].support in ("ridge", "obs"):  # f at H_k(w_start) and of the magnitude backsolve, at its λ, t
-            start, magnitude = _reference_objectives(self.cg_iters, X, info.targets, w_bar, w_start, info.lam_absolute,
-                                                     *reference[1:])
-            info = info._replace(objective_trace=jnp.stack([start, info.objective]), objective_magnitude=magnitude)
-        return w, info._replace(candidates=tuple(tried), chosen=chosen)
-
-    # What SWAP overrides: the ε of the targets (None: LR's y) when used as is, first, and on the path.
+    # What SWAP overrides: the target rule, and the ε of the targets (None: LR's y) when used as is, first,
+    # and on the path. LR and SWAP are one solver with two target rules.
     def _lam_value(self):
         return DEFAULT_LAM if self.lam == "auto" else self.lam
 
@@ -333,7 +292,7 @@ class LR(Method):
         X, w_bar, groups, y, z, scale, reference = problem
         k = int(groups.k)
         lam_abs = lam * scale
-        t, duals, plan = (y, duals, _NO_PLAN) if eps is None else self._targets(y, z, eps, duals)
+        t, duals, plan = self._targets(y, z, eps, duals)
         w, info = _solve(self._config(eps), X, t, y, w_bar, init, groups, lam_abs, duals, plan)
         info = info._replace(lam=jnp.asarray(lam, lam_abs.dtype))
         if self.backsolve:
@@ -350,7 +309,7 @@ class LR(Method):
         (``objective_trace`` holds f alone.)"""
         X, w_bar, _, y, z, scale, _ = problem
         lam_abs = lam * scale
-        t, duals, plan = (y, duals, _NO_PLAN) if eps is None else self._targets(y, z, eps, duals)
+        t, duals, plan = self._targets(y, z, eps, duals)
         w, f = _ridge_fit(self.cg_iters, X, t, w_bar, support, lam_abs, gram, x_anchor, init)
         info = SolveInfo(f, f[None], jnp.array(0), jnp.array(True), support, t, plan, duals,
                          lam=jnp.asarray(lam, lam_abs.dtype), lam_absolute=lam_abs,
@@ -366,8 +325,22 @@ class LR(Method):
         return w, at._replace(objective=f, objective_trace=f[None], iht_iterations=jnp.array(0), support=support,
                               swapped=swapped, objective_magnitude=None)
 
+    def _incumbent(self, problem, support):
+        """(support, G_S, X·w̄_S) of a first solve, for the ridge fits of the other candidates on its support
+        (G_S updated from the magnitude support's Gram; None, None where X is not formed)."""
+        X, w_bar, groups, _, _, _, reference = problem
+        return (support,) + _incumbent(_bucket(int(groups.k), X.shape[1]), X, w_bar, support, *reference[1:])
+
+    def _with_reference_objectives(self, problem, info, w_start):
+        """``info`` of a ridge or OBS fit with f at H_k(w_start) and f of the magnitude backsolve, at its λ and t."""
+        X, w_bar, _, _, _, _, reference = problem
+        start, magnitude = _reference_objectives(self.cg_iters, X, info.targets, w_bar, w_start, info.lam_absolute,
+                                                 *reference[1:])
+        return info._replace(objective_trace=jnp.stack([start, info.objective]), objective_magnitude=magnitude)
+
     def _targets(self, y, z, eps, duals):
-        raise NotImplementedError
+        """The target rule: (t, duals, plan report). LR's is t = y = Xw̄ (no plan; duals passed through)."""
+        return y, duals, _NO_PLAN
 
     def _config(self, eps) -> "_Config":
         return _Config(self.max_iters, self.tol, self.growth, self.patience if self.backsolve else None,
@@ -417,6 +390,9 @@ class SWAP(LR):
         return self.epsilon_path if self.epsilon == "auto" else ()
 
     def _targets(self, y, z, eps, duals):
+        """SWAP's rule: ỹ = N·πᵀy, π the entropic plan between y and z at ε (LR's y where ε is None)."""
+        if eps is None:
+            return LR._targets(self, y, z, eps, duals)
         t, new_duals, info = transport.transport_targets(
             y, z, eps, self.sinkhorn_threshold, self.sinkhorn_max_iters, duals
         )
@@ -427,48 +403,6 @@ class SWAP(LR):
         if self.plan_update == "iteration" and eps is not None:
             retarget = (float(eps), self.sinkhorn_threshold, self.sinkhorn_max_iters)
         return LR._config(self, eps)._replace(retarget=retarget)
-
-
-def _score_value(value) -> tuple[float, Optional[np.ndarray]]:
-    """(mean held-out loss, per-example losses or None) of a score's value; NaN or inf → (inf, None)."""
-    losses = np.asarray(value, np.float64)
-    if losses.ndim > 1 or losses.size == 0:
-        raise ValueError(f"score: expected a float or a vector of per-example losses, got shape {losses.shape}")
-    mean = float(np.mean(losses))
-    if not math.isfinite(mean):
-        return math.inf, None
-    return mean, (losses if losses.ndim == 1 and losses.size > 1 else None)
-
-
-def _standard_error(losses, reference) -> float:
-    """The standard error of mean(losses − reference), paired by example (0 without both vectors)."""
-    if losses is None or reference is None or losses.shape != reference.shape:
-        return 0.0
-    diff = losses - reference
-    return float(np.std(diff, ddof=1) / math.sqrt(diff.size))
-
-
-def _walk(path, start, last_score):
-    """The values of a sorted ``path`` to try, walking downhill from the one nearest ``start`` (in log).
-
-    Yields the first value, then its lower neighbours while each scores below
-    the one before (``last_score()`` reads the score of the value just
-    yielded); if the first step down did not improve, the upper neighbours
-    the same way. On a unimodal score this finds the path's best value in a
-    few tries instead of trying every value.
-    """
-    i = min(range(len(path)), key=lambda j: abs(math.log(path[j] / start)))
-    yield path[i]
-    for direction in (-1, 1):
-        current, j = last_score(), i + direction
-        moved = False
-        while 0 <= j < len(path):
-            yield path[j]
-            if not last_score() < current:
-                break
-            current, j, moved = last_score(), j + direction, True
-        if moved:
-            return
 
 
 _NO_PLAN = transport.PlanInfo(jnp.array(0), jnp.array(True), jnp.array(0.0), jnp.array(False))

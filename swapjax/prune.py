@@ -335,8 +335,7 @@ def prune(
             f"{stage.objective:.4g}, {stage.iht_iterations} IHT its, {stage.moved} kept weights off |w| top-k"
             + (f", Sinkhorn {stage.sinkhorn_iterations} its" if stage.sinkhorn_iterations else "")
             + (f", held-out loss {stage.held_out_loss:.4g}" if math.isfinite(stage.held_out_loss) else "")
-            + (f" (λ={chosen.lam:g} [absolute {stage.lam_absolute:.3g}], ε={chosen.epsilon}{_kind(chosen)})"
-               if chosen else f" (λ={stage.lam:g} [absolute {stage.lam_absolute:.3g}])" if math.isfinite(stage.lam) else "")
+            + (f" ({chosen.describe()})" if chosen else f" (λ={stage.lam:g} [absolute {stage.lam_absolute:.3g}])" if math.isfinite(stage.lam) else "")
             + f", {stage.gradient_seconds:.2f}s grads + {stage.solve_seconds:.2f}s solve"
         )
         return w_new, info, stage
@@ -381,11 +380,6 @@ def _sparsity(sparsity, constraint) -> float:
                              f"{constraint.sparsity:g} of the grouped weights; leave sparsity out or pass that")
         return constraint.sparsity
     return checks.sparsity(0.9 if sparsity is None else sparsity)
-
-
-def _kind(candidate) -> str:
-    """', <kind> candidate' for a progress line: which search the chosen candidate ran."""
-    return f", {candidate.support} candidate"
 
 
 def _run_finetune(finetune, params, masks, stage, progress):

@@ -16,7 +16,8 @@ import swapjax
 from swapjax import iht as iht_lib
 from swapjax import pytree
 from swapjax.prune import AUTO_STAGES
-from swapjax.methods import DEFAULT_LAM, EPSILON_PATH, LAM_PATH, _walk
+from swapjax.methods import DEFAULT_LAM, EPSILON_PATH, LAM_PATH
+from swapjax.selection import walk
 
 # with scores that rise away from the first λ (DEFAULT_LAM), the walk tries it and both neighbours
 FIRST_LAMS = [DEFAULT_LAM, LAM_PATH[LAM_PATH.index(DEFAULT_LAM) - 1], LAM_PATH[LAM_PATH.index(DEFAULT_LAM) + 1]]
@@ -131,11 +132,57 @@ def test_the_lam_walk_finds_the_minimum_of_a_unimodal_score(minimum):
     """Scores |i − minimum| along the path: the walk reaches the minimum, trying only the values on the way
     (and at most one step the wrong way and one past the minimum)."""
     tried = []
-    for lam in _walk(LAM_PATH, DEFAULT_LAM, lambda: abs(LAM_PATH.index(tried[-1]) - minimum)):
+    for lam in walk(LAM_PATH, DEFAULT_LAM, lambda: abs(LAM_PATH.index(tried[-1]) - minimum)):
         tried.append(lam)
     start = LAM_PATH.index(DEFAULT_LAM)
     assert tried[0] == DEFAULT_LAM and LAM_PATH[minimum] in tried
     assert len(tried) <= abs(minimum - start) + 3 and len(set(tried)) == len(tried)
+
+
+DAMPS = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
+
+
+def test_selected_chooses_any_methods_field_on_held_out_loss():
+    """Selected(WoodFisher(), "damp", path): every value tried is a full WoodFisher solve (scores recomputed
+    here in float64 from separate solves), the walk stops at a local minimum along the path, and the
+    returned w is WoodFisher's at the chosen damp."""
+    X, w_bar = _problem(2)
+    held_out = np.random.default_rng(7).normal(size=(60, X.shape[1]))
+    score = lambda w: float(np.mean((held_out @ (np.asarray(w, np.float64) - w_bar)) ** 2))  # noqa: E731
+    method = swapjax.Selected(swapjax.WoodFisher(), "damp", DAMPS, start=1e-2)
+    w, info = method.solve(X, w_bar, 20, score=score)
+    values = [c.value for c in info.candidates]
+    assert values[0] == 1e-2 and len(set(values)) == len(values) and set(values) <= set(DAMPS)
+    for c in info.candidates:
+        alone, _ = swapjax.WoodFisher(damp=c.value).solve(X, w_bar, 20)
+        np.testing.assert_allclose(c.score, score(alone), rtol=1e-6)
+    best = info.candidates[info.chosen]
+    assert best.score == min(c.score for c in info.candidates)
+    i = DAMPS.index(best.value)  # a local minimum: each neighbour on the path was tried and scored higher
+    for j in (i - 1, i + 1):
+        if 0 <= j < len(DAMPS) and DAMPS[j] in values:
+            assert info.candidates[values.index(DAMPS[j])].score >= best.score
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(swapjax.WoodFisher(damp=best.value).solve(X, w_bar, 20)[0]))
+    assert info.stage_fields()["held_out_loss"] == best.score
+    w_plain, _ = method.solve(X, w_bar, 20)  # without a score: the method at start
+    np.testing.assert_array_equal(np.asarray(w_plain), np.asarray(swapjax.WoodFisher(damp=1e-2).solve(X, w_bar, 20)[0]))
+
+
+def test_selected_in_prune_and_its_errors(trained_mlp, digits, capsys):
+    x, y = digits
+    batch = {"x": jnp.asarray(x[:60]), "y": jnp.asarray(y[:60])}
+    method = swapjax.Selected(swapjax.WoodFisher(), "damp", DAMPS)
+    res = swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.8, method=method, stages=1)
+    stage = res.info[0]
+    assert stage.candidates and stage.held_out_loss == min(c.score for c in stage.candidates)
+    assert stage.candidates[stage.chosen].score == stage.held_out_loss
+    assert f"damp={stage.candidates[stage.chosen].value:g}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="field: WoodFisher has no field 'lam' to select"):
+        swapjax.Selected(swapjax.WoodFisher(), "lam", DAMPS)
+    with pytest.raises(ValueError, match=r"start \(the first value of lam; default LR's own\)"):
+        swapjax.Selected(swapjax.LR(), "lam", LAM_PATH)  # LR's own λ is "auto": no number to start from
+    with pytest.raises(ValueError, match="method \\(the method whose field is selected\\): expected a swapjax method"):
+        swapjax.Selected("WoodFisher", "damp", DAMPS)
 
 
 def test_a_nan_score_is_never_chosen():

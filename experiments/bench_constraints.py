@@ -1,15 +1,18 @@
 """Every method under every constraint on a preset's network: N:M (2:4, 4:8, 1:4) and per-layer budgets
-(uniform, ERK) against the global top-k at 0.9, one-shot.
+(uniform, ERK) against the global top-k at 0.9, one-shot or gradual.
 
     .venv/bin/python experiments/bench_constraints.py [preset] [seeds...]   # → experiments/results/constraints-<preset>.json
+    GRADUAL=1 .venv/bin/python experiments/bench_constraints.py [preset] [seeds...]   # → ...-<preset>-gradual.json
 
 A rerun adds the seeds and cells not yet in the file (written after every cell, atomically); the
 table of docs/constraints.md is printed at the end (mean ± std over the seeds; both values for 2).
 
 The preset's dense model of each seed (experiments/reproduce.py, trained or restored under
 runs/<preset>/), N = its Fisher examples for X and the next val_examples for the selection of the
-methods that select (LR, SWAP); ``stages=1``. Test accuracy on the test split, the constraint's
-label, the sparsity reached and each call's seconds (after a compiling call of the same cell).
+methods that select (LR, SWAP); ``stages=1``, or with GRADUAL=1 ``stages=8`` (the cubic schedule; LR and
+SWAP then also compare with one-shot on held-out loss, as ``stages="auto"`` does). Test accuracy on the test
+split, the constraint's label, the sparsity reached and each call's seconds (one-shot: after a compiling
+call of the same cell; gradual: compilation included, one call per cell).
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ CONSTRAINTS = {"global 0.9": (swapjax.TopK(), 0.9), "uniform 0.9": (swapjax.Laye
                "ERK 0.9": (swapjax.LayerBudgets("erk"), 0.9), "2:4": (swapjax.NM(2, 4), None),
                "4:8": (swapjax.NM(4, 8), None), "1:4": (swapjax.NM(1, 4), None), "global 0.5": (swapjax.TopK(), 0.5)}
 METHODS = {"MP": swapjax.Magnitude(), "WF": swapjax.WoodFisher(), "LR": swapjax.LR(), "SWAP": swapjax.SWAP()}
+GRADUAL = os.environ.get("GRADUAL") == "1"
+STAGES = 8 if GRADUAL else 1
 
 
 def main(name: str = "mlpnet-fashion-mnist", seeds=(0, 1), runs: Path = Path("runs")):
@@ -39,7 +44,7 @@ def main(name: str = "mlpnet-fashion-mnist", seeds=(0, 1), runs: Path = Path("ru
     train = data.load(preset.dataset, "train", flatten=preset.flatten)
     test = data.load(preset.dataset, "test", flatten=preset.flatten)
     batch, val = R.calibration(preset, train)
-    out = Path(__file__).parent / f"results/constraints-{name}.json"
+    out = Path(__file__).parent / f"results/constraints-{name}{'-gradual' if GRADUAL else ''}.json"
     rows = json.loads(out.read_text())["rows"] if out.exists() else []  # a rerun adds seeds, skips cells done
     done = {(r["seed"], r["constraint"], r["method"]) for r in rows}
     for seed in seeds:
@@ -54,10 +59,11 @@ def main(name: str = "mlpnet-fashion-mnist", seeds=(0, 1), runs: Path = Path("ru
                 def call():
                     t0 = time.perf_counter()
                     result = swapjax.prune(loss_fn, variables["params"], batch, sparsity=sparsity, method=method,
-                                           constraint=constraint, stages=1, val_batch=val, progress=False)
+                                           constraint=constraint, stages=STAGES, val_batch=val, progress=False)
                     jax.block_until_ready(result.params)
                     return result, time.perf_counter() - t0
-                call()
+                if not GRADUAL:
+                    call()
                 result, seconds = call()
                 accuracy = swapjax.evaluate(model, {**variables, "params": result.params}, test.x, test.y)[0]
                 total = result.summary()["total"]
@@ -86,7 +92,7 @@ def _write(out: Path, name: str, rows: list) -> None:
     """The rows so far, atomically (an interrupted run resumes from them)."""
     tmp = out.with_suffix(".tmp")
     seeds = sorted({r["seed"] for r in rows})
-    tmp.write_text(json.dumps({"preset": name, "seeds": seeds, "rows": rows}, indent=1) + "\n")
+    tmp.write_text(json.dumps({"preset": name, "seeds": seeds, "stages": STAGES, "rows": rows}, indent=1) + "\n")
     os.replace(tmp, out)
 
 

@@ -13,11 +13,9 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-import jax
-
 from . import checks, memory
 from .gradients import GradientNoise, check_finite, losses_and_grads
-from .operators import Formed, GradientOperator, Operator, RowSharded, linearize
+from .operators import Formed, Operator, RowSharded, linearize
 
 #: The values of ``prune(mode=...)``.
 MODES = ("auto", "in-memory", "matrix-free")
@@ -74,5 +72,3 @@ def choose(mode: str, method, noise, estimate: memory.Estimate, devices=None) ->
                          + "; options: " + ", ".join(options))
     return Holding(mode, devices)
 
-
-__all__ = ["MODES", "Holding", "choose", "GradientOperator"]

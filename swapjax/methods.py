@@ -11,8 +11,8 @@ swap search that exchanges kept and pruned weights while the objective falls
 λ is measured in units of the Fisher's scale, λ_abs = λ·‖X‖²_F/(Np) (the mean
 diagonal of XᵀX/N), so scaling X changes nothing. ``lam="auto"`` and
 ``epsilon="auto"`` (the defaults) choose λ and ε on held-out loss when
-``solve`` is given a ``score`` (``swapjax.prune`` does that); explicit values
-are used exactly as given.
+``solve`` is given a ``score`` (``swapjax.prune`` does that), along the path of
+:func:`swapjax.selection.regression_path`; explicit values are used exactly as given.
 """
 from __future__ import annotations
 
@@ -41,7 +41,6 @@ DEFAULT_LAM = 0.03
 #: ε candidates of ``epsilon="auto"`` (besides LR's targets, the ε → 0 end), and the value used without a score.
 EPSILON_PATH = (0.1, 0.3, 1.0)
 DEFAULT_EPSILON = 0.3
-
 
 
 class Candidate(NamedTuple):

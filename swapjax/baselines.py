@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import checks
 from .constraints import Groups, as_groups
 from .contract import Method
 from .methods import prepare_problem
@@ -96,19 +97,6 @@ def layer_quotas(k: int, sizes: Sequence[int]) -> list[int]:
     return quotas
 
 
-def _check_segments(segments, p: int) -> tuple[int, ...]:
-    try:
-        seg = tuple(int(s) for s in segments)
-    except (TypeError, ValueError):
-        raise ValueError(f"segments: expected a sequence of layer offsets, got {segments!r}") from None
-    if len(seg) < 2 or seg[0] != 0 or seg[-1] != p or any(b < a for a, b in zip(seg, seg[1:])):
-        raise ValueError(
-            "segments: expected non-decreasing layer offsets starting at 0 and ending at "
-            f"p = {p} (swapjax.pytree.Layout.offsets), got {seg}"
-        )
-    return seg
-
-
 @dataclass(frozen=True)
 class Magnitude(Method):
     """Magnitude pruning (MP): keep the k largest |w| of the stage's starting weights.
@@ -164,7 +152,7 @@ class Magnitude(Method):
             if groups.ids is not None:
                 raise ValueError(f"k: Magnitude(scope='layer') sets its own per-layer counts; with a constraint "
                                  f"({groups.label}) use Magnitude()")
-            seg = _check_segments(segments, p)
+            seg = checks.segments(segments, p)
             counts = layer_quotas(int(groups.k), [b - a for a, b in zip(seg, seg[1:])])
             w, support, trace, y = _magnitude_layers(seg, X, w_bar, w_start, jnp.asarray(counts))
         return w, _info(y, w, support, trace, duals)

@@ -102,6 +102,24 @@ def method(value, name: str = "method") -> None:
         )
 
 
+def segments(value, p: int, optional: bool = False):
+    """Layer offsets 0 = o_0 ≤ o_1 ≤ … ≤ o_L = p (integers; ``swapjax.pytree.Layout.offsets``) as a
+    tuple, or None where ``optional`` and none are given."""
+    if value is None and optional:
+        return None
+    ok = not isinstance(value, (str, bytes)) and hasattr(value, "__iter__")
+    values = list(value) if ok else []
+    ok = ok and len(values) >= 2 and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in values)
+    ok = ok and values[0] == 0 and values[-1] == p and all(a <= b for a, b in zip(values, values[1:]))
+    if not ok:
+        raise ValueError(
+            f"segments: expected {'None or ' if optional else ''}the layer offsets, non-decreasing integers from 0 "
+            f"to p = {p} (e.g. swapjax.pytree.layout(params).offsets), got {_show(value)}"
+        )
+    return tuple(int(v) for v in values)
+
+
 def methods(value) -> None:
     """A non-empty mapping name -> method instance."""
     from collections.abc import Mapping

@@ -19,7 +19,6 @@ weights, and every method runs at every sparsity on it.
 from __future__ import annotations
 
 import math
-import numbers
 import sys
 import time
 import traceback
@@ -182,7 +181,7 @@ def compare(
             raise ValueError(f"w_start: expected shape ({p},), got {w_start.shape}")
         if not bool(jnp.all(jnp.isfinite(w_start))):
             raise ValueError("w_start: the starting weights contain NaN or inf")
-    segments = _check_segments(segments, p)
+    segments = checks.segments(segments, p, optional=True)
     _check_options(evaluate, epsilon, sinkhorn_threshold, sinkhorn_max_iters, warmup, progress)
     checks.callable_or_none("unflatten", unflatten, "a function unflatten(w) -> model")
     log = (lambda msg: print(f"[swapjax.compare] {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
@@ -209,23 +208,6 @@ def compare(
                 + (f" — {r.error}" if r.error else "")
             )
     return results
-
-
-def _check_segments(segments, p: int) -> Optional[tuple[int, ...]]:
-    """None, or the layer offsets 0 = o_0 < o_1 < ... < o_L = p (integers)."""
-    if segments is None:
-        return None
-    ok = not isinstance(segments, (str, bytes)) and hasattr(segments, "__iter__")
-    values = list(segments) if ok else []
-    ok = ok and len(values) >= 2 and all(
-        isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in values)
-    ok = ok and values[0] == 0 and values[-1] == p and all(a < b for a, b in zip(values, values[1:]))
-    if not ok:
-        raise ValueError(
-            f"segments: expected None or the layer offsets, increasing integers from 0 to p = {p} "
-            f"(e.g. swapjax.pytree.layout(params).offsets), got {segments!r}"
-        )
-    return tuple(int(v) for v in values)
 
 
 def _check_options(evaluate, epsilon, sinkhorn_threshold, sinkhorn_max_iters, warmup, progress) -> None:

@@ -15,6 +15,7 @@ from .comparison import MethodResult, compare, compare_sparsities, format_table
 from .finetune import batched_loss, keep_pruned_at_zero, make_finetune_hook, masked_optimizer, masked_updates
 from .gradients import GradientNoise, add_gradient_noise, per_sample_grads
 from .io import bcoo_bytes, from_bcoo, load_pruned, save_pruned, to_bcoo
+from .layerwise import SparseGPT, Wanda, prune_layerwise
 from .methods import LR, SWAP, SolveInfo
 from .nm_format import from_nm, to_nm
 from .operators import Formed, GradientOperator, Operator, RowSharded, linearized_gradients
@@ -27,7 +28,7 @@ from .training import evaluate, train
 __all__ = [
     "Method", "LR", "SWAP", "Magnitude", "WoodFisher", "Selected", "SolveInfo", "Constraint", "TopK", "LayerBudgets", "NM", "Groups",
     "compare", "compare_sparsities", "format_table", "MethodResult", "GradientNoise", "PruneResult", "StageInfo",
-    "prune", "per_sample_grads", "add_gradient_noise", "kept_count", "linearized_gradients", "Operator", "Formed", "RowSharded",
+    "prune", "prune_layerwise", "SparseGPT", "Wanda", "per_sample_grads", "add_gradient_noise", "kept_count", "linearized_gradients", "Operator", "Formed", "RowSharded",
     "GradientOperator",
     "allow_vectors", "apply_masks", "sparsity_summary", "cubic_schedule", "linear_schedule", "polynomial_schedule",
     "keep_pruned_at_zero", "masked_updates", "masked_optimizer", "make_finetune_hook", "batched_loss",

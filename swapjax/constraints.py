@@ -472,3 +472,13 @@ class NM(Constraint):
         return (f"NM: {name} {shape} sums over {reduce} inputs (axes {axes}), not a multiple of m = {self.m}; "
                 f"leave it dense (NM(..., ragged='dense')) or exclude it with select")
 
+
+def final_sparsity(sparsity, constraint, default: float = 0.9) -> float:
+    """The final sparsity: as given (``default`` if None), or N:M's 1 − N/M (a different one given is a
+    ValueError)."""
+    if isinstance(constraint, NM):
+        if sparsity is not None and abs(float(sparsity) - constraint.sparsity) > 1e-9:
+            raise ValueError(f"sparsity: {constraint.label} prunes 1 - {constraint.n}/{constraint.m} = "
+                             f"{constraint.sparsity:g} of the grouped weights; leave sparsity out or pass that")
+        return constraint.sparsity
+    return checks.sparsity(default if sparsity is None else sparsity)

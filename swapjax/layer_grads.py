@@ -288,5 +288,36 @@ def loss_and_grads(pl: Plan, leaves: Sequence, example):
     return value, [grads[i] if i in grads else zeros(i) for i in pl.selected]
 
 
+def layer_inputs(pl: Plan, leaves: Sequence, example) -> list:
+    """The non-kernel operand x of each tap of ``pl`` (the layer inputs), for ONE example: one forward pass."""
+    args = list(leaves) + jax.tree_util.tree_leaves(example)
+    trace = _Trace(perts=[jnp.zeros(t.out.shape, t.out.dtype) for t in pl.taps])
+    _run(pl.jaxpr, pl.consts, args, _origins(len(leaves), len(args), pl.fast), trace)
+    return trace.captured
+
+
+def patch_rows(tap: Tap, x, kernel_shape) -> jax.Array:
+    """A (rows, d_in) with op(x, K) = A·K.reshape(d_in, d_out) up to the output's layout, for ONE example,
+    or None where the tap is not a plain layer (a dense ``x @ K`` contracting K's leading axes, or a
+    one-group convolution with an HWIO kernel) or K is not the leaf itself."""
+    if tap.chain or tap.kernel_pos != 1:
+        return None
+    if tap.primitive.name == "dot_general":
+        (lc, rc), (lb, rb) = tap.params["dimension_numbers"]
+        if lb or rb or sorted(rc) != list(range(len(rc))):
+            return None
+        contracted = [l for _, l in sorted(zip(rc, lc))]  # x's axes in the kernel's order
+        x = jnp.moveaxis(x, contracted, list(range(x.ndim - len(contracted), x.ndim)))
+        return x.reshape(-1, int(np.prod(x.shape[x.ndim - len(contracted):])))
+    dn = tap.params["dimension_numbers"]
+    spatial = len(dn.rhs_spec) - 2
+    if tap.params["feature_group_count"] != 1 or tuple(dn.rhs_spec) != (spatial + 1, spatial, *range(spatial)):
+        return None
+    window = tuple(int(kernel_shape[i]) for i in dn.rhs_spec[2:])
+    xc = jnp.transpose(x, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))  # (n, *spatial, C)
+    slices = jnp.stack(list(_window_slices(xc, window, tap.params)), axis=-2)  # (n, *out, offsets, C)
+    return slices.reshape(-1, slices.shape[-2] * slices.shape[-1])  # columns in the kernel's (*window, C) order
+
+
 def _struct(a) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))

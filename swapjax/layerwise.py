@@ -22,16 +22,23 @@ inputs of each output unit keep N.
 """
 from __future__ import annotations
 
+import abc
+import sys
+from dataclasses import dataclass
 from functools import partial
-from typing import Union
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks
+from . import checks, layer_grads, pytree
 from .baselines import layer_quotas
-from .constraints import NM, Groups
+from .constraints import NM, Constraint, Groups, LayerBudgets, final_sparsity
+from .gradients import DEFAULT_CHUNK, LossFn, batch_size, chunk_starts
+from .loss_check import check_loss_fn
+from .operators import matmul
+from .pytree import PyTree, Select
 
 #: SparseGPT's block of inputs (the published "blocksize") and dampening ("percdamp").
 BLOCK = 128
@@ -151,3 +158,239 @@ def _sparsegpt(nm, counts, block, percdamp, W, H):
         pruned.append(mask)
     kept = ~jnp.concatenate(pruned, axis=1).T
     return jnp.where(kept, Wt.T, 0), kept
+
+
+# ---------------------------------------------------------------------------
+# the methods and the driver
+
+
+class LayerMethod(abc.ABC):
+    """A method on one layer's problem: ``solve_layer(W, H, rule) -> (W, kept mask)`` with W (d_in, d_out),
+    H = AᵀA and ``rule`` the layer's kept count or ``NM(n, m)``; the result must keep exactly the rule."""
+
+    @abc.abstractmethod
+    def solve_layer(self, W, H, rule: LayerRule) -> tuple[jax.Array, jax.Array]:
+        """The pruned kernel and its kept mask."""
+
+
+@dataclass(frozen=True)
+class Wanda(LayerMethod):
+    """Wanda: keep the largest |W_ij|·‖A_:,i‖ in each output unit (:func:`wanda`); no weight update.
+
+    Examples:
+        >>> import numpy as np, swapjax
+        >>> rng = np.random.default_rng(0)
+        >>> A, W = rng.normal(size=(64, 8)).astype("float32"), rng.normal(size=(8, 3)).astype("float32")
+        >>> w, mask = swapjax.Wanda().solve_layer(W, A.T @ A, 12)   # 12 of 24 kept: 4 per output unit
+        >>> mask.astype(int).sum(axis=0).tolist()
+        [4, 4, 4]
+        >>> bool(np.all(np.asarray(w)[np.asarray(mask)] == W[np.asarray(mask)]))   # kept weights unchanged
+        True
+    """
+
+    def solve_layer(self, W, H, rule):
+        return wanda(W, H, rule)
+
+
+@dataclass(frozen=True)
+class SparseGPT(LayerMethod):
+    """SparseGPT: the mask by w²/U_ii² per block of ``block`` inputs and the OBS update (:func:`sparsegpt`).
+
+    Examples:
+        >>> import numpy as np, swapjax
+        >>> rng = np.random.default_rng(0)
+        >>> A, W = rng.normal(size=(64, 8)).astype("float32"), rng.normal(size=(8, 3)).astype("float32")
+        >>> w, mask = swapjax.SparseGPT().solve_layer(W, A.T @ A, 12)
+        >>> int(mask.sum()), bool(np.all(np.asarray(w)[~np.asarray(mask)] == 0))
+        (12, True)
+        >>> error = lambda w: np.linalg.norm(A @ (np.asarray(w) - W))        # ‖A(W − W̄)‖_F
+        >>> bool(error(w) < error(swapjax.Wanda().solve_layer(W, A.T @ A, 12)[0]))   # the update pays
+        True
+    """
+
+    block: int = BLOCK
+    percdamp: float = PERCDAMP
+
+    def __post_init__(self):
+        checks.integer("block", self.block, 1)
+        checks.real("percdamp", self.percdamp, 0.0)
+
+    def solve_layer(self, W, H, rule):
+        return sparsegpt(W, H, rule, self.block, self.percdamp)
+
+
+class LayerReport(NamedTuple):
+    """One layer of a layer-wise prune: its leaf, d_in × d_out, the rows of A (examples × positions),
+    the weights kept, and the relative reconstruction error ‖A(W̄ − W)‖²_F / ‖AW̄‖²_F."""
+
+    name: str
+    d_in: int
+    d_out: int
+    rows: int
+    kept: int
+    error: float
+
+
+def prune_layerwise(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    sparsity: Optional[float] = None,
+    method: Optional[LayerMethod] = None,
+    constraint: Optional[Constraint] = None,
+    sequential: bool = True,
+    select: Optional[Select] = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    progress: bool = True,
+):
+    """Prune ``params`` layer by layer: each prunable kernel from the Gram H = AᵀA of its own inputs.
+
+    The layers are the kernels of plain dense (``x @ K``, K's leading axes contracted: Dense,
+    DenseGeneral, attention projections) and convolution (HWIO, one feature group) layers, found by
+    tracing ``loss_fn`` on one example, in the order the forward pass uses them. For each, A holds
+    its input rows (examples × positions; a convolution's patches) over ``batch``, and ``method``
+    (default :class:`SparseGPT`) solves min ‖AW̄ − AW‖²_F under the layer's rule. ``sequential``
+    (default): each layer's inputs come from the network with the layers before it already pruned,
+    as SparseGPT does; False: every layer from the dense network's activations (one pass).
+
+    ``constraint``: a per-layer budget (default ``LayerBudgets()``, uniform at ``sparsity``, 0.5 by
+    default; ``"erk"`` or given sparsities; not OWL, which needs the Fisher) or ``NM(n, m)`` along
+    the inputs (a layer whose inputs are not a multiple of m is left dense, named in the progress
+    lines). A kernel with another use (tied, scaled, inside a scan) is left dense, named too. Memory:
+    one chunk's activations and the layer's d_in × d_in Gram, never N×p.
+
+    Returns a :class:`swapjax.PruneResult` with ``mode="layer-wise"``, no stages, and ``layers``: a
+    :class:`LayerReport` per pruned layer (its error measured on the inputs it was solved for).
+
+    Examples:
+        >>> import jax.numpy as jnp, numpy as np, swapjax
+        >>> rng = np.random.default_rng(0)
+        >>> params = {"Dense_0": {"kernel": rng.normal(size=(8, 6)).astype("float32")},
+        ...           "Dense_1": {"kernel": rng.normal(size=(6, 2)).astype("float32")}}
+        >>> batch = {"x": rng.normal(size=(32, 8)).astype("float32")}
+        >>> loss_fn = lambda p, ex: jnp.sum(jnp.tanh(ex["x"] @ p["Dense_0"]["kernel"]) @ p["Dense_1"]["kernel"]) ** 2
+        >>> result = swapjax.prune_layerwise(loss_fn, params, batch, constraint=swapjax.NM(2, 4), progress=False)
+        >>> [(r.name, r.kept) for r in result.layers]     # Dense_1 has 6 inputs, not a multiple of 4: dense
+        [('Dense_0/kernel', 24)]
+        >>> result.summary()["total"]
+        {'kept': 36, 'total': 60, 'sparsity': 0.4, 'constraint': '2:4'}
+    """
+    from .prune import PruneResult  # prune imports the methods this module's callers pass
+
+    method = SparseGPT() if method is None else method
+    if not isinstance(method, LayerMethod):
+        raise ValueError(f"method: expected a layer-wise method (swapjax.layerwise.SparseGPT() or Wanda()), "
+                         f"got {method!r}")
+    constraint = LayerBudgets() if constraint is None else constraint
+    if not isinstance(constraint, (LayerBudgets, NM)) or constraint.needs_fisher:
+        raise ValueError(f"constraint: layer by layer needs a budget per layer, LayerBudgets('uniform' | 'erk' | "
+                         f"{{path: sparsity}}) or NM(n, m), got {getattr(constraint, 'label', constraint)!r}; a global "
+                         "top-k or OWL ranks weights across layers: use swapjax.prune for those")
+    sparsity = final_sparsity(sparsity, constraint, default=0.5)
+    sequential = checks.boolean("sequential", sequential)
+    chunk_size = checks.integer("chunk_size", chunk_size, 1)
+    progress = checks.boolean("progress", progress)
+    lay = pytree.layout(params, select)
+    checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
+    n = batch_size(batch)
+    check_loss_fn(loss_fn, params, batch)
+    log = (lambda msg: print(f"[swapjax] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    position = [i for i, chosen in enumerate(lay.selected) if chosen]  # prunable leaf l = leaves[position[l]]
+    layers, dense = _layers(loss_fn, leaves, treedef, batch, position)
+    dense = [lay.names[position.index(leaf)] for leaf in dense]
+    counts = None
+    if isinstance(constraint, LayerBudgets):
+        counts = np.asarray(constraint.resolve(lay, sparsity, pytree.flatten(params, lay)).counts)
+    rules = {}
+    for tap_index, leaf in layers:
+        l = position.index(leaf)
+        if isinstance(constraint, NM):
+            if constraint.ragged_leaves(lay) and lay.names[l] in constraint.ragged_leaves(lay):
+                dense.append(lay.names[l])
+                continue
+            rules[tap_index] = constraint
+        else:
+            rules[tap_index] = int(counts[l])
+    log(f"{type(method).__name__} layer by layer ({'sequential' if sequential else 'from the dense network'}): "
+        f"{len(rules)} layers, N={n} examples, {constraint.label}"
+        + (f"; left dense: {', '.join(sorted(set(dense)))}" if dense else ""))
+
+    current = list(leaves)
+    gram = partial(_grams, loss_fn, treedef, batch, tuple(position), chunk_size)
+    grams = None if sequential else gram(current, tuple(rules))
+    reports, masks = [], {}
+    for tap_index, leaf in layers:
+        if tap_index not in rules:
+            continue
+        name = lay.names[position.index(leaf)]
+        H, rows = (gram(current, (tap_index,)) if sequential else grams)[tap_index]
+        kernel = jnp.asarray(current[leaf])
+        W_bar = kernel.reshape(H.shape[0], -1)
+        W, mask = method.solve_layer(W_bar, H, rules[tap_index])
+        delta = (W - W_bar).astype(H.dtype)
+        error = float(jnp.sum(delta * matmul(H, delta)) / jnp.maximum(jnp.sum(W_bar * matmul(H, W_bar)), 1e-30))
+        current[leaf] = W.reshape(kernel.shape).astype(kernel.dtype)
+        masks[leaf] = np.asarray(mask).reshape(kernel.shape)
+        reports.append(LayerReport(name, W_bar.shape[0], W_bar.shape[1], rows, int(mask.sum()), error))
+        log(f"{name}: {W_bar.shape[0]}×{W_bar.shape[1]}, kept {int(mask.sum())}, "
+            f"relative reconstruction error {error:.4g}")
+    pruned = jax.tree_util.tree_unflatten(treedef, current)
+    mask_leaves = [masks.get(i, np.ones(np.shape(leaves[i]), bool)) if chosen else None
+                   for i, chosen in enumerate(lay.selected)]
+    return PruneResult(pruned, jax.tree_util.tree_unflatten(treedef, mask_leaves), (), None, "layer-wise",
+                       constraint.label, tuple(reports))
+
+
+def _loss_of_leaves(loss_fn, treedef):
+    return lambda leaves, example: loss_fn(jax.tree_util.tree_unflatten(treedef, leaves), example)
+
+
+def _layers(loss_fn, leaves, treedef, batch, position):
+    """((tap index, leaf index) of each prunable kernel used once by a plain layer, in forward order;
+    the leaf indices of the other prunable kernels) from a trace of the loss on one example."""
+    first = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[0], batch)
+    pl = layer_grads.plan(_loss_of_leaves(loss_fn, treedef), leaves, first, position, True)
+    uses = {}
+    for t in pl.taps:
+        uses[t.leaf] = uses.get(t.leaf, 0) + 1
+    layers, dense = [], []
+    xs = jax.eval_shape(lambda ls, ex: layer_grads.layer_inputs(pl, ls, ex), leaves, first) if pl.taps else []
+    for t, (tap, x) in enumerate(zip(pl.taps, xs)):
+        plain = uses[tap.leaf] == 1 and jax.eval_shape(
+            lambda x: layer_grads.patch_rows(tap, x, np.shape(leaves[tap.leaf])), x) is not None
+        (layers if plain else dense).append((t, tap.leaf))
+    return layers, sorted({leaf for leaf in position if leaf not in pl.fast} | {leaf for _, leaf in dense})
+
+
+def _grams(loss_fn, treedef, batch, position, chunk_size, leaves, taps) -> dict:
+    """{tap: (H = AᵀA, rows of A)} over ``batch``, chunk by chunk (an overlapping last chunk counts its
+    new examples only)."""
+    n = batch_size(batch)
+    b, starts = chunk_starts(n, chunk_size)
+    total, done = None, 0
+    for start in starts:
+        examples = jax.tree_util.tree_map(lambda a: jax.lax.slice_in_dim(jnp.asarray(a), start, start + b), batch)
+        part = _chunk_grams(_loss_of_leaves(loss_fn, treedef), tuple(leaves), examples, start + b - done, position,
+                            taps)
+        total = part if total is None else [(h + g, r + q) for (h, r), (g, q) in zip(total, part)]
+        done = start + b
+    return dict(zip(taps, [(h, int(r)) for h, r in total]))
+
+
+@partial(jax.jit, static_argnames=("loss", "position", "taps"))
+def _chunk_grams(loss, leaves, examples, new_rows, position, taps):
+    first = jax.tree_util.tree_map(lambda a: a[0], examples)
+    pl = layer_grads.plan(loss, list(leaves), first, list(position), True)
+    xs = jax.vmap(lambda ex: layer_grads.layer_inputs(pl, list(leaves), ex))(examples)
+    c = jax.tree_util.tree_leaves(examples)[0].shape[0]
+    counted = jnp.arange(c) >= c - new_rows
+    out = []
+    for t in taps:
+        tap = pl.taps[t]
+        x = jnp.where(counted.reshape((c,) + (1,) * (xs[t].ndim - 1)), xs[t], 0)
+        A = jax.vmap(lambda x: layer_grads.patch_rows(tap, x, np.shape(leaves[tap.leaf])))(x)
+        A = A.reshape(-1, A.shape[-1])
+        out.append((matmul(A.T, A), jnp.sum(counted) * (A.shape[0] // c)))
+    return out

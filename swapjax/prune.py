@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from . import checks, holding, memory, pytree, schedules
 from .gradients import DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, resolve_devices
-from .constraints import NM, Constraint, TopK, kept_count
+from .constraints import NM, Constraint, TopK, final_sparsity, kept_count
 from .loss_check import check_loss_fn
 from .methods import SWAP
 from .pytree import PyTree, Select
@@ -56,7 +56,7 @@ class PruneResult:
     one_shot: for a multi-stage prune with selection, the held-out losses of the
     gradual result and of the one-shot solve at the final sparsity, and which
     was kept ({"gradual": ..., "one-shot": ..., "kept": "gradual" | "one-shot"});
-    None otherwise. mode: "in-memory" (X formed) or "matrix-free"."""
+    None otherwise. mode: "in-memory" (X formed), "matrix-free" or "layer-wise"."""
 
     params: PyTree
     masks: PyTree
@@ -64,6 +64,7 @@ class PruneResult:
     one_shot: Optional[dict] = None
     mode: str = "in-memory"  # how X was held: "in-memory" or "matrix-free"
     constraint: str = "global top-k"  # the sparsity constraint, e.g. "2:4" or "per-layer ERK"
+    layers: tuple = ()  # layer-wise prunes (swapjax.prune_layerwise): a LayerReport per pruned layer
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Kept / total / sparsity per prunable leaf and in total (``"total"`` also names the constraint)."""
@@ -241,7 +242,7 @@ def prune(
     if not isinstance(constraint, Constraint):
         raise ValueError(f"constraint: expected None, swapjax.TopK(), LayerBudgets(...), NM(n, m) or an instance of "
                          f"a subclass of swapjax.Constraint, got {constraint!r}")
-    sparsity = _sparsity(sparsity, constraint)
+    sparsity = final_sparsity(sparsity, constraint)
     checks.stages(stages)
     checks.choice("anchor", anchor, ("dense", "current"))
     if noise is not None and not callable(noise):
@@ -370,16 +371,6 @@ def prune(
             mask, current = info1.support, pytree.unflatten(w1, params, lay)
     return PruneResult(_own_dtypes(current, params), pytree.mask_tree(mask, lay), tuple(infos), one_shot, hold.mode,
                        constraint.label)
-
-
-def _sparsity(sparsity, constraint) -> float:
-    """The final sparsity: as given (default 0.9), or N:M's 1 − N/M (a different one given is a ValueError)."""
-    if isinstance(constraint, NM):
-        if sparsity is not None and abs(float(sparsity) - constraint.sparsity) > 1e-9:
-            raise ValueError(f"sparsity: {constraint.label} prunes 1 - {constraint.n}/{constraint.m} = "
-                             f"{constraint.sparsity:g} of the grouped weights; leave sparsity out or pass that")
-        return constraint.sparsity
-    return checks.sparsity(0.9 if sparsity is None else sparsity)
 
 
 def _run_finetune(finetune, params, masks, stage, progress):

@@ -142,3 +142,71 @@ def test_layer_errors_name_the_argument():
         layerwise.sparsegpt(W, H, swapjax.NM(2, 4), block=6)
     with pytest.raises(ValueError, match="rule"):
         layerwise.wanda(W, H, W.size + 1)
+
+
+# ---------------------------------------------------------------------------
+# the driver: each layer's Gram from its own inputs, in forward order
+
+
+def _conv_net(seed=0, n=12):
+    rng = np.random.default_rng(seed)
+    params = {"Conv_0": {"kernel": (rng.normal(size=(3, 3, 4, 4)) / 6).astype(np.float32),
+                         "bias": np.zeros(4, np.float32)},
+              "Dense_0": {"kernel": (rng.normal(size=(100, 8)) / 10).astype(np.float32)}}
+    batch = {"x": rng.normal(size=(n, 5, 5, 4)).astype(np.float32), "y": rng.normal(size=(n, 8)).astype(np.float32)}
+    return params, batch
+
+
+def _conv_loss(params, example):
+    h = jax.lax.conv_general_dilated(example["x"][None], params["Conv_0"]["kernel"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))[0] + params["Conv_0"]["bias"]
+    return jnp.sum((jnp.tanh(h).reshape(-1) @ params["Dense_0"]["kernel"] - example["y"]) ** 2)
+
+
+def _np_conv_inputs(params, x, kernel):
+    """(patches of x in the HWIO kernel's (kh, kw, C) order, the dense layer's input), float64 NumPy."""
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = np.stack([xp[:, i:i + 3, j:j + 3, :].reshape(len(x), -1) for i in range(5) for j in range(5)], 1)
+    h = np.tanh(patches @ kernel.reshape(36, 4).astype(np.float64) + params["Conv_0"]["bias"])  # (n, 25, 4)
+    return patches.reshape(-1, 36), h.reshape(len(x), -1)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_each_layer_is_solved_on_the_gram_of_its_own_inputs(sequential):
+    """Conv patches and dense inputs rebuilt in NumPy: the driver's result equals SparseGPT run by hand on
+    AᵀA, layer after layer (sequential: the dense layer's inputs from the pruned conv)."""
+    params, batch = _conv_net()
+    before = jax.tree_util.tree_map(np.copy, params)
+    res = layerwise.prune_layerwise(_conv_loss, params, batch, constraint=swapjax.NM(2, 4), sequential=sequential,
+                                    chunk_size=5, progress=False)  # chunks of 5 over 12: the last one overlaps
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, before)
+    assert [r.name for r in res.layers] == ["Conv_0/kernel", "Dense_0/kernel"] and res.mode == "layer-wise"
+    x = batch["x"].astype(np.float64)
+    patches, _ = _np_conv_inputs(params, x, params["Conv_0"]["kernel"])
+    conv, _ = layerwise.sparsegpt(params["Conv_0"]["kernel"].reshape(36, 4), (patches.T @ patches).astype(np.float32),
+                                  swapjax.NM(2, 4))
+    np.testing.assert_allclose(res.params["Conv_0"]["kernel"].reshape(36, 4), conv, rtol=1e-4, atol=1e-5)
+    _, h = _np_conv_inputs(params, x, np.asarray(res.params["Conv_0"]["kernel"]) if sequential
+                           else params["Conv_0"]["kernel"])
+    dense, _ = layerwise.sparsegpt(params["Dense_0"]["kernel"], (h.T @ h).astype(np.float32), swapjax.NM(2, 4))
+    np.testing.assert_allclose(res.params["Dense_0"]["kernel"], dense, rtol=1e-4, atol=1e-5)
+    assert [r.rows for r in res.layers] == [12 * 25, 12]
+    for name in ("Conv_0", "Dense_0"):
+        mask = np.asarray(res.masks[name]["kernel"])
+        assert np.all(np.asarray(res.params[name]["kernel"])[~mask] == 0)
+        assert np.all(mask.reshape(-1, 4, mask.shape[-1]).sum(axis=1) == 2)
+    np.testing.assert_array_equal(res.params["Conv_0"]["bias"], params["Conv_0"]["bias"])
+
+
+def test_layer_budgets_and_the_drivers_errors():
+    params, batch = _conv_net(1)
+    res = layerwise.prune_layerwise(_conv_loss, params, batch, sparsity=0.7, method=layerwise.Wanda(),
+                                    constraint=swapjax.LayerBudgets("erk"), progress=False)
+    lay = swapjax.pytree.layout(params)
+    expected = np.asarray(swapjax.LayerBudgets("erk").resolve(lay, 0.7).counts)
+    assert [r.kept for r in res.layers] == [int(expected[lay.names.index(r.name)]) for r in res.layers]
+    assert res.summary()["total"]["kept"] == int(expected.sum())
+    with pytest.raises(ValueError, match="constraint: layer by layer needs a budget per layer"):
+        layerwise.prune_layerwise(_conv_loss, params, batch, constraint=swapjax.TopK(), progress=False)
+    with pytest.raises(ValueError, match="method: expected a layer-wise method"):
+        layerwise.prune_layerwise(_conv_loss, params, batch, method=swapjax.LR(), progress=False)

@@ -12,6 +12,9 @@ inputs of each output unit keep N.
 - :func:`wanda`: score S_ij = |W̄_ij|·‖A_:,i‖ (‖A_:,i‖² = H_ii), compared within each output
   unit (a count per output column, split by largest remainder) or within each N:M group; the
   kept weights keep their values.
+- :class:`Refit`: any method's mask, each output unit then refitted exactly (least squares on H).
+- :class:`Regression`: LR or SWAP on the layer's regression through :class:`LayerOperator`
+  (X = I ⊗ Lᵀ, LLᵀ = H + δI), from SparseGPT's support by default.
 - :func:`sparsegpt`: the OBS update of SparseGPT, processed in blocks of inputs. H is damped,
   H + δI with δ = ``percdamp``·mean(diag H); U is the upper Cholesky factor of (H + δI)⁻¹. At
   the start of each block of B inputs the mask of the block is chosen by w²/U_ii² (its share of
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import abc
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import NamedTuple, Optional, Union
 
@@ -36,8 +39,10 @@ from . import checks, layer_grads, pytree
 from .baselines import layer_quotas
 from .constraints import NM, Constraint, Groups, LayerBudgets, final_sparsity
 from .gradients import DEFAULT_CHUNK, LossFn, batch_size, chunk_starts
+from .contract import Method
 from .loss_check import check_loss_fn
-from .operators import matmul
+from .methods import LR
+from .operators import Linear, Operator, matmul
 from .pytree import PyTree, Select
 
 #: SparseGPT's block of inputs (the published "blocksize") and dampening ("percdamp").
@@ -217,6 +222,113 @@ class SparseGPT(LayerMethod):
 
     def solve_layer(self, W, H, rule):
         return sparsegpt(W, H, rule, self.block, self.percdamp)
+
+
+@dataclass(frozen=True)
+class Refit(LayerMethod):
+    """``inner``'s mask, then each output unit refitted exactly on its kept inputs:
+    w_S = (H + δI)_SS⁻¹ ((H + δI) w̄)_S, the least-squares solution of ‖A(w̄ − w)‖² on the support S
+    (δ = ``percdamp``·mean diag H keeps it defined for inputs that never fire). The baseline that
+    shows what a mask is worth once its weights are chosen optimally.
+
+    Examples:
+        >>> import numpy as np, swapjax
+        >>> from swapjax.layerwise import Refit
+        >>> rng = np.random.default_rng(0)
+        >>> A, W = rng.normal(size=(64, 8)).astype("float32"), rng.normal(size=(8, 3)).astype("float32")
+        >>> (w0, m0), (w1, m1) = (m.solve_layer(W, A.T @ A, 12) for m in (swapjax.Wanda(), Refit(swapjax.Wanda())))
+        >>> bool(np.all(np.asarray(m0) == np.asarray(m1)))     # the same mask
+        True
+        >>> error = lambda w: np.linalg.norm(A @ (np.asarray(w) - W))
+        >>> bool(error(w1) < error(w0))
+        True
+    """
+
+    inner: LayerMethod
+    percdamp: float = PERCDAMP
+
+    def solve_layer(self, W, H, rule):
+        _, mask = self.inner.solve_layer(W, H, rule)
+        return _refit(jnp.asarray(W, jnp.promote_types(jnp.result_type(W), jnp.float32)), jnp.asarray(H), mask,
+                      float(self.percdamp))
+
+
+@partial(jax.jit, static_argnums=3)
+def _refit(W, H, mask, percdamp):
+    H = H.astype(W.dtype)
+    H = H + percdamp * jnp.mean(jnp.diagonal(H)) * jnp.eye(H.shape[0], dtype=H.dtype)
+    rhs = H @ W
+
+    def column(w_rhs, keep):
+        both = keep[:, None] & keep[None, :]
+        system = jnp.where(both, H, jnp.eye(H.shape[0], dtype=H.dtype))
+        return jnp.where(keep, jnp.linalg.solve(system, jnp.where(keep, w_rhs, 0)), 0)
+
+    return jax.vmap(column, in_axes=(1, 1), out_axes=1)(rhs, mask), mask
+
+
+@jax.tree_util.register_pytree_node_class
+class LayerOperator(Operator):
+    """X = I_{d_out} ⊗ Lᵀ for one layer, with LLᵀ = H + δI: ½‖X(w − w̄)‖² = ½ Σ_j (w_j − w̄_j)ᵀ(H + δI)(w_j − w̄_j),
+    the layer's reconstruction error, so the network-wide solvers (IHT, backsolve by CG, swap search)
+    solve the layer's regression. w is the kernel (d_in, d_out) flattened row-major, as the
+    constraints group it. Never formed: Xv = vec(LᵀV), Xᵀu = vec(LU), diag(XᵀX) = diag(H + δI) per unit."""
+
+    label = "a layer's Gram"
+
+    def __init__(self, L, d_out: int):
+        self.L, self.d_out = L, d_out
+
+    @property
+    def shape(self):
+        size = self.L.shape[0] * self.d_out
+        return (size, size)
+
+    @property
+    def col_sq(self):
+        return jnp.repeat(jnp.sum(self.L * self.L, axis=1), self.d_out)
+
+    def products(self):
+        d_in, d_out = self.L.shape[0], self.d_out
+        n = d_in * d_out
+        return Linear(lambda v: matmul(self.L.T, v.reshape(d_in, d_out)).ravel(),
+                      lambda u: matmul(self.L, u.reshape(d_in, d_out)).ravel(), lambda: self.col_sq, n, n,
+                      self.L.dtype, None)
+
+    def tree_flatten(self):
+        return (self.L,), self.d_out
+
+    @classmethod
+    def tree_unflatten(cls, d_out, children):
+        return cls(children[0], d_out)
+
+
+@dataclass(frozen=True)
+class Regression(LayerMethod):
+    """A network-wide method (default ``LR(lam=1e-4)``) on the layer's regression: min ½Σ_j (w_j − w̄_j)ᵀ
+    (H + δI)(w_j − w̄_j) + (Nλ/2)‖w − w̄‖² under the layer's rule, through :class:`LayerOperator`
+    (IHT from the support of ``start``'s solution, default SparseGPT's, or of w̄ where ``start`` is
+    None; the backsolve by conjugate gradients; the swap search within the rule's groups). λ is
+    relative, as in ``LR``; no held-out selection (the method's "auto" values take their defaults)."""
+
+    method: Method = field(default_factory=lambda: LR(lam=1e-4))
+    start: Optional[LayerMethod] = field(default_factory=lambda: SparseGPT())
+    percdamp: float = PERCDAMP
+
+    def solve_layer(self, W, H, rule):
+        W = jnp.asarray(W, jnp.promote_types(jnp.result_type(W), jnp.float32))
+        H = jnp.asarray(H, W.dtype)
+        d_in, d_out = W.shape
+        H = H + self.percdamp * jnp.mean(jnp.diagonal(H)) * jnp.eye(d_in, dtype=H.dtype)
+        X = LayerOperator(jnp.linalg.cholesky(H), d_out)
+        if isinstance(rule, NM):
+            lay = pytree.layout({"kernel": np.zeros((d_in, d_out), np.float32)})
+            groups = rule.resolve(lay, rule.sparsity)
+        else:
+            groups = Groups.top_k(rule)
+        w_start = None if self.start is None else self.start.solve_layer(W, H, rule)[0].ravel()
+        w, info = self.method.solve(X, W.ravel(), groups, w_start=w_start)
+        return w.reshape(d_in, d_out), info.support.reshape(d_in, d_out)
 
 
 class LayerReport(NamedTuple):

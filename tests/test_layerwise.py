@@ -210,3 +210,46 @@ def test_layer_budgets_and_the_drivers_errors():
         layerwise.prune_layerwise(_conv_loss, params, batch, constraint=swapjax.TopK(), progress=False)
     with pytest.raises(ValueError, match="method: expected a layer-wise method"):
         layerwise.prune_layerwise(_conv_loss, params, batch, method=swapjax.LR(), progress=False)
+
+
+def test_refit_is_the_least_squares_solution_on_each_units_support():
+    A, W, H = _layer(3)
+    w, mask = layerwise.Refit(layerwise.Wanda(), percdamp=0.0).solve_layer(W.astype(np.float32), H.astype(np.float32),
+                                                                          200)
+    w, mask = np.asarray(w, np.float64), np.asarray(mask)
+    np.testing.assert_array_equal(mask, np.asarray(layerwise.wanda(W, H, 200)[1]))
+    for j in range(W.shape[1]):
+        keep = mask[:, j]
+        expected = np.linalg.lstsq(A[:, keep], A @ W[:, j], rcond=None)[0]
+        np.testing.assert_allclose(w[keep, j], expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+        assert np.all(w[~keep, j] == 0)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=str)
+def test_regression_on_the_layer_starts_from_sparsegpt_and_only_improves(rule):
+    """LR on the layer's operator from SparseGPT's support: the rule exactly, and a reconstruction error
+    no higher than SparseGPT's (IHT, the backsolve and the swap search never raise f)."""
+    A, W, H = _layer(4, d_in=32, d_out=8)
+    spec = RULES[rule] if not isinstance(RULES[rule], int) else 90
+    err = lambda w: np.linalg.norm(A @ (np.asarray(w, np.float64) - W)) ** 2  # noqa: E731
+    W32, H32 = W.astype(np.float32), H.astype(np.float32)
+    w_gpt, _ = layerwise.SparseGPT().solve_layer(W32, H32, spec)
+    w, mask = (np.asarray(a) for a in layerwise.Regression().solve_layer(W32, H32, spec))
+    assert np.all(w[~mask] == 0)
+    if isinstance(spec, swapjax.NM):
+        assert np.all(mask.reshape(32 // spec.m, spec.m, 8).sum(axis=1) == spec.n)
+    else:
+        assert mask.sum() == spec
+    assert err(w) <= err(w_gpt) * (1 + 1e-5)
+
+
+def test_layer_operator_products_are_the_kronecker_of_the_cholesky_factor():
+    rng = np.random.default_rng(0)
+    L = np.tril(rng.normal(size=(5, 5))).astype(np.float32)
+    op = layerwise.LayerOperator(jnp.asarray(L), 3)
+    X = np.kron(L.T.astype(np.float64), np.eye(3))  # row-major vec of Lᵀ V, V (5, 3)
+    v, u = rng.normal(size=15), rng.normal(size=15)
+    A = op.products()
+    np.testing.assert_allclose(A.mv(jnp.asarray(v, jnp.float32)), X @ v, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(A.rmv(jnp.asarray(u, jnp.float32)), X.T @ u, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(op.col_sq, (X * X).sum(0), rtol=1e-5)

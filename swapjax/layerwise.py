@@ -28,7 +28,7 @@ from __future__ import annotations
 import abc
 import sys
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from typing import NamedTuple, Optional, Union
 
 import jax
@@ -455,7 +455,9 @@ def prune_layerwise(
                        constraint.label, tuple(reports))
 
 
+@lru_cache(maxsize=64)
 def _loss_of_leaves(loss_fn, treedef):
+    """loss(leaves, example), one function per (loss_fn, tree structure): the compiled Grams are reused."""
     return lambda leaves, example: loss_fn(jax.tree_util.tree_unflatten(treedef, leaves), example)
 
 

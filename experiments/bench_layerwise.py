@@ -1,0 +1,105 @@
+"""Layer-wise against network-wide pruning on a preset's network, one-shot: accuracy and time.
+
+    .venv/bin/python experiments/bench_layerwise.py [preset] [seeds...]   # → experiments/results/layerwise-<preset>.json
+
+Cells: per-layer uniform 0.5, 0.7, 0.9 and 2:4. Layer-wise (``swapjax.prune_layerwise``, sequential,
+the preset's N Fisher examples as the calibration batch): Wanda, SparseGPT, the exact refit on each
+one's mask (``layerwise.Refit``) and LR on each layer's regression from SparseGPT's support
+(``layerwise.Regression``). Network-wide (``swapjax.prune``, ``stages=1``, the next val_examples for
+the selection): magnitude under the same per-layer budget, and LR under it and under the global
+top-k (the library's default constraint). Test accuracy on the test split; each call's seconds after
+a compiling call of the same cell. A rerun adds the seeds and cells not yet in the file (written after
+every cell, atomically).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import reproduce as R  # noqa: E402
+
+import swapjax  # noqa: E402
+from swapjax import data, layerwise  # noqa: E402
+
+CELLS = {"0.5": (swapjax.LayerBudgets(), 0.5), "0.7": (swapjax.LayerBudgets(), 0.7),
+         "0.9": (swapjax.LayerBudgets(), 0.9), "2:4": (swapjax.NM(2, 4), None)}
+LAYERWISE = {"Wanda": layerwise.Wanda(), "SparseGPT": layerwise.SparseGPT(),
+             "refit on Wanda": layerwise.Refit(layerwise.Wanda()), "refit on SparseGPT": layerwise.Refit(layerwise.SparseGPT()),
+             "LR layer-wise": layerwise.Regression()}
+NETWORK = {"MP": swapjax.Magnitude(), "LR": swapjax.LR(), "LR global": swapjax.LR()}
+
+
+def main(name: str = "mlpnet-fashion-mnist", seeds=(0, 1), runs: Path = Path("runs")):
+    preset = R.PRESETS[name]
+    train = data.load(preset.dataset, "train", flatten=preset.flatten)
+    test = data.load(preset.dataset, "test", flatten=preset.flatten)
+    batch, val = R.calibration(preset, train)
+    out = Path(__file__).parent / f"results/layerwise-{name}.json"
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    done = {(r["seed"], r["cell"], r["method"]) for r in rows}
+    for seed in seeds:
+        model, variables = R.dense_model(preset, name, seed, train, runs / name, progress=False)
+        loss_fn = R.per_example_loss(model, variables)
+        dense = swapjax.evaluate(model, variables, test.x, test.y)[0]
+        for cell, (constraint, sparsity) in CELLS.items():
+            for method_name in [*LAYERWISE, *NETWORK]:
+                if (seed, cell, method_name) in done or (method_name == "LR global" and sparsity is None):
+                    continue
+
+                def call():
+                    t0 = time.perf_counter()
+                    if method_name in LAYERWISE:
+                        result = swapjax.prune_layerwise(loss_fn, variables["params"], batch, sparsity=sparsity,
+                                                         method=LAYERWISE[method_name], constraint=constraint,
+                                                         progress=False)
+                    else:
+                        result = swapjax.prune(loss_fn, variables["params"], batch, sparsity=sparsity,
+                                               method=NETWORK[method_name], stages=1, val_batch=val, progress=False,
+                                               constraint=None if method_name == "LR global" else constraint)
+                    jax.block_until_ready(result.params)
+                    return result, time.perf_counter() - t0
+                call()
+                result, seconds = call()
+                accuracy = swapjax.evaluate(model, {**variables, "params": result.params}, test.x, test.y)[0]
+                total = result.summary()["total"]
+                rows.append(dict(seed=seed, cell=cell, method=method_name, dense=dense, accuracy=accuracy,
+                                 sparsity=total["sparsity"], seconds=seconds))
+                print(f"seed {seed} {cell} {method_name}: {100 * accuracy:.1f} % (sparsity {total['sparsity']:.3f}, "
+                      f"{seconds:.2f} s)", flush=True)
+                _write(out, name, rows)
+    print(table(rows))
+
+
+def table(rows: list) -> str:
+    """Test accuracy % (mean ± std over the seeds, both values for 2) and median seconds per cell and method."""
+    seeds = sorted({r["seed"] for r in rows})
+    methods = [*LAYERWISE, *NETWORK]
+    lines = ["| method | " + " | ".join(CELLS) + " | seconds (median) |", "|---" * (2 + len(CELLS)) + "|"]
+    for m in methods:
+        cells = []
+        for cell in CELLS:
+            acc = [100 * r["accuracy"] for r in rows if r["cell"] == cell and r["method"] == m]
+            cells.append("–" if not acc else " / ".join(f"{a:.1f}" for a in acc) if len(seeds) <= 2
+                         else f"{np.mean(acc):.1f} ± {np.std(acc):.1f}")
+        secs = [r["seconds"] for r in rows if r["method"] == m]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {np.median(secs):.2f} |" if secs else "")
+    return "\n".join(lines)
+
+
+def _write(out: Path, name: str, rows: list) -> None:
+    tmp = out.with_suffix(".tmp")
+    seeds = sorted({r["seed"] for r in rows})
+    tmp.write_text(json.dumps({"preset": name, "seeds": seeds, "rows": rows}, indent=1) + "\n")
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "mlpnet-fashion-mnist",
+         tuple(int(s) for s in sys.argv[2:]) or (0, 1))

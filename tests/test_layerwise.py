@@ -253,3 +253,39 @@ def test_layer_operator_products_are_the_kronecker_of_the_cholesky_factor():
     np.testing.assert_allclose(A.mv(jnp.asarray(v, jnp.float32)), X @ v, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(A.rmv(jnp.asarray(u, jnp.float32)), X.T @ u, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(op.col_sq, (X * X).sum(0), rtol=1e-5)
+
+
+def test_a_vit_is_pruned_layer_by_layer_through_its_attention_projections(capsys):
+    """The preset ViT at 2:4: the 14 kernels are found in forward order; q/k/v (in, heads, head_dim) group
+    along their input, the output projection along (heads, head_dim), the MLP along its input; the 7×7×1
+    patch conv (49 inputs) is left dense and named; tokens, biases and norms untouched."""
+    import optax
+
+    model = swapjax.models.ViT()
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(6, 28, 28, 1)).astype(np.float32)
+    params = model.init(jax.random.key(0), x[:1])["params"]
+
+    def loss(params, example):
+        logits = model.apply({"params": params}, example["x"][None])[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, example["y"])
+
+    batch = {"x": x, "y": rng.integers(0, 10, 6).astype(np.int32)}
+    res = swapjax.prune_layerwise(loss, params, batch, constraint=swapjax.NM(2, 4))
+    names = [r.name for r in res.layers]
+    assert names[:4] == ["block_0/attn/query/kernel", "block_0/attn/key/kernel", "block_0/attn/value/kernel",
+                         "block_0/attn/out/kernel"] and len(names) == 13 and "patch_embed/kernel" not in names
+    assert "left dense: patch_embed/kernel" in capsys.readouterr().err
+    flat = dict(zip([r.name for r in res.layers], res.layers))
+    assert flat["block_0/attn/out/kernel"].d_in == 64 and flat["block_0/attn/query/kernel"].d_out == 64
+    for path, kernel in jax.tree_util.tree_flatten_with_path(res.masks)[0]:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if name == "patch_embed/kernel":
+            assert kernel.all()
+        else:
+            axes = swapjax.constraints.reduction_axes(name, kernel.shape)
+            rest = [a for a in range(kernel.ndim) if a not in axes]
+            rows = np.transpose(kernel, list(axes) + rest).reshape(-1, 4, int(np.prod([kernel.shape[a] for a in rest])))
+            assert np.all(rows.sum(axis=1) == 2), name
+    for leaf in ("cls", "pos_embedding"):
+        np.testing.assert_array_equal(res.params[leaf], params[leaf])

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -56,21 +55,13 @@ def main(name: str = "mlpnet-fashion-mnist", seeds=(0, 1), runs: Path = Path("ru
                 if (seed, cell, method_name) in done:
                     continue
 
-                def call():
-                    t0 = time.perf_counter()
-                    result = swapjax.prune(loss_fn, variables["params"], batch, sparsity=sparsity, method=method,
-                                           constraint=constraint, stages=STAGES, val_batch=val, progress=False)
-                    jax.block_until_ready(result.params)
-                    return result, time.perf_counter() - t0
-                if not GRADUAL:
-                    call()
-                result, seconds = call()
-                accuracy = swapjax.evaluate(model, {**variables, "params": result.params}, test.x, test.y)[0]
-                total = result.summary()["total"]
-                rows.append(dict(seed=seed, constraint=cell, method=method_name, dense=dense, accuracy=accuracy,
-                                 sparsity=total["sparsity"], seconds=seconds))
-                print(f"seed {seed} {cell} {method_name}: {100 * accuracy:.1f} % (sparsity {total['sparsity']:.3f}, "
-                      f"{seconds:.1f} s)", flush=True)
+                run = R.timed_prune(lambda: swapjax.prune(loss_fn, variables["params"], batch, sparsity=sparsity,
+                                                          method=method, constraint=constraint, stages=STAGES,
+                                                          val_batch=val, progress=False),
+                                    model, variables, test, warmup=not GRADUAL)
+                rows.append(dict(seed=seed, constraint=cell, method=method_name, dense=dense, **run))
+                print(f"seed {seed} {cell} {method_name}: {100 * run['accuracy']:.1f} % (sparsity {run['sparsity']:.3f}, "
+                      f"{run['seconds']:.1f} s)", flush=True)
                 _write(out, name, rows)
     print(table(rows))
 
@@ -90,10 +81,7 @@ def table(rows: list) -> str:
 
 def _write(out: Path, name: str, rows: list) -> None:
     """The rows so far, atomically (an interrupted run resumes from them)."""
-    tmp = out.with_suffix(".tmp")
-    seeds = sorted({r["seed"] for r in rows})
-    tmp.write_text(json.dumps({"preset": name, "seeds": seeds, "stages": STAGES, "rows": rows}, indent=1) + "\n")
-    os.replace(tmp, out)
+    R.write_json(out, {"preset": name, "seeds": sorted({r["seed"] for r in rows}), "stages": STAGES, "rows": rows})
 
 
 if __name__ == "__main__":

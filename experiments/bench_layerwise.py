@@ -14,12 +14,9 @@ every cell, atomically).
 from __future__ import annotations
 
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -53,26 +50,18 @@ def main(name: str = "mlpnet-fashion-mnist", seeds=(0, 1), runs: Path = Path("ru
                 if (seed, cell, method_name) in done or (method_name == "LR global" and sparsity is None):
                     continue
 
-                def call():
-                    t0 = time.perf_counter()
-                    if method_name in LAYERWISE:
-                        result = swapjax.prune_layerwise(loss_fn, variables["params"], batch, sparsity=sparsity,
-                                                         method=LAYERWISE[method_name], constraint=constraint,
-                                                         progress=False)
-                    else:
-                        result = swapjax.prune(loss_fn, variables["params"], batch, sparsity=sparsity,
-                                               method=NETWORK[method_name], stages=1, val_batch=val, progress=False,
-                                               constraint=None if method_name == "LR global" else constraint)
-                    jax.block_until_ready(result.params)
-                    return result, time.perf_counter() - t0
-                call()
-                result, seconds = call()
-                accuracy = swapjax.evaluate(model, {**variables, "params": result.params}, test.x, test.y)[0]
-                total = result.summary()["total"]
-                rows.append(dict(seed=seed, cell=cell, method=method_name, dense=dense, accuracy=accuracy,
-                                 sparsity=total["sparsity"], seconds=seconds))
-                print(f"seed {seed} {cell} {method_name}: {100 * accuracy:.1f} % (sparsity {total['sparsity']:.3f}, "
-                      f"{seconds:.2f} s)", flush=True)
+                if method_name in LAYERWISE:
+                    prune = lambda: swapjax.prune_layerwise(  # noqa: E731
+                        loss_fn, variables["params"], batch, sparsity=sparsity, method=LAYERWISE[method_name],
+                        constraint=constraint, progress=False)
+                else:
+                    prune = lambda: swapjax.prune(  # noqa: E731
+                        loss_fn, variables["params"], batch, sparsity=sparsity, method=NETWORK[method_name], stages=1,
+                        val_batch=val, progress=False, constraint=None if method_name == "LR global" else constraint)
+                run = R.timed_prune(prune, model, variables, test)
+                rows.append(dict(seed=seed, cell=cell, method=method_name, dense=dense, **run))
+                print(f"seed {seed} {cell} {method_name}: {100 * run['accuracy']:.1f} % (sparsity {run['sparsity']:.3f}, "
+                      f"{run['seconds']:.2f} s)", flush=True)
                 _write(out, name, rows)
     print(table(rows))
 
@@ -94,10 +83,7 @@ def table(rows: list) -> str:
 
 
 def _write(out: Path, name: str, rows: list) -> None:
-    tmp = out.with_suffix(".tmp")
-    seeds = sorted({r["seed"] for r in rows})
-    tmp.write_text(json.dumps({"preset": name, "seeds": seeds, "rows": rows}, indent=1) + "\n")
-    os.replace(tmp, out)
+    R.write_json(out, {"preset": name, "seeds": sorted({r["seed"] for r in rows}), "rows": rows})
 
 
 if __name__ == "__main__":

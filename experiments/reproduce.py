@@ -149,6 +149,26 @@ def per_example_loss(model, variables):
     return loss
 
 
+def timed_prune(prune, model, variables, test, warmup: bool = True) -> dict:
+    """Run ``prune()`` (a PruneResult) once to compile where ``warmup``, then timed: its test accuracy,
+    the sparsity reached and the seconds of the timed call."""
+    if warmup:
+        jax.block_until_ready(prune().params)
+    t0 = time.perf_counter()
+    result = prune()
+    jax.block_until_ready(result.params)
+    seconds = time.perf_counter() - t0
+    accuracy = swapjax.evaluate(model, {**variables, "params": result.params}, test.x, test.y)[0]
+    return dict(accuracy=accuracy, sparsity=result.summary()["total"]["sparsity"], seconds=seconds)
+
+
+def write_json(out: Path, payload: dict) -> None:
+    """``payload`` as JSON, atomically (a temporary file, then a rename): a killed run leaves the last whole file."""
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, out)
+
+
 def _valid_row(row: dict) -> str | None:
     """None if a results row is well-formed, else what is wrong with it."""
     if None in row or any(row.get(k) in (None, "") for k in FIELDS):

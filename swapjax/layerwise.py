@@ -412,9 +412,8 @@ def prune_layerwise(
     position = [i for i, chosen in enumerate(lay.selected) if chosen]  # prunable leaf l = leaves[position[l]]
     layers, dense = _layers(loss_fn, leaves, treedef, batch, position)
     dense = [lay.names[position.index(leaf)] for leaf in dense]
-    counts = None
-    if isinstance(constraint, LayerBudgets):
-        counts = np.asarray(constraint.resolve(lay, sparsity, pytree.flatten(params, lay)).counts)
+    counts = np.asarray(constraint.resolve(lay, sparsity, pytree.flatten(params, lay)).counts)  # NM(ragged="error")
+    # raises here for a layer it would have to leave dense, as swapjax.prune does
     rules = {}
     for tap_index, leaf in layers:
         l = position.index(leaf)

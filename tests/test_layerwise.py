@@ -208,6 +208,8 @@ def test_layer_budgets_and_the_drivers_errors():
     assert res.summary()["total"]["kept"] == int(expected.sum())
     with pytest.raises(ValueError, match="constraint: layer by layer needs a budget per layer"):
         layerwise.prune_layerwise(_conv_loss, params, batch, constraint=swapjax.TopK(), progress=False)
+    with pytest.raises(ValueError, match=r"NM: Conv_0/kernel \(3, 3, 4, 4\) sums over 36 inputs.*not a multiple of m = 8"):
+        layerwise.prune_layerwise(_conv_loss, params, batch, constraint=swapjax.NM(4, 8, ragged="error"), progress=False)
     with pytest.raises(ValueError, match="method: expected a layer-wise method"):
         layerwise.prune_layerwise(_conv_loss, params, batch, method=swapjax.LR(), progress=False)
 

@@ -43,6 +43,7 @@ from .contract import Method
 from .loss_check import check_loss_fn
 from .methods import LR
 from .operators import Linear, Operator, matmul
+from .prune import PruneResult
 from .pytree import PyTree, Select
 
 #: SparseGPT's block of inputs (the published "blocksize") and dampening ("percdamp").
@@ -387,8 +388,6 @@ def prune_layerwise(
         >>> result.summary()["total"]
         {'kept': 36, 'total': 60, 'sparsity': 0.4, 'constraint': '2:4'}
     """
-    from .prune import PruneResult  # prune imports the methods this module's callers pass
-
     method = SparseGPT() if method is None else method
     if not isinstance(method, LayerMethod):
         raise ValueError(f"method: expected a layer-wise method (swapjax.layerwise.SparseGPT() or Wanda()), "
@@ -396,7 +395,7 @@ def prune_layerwise(
     constraint = LayerBudgets() if constraint is None else constraint
     if not isinstance(constraint, (LayerBudgets, NM)) or constraint.needs_fisher:
         raise ValueError(f"constraint: layer by layer needs a budget per layer, LayerBudgets('uniform' | 'erk' | "
-                         f"{{path: sparsity}}) or NM(n, m), got {getattr(constraint, 'label', constraint)!r}; a global "
+                         f"{{path: sparsity}}) or NM(n, m), got {constraint!r}; a global "
                          "top-k or OWL ranks weights across layers: use swapjax.prune for those")
     sparsity = final_sparsity(sparsity, constraint, default=0.5)
     sequential = checks.boolean("sequential", sequential)
@@ -414,16 +413,14 @@ def prune_layerwise(
     dense = [lay.names[position.index(leaf)] for leaf in dense]
     counts = np.asarray(constraint.resolve(lay, sparsity, pytree.flatten(params, lay)).counts)  # NM(ragged="error")
     # raises here for a layer it would have to leave dense, as swapjax.prune does
+    ragged = set(constraint.ragged_leaves(lay)) if isinstance(constraint, NM) else set()
     rules = {}
     for tap_index, leaf in layers:
         l = position.index(leaf)
-        if isinstance(constraint, NM):
-            if constraint.ragged_leaves(lay) and lay.names[l] in constraint.ragged_leaves(lay):
-                dense.append(lay.names[l])
-                continue
-            rules[tap_index] = constraint
+        if lay.names[l] in ragged:
+            dense.append(lay.names[l])
         else:
-            rules[tap_index] = int(counts[l])
+            rules[tap_index] = constraint if isinstance(constraint, NM) else int(counts[l])
     log(f"{type(method).__name__} layer by layer ({'sequential' if sequential else 'from the dense network'}): "
         f"{len(rules)} layers, N={n} examples, {constraint.label}"
         + (f"; left dense: {', '.join(sorted(set(dense)))}" if dense else ""))

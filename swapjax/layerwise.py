@@ -1,4 +1,4 @@
-"""Layer-wise pruning of one linear layer from its inputs: SparseGPT and Wanda.
+"""Layer by layer: each linear layer pruned from its own inputs (SparseGPT, Wanda, exact refits, LR).
 
 A layer y = xW with calibration inputs A ∈ R^{n×d_in} (n rows: examples × positions, or a
 conv's patches) and dense kernel W̄ ∈ R^{d_in×d_out} (Flax layout) is pruned to reproduce
@@ -6,7 +6,7 @@ AW̄: minimise ‖AW̄ − AW‖²_F under the constraint. Everything about A th
 the Gram H = AᵀA (d_in × d_in), so memory is O(d_in² + d_in·d_out), never N×p.
 
 The constraint on one layer is either a kept count k for the whole kernel (a per-layer budget:
-uniform, ERK, OWL, given) or N:M along the input axis (``swapjax.NM``): every M consecutive
+uniform, ERK, given) or N:M along the input axis (``swapjax.NM``): every M consecutive
 inputs of each output unit keep N.
 
 - :func:`wanda`: score S_ij = |W̄_ij|·‖A_:,i‖ (‖A_:,i‖² = H_ii), compared within each output
@@ -22,6 +22,9 @@ inputs of each output unit keep N.
   weights' error e = (w_i − q_i)/U_ii is propagated to the block's later inputs (w_i' −= e·U_ii'),
   then to all later inputs in one product. An input that never fires (H_ii = 0) is pruned first
   (its weights are 0 in the result where the count allows).
+
+:func:`prune_layerwise` runs one of these methods on every plain dense and conv layer of a network,
+in forward order, each from the Gram of its inputs on a calibration batch.
 """
 from __future__ import annotations
 

@@ -365,7 +365,9 @@ def prune_layerwise(
     DenseGeneral, attention projections) and convolution (HWIO, one feature group) layers, found by
     tracing ``loss_fn`` on one example, in the order the forward pass uses them. For each, A holds
     its input rows (examples × positions; a convolution's patches) over ``batch``, and ``method``
-    (default :class:`SparseGPT`) solves min ‖AW̄ − AW‖²_F under the layer's rule. ``sequential``
+    solves min ‖AW̄ − AW‖²_F under the layer's rule: by default :class:`Regression` (LR on the layer's
+    regression, from SparseGPT's support; the best of the layer-wise methods on the MLPNet and ViT
+    presets), or :class:`SparseGPT`, :class:`Wanda`, :class:`Refit` of either. ``sequential``
     (default): each layer's inputs come from the network with the layers before it already pruned,
     as SparseGPT does; False: every layer from the dense network's activations (one pass).
 
@@ -391,7 +393,7 @@ def prune_layerwise(
         >>> result.summary()["total"]
         {'kept': 36, 'total': 60, 'sparsity': 0.4, 'constraint': '2:4'}
     """
-    method = SparseGPT() if method is None else method
+    method = Regression() if method is None else method
     if not isinstance(method, LayerMethod):
         raise ValueError(f"method: expected a layer-wise method (swapjax.layerwise.SparseGPT() or Wanda()), "
                          f"got {method!r}")

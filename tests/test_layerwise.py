@@ -177,8 +177,8 @@ def test_each_layer_is_solved_on_the_gram_of_its_own_inputs(sequential):
     AᵀA, layer after layer (sequential: the dense layer's inputs from the pruned conv)."""
     params, batch = _conv_net()
     before = jax.tree_util.tree_map(np.copy, params)
-    res = layerwise.prune_layerwise(_conv_loss, params, batch, constraint=swapjax.NM(2, 4), sequential=sequential,
-                                    chunk_size=5, progress=False)  # chunks of 5 over 12: the last one overlaps
+    res = layerwise.prune_layerwise(_conv_loss, params, batch, method=swapjax.SparseGPT(), constraint=swapjax.NM(2, 4),
+                                    sequential=sequential, chunk_size=5, progress=False)  # chunks of 5 over 12: the last one overlaps
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, before)
     assert [r.name for r in res.layers] == ["Conv_0/kernel", "Dense_0/kernel"] and res.mode == "layer-wise"
     x = batch["x"].astype(np.float64)
@@ -273,7 +273,7 @@ def test_a_vit_is_pruned_layer_by_layer_through_its_attention_projections(capsys
         return optax.softmax_cross_entropy_with_integer_labels(logits, example["y"])
 
     batch = {"x": x, "y": rng.integers(0, 10, 6).astype(np.int32)}
-    res = swapjax.prune_layerwise(loss, params, batch, constraint=swapjax.NM(2, 4))
+    res = swapjax.prune_layerwise(loss, params, batch, method=swapjax.SparseGPT(), constraint=swapjax.NM(2, 4))
     names = [r.name for r in res.layers]
     assert names[:4] == ["block_0/attn/query/kernel", "block_0/attn/key/kernel", "block_0/attn/value/kernel",
                          "block_0/attn/out/kernel"] and len(names) == 13 and "patch_embed/kernel" not in names

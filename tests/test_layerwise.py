@@ -291,3 +291,42 @@ def test_a_vit_is_pruned_layer_by_layer_through_its_attention_projections(capsys
             assert np.all(rows.sum(axis=1) == 2), name
     for leaf in ("cls", "pos_embedding"):
         np.testing.assert_array_equal(res.params[leaf], params[leaf])
+
+
+# ---------------------------------------------------------------------------
+# property test: random conv / dense / attention trees, every layer-wise method and rule
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from test_constraints import _REDUCTION, _net, _net_loss, _nm_holds  # noqa: E402
+
+LAYER_METHODS = {"Wanda": layerwise.Wanda(), "SparseGPT": layerwise.SparseGPT(block=8),
+                 "refit": layerwise.Refit(layerwise.Wanda()), "LR": layerwise.Regression()}
+LAYER_RULES = {"uniform": swapjax.LayerBudgets(), "erk": swapjax.LayerBudgets("erk"), "2:4": swapjax.NM(2, 4),
+               "1:4": swapjax.NM(1, 4), "4:8": swapjax.NM(4, 8)}
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), c_in=st.sampled_from([1, 4]), c_out=st.sampled_from([4, 8]),
+       d=st.sampled_from([4, 8]), heads=st.sampled_from([1, 2]), head_dim=st.sampled_from([2, 4]),
+       method=st.sampled_from(sorted(LAYER_METHODS)), rule=st.sampled_from(sorted(LAYER_RULES)),
+       sequential=st.booleans(), sparsity=st.floats(0.3, 0.9))
+def test_property_layerwise_methods_keep_every_rule_exactly(seed, c_in, c_out, d, heads, head_dim, method, rule,
+                                                           sequential, sparsity):
+    params, batch = _net(seed, c_in, c_out, d, heads, head_dim)
+    before = jax.tree_util.tree_map(np.copy, params)
+    spec = LAYER_RULES[rule]
+    nm = isinstance(spec, swapjax.NM)
+    res = swapjax.prune_layerwise(_net_loss, params, batch, sparsity=None if nm else sparsity,
+                                  method=LAYER_METHODS[method], constraint=spec, sequential=sequential, progress=False)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, before)
+    np.testing.assert_array_equal(res.params["Dense_0"]["bias"], params["Dense_0"]["bias"])
+    lay = swapjax.pytree.layout(params)
+    counts = None if nm else np.asarray(spec.resolve(lay, sparsity).counts)
+    for name, axes in _REDUCTION.items():
+        mask, w = np.asarray(res.masks[name]["kernel"]), np.asarray(res.params[name]["kernel"])
+        assert np.all(w[~mask] == 0)
+        if nm:
+            assert _nm_holds(mask, axes, spec.n, spec.m), (name, mask.shape)
+        else:
+            assert mask.sum() == counts[lay.names.index(f"{name}/kernel")], name

@@ -162,7 +162,7 @@ def timed_prune(prune, model, variables, test, warmup: bool = True) -> dict:
     return dict(accuracy=accuracy, sparsity=result.summary()["total"]["sparsity"], seconds=seconds)
 
 
-def write_json(out: Path, payload: dict) -> None:
+def write_json(out: Path, payload) -> None:
     """``payload`` as JSON, atomically (a temporary file, then a rename): a killed run leaves the last whole file."""
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=1) + "\n")

@@ -72,11 +72,9 @@ def _check_layer(W, H, rule) -> tuple[int, int]:
     return d_in, d_out
 
 
-def _per_output_counts(rule, d_in: int, d_out: int) -> np.ndarray:
-    """Kept inputs per output unit: the layer's count split by largest remainder (N:M: N·d_in/M each)."""
-    if isinstance(rule, NM):
-        return np.full(d_out, rule.n * d_in // rule.m, np.int32)
-    return np.asarray(layer_quotas(rule, [d_in] * d_out), np.int32)
+def _nm_groups(rule: NM, d_in: int, d_out: int) -> Groups:
+    """The N:M groups of a (d_in, d_out) kernel flattened row-major: M consecutive inputs of one output unit."""
+    return rule.resolve(pytree.layout({"kernel": np.zeros((d_in, d_out), np.float32)}), rule.sparsity)
 
 
 def wanda(W, H, rule: LayerRule) -> tuple[jax.Array, jax.Array]:
@@ -90,12 +88,11 @@ def wanda(W, H, rule: LayerRule) -> tuple[jax.Array, jax.Array]:
     W = jnp.asarray(W)
     score = jnp.abs(W) * jnp.sqrt(jnp.maximum(jnp.diagonal(jnp.asarray(H, W.dtype)), 0))[:, None]
     if isinstance(rule, NM):
-        ids = (jnp.arange(d_out)[None, :] * (d_in // rule.m) + jnp.arange(d_in)[:, None] // rule.m).ravel()
-        counts = jnp.full(d_out * d_in // rule.m, rule.n, jnp.int32)
-    else:
-        ids = jnp.broadcast_to(jnp.arange(d_out)[None, :], (d_in, d_out)).ravel()
-        counts = jnp.asarray(_per_output_counts(rule, d_in, d_out))
-    mask = Groups(counts, ids.astype(jnp.int32)).project(score.ravel()).reshape(d_in, d_out)
+        groups = _nm_groups(rule, d_in, d_out)
+    else:  # one group per output unit, the layer's count split by largest remainder
+        ids = jnp.broadcast_to(jnp.arange(d_out, dtype=jnp.int32)[None, :], (d_in, d_out)).ravel()
+        groups = Groups(jnp.asarray(layer_quotas(rule, [d_in] * d_out), jnp.int32), ids)
+    mask = groups.project(score.ravel()).reshape(d_in, d_out)
     return jnp.where(mask, W, 0), mask
 
 
@@ -323,14 +320,10 @@ class Regression(LayerMethod):
         W = jnp.asarray(W, jnp.promote_types(jnp.result_type(W), jnp.float32))
         H = jnp.asarray(H, W.dtype)
         d_in, d_out = W.shape
-        H = H + self.percdamp * jnp.mean(jnp.diagonal(H)) * jnp.eye(d_in, dtype=H.dtype)
-        X = LayerOperator(jnp.linalg.cholesky(H), d_out)
-        if isinstance(rule, NM):
-            lay = pytree.layout({"kernel": np.zeros((d_in, d_out), np.float32)})
-            groups = rule.resolve(lay, rule.sparsity)
-        else:
-            groups = Groups.top_k(rule)
-        w_start = None if self.start is None else self.start.solve_layer(W, H, rule)[0].ravel()
+        damped = H + self.percdamp * jnp.mean(jnp.diagonal(H)) * jnp.eye(d_in, dtype=H.dtype)
+        X = LayerOperator(jnp.linalg.cholesky(damped), d_out)
+        groups = _nm_groups(rule, d_in, d_out) if isinstance(rule, NM) else Groups.top_k(rule)
+        w_start = None if self.start is None else self.start.solve_layer(W, H, rule)[0].ravel()  # it damps H itself
         w, info = self.method.solve(X, W.ravel(), groups, w_start=w_start)
         return w.reshape(d_in, d_out), info.support.reshape(d_in, d_out)
 

@@ -25,14 +25,14 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import checks
-from .constraints import Groups, as_groups
+from .constraints import Groups, as_groups, layer_quotas
 from .contract import Method
 from .methods import prepare_problem
 from .operators import linear, matmul
@@ -71,30 +71,6 @@ def _f(X, w, y):
 
 # ---------------------------------------------------------------------------
 # magnitude pruning
-
-
-def layer_quotas(k: int, sizes: Sequence[int]) -> list[int]:
-    """Per-layer kept counts k_l ≈ k·n_l/p that sum exactly to k (largest remainder).
-
-    Each layer gets ⌊k·n_l/p⌋; the k − Σ⌊·⌋ leftover weights go one each to the
-    layers with the largest remainders k·n_l mod p, ties to the lower layer
-    index. Exact integer arithmetic, so the result is deterministic; k_l ≤ n_l.
-    """
-    sizes = [int(n) for n in sizes]
-    if any(n < 0 for n in sizes):
-        raise ValueError(f"segments: layer sizes must be ≥ 0, got {sizes}")
-    p = sum(sizes)
-    k = int(k)
-    if not 0 <= k <= p:
-        raise ValueError(f"k: must be in [0, p] = [0, {p}], got {k}")
-    if p == 0:
-        return [0] * len(sizes)
-    quotas = [k * n // p for n in sizes]
-    remainders = [k * n % p for n in sizes]
-    leftover = k - sum(quotas)
-    for i in sorted(range(len(sizes)), key=lambda i: (-remainders[i], i))[:leftover]:
-        quotas[i] += 1
-    return quotas
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,31 @@ def kept_count(sparsity: float, p: int) -> int:
     return int(round((1 - sparsity) * p))
 
 
+def layer_quotas(k: int, sizes: Sequence[int]) -> list[int]:
+    """Per-layer kept counts k_l ≈ k·n_l/p that sum exactly to k (largest remainder).
+
+    Each layer gets ⌊k·n_l/p⌋; the k − Σ⌊·⌋ leftover weights go one each to the
+    layers with the largest remainders k·n_l mod p, ties to the lower layer
+    index. Exact integer arithmetic, so the result is deterministic; k_l ≤ n_l.
+    """
+    sizes = [int(n) for n in sizes]
+    if any(n < 0 for n in sizes):
+        raise ValueError(f"segments: layer sizes must be ≥ 0, got {sizes}")
+    p = sum(sizes)
+    k = int(k)
+    if not 0 <= k <= p:
+        raise ValueError(f"k: must be in [0, p] = [0, {p}], got {k}")
+    if p == 0:
+        return [0] * len(sizes)
+    quotas = [k * n // p for n in sizes]
+    remainders = [k * n % p for n in sizes]
+    leftover = k - sum(quotas)
+    for i in sorted(range(len(sizes)), key=lambda i: (-remainders[i], i))[:leftover]:
+        quotas[i] += 1
+    return quotas
+
+
+
 class Constraint(abc.ABC):
     """A sparsity constraint: ``resolve`` turns it into the :class:`Groups` of one stage.
 
@@ -304,7 +329,11 @@ class LayerBudgets(Constraint):
 
     def resolve(self, lay, sparsity: float, w=None, col_sq=None) -> Groups:
         sizes = np.diff(np.asarray(lay.offsets))
-        counts = _round_counts(self.densities(lay, sparsity, w, col_sq) * sizes, sizes, kept_count(sparsity, lay.size))
+        k = kept_count(sparsity, lay.size)
+        if self.rule == "uniform" and (self.max_sparsity is None or self.max_sparsity >= sparsity):
+            counts = layer_quotas(k, sizes)  # k·p_l/p each, exactly as Magnitude(scope="layer") splits k
+        else:
+            counts = _round_counts(self.densities(lay, sparsity, w, col_sq) * sizes, sizes, k)
         ids = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
         return Groups(jnp.asarray(counts, jnp.int32), jnp.asarray(ids), self.label)
 

@@ -39,8 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import checks, layer_grads, pytree
-from .baselines import layer_quotas
-from .constraints import NM, Constraint, Groups, LayerBudgets, final_sparsity
+from .constraints import NM, Constraint, Groups, LayerBudgets, final_sparsity, layer_quotas
 from .gradients import DEFAULT_CHUNK, LossFn, batch_size, chunk_starts
 from .contract import Method
 from .loss_check import check_loss_fn

@@ -9,6 +9,7 @@ first use, so ``import swapjax`` stays light; ott-jax (Sinkhorn), orbax and
 import importlib
 
 from .baselines import Magnitude, WoodFisher
+from .blocks import Blocked
 from .constraints import NM, Constraint, Groups, LayerBudgets, TopK, kept_count
 from .contract import Method
 from .comparison import MethodResult, compare, compare_sparsities, format_table
@@ -26,7 +27,7 @@ from .schedules import cubic_schedule, linear_schedule, polynomial_schedule
 from .training import evaluate, train
 
 __all__ = [
-    "Method", "LR", "SWAP", "Magnitude", "WoodFisher", "Selected", "SolveInfo", "Constraint", "TopK", "LayerBudgets", "NM", "Groups",
+    "Method", "LR", "SWAP", "Magnitude", "WoodFisher", "Selected", "SolveInfo", "Blocked", "Constraint", "TopK", "LayerBudgets", "NM", "Groups",
     "compare", "compare_sparsities", "format_table", "MethodResult", "GradientNoise", "PruneResult", "StageInfo",
     "prune", "prune_layerwise", "SparseGPT", "Wanda", "per_sample_grads", "add_gradient_noise", "kept_count", "linearized_gradients", "Operator", "Formed", "RowSharded",
     "GradientOperator",

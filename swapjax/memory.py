@@ -6,6 +6,9 @@ that ``jax.linearize`` keeps for one example, its inputs included):
 
 - ``"in-memory"`` forms X: N·p·b (×1.3 on a CPU, ×2.1 on an accelerator), plus a chunk's gradients and intermediates
   c·(2p·b + a), plus the solver's N×N matrices and p-vectors;
+- ``"blocked"`` forms one block of w columns at a time (:mod:`swapjax.blocks`): N·w·b (with the
+  same factor), plus the in-memory mode's chunk and solver terms; w is the widest that fits in
+  the memory available (at least ``MIN_BLOCK_WIDTH`` or p), or the one asked for;
 - ``"matrix-free"`` never forms X (:mod:`swapjax.operators`): the linearised
   network keeps N·r, the pass for diag(XᵀX) a chunk of c' ≤ c gradients, and the
   solver about 40 p-vectors.
@@ -32,6 +35,8 @@ P_VECTORS = 40
 #: 1.26–1.30 × X); on a GPU the solver's loops hold a second copy of X (2.02 × X measured on an H100).
 CPU_IN_MEMORY_FACTOR = 1.3
 ACCELERATOR_IN_MEMORY_FACTOR = 2.1
+#: The narrowest block the blocked mode chooses by itself (CHITA and WoodFisher use 1,000–20,000).
+MIN_BLOCK_WIDTH = 4096
 
 
 class Estimate(NamedTuple):
@@ -40,11 +45,14 @@ class Estimate(NamedTuple):
     in_memory: int
     matrix_free: int
     available: int
+    blocked: int = 0  # with blocks of ``block_width`` columns
+    block_width: int = 0  # 0: no block of the minimum width fits
 
     def describe(self) -> str:
         gb = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
-        return (f"estimated peak {gb(self.in_memory)} in memory (X formed), {gb(self.matrix_free)} matrix-free; "
-                f"{gb(self.available)} available")
+        blocked = f", {gb(self.blocked)} in blocks of {self.block_width:,} columns" if self.block_width else ""
+        return (f"estimated peak {gb(self.in_memory)} in memory (X formed){blocked}, {gb(self.matrix_free)} "
+                f"matrix-free; {gb(self.available)} available")
 
 
 def available_bytes(device=None) -> int:
@@ -103,8 +111,11 @@ def _jaxpr_bytes(jaxpr) -> int:
 
 
 def estimate(loss_fn, params: PyTree, batch: PyTree, lay: Layout, chunk_size: int, device=None,
-             devices=None) -> Estimate:
+             devices=None, block_width=None) -> Estimate:
     """The :class:`Estimate` for pruning ``params`` (prunable layout ``lay``) on ``batch`` (N examples).
+
+    ``block_width``: the blocked mode's columns per block, or None for the widest that fits in
+    the memory available (0 where not even ``min(p, MIN_BLOCK_WIDTH)`` does).
 
     ``devices``: the devices X's rows are sharded over (``prune(devices=...)``): on accelerators each
     holds N/d rows and the figures are per device (against the least free one); host CPU devices
@@ -121,7 +132,13 @@ def estimate(loss_fn, params: PyTree, batch: PyTree, lay: Layout, chunk_size: in
     c = min(chunk_size, n)
     c_free = max(1, min(c, CHUNK_BYTES // (b * p)))
     solver = P_VECTORS * p * b + 4 * n * n * b
-    in_memory = int(factor * n * p * b / shards + c * (2 * p * b + a) + solver)
+    fixed = c * (2 * p * b + a) + solver
+    in_memory = int(factor * n * p * b / shards + fixed)
     matrix_free = int(n * residual_bytes(loss_fn, params, batch, lay) + c_free * (2 * p * b + a) + solver)
     available = min(available_bytes(d) for d in devices) if shards > 1 else available_bytes(device)
-    return Estimate(in_memory, matrix_free, available)
+    if block_width is None:
+        widest = min(p, int((available - fixed) // (factor * n * b)))
+        block_width = widest if widest >= min(p, MIN_BLOCK_WIDTH) else 0
+    if block_width:
+        block_width = -(-p // -(-p // min(block_width, p)))  # B = ⌈p/w⌉ blocks of about equal width
+    return Estimate(in_memory, matrix_free, available, int(factor * n * block_width * b + fixed), block_width)

@@ -46,6 +46,7 @@ class StageInfo:
     held_out_loss: float = math.nan  # mean loss_fn of the stage's result on the held-out examples
     candidates: tuple = ()  # methods.Candidate per (λ, ε) tried by the selection
     chosen: Optional[int] = None  # the index of the returned candidate in ``candidates``
+    blocks: int = 0  # column blocks of X solved one by one (mode "blocked"); 0 where X was held whole
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,13 @@ class PruneResult:
     one_shot: for a multi-stage prune with selection, the held-out losses of the
     gradual result and of the one-shot solve at the final sparsity, and which
     was kept ({"gradual": ..., "one-shot": ..., "kept": "gradual" | "one-shot"});
-    None otherwise. mode: "in-memory" (X formed), "matrix-free" or "layer-wise"."""
+    None otherwise. mode: "in-memory" (X formed), "blocked", "matrix-free" or "layer-wise"."""
 
     params: PyTree
     masks: PyTree
     info: tuple[StageInfo, ...]
     one_shot: Optional[dict] = None
-    mode: str = "in-memory"  # how X was held: "in-memory" or "matrix-free"
+    mode: str = "in-memory"  # how X was held: "in-memory", "blocked", "matrix-free" (or "layer-wise")
     constraint: str = "global top-k"  # the sparsity constraint, e.g. "2:4" or "per-layer ERK"
     layers: tuple = ()  # layer-wise prunes (swapjax.prune_layerwise): a LayerReport per pruned layer
 
@@ -192,11 +193,18 @@ def prune(
             products Xv and Xᵀu of the linearised network
             (:mod:`swapjax.operators`), memory O(p + N·activations) at the
             cost of a forward pass per product, with backsolves by conjugate
-            gradients (LR, SWAP, Magnitude; no ``noise``). ``"auto"``
-            (default) estimates both peaks before computing
-            (:func:`swapjax.memory.estimate`) and takes the in-memory mode
-            where it fits in the memory available, else the matrix-free one,
-            saying so; where none fits, a ValueError names the figures.
+            gradients (LR, SWAP, Magnitude; no ``noise``). ``"blocked"`` (or
+            ``swapjax.Blocked(width, budget)``) forms X one block of columns at
+            a time and solves each block's problem with the method (the
+            block-diagonal Fisher of CHITA and WoodFisher; the constraint's
+            counts shared between blocks by a magnitude or Fisher ranking,
+            :mod:`swapjax.blocks`): memory N·width, one gradient pass per block
+            (every method; no ``noise`` or ``devices``). ``"auto"``
+            (default) estimates the peaks before computing
+            (:func:`swapjax.memory.estimate`) and takes the first of
+            in-memory, blocked (the widest blocks that fit) and
+            matrix-free that fits, saying so when it is not in-memory; where
+            none fits, a ValueError names the figures.
         devices (str | int | list | None): None (one device), ``"all"``, an int d or a sequence of
             ``jax.Device``: the examples (X's rows) are split into d equal
             blocks, one per device (``swapjax.per_sample_grads``); d must
@@ -255,7 +263,7 @@ def prune(
     holdout = checks.real("holdout (the held-out fraction of the batch)", holdout, 0.0, 1.0, hi_open=True)
     chunk_size = checks.integer("chunk_size", chunk_size, 1)
     progress = checks.boolean("progress", progress)
-    checks.choice("mode", mode, holding.MODES)
+    blocked = holding.blocked_spec(mode)
     levels = None if stages == "auto" else schedules.resolve(stages, sparsity)
     lay = pytree.layout(params, select)
     checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
@@ -280,11 +288,12 @@ def prune(
     devices = resolve_devices(devices, n)  # ValueError naming N and d before any gradient
     check_loss_fn(loss_fn, params, batch)  # one trace, before any gradient
     log = (lambda msg: print(f"[swapjax] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    hold = holding.choose(mode, method, noise, memory.estimate(loss_fn, params, batch, lay, chunk_size, devices=devices),
-                          devices)
+    estimate = memory.estimate(loss_fn, params, batch, lay, chunk_size, devices=devices,
+                               block_width=None if blocked is None else blocked.width)
+    hold = holding.choose(mode, method, noise, estimate, devices)
     log(f"{type(method).__name__}: N={n} examples"
         + (f" (+{batch_size(val_batch)} held out)" if val_batch is not None else "")
-        + f", p={p} prunable weights, {len(levels)} stage(s), X {hold.mode}")
+        + f", p={p} prunable weights, {len(levels)} stage(s), X {hold.describe(p)}")
     log(f"pruning {lay.describe()}" + ("" if isinstance(constraint, TopK) else f" under {constraint.label}"))
     if isinstance(constraint, NM) and constraint.ragged_leaves(lay):
         log(f"{constraint.label}: left dense, their inputs not a multiple of {constraint.m}: "
@@ -318,15 +327,17 @@ def prune(
             declared["segments"] = lay.offsets
         if method.selects and score is not None:
             declared["score"] = score
-        w_new, info = method.solve(X, w_dense if anchor == "dense" else w, groups if groups.ids is not None else k,
-                                   w_start=w, duals=duals, **declared)
+        w_new, info = hold.solve(method, X, w_dense if anchor == "dense" else w, groups if groups.ids is not None else k,
+                                 w_start=w, duals=duals, **declared)
         w_new.block_until_ready()
         t2 = time.perf_counter()
         fields = info.stage_fields()
         if "held_out_loss" not in fields and score is not None:
             fields["held_out_loss"] = float(np.mean(score(w_new)))
+        inside = fields.pop("gradient_seconds", 0.0)  # the blocked mode's gradient passes run inside the solve
         stage = StageInfo(stage=t, sparsity=s, k=k, objective_start=float(info.objective_trace[0]),
-                          objective=float(info.objective), gradient_seconds=t1 - t0, solve_seconds=t2 - t1,
+                          objective=float(info.objective), gradient_seconds=t1 - t0 + inside,
+                          solve_seconds=t2 - t1 - inside,
                           moved=int(jnp.sum(info.support & ~groups.project(w))), **fields)
         for message in info.warnings(n):
             warnings.warn(f"stage {t}: {message}", RuntimeWarning, stacklevel=3)

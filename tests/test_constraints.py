@@ -316,18 +316,19 @@ _REDUCTION = {"Conv_0": (0, 1, 2), "Dense_0": (0,), "query": (0,), "out": (0, 1)
 @given(seed=st.integers(0, 2**31 - 1), c_in=st.sampled_from([1, 4]), c_out=st.sampled_from([4, 6, 8]),
        d=st.sampled_from([4, 8]), heads=st.sampled_from([1, 2]), head_dim=st.sampled_from([2, 4]),
        method=st.sampled_from(sorted(METHODS)), constraint=st.sampled_from(sorted(PROPERTY_CONSTRAINTS)),
-       mode=st.sampled_from(["in-memory", "matrix-free"]), stages=st.sampled_from([1, 2]),
-       sparsity=st.floats(0.3, 0.9))
+       mode=st.sampled_from(["in-memory", "matrix-free", "blocked"]), stages=st.sampled_from([1, 2]),
+       sparsity=st.floats(0.3, 0.9), width=st.integers(16, 160), budget=st.sampled_from(swapjax.blocks.BUDGETS))
 def test_property_every_method_constraint_and_mode_on_random_trees(seed, c_in, c_out, d, heads, head_dim, method,
-                                                                   constraint, mode, stages, sparsity):
-    if method == "WF":
+                                                                   constraint, mode, stages, sparsity, width, budget):
+    if method == "WF" and mode == "matrix-free":
         mode = "in-memory"  # WoodFisher needs X formed (refused matrix-free: tested in test_operators)
     params, batch = _net(seed, c_in, c_out, d, heads, head_dim)
     before, batch_before = (jax.tree_util.tree_map(np.copy, t) for t in (params, batch))
     spec = PROPERTY_CONSTRAINTS[constraint]
     nm = isinstance(spec, swapjax.NM)
     res = swapjax.prune(_net_loss, params, batch, sparsity=None if nm else sparsity, method=METHODS[method],
-                        constraint=spec, stages=stages, mode=mode, progress=False)
+                        constraint=spec, stages=stages, progress=False,
+                        mode=swapjax.Blocked(width, budget) if mode == "blocked" else mode)  # blocks cut layers and groups
     for original, kept in ((params, before), (batch, batch_before)):  # inputs unmutated
         jax.tree_util.tree_map(np.testing.assert_array_equal, original, kept)
     assert res.mode == mode

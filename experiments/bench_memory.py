@@ -1,7 +1,9 @@
-"""Peak memory and time of a one-shot SWAP prune at 0.9 against p: X formed ("in-memory") or not ("matrix-free").
+"""Peak memory and time of a one-shot SWAP prune at 0.9 against p: X formed ("in-memory"), formed in B column
+blocks ("blocked-B", ``swapjax.Blocked(width=⌈p/B⌉)``) or not at all ("matrix-free").
 
     .venv/bin/python experiments/bench_memory.py                      # MLPs 784-w-w-w-10, w = 256 … 2048
     .venv/bin/python experiments/bench_memory.py --widths 2048 --modes matrix-free
+    .venv/bin/python experiments/bench_memory.py --widths 1024 --modes in-memory blocked-4
     .venv/bin/python experiments/bench_memory.py --network mobilenetv1  # MobileNetV1 (4.2M), synthetic 32×32 inputs
     python experiments/bench_memory.py --network resnet50 --image-size 64 --csv gpu.csv   # on a GPU
 
@@ -91,17 +93,19 @@ def worker(network: str, width: int, n: int, mode: str, method_name: str, noise:
     method = eval("swapjax." + METHODS[method_name])  # noqa: S307  (a fixed table above)
     lay = pytree.layout(params)
     p = lay.size
-    est = memory.estimate(loss_fn, params, batch, lay, chunk_size)
+    blocks = int(mode.split("-")[1]) if mode.startswith("blocked-") else None
+    est = memory.estimate(loss_fn, params, batch, lay, chunk_size, block_width=blocks and -(-p // blocks))
     device = jax.devices()[0]
     row = dict(network=f"mlp-{width}" if network == "mlp" else f"{network}-{image_size}", p=p, n=n, mode=mode, method=method_name,
                noise=NOISE if noise else "",
                x_gb=round(n * p * 4 / 2**30, 3), available_gb=round(est.available / 2**30, 2),
-               estimate_gb=round((est.in_memory if mode == "in-memory" else est.matrix_free) / 2**30, 3),
+               estimate_gb=round({"in-memory": est.in_memory, "matrix-free": est.matrix_free}.get(mode, est.blocked) / 2**30, 3),
                start_rss_gb=round(_rss_gb(), 3), k=swapjax.kept_count(0.9, p), device=device.device_kind)
     t0 = time.perf_counter()
     try:
         extra = dict(noise=eval("swapjax." + NOISE), key=jax.random.key(0)) if noise else {}  # noqa: S307
-        res = swapjax.prune(loss_fn, params, batch, sparsity=0.9, method=method, mode=mode, chunk_size=chunk_size,
+        res = swapjax.prune(loss_fn, params, batch, sparsity=0.9, method=method, chunk_size=chunk_size,
+                            mode=swapjax.Blocked(width=est.block_width) if blocks else mode,
                             **extra)
     except ValueError as e:
         if "does not fit" not in str(e):
@@ -148,7 +152,7 @@ def plot(rows: list[dict], figure: Path) -> None:
 
     gpu = any(r.get("peak_device_gb") for r in rows)
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode, marker in (("in-memory", "o"), ("matrix-free", "s")):
+    for mode, marker in (("in-memory", "o"), ("matrix-free", "s"), *((m, "^") for m in sorted({r["mode"] for r in rows}) if m.startswith("blocked"))):
         for method in METHODS:
             pts = sorted((int(r["p"]), float(r["peak_device_gb" if gpu else "peak_rss_gb"]), float(r["seconds"]))
                          for r in rows if r["mode"] == mode and r["method"] == method and r["status"] == "ok"

@@ -17,9 +17,11 @@ weights w_t, so the blocks together are exactly the columns of X).
 spans all of them), so before any block is solved each group's count c_g is
 shared by one ranking: the constraint's projection of a saliency ρ keeps the c_g
 largest ρ_i of group g, and block b keeps, of group g, as many as that projection
-kept in block b. ``budget="magnitude"`` ranks by ρ_i = |w_i| (CHITA's global
-magnitude threshold); ``budget="fisher"`` by ρ_i = |w_i|·‖X_{:,i}‖, the diagonal
-OBS saliency w_i²·(XᵀX)_ii (one more pass of gradients, without storing X). Every
+kept in block b. ``budget="fisher"`` (the default) ranks by ρ_i = |w_i|·‖X_{:,i}‖,
+the diagonal OBS saliency w_i²·(XᵀX)_ii (one more pass of gradients, without
+storing X); ``budget="magnitude"`` by ρ_i = |w_i| (CHITA's global magnitude
+threshold). On the ViT preset at 0.7 (4 blocks, 5 seeds) the Fisher budget kept 8–9
+points more test accuracy than the magnitude one (docs/scale.md). Every
 group keeps exactly its count, so the result is feasible for the constraint; each
 block then chooses *which* weights within its share.
 """
@@ -41,7 +43,7 @@ from .gradients import batch_size, check_finite, chunk_losses_and_grads, chunk_s
 from .operators import Formed, linearize
 
 #: The ranking that shares a group's count between blocks (see the module docstring).
-BUDGETS = ("magnitude", "fisher")
+BUDGETS = ("fisher", "magnitude")
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Blocked:
     width: columns per block (at most; the blocks are made about equal), or None for the widest
     block that fits in the memory available (:func:`swapjax.memory.estimate`); one block is
     the in-memory prune. budget: how a constraint's counts are shared between blocks,
-    ``"magnitude"`` (|w|, CHITA) or ``"fisher"`` (|w|·‖X_{:,i}‖, one more gradient pass).
+    ``"fisher"`` (default: |w|·‖X_{:,i}‖, one more gradient pass) or ``"magnitude"`` (|w|, CHITA).
     ``mode="blocked"`` is ``Blocked()``.
 
     Examples:
@@ -67,7 +69,7 @@ class Blocked:
     """
 
     width: Optional[int] = None
-    budget: str = "magnitude"
+    budget: str = "fisher"
 
     def __post_init__(self):
         if self.width is not None:
@@ -98,12 +100,13 @@ def split_budget(groups: Groups, saliency: jax.Array, ranges) -> list[Groups]:
         [2, 1]
     """
     keep = np.asarray(groups.project(saliency))
+    ids = None if groups.ids is None else np.asarray(groups.ids)
     parts = []
     for a, e in ranges:
-        if groups.ids is None:
+        if ids is None:
             parts.append(Groups(jnp.asarray([keep[a:e].sum()], jnp.int32), None, groups.label))
             continue
-        _, local = np.unique(np.asarray(groups.ids[a:e]), return_inverse=True)
+        _, local = np.unique(ids[a:e], return_inverse=True)
         counts = np.bincount(local, weights=keep[a:e], minlength=local.max() + 1).astype(np.int32)
         parts.append(Groups(jnp.asarray(counts), jnp.asarray(local.astype(np.int32)), groups.label))
     return parts
@@ -184,7 +187,7 @@ class BlockedInfo(NamedTuple):
                      for message in info.warnings(n))
 
 
-def solve(method, X: ColumnBlocks, w_bar, k, w_start=None, duals=None, *, budget: str = "magnitude",
+def solve(method, X: ColumnBlocks, w_bar, k, w_start=None, duals=None, *, budget: str = "fisher",
           score=None, **declared) -> tuple[jax.Array, BlockedInfo]:
     """``method.solve`` on each block of X with the block's share of the constraint ``k`` (an int or Groups).
 
@@ -194,7 +197,8 @@ def solve(method, X: ColumnBlocks, w_bar, k, w_start=None, duals=None, *, budget
     """
     groups = as_groups(k)
     w_start = w_bar if w_start is None else w_start
-    saliency = jnp.abs(w_start) * (jnp.sqrt(X.col_sq) if budget == "fisher" else 1.0)
+    fisher = budget == "fisher" and len(X.ranges) > 1  # one block: the whole budget, whatever the ranking
+    saliency = jnp.abs(w_start) * (jnp.sqrt(X.col_sq) if fisher else 1.0)
     w = jnp.where(groups.project(saliency), w_start, 0)  # the network as each block's score sees it
     infos, seconds, count = [], 0.0, len(X.ranges)
     for b, ((a, e), part) in enumerate(zip(X.ranges, split_budget(groups, saliency, X.ranges))):

@@ -60,11 +60,11 @@ class Holding:
         return Formed(X) if self.devices is None else RowSharded(X)
 
     def describe(self, p: int) -> str:
-        """'in-memory', 'matrix-free' or 'blocked (3 blocks of 23,104 columns, budget by magnitude)'."""
+        """'in-memory', 'matrix-free' or 'blocked (3 blocks of 23,104 columns, budget: fisher)'."""
         if self.mode != "blocked":
             return self.mode
         count = len(blocks.block_ranges(p, self.blocked.width))
-        return f"blocked ({count} block{'s' * (count > 1)} of ≤ {self.blocked.width:,} columns, budget by {self.blocked.budget})"
+        return f"blocked ({count} block{'s' * (count > 1)} of ≤ {self.blocked.width:,} columns, budget: {self.blocked.budget})"
 
     def solve(self, method, X, w_bar, k, **kwargs):
         """``method.solve`` on the stage's X: directly, or block by block (:func:`swapjax.blocks.solve`)."""
@@ -112,6 +112,6 @@ def choose(mode, method, noise, estimate: memory.Estimate, devices=None) -> Hold
                          + "; options: " + ", ".join(options))
     blocked = None
     if mode == "blocked":
-        blocked = blocks.Blocked(estimate.block_width, spec.budget if spec is not None else blocks.Blocked().budget)
+        blocked = blocks.Blocked(estimate.block_width, (spec or blocks.Blocked()).budget)
     return Holding(mode, devices, blocked)
 

@@ -136,7 +136,7 @@ def test_blocks_report_progress_and_are_silenced(trained_mlp, prune_batch, capsy
     swapjax.prune(mlp_loss, trained_mlp, prune_batch, sparsity=0.8, method=fixed_lr(), stages=1,
                   mode=swapjax.Blocked(width=300))
     err = capsys.readouterr().err
-    assert "X blocked (3 blocks of ≤ 296 columns, budget by magnitude)" in err
+    assert "X blocked (3 blocks of ≤ 296 columns, budget: fisher)" in err
     assert all(f"block {b}/3 (columns" in err for b in (1, 2, 3))
     swapjax.prune(mlp_loss, trained_mlp, prune_batch, sparsity=0.8, method=fixed_lr(), stages=1,
                   mode=swapjax.Blocked(width=300), progress=False)
@@ -181,7 +181,7 @@ def test_blocked_mode_refusals_name_the_reason(trained_mlp, prune_batch, kwargs,
 
 @pytest.mark.parametrize("kwargs, message", [(dict(width=0), r"width \(columns per block\)"),
                                              (dict(width=2.5), r"width \(columns per block\)"),
-                                             (dict(budget="hessian"), r"budget: must be 'magnitude' or 'fisher'")])
+                                             (dict(budget="hessian"), r"budget: must be 'fisher' or 'magnitude'")])
 def test_blocked_spec_is_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         swapjax.Blocked(**kwargs)

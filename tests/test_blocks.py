@@ -126,7 +126,7 @@ def test_each_block_is_scored_in_the_network_with_the_others_at_their_best_known
     method = _RecordingScore()
     val = jax.tree_util.tree_map(lambda a: a[:16], prune_batch)
     res = swapjax.prune(mlp_loss, trained_mlp, prune_batch, sparsity=0.8, method=method, stages=1, val_batch=val,
-                        mode=swapjax.Blocked(width=300), progress=False)
+                        mode=swapjax.Blocked(width=300, budget="magnitude"), progress=False)
     expected = np.mean([mlp_loss(res.params, jax.tree_util.tree_map(lambda a: a[i], val)) for i in range(16)])
     np.testing.assert_allclose(method.seen, [expected] * 3, rtol=1e-5)
     np.testing.assert_allclose(res.info[0].held_out_loss, expected, rtol=1e-5)

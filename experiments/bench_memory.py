@@ -4,6 +4,7 @@ blocks ("blocked-B", ``swapjax.Blocked(width=⌈p/B⌉)``) or not at all ("matri
     .venv/bin/python experiments/bench_memory.py                      # MLPs 784-w-w-w-10, w = 256 … 2048
     .venv/bin/python experiments/bench_memory.py --widths 2048 --modes matrix-free
     .venv/bin/python experiments/bench_memory.py --widths 1024 --modes in-memory blocked-4
+    .venv/bin/python experiments/bench_memory.py --network mobilenetv1 --modes auto   # prune's own choice
     .venv/bin/python experiments/bench_memory.py --network mobilenetv1  # MobileNetV1 (4.2M), synthetic 32×32 inputs
     python experiments/bench_memory.py --network resnet50 --image-size 64 --csv gpu.csv   # on a GPU
 
@@ -113,6 +114,9 @@ def worker(network: str, width: int, n: int, mode: str, method_name: str, noise:
         return {**row, "status": "does not fit (estimate)"}
     jax.block_until_ready(res.params)
     seconds = time.perf_counter() - t0
+    if mode == "auto":  # the mode prune chose, and its estimate
+        row["mode"] = f"auto: {res.mode}"
+        row["estimate_gb"] = round({"in-memory": est.in_memory, "blocked": est.blocked}.get(res.mode, est.matrix_free) / 2**30, 3)
     kept = int(sum(int(jnp.sum(m)) for m in jax.tree_util.tree_leaves(res.masks)))
     stage = res.info[-1]
     return {**row, "status": "ok", "seconds": round(seconds, 2), "peak_rss_gb": round(_rss_gb(), 3), "kept": kept,

@@ -198,9 +198,10 @@ def solve(method, X: ColumnBlocks, w_bar, k, w_start=None, duals=None, *, budget
     groups = as_groups(k)
     w_start = w_bar if w_start is None else w_start
     fisher = budget == "fisher" and len(X.ranges) > 1  # one block: the whole budget, whatever the ranking
+    t0 = time.perf_counter()
     saliency = jnp.abs(w_start) * (jnp.sqrt(X.col_sq) if fisher else 1.0)
     w = jnp.where(groups.project(saliency), w_start, 0)  # the network as each block's score sees it
-    infos, seconds, count = [], 0.0, len(X.ranges)
+    infos, seconds, count = [], time.perf_counter() - t0, len(X.ranges)
     for b, ((a, e), part) in enumerate(zip(X.ranges, split_budget(groups, saliency, X.ranges))):
         if int(part.k) == 0:
             infos.append(None)

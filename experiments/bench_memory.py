@@ -100,7 +100,7 @@ def worker(network: str, width: int, n: int, mode: str, method_name: str, noise:
     row = dict(network=f"mlp-{width}" if network == "mlp" else f"{network}-{image_size}", p=p, n=n, mode=mode, method=method_name,
                noise=NOISE if noise else "",
                x_gb=round(n * p * 4 / 2**30, 3), available_gb=round(est.available / 2**30, 2),
-               estimate_gb=round({"in-memory": est.in_memory, "matrix-free": est.matrix_free}.get(mode, est.blocked) / 2**30, 3),
+               estimate_gb=_estimate_gb(est, mode),
                start_rss_gb=round(_rss_gb(), 3), k=swapjax.kept_count(0.9, p), device=device.device_kind)
     t0 = time.perf_counter()
     try:
@@ -116,12 +116,17 @@ def worker(network: str, width: int, n: int, mode: str, method_name: str, noise:
     seconds = time.perf_counter() - t0
     if mode == "auto":  # the mode prune chose, and its estimate
         row["mode"] = f"auto: {res.mode}"
-        row["estimate_gb"] = round({"in-memory": est.in_memory, "blocked": est.blocked}.get(res.mode, est.matrix_free) / 2**30, 3)
+        row["estimate_gb"] = _estimate_gb(est, res.mode)
     kept = int(sum(int(jnp.sum(m)) for m in jax.tree_util.tree_leaves(res.masks)))
     stage = res.info[-1]
     return {**row, "status": "ok", "seconds": round(seconds, 2), "peak_rss_gb": round(_rss_gb(), 3), "kept": kept,
             "objective": f"{stage.objective:.6g}", "iht_iterations": stage.iht_iterations,
             "lam": f"{stage.lam:.4g}", "epsilon": stage.epsilon, "peak_device_gb": _device_peak_gb(device)}
+
+
+def _estimate_gb(est, mode: str) -> float:
+    """The estimated peak (GiB) of ``mode``: "in-memory", "matrix-free", or blocked ("blocked", "blocked-B", "auto")."""
+    return round({"in-memory": est.in_memory, "matrix-free": est.matrix_free}.get(mode, est.blocked) / 2**30, 3)
 
 
 def _device_peak_gb(device):

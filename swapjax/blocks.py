@@ -125,16 +125,10 @@ class ColumnBlocks:
     """X at ``params``, held as the column blocks ``ranges``: ``block(b)`` computes X_b (one pass of per-sample
     gradients, chunked) and ``col_sq`` = diag(XᵀX) (one pass, on first use); nothing of X is kept between calls."""
 
-    label = "blocked"
-
     def __init__(self, loss_fn, params, batch, lay, ranges, chunk_size: int, progress: bool = True, fast: bool = True):
         self.loss_fn, self.params, self.batch, self.lay = loss_fn, params, batch, lay
         self.ranges, self.chunk_size, self.progress, self.fast = tuple(ranges), chunk_size, progress, fast
         self._col_sq = None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (batch_size(self.batch), self.lay.size)
 
     @property
     def col_sq(self) -> jax.Array:

@@ -30,7 +30,9 @@ class Info(Protocol):
     ``objective`` f at the result and ``objective_trace`` (index 0: f at the start, H(w_start));
     ``duals``, the Sinkhorn potentials to warm-start the next stage (passed through by methods
     without a plan). ``stage_fields()``: the method's own diagnostics as plain Python values, named as
-    the fields of :class:`swapjax.prune.StageInfo`; ``warnings(n)``: messages for the driver to warn."""
+    the fields of :class:`swapjax.prune.StageInfo` (a solve that computes gradients itself, as the blocked
+    mode's does, reports their ``gradient_seconds``: the driver moves them out of the solve's time);
+    ``warnings(n)``: messages for the driver to warn."""
 
     support: jax.Array
     objective: jax.Array

@@ -49,13 +49,45 @@ def _kept_leaves(params: PyTree, masks: PyTree) -> dict[str, tuple[np.ndarray, j
     return out
 
 
+# What save_pruned writes at the top of a checkpoint: its three orbax items and orbax's own files.
+_CHECKPOINT_ENTRIES = {"params", "masks", "meta", "_CHECKPOINT_METADATA", "commit_success.txt"}
+
+
+def _stored_meta(path: str) -> Optional[dict]:
+    """The "meta" item save_pruned wrote in ``path`` (a dict with "format" == FORMAT), or None."""
+    import orbax.checkpoint as ocp
+
+    if os.path.islink(path) or not os.path.isdir(os.path.join(path, "meta")):
+        return None
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            meta = ckptr.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception:  # unreadable or not orbax's JSON: not ours
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
+def _writable_parent(path: str) -> None:
+    """ValueError naming ``path`` unless its nearest existing ancestor is a directory we may write in."""
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"directory: cannot create {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"directory: cannot write {path}: no write permission in {parent}")
+
+
 def save_pruned(directory: str | os.PathLike, params: PyTree, masks: PyTree, *, force: bool = False) -> str:
     """Write ``apply_masks(params, masks)`` and the masks to ``directory`` with orbax; returns its absolute path.
 
     params: any pytree of arrays (Flax linen params, an NNX ``State``, dicts);
     masks: as ``swapjax.prune`` returns them (bool arrays for the prunable
-    leaves, None elsewhere). force=True replaces an existing checkpoint
-    (otherwise orbax refuses to overwrite it).
+    leaves, None elsewhere). An existing ``directory`` is an error, unless
+    force=True and it is a checkpoint written by save_pruned (recognised by
+    its stored format, holding nothing else): then the new checkpoint is
+    written beside it and swapped in, so the old one is removed only once
+    the new one is complete. Any other file or folder is never replaced.
 
     Examples:
         >>> import os, tempfile, numpy as np, swapjax
@@ -65,21 +97,72 @@ def save_pruned(directory: str | os.PathLike, params: PyTree, masks: PyTree, *, 
         >>> os.path.basename(path), os.path.isdir(path)
         ('mlp-50', True)
     """
+    import shutil
+    import tempfile
+
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(checks.path_like("directory", directory))
     force = checks.boolean("force", force)
     kept = _kept_leaves(params, masks)
-    if os.path.exists(path) and not force:
-        raise ValueError(f"directory: {path} already exists; pass force=True to replace it")
-    meta = {"format": FORMAT, "masked": list(kept)}
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(path, force=force, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(apply_masks(params, masks)),
-            masks=ocp.args.StandardSave([m for m, _ in kept.values()]),
-            meta=ocp.args.JsonSave(meta),
-        ))
+    _writable_parent(path)
+    replace = os.path.lexists(path)
+    if replace:
+        if _stored_meta(path) is None:
+            what = "a directory" if os.path.isdir(path) and not os.path.islink(path) else "a file"
+            raise ValueError(f"directory: {path} already exists and is {what}, not a swapjax checkpoint; "
+                             f"nothing was written: choose another path")
+        if not force:
+            raise ValueError(f"directory: {path} already exists (a swapjax checkpoint); pass force=True to replace it")
+        foreign = sorted(set(os.listdir(path)) - _CHECKPOINT_ENTRIES)
+        if foreign:
+            raise ValueError(f"directory: {path} is a swapjax checkpoint but also holds {foreign}, which "
+                             f"save_pruned did not write; nothing was replaced: move them or choose another path")
+    parent, base = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.swapjax-", dir=parent)  # orbax's own temporaries go in it too
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(os.path.join(tmp, "new"), args=ocp.args.Composite(
+                params=ocp.args.StandardSave(apply_masks(params, masks)),
+                masks=ocp.args.StandardSave([m for m, _ in kept.values()]),
+                meta=ocp.args.JsonSave({"format": FORMAT, "masked": list(kept)}),
+            ))
+        if replace:  # a checkpoint of ours (checked above): swap, then drop the old one
+            os.rename(path, os.path.join(tmp, "old"))
+            try:
+                os.rename(os.path.join(tmp, "new"), path)
+            except OSError:
+                os.rename(os.path.join(tmp, "old"), path)
+                raise
+        else:
+            os.rename(os.path.join(tmp, "new"), path)
+    except OSError as err:
+        raise ValueError(f"directory: could not write the checkpoint {path}: {err}") from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _check_like(path: str, like: PyTree) -> None:
+    """ValueError unless ``like`` has the stored params' leaf names, shapes and dtypes."""
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    stored = ocp.StandardCheckpointHandler().metadata(epath.Path(path) / "params").tree
+    have = {path_name(p): (tuple(x.shape), np.dtype(x.dtype))
+            for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    want = {path_name(p): (tuple(np.shape(x)), np.dtype(getattr(x, "dtype", None) or np.asarray(x).dtype))
+            for p, x in jax.tree_util.tree_flatten_with_path(like)[0]}
+    if set(have) != set(want):
+        extra, missing = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        diff = [f"{what} {names[:10]}" for what, names in (("not in the checkpoint:", extra), ("missing from like:", missing))
+                if names]
+        raise ValueError(f"like: another structure than the params stored in {path}; {', '.join(diff)}")
+    for name, (shape, dtype) in want.items():
+        if have[name] != (shape, dtype):
+            raise ValueError(f"like: {name!r} is stored in {path} as {have[name][0]} {have[name][1]}, "
+                             f"like has {shape} {dtype}; pass a like of the saved model")
 
 
 def load_pruned(directory: str | os.PathLike, like: Optional[PyTree] = None) -> tuple[PyTree, PyTree]:
@@ -106,13 +189,18 @@ def load_pruned(directory: str | os.PathLike, like: Optional[PyTree] = None) -> 
 
     path = os.path.abspath(checks.path_like("directory", directory))
     if not os.path.isdir(path):
-        raise ValueError(f"directory: no checkpoint at {path} (not a directory)")
+        why = "it is a file, not a directory" if os.path.lexists(path) else "it does not exist"
+        raise ValueError(f"directory: no checkpoint at {path}: {why}")
+    meta = _stored_meta(path)
+    if meta is None:
+        held = sorted(os.listdir(path))
+        raise ValueError(f"directory: {path} is not a checkpoint written by swapjax.save_pruned (no swapjax "
+                         f"metadata; it holds {held[:10] if held else 'nothing'})")
     if like is not None and not jax.tree_util.tree_leaves(like):
         raise ValueError(f"like: expected a pytree of arrays (or ShapeDtypeStructs) like the saved params, got {like!r}")
+    if like is not None:
+        _check_like(path, like)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        meta = ckptr.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a swapjax pruned checkpoint (format {meta.get('format')!r})")
         restore = ocp.args.StandardRestore(like) if like is not None else ocp.args.StandardRestore()
         saved = ckptr.restore(path, args=ocp.args.Composite(params=restore, masks=ocp.args.StandardRestore()))
     by_name = dict(zip(meta["masked"], saved.masks))

@@ -21,7 +21,7 @@ from .methods import LR, SWAP, SolveInfo
 from .nm_format import from_nm, to_nm
 from .operators import Formed, GradientOperator, Operator, RowSharded, linearized_gradients
 from .prune import PruneResult, StageInfo, prune
-from .pytree import allow_vectors, apply_masks, sparsity_summary
+from .pytree import allow_vectors, apply_masks, exclude, sparsity_summary
 from .selection import Selected
 from .schedules import cubic_schedule, linear_schedule, polynomial_schedule
 from .training import evaluate, train
@@ -31,7 +31,7 @@ __all__ = [
     "compare", "compare_sparsities", "format_table", "MethodResult", "GradientNoise", "PruneResult", "StageInfo",
     "prune", "prune_layerwise", "SparseGPT", "Wanda", "per_sample_grads", "add_gradient_noise", "kept_count", "linearized_gradients", "Operator", "Formed", "RowSharded",
     "GradientOperator",
-    "allow_vectors", "apply_masks", "sparsity_summary", "cubic_schedule", "linear_schedule", "polynomial_schedule",
+    "allow_vectors", "exclude", "apply_masks", "sparsity_summary", "cubic_schedule", "linear_schedule", "polynomial_schedule",
     "keep_pruned_at_zero", "masked_updates", "masked_optimizer", "make_finetune_hook", "batched_loss",
     "train", "evaluate",
     "save_pruned", "load_pruned", "to_bcoo", "from_bcoo", "bcoo_bytes", "to_nm", "from_nm",

@@ -17,7 +17,8 @@ progress line of :func:`swapjax.prune` lists it among the leaves left dense.
 
 A ``select(path, leaf) -> bool`` only *narrows* that rule: returning True for a
 leaf that the rule leaves dense is a ValueError naming the leaf, so a ``select``
-such as ``lambda path, leaf: "fc" in path`` cannot silently prune biases. To prune such leaves, say so: ``select=allow_vectors(fn)``.
+such as ``lambda path, leaf: "fc" in path`` cannot silently prune biases. To prune such leaves, say so:
+``select=allow_vectors(fn)``. To prune what the rule prunes but some layers: ``select=exclude("head")``.
 """
 from __future__ import annotations
 
@@ -115,6 +116,64 @@ def allow_vectors(select: Select) -> Select:
 
 
 @dataclass(frozen=True)
+class _Exclude:
+    paths: tuple[str, ...]
+
+    def __call__(self, path: str, leaf) -> bool:
+        return not any(_under(path, prefix) for prefix in self.paths)
+
+    def check(self, prunable: list[str]) -> None:
+        unknown = [prefix for prefix in self.paths if not any(_under(name, prefix) for name in prunable)]
+        if unknown:
+            raise ValueError(f"select: exclude({', '.join(map(repr, unknown))}) matches none of the prunable "
+                             f"leaves ({', '.join(prunable)}); give a leaf's path or a module's, e.g. 'head' or 'head/kernel'")
+
+
+def _under(path: str, prefix: str) -> bool:
+    """``path`` is the leaf ``prefix`` or lies in the module ``prefix`` ('head' holds 'head/kernel', not 'header/kernel')."""
+    prefix = prefix.rstrip("/")
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def exclude(*paths: str) -> Select:
+    """A ``select`` that prunes what the default rule prunes except the leaves under ``paths``.
+
+    Each path names a leaf (``"head/kernel"``) or a module (``"head"``, ``"blocks_0/attn"``), as in
+    the progress line; one that matches no prunable leaf is a ValueError (a typo would otherwise keep a
+    layer pruned). The usual "first and last layers dense":
+
+        >>> import numpy as np, swapjax
+        >>> params = {"patch": {"kernel": np.ones((4, 3), "float32")}, "fc": {"kernel": np.ones((3, 3), "float32"),
+        ...           "bias": np.ones(3, "float32")}, "head": {"kernel": np.ones((3, 2), "float32")}}
+        >>> swapjax.pytree.layout(params, swapjax.exclude("patch", "head")).names
+        ('fc/kernel',)
+    """
+    if not paths or not all(isinstance(path, str) and path.strip("/") for path in paths):
+        raise ValueError(f"exclude: expected one or more leaf or module paths like 'head', got {paths!r}")
+    return _Exclude(tuple(paths))
+
+
+def _check_narrows(chosen, prunable: set) -> None:
+    """ValueError naming every chosen leaf that the default rule leaves dense (one message for all)."""
+    vectors = [f"{name} {tuple(jnp.shape(x))}" for name, x in chosen if jnp.ndim(x) < 2]
+    roles = [f"{name} {tuple(jnp.shape(x))}" for name, x in chosen if jnp.ndim(x) >= 2 and name not in prunable]
+    if not vectors and not roles:
+        return
+    parts = []
+    if vectors:
+        parts.append(f"{', '.join(vectors)}, with ndim < 2 (biases, norm scales or scalars)")
+    if roles:
+        parts.append(f"{', '.join(roles)}, which the default rule leaves dense (not a `kernel` of a Flax layer, or "
+                     "named as a token, position embedding, table, bias or norm scale)")
+    raise ValueError(
+        f"select: chose {'; and '.join(parts)}; a custom select only narrows the default rule: return False "
+        "for these leaves (in a Flax model, e.g. `lambda path, leaf: path.endswith('kernel') and ...`), use "
+        "select=swapjax.exclude('head', ...) to prune every default leaf but some, or pass "
+        "select=swapjax.allow_vectors(your_select) to prune them"
+    )
+
+
+@dataclass(frozen=True)
 class Layout:
     """Where each prunable leaf lives in the flat vector w ∈ R^p."""
 
@@ -161,26 +220,14 @@ def layout(params: PyTree, select: Optional[Select] = None) -> Layout:
     rule = default_rule(params)
     if select is None:
         selected = tuple(bool(rule(p, x)) for p, x in leaves_with_path)
+    elif isinstance(select, _Exclude):
+        selected = tuple(bool(rule(p, x)) and select(path_name(p), x) for p, x in leaves_with_path)
+        select.check([path_name(p) for p, x in leaves_with_path if rule(p, x)])
     else:
         selected = tuple(_selected(select, path_name(p), x) for p, x in leaves_with_path)
     chosen = [(path_name(p), x) for (p, x), s in zip(leaves_with_path, selected) if s]
-    vectors = [f"{name} {tuple(jnp.shape(x))}" for name, x in chosen if jnp.ndim(x) < 2]
-    if vectors and not vectors_ok:
-        raise ValueError(
-            f"select: chose {', '.join(vectors)}, with ndim < 2 (biases, norm scales or scalars); "
-            "a custom select only narrows the default rule (the kernels). Return False for these leaves "
-            "(e.g. `lambda path, leaf: leaf.ndim >= 2 and ...`), or pass "
-            "select=swapjax.allow_vectors(your_select) to prune them"
-        )
-    roles = [f"{path_name(p)} {tuple(jnp.shape(x))}" for (p, x), s in zip(leaves_with_path, selected)
-             if s and jnp.ndim(x) >= 2 and not rule(p, x)]
-    if roles and not vectors_ok:
-        raise ValueError(
-            f"select: chose {', '.join(roles)}, which the default rule leaves dense (not a `kernel` "
-            "of a Flax layer, or named as a token, position embedding, table, bias or norm scale); a custom select only "
-            "narrows the default rule. Return False for these leaves, or pass "
-            "select=swapjax.allow_vectors(your_select) to prune them"
-        )
+    if not vectors_ok:
+        _check_narrows(chosen, {path_name(p) for p, x in leaves_with_path if rule(p, x)})
     if not chosen:
         raise ValueError(
             "select: no prunable leaf was selected; `select(path, leaf)` must return "

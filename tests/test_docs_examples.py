@@ -20,12 +20,13 @@ def _python_blocks(page: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", (ROOT / page).read_text(), re.S | re.M)
 
 
-def _run(page: str, tmp_path, monkeypatch) -> dict:
-    """Run the page's ```python blocks in order in one namespace (in tmp_path: examples may write files)."""
+def _run(page: str, tmp_path, monkeypatch, ns=None) -> dict:
+    """Run the page's ```python blocks in order in one namespace (in tmp_path: examples may write files);
+    ``ns``: continue the namespace of an earlier page."""
     monkeypatch.chdir(tmp_path)
     blocks = _python_blocks(page)
     assert blocks, f"{page}: no python block"
-    ns: dict = {"__name__": "__docs__"}
+    ns = {"__name__": "__docs__"} if ns is None else ns
     for i, block in enumerate(blocks):
         exec(compile(block, f"{page}[block {i}]", "exec"), ns)
     return ns
@@ -67,6 +68,31 @@ def test_readme_examples(tmp_path, monkeypatch):
     # bare problem: a k-sparse w over the p kernel weights
     w, k = np.asarray(ns["w"]), ns["k"]
     assert ns["X"].shape == (500, p) and w.shape == (p,) and 0 < np.count_nonzero(w) <= k
+    _check_transformers_page(_run("docs/models/transformers.md", tmp_path, monkeypatch, ns))
+
+
+def _check_transformers_page(ns):
+    """The select recipes of docs/models/transformers.md, on the README's TinyViT and the page's GPT."""
+    # the careless select is one error naming every leaf outside the default rule, and the way out
+    assert all(name in ns["message"] for name in ("wte/embedding", "wpe", "head/bias", "block_0/fc1/bias",
+                                                   "swapjax.exclude"))
+    gpt_kernels = {f"block_{i}/{name}/kernel" for i in range(2) for name in ("attn/query", "attn/key",
+                                                                             "attn/value", "attn/out", "fc1", "fc2")}
+    for result in (ns["no_head"], ns["same"]):
+        summary = result.summary()
+        assert set(summary) - {"total"} == gpt_kernels and _zero_off_mask(result.params, result.masks)
+        p = sum(leaf.size for path, leaf in jax.tree_util.tree_flatten_with_path(ns["gpt_params"])[0]
+                if jax.tree_util.keystr(path, simple=True, separator="/") in gpt_kernels)
+        assert summary["total"]["kept"] == swapjax.kept_count(0.5, p)
+        np.testing.assert_array_equal(result.params["head"]["kernel"], ns["gpt_params"]["head"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(ns["no_head"].masks["block_1"]["fc1"]["kernel"]),
+                                  np.asarray(ns["same"].masks["block_1"]["fc1"]["kernel"]))
+    vit = ns["first_last_dense"].summary()
+    assert set(vit) == {"total", "attn/query/kernel", "attn/key/kernel", "attn/value/kernel", "attn/out/kernel",
+                        "fc1/kernel", "fc2/kernel"}
+    assert vit["total"]["kept"] == swapjax.kept_count(0.7, 3 * 32 * 32 + 32 * 32 + 2 * 32 * 64)
+    with pytest.raises(ValueError, match=r"exclude\('hed'\) matches none of the prunable leaves"):
+        swapjax.prune(ns["gpt_loss"], ns["gpt_params"], {"t": ns["tokens"]}, select=swapjax.exclude("hed"))
 
 
 def test_pytrees_page(tmp_path, monkeypatch):

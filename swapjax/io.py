@@ -35,6 +35,8 @@ FORMAT = "swapjax-pruned/1"
 def _kept_leaves(params: PyTree, masks: PyTree) -> dict[str, tuple[np.ndarray, jax.Array]]:
     """{path name: (mask, leaf)} for every prunable leaf (a mask that is an array, not None)."""
     checks.mask_tree("masks", masks)
+    if params is None:
+        raise ValueError("params: expected the pytree of parameters the masks belong to, got None")
     leaves = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     out = {}
     for p, m in jax.tree_util.tree_flatten_with_path(masks)[0]:

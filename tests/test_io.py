@@ -88,6 +88,9 @@ def test_masks_that_do_not_match_params_are_errors(tmp_path):
         swapjax.save_pruned(tmp_path / "c", params, bad)
     with pytest.raises(ValueError, match="no mask array"):
         swapjax.to_bcoo(params, jax.tree_util.tree_map(lambda _: None, params))
+    for export in (lambda p, m: swapjax.save_pruned(tmp_path / "c", p, m), swapjax.to_bcoo, swapjax.to_nm):
+        with pytest.raises(ValueError, match="params: expected the pytree of parameters the masks belong to, got None"):
+            export(None, masks)   # was "masks: leaf 'Dense_0/kernel' is not in params (leaves: [])"
 
 
 def test_bcoo_export_gives_the_masked_model_outputs():

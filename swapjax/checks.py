@@ -1,7 +1,8 @@
 """Argument checks shared by the public entry points: each raises a ValueError (TypeError for a
 class passed where an instance is expected) naming the argument and saying what is expected, before
 any computation. Booleans are not numbers here (``True`` is not k = 1), and NaN and inf are not
-finite numbers."""
+finite numbers. A 0-d array (``jnp.asarray(0.75)``, ``np.float32(0.75)``, ``np.int64(3)``) is the
+number it holds."""
 from __future__ import annotations
 
 import math
@@ -18,10 +19,30 @@ def _show(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+#: The most stages ``swapjax.prune`` runs: each is at least one gradient pass and one solve.
+MAX_STAGES = 1000
+
+
+def scalar(value):
+    """A 0-d array or NumPy scalar as the Python number (or bool) it holds; anything else unchanged. A
+    float of fewer than 64 bits is read as the shortest decimal that rounds to it (``jnp.asarray(0.9)``
+    is 0.9, not 0.8999999761581421), so that k = round((1 − s)·p) is the count the user wrote."""
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.ndim(value) == 0:
+        try:
+            value = np.asarray(value)[()]
+        except Exception:  # a tracer: not a concrete number
+            return value
+        if isinstance(value, np.floating) and value.dtype.itemsize < 8 and np.isfinite(value):
+            return float(str(value))
+        return value.item() if hasattr(value, "item") else value
+    return value
+
+
 def integer(name: str, value, minimum: Optional[int] = None, allow_none: bool = False) -> Optional[int]:
     """``value`` as an int: a Python or NumPy integer (not a bool, a float or a string), ≥ ``minimum``."""
     if value is None and allow_none:
         return None
+    value = scalar(value)
     ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
     if not ok or (minimum is not None and value < minimum):
         bound = f" ≥ {minimum}" if minimum is not None else ""
@@ -33,6 +54,7 @@ def integer(name: str, value, minimum: Optional[int] = None, allow_none: bool = 
 def real(name: str, value, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
          hi_open: bool = False) -> float:
     """``value`` as a float: a finite real number (not a bool or a string) in the interval given."""
+    value = scalar(value)
     ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
     ok = ok and math.isfinite(value)
     ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
@@ -50,6 +72,7 @@ def real(name: str, value, lo: float = -math.inf, hi: float = math.inf, lo_open:
 
 
 def boolean(name: str, value) -> bool:
+    value = scalar(value)
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name}: must be True or False, got {_show(value)}")
     return bool(value)
@@ -67,6 +90,7 @@ def number_or_auto(name: str, value, symbol: str) -> None:
     """λ or ε: "auto" or a finite number ≥ 0."""
     if isinstance(value, str) and value == "auto":
         return
+    value = scalar(value)
     ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
     if not (ok and math.isfinite(value) and value >= 0):
         raise ValueError(f"{name}: {symbol} must be 'auto' or a finite number ≥ 0, got {_show(value)}")
@@ -76,7 +100,7 @@ def path(name: str, value) -> None:
     """A selection path: a non-empty tuple of finite numbers > 0."""
     ok = isinstance(value, tuple) and len(value) >= 1 and all(
         isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v) and v > 0
-        for v in value
+        for v in map(scalar, value)
     )
     if not ok:
         raise ValueError(f"{name}: must be a non-empty tuple of finite numbers > 0, got {_show(value)}")
@@ -108,7 +132,7 @@ def segments(value, p: int, optional: bool = False):
     if value is None and optional:
         return None
     ok = not isinstance(value, (str, bytes)) and hasattr(value, "__iter__")
-    values = list(value) if ok else []
+    values = [scalar(v) for v in value] if ok else []
     ok = ok and len(values) >= 2 and all(
         isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in values)
     ok = ok and values[0] == 0 and values[-1] == p and all(a <= b for a, b in zip(values, values[1:]))
@@ -192,25 +216,34 @@ def prng_key(name: str, value) -> None:
 
 def sparsity(value, name: str = "sparsity") -> float:
     """A fraction in [0, 1); a percentage such as 90 is refused with the fraction it meant."""
+    value = scalar(value)
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and 1 < value < 100:
         raise ValueError(f"{name}: must be the fraction of weights set to zero, in [0, 1), got {_show(value)}; "
                          f"for {value:g} % pass {value / 100:g}")
     return real(name, value, 0.0, 1.0, hi_open=True)
 
 
-def stages(value) -> None:
-    """"auto", an int T ≥ 1 (not a bool) or a sequence of numbers (not another string)."""
+def stages(value):
+    """"auto", an int 1 ≤ T ≤ ``MAX_STAGES`` (not a bool) or a sequence of at most ``MAX_STAGES``
+    sparsities in [0, 1) (not another string), returned as "auto", an int or a tuple of floats."""
+    expected = f"\"auto\", an integer in [1, {MAX_STAGES}] or a sequence of sparsities"
     if isinstance(value, str) and value == "auto":
-        return
+        return value
+    value = scalar(value)
     if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)):
-        raise ValueError(f"stages: expected \"auto\", an integer ≥ 1 or a sequence of sparsities, got {_show(value)}")
+        raise ValueError(f"stages: expected {expected}, got {_show(value)}")
     if isinstance(value, numbers.Integral):
-        integer("stages", value, 1)
-        return
-    if isinstance(value, numbers.Number) or not hasattr(value, "__iter__"):
-        raise ValueError(f"stages: expected \"auto\", an integer ≥ 1 or a sequence of sparsities, got {_show(value)}")
-    for s in value:
-        real("stages (each sparsity)", s, 0.0, 1.0, hi_open=True)
+        if value > MAX_STAGES:
+            raise ValueError(f"stages: at most {MAX_STAGES} (each stage is a gradient pass and a solve), "
+                             f"got {value}; the cubic schedule gains little past 10 to 20 stages")
+        return integer("stages", value, 1)
+    if isinstance(value, numbers.Number) or not hasattr(value, "__iter__") or hasattr(value, "keys"):
+        raise ValueError(f"stages: expected {expected}, got {_show(value)}")
+    levels = tuple(real("stages (each sparsity)", s, 0.0, 1.0, hi_open=True) for s in value)
+    if len(levels) > MAX_STAGES:
+        raise ValueError(f"stages: at most {MAX_STAGES} sparsities (each stage is a gradient pass and a solve), "
+                         f"got {len(levels)}")
+    return levels
 
 
 def finite_leaves(name: str, tree, leaves_with_names=None, hint: str = "") -> None:
@@ -254,3 +287,35 @@ def finite_losses(losses, name: str = "loss_fn") -> None:
             f"(examples {bad[:10].tolist()}{'...' if bad.size > 10 else ''}, values "
             f"{losses[bad[:3]].tolist()}); check the loss function and those examples"
         )
+
+
+def callable_name(fn) -> str:
+    """How a user's function reads in a message: its ``__name__`` (a lambda: '<lambda>'), else its type's name."""
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def signature_accepts(name: str, fn, args: tuple, kwargs: dict, expected: str) -> None:
+    """ValueError naming ``name`` where ``fn`` cannot be called with ``args`` and ``kwargs``, read from
+    ``inspect.signature`` without calling it (a function without a readable signature passes)."""
+    import inspect
+
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as error:
+        raise ValueError(f"{name}: {callable_name(fn)!r} cannot be called as {expected}: {error}") from None
+
+
+def array_output(name: str, out, shape: tuple, what: str) -> None:
+    """ValueError naming ``name`` unless ``out`` is an array of ``shape`` with finite entries (``what``: how
+    it was called, for the message)."""
+    if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+        raise ValueError(f"{name}: {what} returned {type(out).__name__}, expected an array of shape {shape}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name}: {what} returned shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if jnp.issubdtype(out.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(out))):
+        count = int(jnp.sum(~jnp.isfinite(out)))
+        raise ValueError(f"{name}: {what} returned NaN or inf in {count} of {int(np.prod(shape))} entries")

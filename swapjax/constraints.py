@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Mapping, Optional, Sequence
+from typing import Callable, ClassVar, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -233,6 +233,32 @@ class Constraint(abc.ABC):
     def resolve(self, lay, sparsity: float, w=None, col_sq=None) -> Groups:
         """The groups and their counts at sparsity s."""
 
+    def check(self, lay, sparsity: Optional[float], w=None) -> float:
+        """The final sparsity s, once checked from the layout alone (before any gradient) that the
+        constraint can be met there: ValueError where its groups at s do not partition the p prunable
+        weights, keep none, or keep all p at s > 0 (nothing would be pruned). ``sparsity`` None: the
+        constraint's own (a :class:`LayerBudgets` mapping's mean). A constraint that ``needs_fisher``
+        is resolved at each stage only: a subclass checks here what the layout decides."""
+        sparsity = checks.sparsity(sparsity)
+        if not self.needs_fisher:
+            groups = check_groups(self.resolve(lay, sparsity, w), lay.size)
+            if sparsity > 0 and int(groups.k) == lay.size:
+                raise ValueError(f"constraint: {self.label} keeps all p = {lay.size} prunable weights at sparsity "
+                                 f"{sparsity:g}: nothing would be pruned; raise the sparsity or change the constraint")
+        return sparsity
+
+
+def as_constraint(value) -> Constraint:
+    """``value`` as a Constraint: None is :class:`TopK`; anything but a Constraint instance is an error."""
+    if value is None:
+        return TopK()
+    if isinstance(value, type) and issubclass(value, Constraint):
+        raise TypeError(f"constraint: got the class {value.__name__}; pass an instance, e.g. swapjax.{value.__name__}()")
+    if not isinstance(value, Constraint):
+        raise ValueError(f"constraint: expected None, swapjax.TopK(), LayerBudgets(...), NM(n, m) or an instance of "
+                         f"a subclass of swapjax.Constraint, got {value!r}")
+    return value
+
 
 @dataclass(frozen=True)
 class TopK(Constraint):
@@ -251,6 +277,13 @@ class TopK(Constraint):
     def resolve(self, lay, sparsity: float, w=None, col_sq=None) -> Groups:
         return Groups.top_k(kept_count(sparsity, lay.size))
 
+    def check(self, lay, sparsity, w=None) -> float:
+        sparsity = checks.sparsity(sparsity)
+        if kept_count(sparsity, lay.size) < 1:
+            raise ValueError(f"sparsity: {sparsity:g} keeps round((1 - sparsity) * p) = 0 of p = {lay.size} prunable "
+                             f"weights; use sparsity ≤ {1 - 1 / lay.size:.6g}")
+        return super().check(lay, sparsity, w)
+
 
 @dataclass(frozen=True)
 class LayerBudgets(Constraint):
@@ -265,12 +298,19 @@ class LayerBudgets(Constraint):
       fraction of its saliencies ρ_i = w_i²·(XᵀX)_ii above ``owl_threshold`` × the leaf's mean;
       d_l = 1 − s + ``owl_spread``·(2(D_l − min D)/(max D − min D) − 1), shifted to the total:
       more outliers, more weights kept, all within about s ± ``owl_spread``;
-    - a mapping {leaf path: sparsity} for every prunable leaf (e.g. ``{"Dense_0/kernel": 0.5, ...}``),
-      the final sparsities; ``prune``'s ``sparsity`` must be their size-weighted mean, and the
-      stages before the last scale every s_l by s_t/s.
+    - a mapping {leaf path: sparsity} for every prunable leaf (e.g. ``{"Dense_0/kernel": 0.5, ...}``):
+      the final sparsities, taken as given (leaf l keeps round((1 − s_l)·p_l), never rescaled). The
+      overall sparsity is their size-weighted mean s̄ = Σ_l s_l·p_l/p; a ``sparsity`` passed with it
+      must be s̄ within the rounding of the counts (L/(2p) for L leaves), else a ValueError gives both.
+      The stages before the last scale every s_l by s_t/s̄.
 
     max_sparsity: a cap on every leaf's sparsity (densities ≥ 1 − cap), the excess moved to the
-    others. Counts are rounded by largest remainder so that they sum exactly to the total.
+    others; with a mapping, a given s_l above it is a ValueError. Counts are rounded by largest
+    remainder so that they sum exactly to the total.
+
+    A leaf that would keep 0 weights (a small leaf at a high sparsity: the network's output would no
+    longer depend on its input) is a ValueError naming it, from ``resolve`` and so, through ``check``,
+    before any gradient (OWL's counts depend on the Fisher: checked at each stage).
 
     Examples:
         >>> import numpy as np, swapjax
@@ -280,6 +320,9 @@ class LayerBudgets(Constraint):
         [500, 10]
         >>> swapjax.LayerBudgets("erk").resolve(lay, 0.9).counts.tolist()   # the small leaf keeps more
         [450, 60]
+        >>> given = swapjax.LayerBudgets({"a/kernel": 0.5, "b/kernel": 0.25})
+        >>> given.resolve(lay, None).counts.tolist(), round(given.check(lay, None), 4)   # as given; s̄
+        ([2500, 75], 0.4951)
     """
 
     rule: Union[str, Mapping[str, float]] = "uniform"
@@ -289,14 +332,27 @@ class LayerBudgets(Constraint):
 
     def __post_init__(self):
         if isinstance(self.rule, Mapping):
+            given = {}
             for name, value in self.rule.items():
-                checks.real(f"rule[{name!r}] (a leaf's sparsity)", value, 0.0, 1.0, hi_open=True)
+                if not isinstance(name, str):
+                    raise ValueError(f"rule: the mapping's keys must be leaf paths such as 'Dense_0/kernel', "
+                                     f"got {name!r}")
+                given[name] = checks.real(f"rule[{name!r}] (a leaf's sparsity)", value, 0.0, 1.0, hi_open=True)
+            if not given:
+                raise ValueError("rule: the mapping is empty; give the sparsity of every prunable leaf")
+            object.__setattr__(self, "rule", given)  # a copy: the caller's mapping is never changed
         else:
             checks.choice("rule", self.rule, ("uniform", "erk", "owl"))
         if self.max_sparsity is not None:
-            checks.real("max_sparsity", self.max_sparsity, 0.0, 1.0)
-        checks.real("owl_threshold", self.owl_threshold, 0.0, lo_open=True)
-        checks.real("owl_spread", self.owl_spread, 0.0, 0.5)
+            cap = checks.real("max_sparsity", self.max_sparsity, 0.0, 1.0)
+            object.__setattr__(self, "max_sparsity", cap)
+            over = [f"{name} ({s:g})" for name, s in self.rule.items() if s > cap] if self.given else []
+            if over:
+                raise ValueError(f"max_sparsity: {cap:g} is below the sparsity given for {', '.join(over)}; "
+                                 f"raise the cap or leave it out (a mapping is taken as given)")
+        object.__setattr__(self, "owl_threshold",
+                           checks.real("owl_threshold", self.owl_threshold, 0.0, lo_open=True))
+        object.__setattr__(self, "owl_spread", checks.real("owl_spread", self.owl_spread, 0.0, 0.5))
 
     @property
     def label(self) -> str:
@@ -308,45 +364,95 @@ class LayerBudgets(Constraint):
     def needs_fisher(self) -> bool:
         return self.rule == "owl"
 
-    def densities(self, lay, sparsity: float, w=None, col_sq=None) -> np.ndarray:
-        """d_l per leaf (float64) with Σ d_l·p_l = (1 − s)·p, within [1 − cap, 1]."""
-        sizes = np.diff(np.asarray(lay.offsets)).astype(np.float64)
-        target = (1 - sparsity) * sizes.sum()
-        if isinstance(self.rule, Mapping):
-            raw = 1 - self._given(lay, sparsity)
-        elif self.rule == "uniform":
-            raw = np.full(len(sizes), 1 - sparsity)
-        elif self.rule == "erk":
-            raw = np.array([sum(shape) / math.prod(shape) for shape in lay.shapes])
-        else:
-            raw = 1 - sparsity + self._owl_shift(lay, np.asarray(w), np.asarray(col_sq))
-        low = np.zeros(len(sizes)) if self.max_sparsity is None else np.full(len(sizes), 1 - self.max_sparsity)
-        if target < low @ sizes - 1e-9:
-            raise ValueError(f"max_sparsity: every leaf at most {self.max_sparsity:g} sparse cannot reach "
-                             f"sparsity {sparsity:g}; raise max_sparsity or lower the sparsity")
-        additive = self.rule == "owl" or isinstance(self.rule, Mapping)
-        return _fit_total(raw, sizes, target, low, additive)
+    @property
+    def given(self) -> bool:
+        """True where the rule is a mapping {leaf path: sparsity}."""
+        return isinstance(self.rule, Mapping)
 
-    def resolve(self, lay, sparsity: float, w=None, col_sq=None) -> Groups:
-        sizes = np.diff(np.asarray(lay.offsets))
-        k = kept_count(sparsity, lay.size)
-        if self.rule == "uniform" and (self.max_sparsity is None or self.max_sparsity >= sparsity):
-            counts = layer_quotas(k, sizes)  # k·p_l/p each, exactly as Magnitude(scope="layer") splits k
-        else:
-            counts = _round_counts(self.densities(lay, sparsity, w, col_sq) * sizes, sizes, k)
-        ids = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
-        return Groups(jnp.asarray(counts, jnp.int32), jnp.asarray(ids), self.label)
-
-    def _given(self, lay, sparsity):
+    def given_sparsity(self, lay) -> float:
+        """A mapping's overall sparsity s̄ = Σ_l s_l·p_l/p on the layout (ValueError for a missing or an
+        unknown path)."""
         missing = [name for name in lay.names if name not in self.rule]
         extra = [name for name in self.rule if name not in lay.names]
         if missing or extra:
             raise ValueError(f"rule: the mapping must give a sparsity for every prunable leaf and no other; "
                              f"missing {missing}, unknown {extra} (the prunable leaves: {list(lay.names)})")
-        given = np.array([self.rule[name] for name in lay.names], np.float64)
+        sizes = np.diff(np.asarray(lay.offsets)).astype(np.float64)
+        return float(np.array([self.rule[name] for name in lay.names]) @ sizes / sizes.sum())
+
+    def check(self, lay, sparsity, w=None) -> float:
+        if self.given:
+            final = self.given_sparsity(lay)
+            if sparsity is None:
+                sparsity = final
+            else:
+                sparsity = checks.sparsity(sparsity)
+                if abs(sparsity - final) > _rounding(lay):
+                    raise ValueError(
+                        f"sparsity: {sparsity:g} disagrees with the mapping's size-weighted mean {final:.6g} "
+                        f"(Σ_l s_l·p_l/p over the leaves' sparsities); a mapping is taken as given: leave "
+                        f"sparsity out, pass {final:.6g}, or change the mapping")
+        else:
+            sparsity = checks.sparsity(sparsity)
+            self._check_cap(lay, sparsity)
+        return super().check(lay, sparsity, w)
+
+    def densities(self, lay, sparsity: Optional[float], w=None, col_sq=None) -> np.ndarray:
+        """d_l per leaf (float64) with Σ d_l·p_l = (1 − s)·p, within [1 − cap, 1] (a mapping: 1 − s_l as
+        given at its mean s̄ or at ``sparsity`` None, × s/s̄ below it)."""
+        if self.given:
+            return 1 - self._given(lay, sparsity)
+        sizes = np.diff(np.asarray(lay.offsets)).astype(np.float64)
+        target = (1 - sparsity) * sizes.sum()
+        if self.rule == "uniform":
+            raw = np.full(len(sizes), 1 - sparsity)
+        elif self.rule == "erk":
+            raw = np.array([sum(shape) / math.prod(shape) for shape in lay.shapes])
+        else:
+            raw = 1 - sparsity + self._owl_shift(lay, np.asarray(w), np.asarray(col_sq))
+        self._check_cap(lay, sparsity)
+        low = np.zeros(len(sizes)) if self.max_sparsity is None else np.full(len(sizes), 1 - self.max_sparsity)
+        return _fit_total(raw, sizes, target, low, self.rule == "owl")
+
+    def resolve(self, lay, sparsity: Optional[float], w=None, col_sq=None) -> Groups:
         sizes = np.diff(np.asarray(lay.offsets))
-        final = given @ sizes / sizes.sum()
-        return given * (sparsity / final if final > 0 else 0.0)
+        if self.given:  # each leaf's count as given, round((1 − s_l)·p_l)
+            counts = np.array([kept_count(s, n) for s, n in zip(self._given(lay, sparsity), sizes)], np.int64)
+        elif self.rule == "uniform" and (self.max_sparsity is None or self.max_sparsity >= sparsity):
+            # k·p_l/p each, exactly as Magnitude(scope="layer") splits k
+            counts = np.asarray(layer_quotas(kept_count(sparsity, lay.size), sizes))
+        else:
+            counts = _round_counts(self.densities(lay, sparsity, w, col_sq) * sizes, sizes,
+                                   kept_count(sparsity, lay.size))
+        empty = [f"{name} {shape}" for name, shape, count, n in zip(lay.names, lay.shapes, counts, sizes)
+                 if count == 0 and n > 0]
+        if empty:
+            at = "the mapping's sparsities" if self.given else f"sparsity {sparsity:g}"
+            raise ValueError(
+                f"LayerBudgets: at {at} ({self.label}), {', '.join(empty[:5])}{'...' if len(empty) > 5 else ''} "
+                f"would keep 0 weights (the network's output would no longer depend on its input); lower the "
+                f"sparsity, cap every leaf's (LayerBudgets(..., max_sparsity=...)), use 'erk', or leave the leaf "
+                f"out with select")
+        ids = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
+        return Groups(jnp.asarray(counts, jnp.int32), jnp.asarray(ids), self.label)
+
+    def _check_cap(self, lay, sparsity):
+        """ValueError where every leaf at most ``max_sparsity`` sparse cannot reach ``sparsity``."""
+        if self.max_sparsity is not None and sparsity > self.max_sparsity + 1e-12:
+            raise ValueError(f"max_sparsity: every leaf at most {self.max_sparsity:g} sparse cannot reach "
+                             f"sparsity {sparsity:g}; raise max_sparsity or lower the sparsity")
+
+    def _given(self, lay, sparsity):
+        """The leaves' sparsities at stage sparsity s: as given at the mapping's mean s̄ (or s None),
+        each × s/s̄ below it; ValueError above it."""
+        final = self.given_sparsity(lay)
+        given = np.array([self.rule[name] for name in lay.names], np.float64)
+        if sparsity is None or abs(float(sparsity) - final) <= _rounding(lay):
+            return given
+        if sparsity > final:
+            raise ValueError(f"sparsity: {sparsity:g} is above the mapping's size-weighted mean {final:.6g}; "
+                             f"a mapping is taken as given: leave sparsity out or pass {final:.6g}")
+        return given * (sparsity / final)
 
     def _owl_shift(self, lay, w, col_sq):
         saliency = w.astype(np.float64) ** 2 * col_sq.astype(np.float64)
@@ -357,6 +463,11 @@ class LayerBudgets(Constraint):
         share = np.asarray(share)
         spread = share.max() - share.min()
         return np.zeros_like(share) if spread == 0 else self.owl_spread * (2 * (share - share.min()) / spread - 1)
+
+
+def _rounding(lay) -> float:
+    """How far a mapping's kept fraction may lie from its mean: L/(2p), half a weight per leaf."""
+    return 0.5 * len(lay.names) / max(lay.size, 1) + 1e-12
 
 
 def _fit_total(raw, sizes, target, low, additive: bool):
@@ -422,11 +533,15 @@ class NM(Constraint):
 
     The groups run along :func:`reduction_axes` (Dense: the input axis; Conv: the input channels
     of the flattened patch; attention q/k/v: the input axis, output projection: (heads, head_dim)),
-    or ``axes(path, shape) -> axes``. A leaf whose reduction size is not a multiple of M (a ViT's
+    along ``axes`` given as a tuple (the same axes of every prunable leaf, e.g. ``(0,)``), or along
+    ``axes(path, shape) -> axes``, a function of the leaf. The axes of each leaf must be distinct and
+    in [−ndim, ndim) (negative ones count from the end): any other is a ValueError naming the leaf,
+    raised by ``check`` from the layout, before any gradient. A leaf whose reduction size is not a multiple of M (a ViT's
     7×7×1 patch conv: 49 inputs) is left dense where ``ragged="dense"`` (default; ``prune`` names
     it) or is a ValueError naming it where ``ragged="error"``. The stages of a schedule keep
     max(N, round(M·(1 − s_t))) per group, so the last stage is exactly N:M; the sparsity is then
-    (1 − N/M) of the grouped weights.
+    (1 − N/M) of the grouped weights. A prune where every prunable leaf is ragged (nothing would be
+    pruned) is a ValueError before any gradient.
 
     Examples:
         >>> import jax.numpy as jnp, numpy as np, swapjax
@@ -442,17 +557,27 @@ class NM(Constraint):
 
     n: int = 2
     m: int = 4
-    axes: Optional[Callable[[str, tuple], Sequence[int]]] = None
+    axes: Union[None, Sequence[int], Callable[[str, tuple], Sequence[int]]] = None
     ragged: str = "dense"
 
     label = property(lambda self: f"{self.n}:{self.m}")
     needs_fisher = False
 
     def __post_init__(self):
-        checks.integer("m", self.m, 1)
-        checks.integer("n", self.n, 1)
+        object.__setattr__(self, "m", checks.integer("m", self.m, 1))
+        object.__setattr__(self, "n", checks.integer("n", self.n, 1))
         if self.n > self.m:
             raise ValueError(f"n: N:M keeps n of every m weights, so n ≤ m; got {self.n}:{self.m}")
+        if isinstance(self.axes, (tuple, list, np.ndarray)):
+            axes = tuple(checks.integer(f"axes[{i}]", a) for i, a in enumerate(np.asarray(self.axes).tolist()
+                                                                               if isinstance(self.axes, np.ndarray)
+                                                                               else self.axes))
+            if not axes or len(set(axes)) < len(axes):
+                raise ValueError(f"axes: expected distinct axes such as (0,), got {self.axes!r}")
+            object.__setattr__(self, "axes", axes)
+        elif self.axes is not None and not callable(self.axes):
+            raise ValueError(f"axes: expected None, a tuple of axes such as (0,), or a function "
+                             f"axes(path, shape) -> axes, got {self.axes!r}")
         checks.choice("ragged", self.ragged, ("dense", "error"))
 
     @property
@@ -462,6 +587,40 @@ class NM(Constraint):
     def ragged_leaves(self, lay) -> list[str]:
         """The prunable leaves whose reduction size is not a multiple of M."""
         return [name for name, shape in zip(lay.names, lay.shapes) if self._grouping(name, shape) is None]
+
+    def leaf_axes(self, name: str, shape: tuple) -> tuple[int, ...]:
+        """The axes of leaf ``name`` along which its groups run, each in [0, ndim); ValueError naming the
+        leaf for none, a repeated one, or one outside [−ndim, ndim)."""
+        shape = tuple(shape)
+        ndim = len(shape)
+        if self.axes is None:
+            raw = reduction_axes(name, shape)
+        elif isinstance(self.axes, tuple):
+            raw = self.axes
+        else:
+            raw = self.axes(name, shape)
+        values = [checks.scalar(a) for a in raw] if hasattr(raw, "__iter__") and not isinstance(raw, str) else None
+        ok = values is not None and len(values) > 0 and all(
+            isinstance(a, (int, np.integer)) and not isinstance(a, bool) and -ndim <= a < ndim for a in values)
+        if ok:
+            values = [int(a) % ndim for a in values]
+            ok = len(set(values)) == len(values)
+        if not ok:
+            source = "axes" if isinstance(self.axes, tuple) else f"axes({name!r}, {shape})"
+            raise ValueError(f"NM: {name} {shape} has {ndim} axes; {source} = {raw!r} must be distinct integers "
+                             f"in [-{ndim}, {ndim}), at least one")
+        return tuple(values)
+
+    def check(self, lay, sparsity, w=None) -> float:
+        ragged = self.ragged_leaves(lay)  # every leaf's axes checked
+        if ragged and self.ragged == "error":
+            name = ragged[0]
+            raise ValueError(self._ragged_message(name, lay.shapes[lay.names.index(name)]))
+        if ragged and len(ragged) == len(lay.names) and self.sparsity > 0:
+            raise ValueError(f"constraint: {self.label} leaves every prunable leaf dense, none sums over a "
+                             f"multiple of m = {self.m} inputs ({', '.join(self._describe(lay, ragged))}): nothing "
+                             f"would be pruned; pick an m that divides their inputs, or pass axes=")
+        return super().check(lay, self.sparsity if sparsity is None else sparsity, w)
 
     def resolve(self, lay, sparsity: float, w=None, col_sq=None) -> Groups:
         keep = max(self.n, min(self.m, int(round(self.m * (1 - sparsity)))))
@@ -484,7 +643,7 @@ class NM(Constraint):
 
     def _grouping(self, name, shape) -> Optional[np.ndarray]:
         """Group index (0-based, within the leaf) of each of its coordinates in row-major order, or None."""
-        axes = tuple(int(a) % len(shape) for a in (self.axes or reduction_axes)(name, shape))
+        axes = self.leaf_axes(name, shape)
         reduce = math.prod(shape[a] for a in axes)
         if reduce % self.m:
             return None
@@ -496,17 +655,27 @@ class NM(Constraint):
         return ids
 
     def _ragged_message(self, name, shape) -> str:
-        axes = tuple((self.axes or reduction_axes)(name, shape))
+        axes = self.leaf_axes(name, shape)
         reduce = math.prod(shape[a] for a in axes)
         return (f"NM: {name} {shape} sums over {reduce} inputs (axes {axes}), not a multiple of m = {self.m}; "
                 f"leave it dense (NM(..., ragged='dense')) or exclude it with select")
 
+    def _describe(self, lay, names) -> list[str]:
+        shapes = dict(zip(lay.names, lay.shapes))
+        return [f"{name} {math.prod(shapes[name][a] for a in self.leaf_axes(name, shapes[name]))} inputs"
+                for name in names[:5]] + (["..."] if len(names) > 5 else [])
 
-def final_sparsity(sparsity, constraint, default: float = 0.9) -> float:
+
+def final_sparsity(sparsity, constraint, default: float = 0.9) -> Optional[float]:
     """The final sparsity: as given (``default`` if None), or N:M's 1 − N/M (a different one given is a
-    ValueError)."""
+    ValueError). For a :class:`LayerBudgets` mapping, as given or None: the mapping's mean, known once the
+    layout is (``constraint.check(lay, None)`` gives it, ``resolve(lay, None)`` the counts as given)."""
+    if sparsity is not None:
+        sparsity = checks.sparsity(sparsity)
+    if isinstance(constraint, LayerBudgets) and constraint.given:
+        return sparsity
     if isinstance(constraint, NM):
-        if sparsity is not None and abs(float(sparsity) - constraint.sparsity) > 1e-9:
+        if sparsity is not None and abs(sparsity - constraint.sparsity) > 1e-9:
             raise ValueError(f"sparsity: {constraint.label} prunes 1 - {constraint.n}/{constraint.m} = "
                              f"{constraint.sparsity:g} of the grouped weights; leave sparsity out or pass that")
         return constraint.sparsity

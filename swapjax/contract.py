@@ -106,3 +106,45 @@ class Method(abc.ABC):
     def solve(self, X, w_bar, k, w_start=None, duals=None, *, score: Optional[Score] = None,
               segments: Optional[Sequence[int]] = None) -> tuple[jax.Array, Info]:
         """The pruned weights w ∈ R^p and the info of the solve."""
+
+
+def check_result(method: Method, w, info, k, p: int, dtype) -> jax.Array:
+    """``w`` as a JAX array, once checked against the contract; ValueError naming the method where w is
+    not a finite (p,) array of a real floating dtype (``dtype``: w̄'s, for the message), ``info.support`` not a (p,) boolean mask that keeps
+    exactly the constraint's counts (``k``: an int or :class:`swapjax.Groups`), or w is non-zero off it."""
+    import jax.numpy as jnp
+
+    from .constraints import as_groups
+
+    name = f"method: {type(method).__name__}.solve"
+    if not hasattr(w, "shape") or not hasattr(w, "dtype"):
+        raise ValueError(f"{name} returned w of type {type(w).__name__}; expected an array of shape ({p},)")
+    if tuple(w.shape) != (p,):
+        raise ValueError(f"{name} returned w of shape {tuple(w.shape)}; expected ({p},), one weight per prunable "
+                         f"coordinate")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"{name} returned w of dtype {w.dtype}; expected a real floating dtype (w̄'s is {dtype})")
+    w = jnp.asarray(w)
+    finite = jnp.isfinite(w)
+    if not bool(jnp.all(finite)):
+        raise ValueError(f"{name} returned NaN or inf in {int(jnp.sum(~finite))} of {p} weights")
+    support = getattr(info, "support", None)
+    kind = getattr(support, "dtype", None)
+    if kind is None or tuple(np.shape(support)) != (p,) or kind != np.bool_:
+        what = "no support array" if kind is None else f"{kind}{tuple(np.shape(support))}"
+        raise ValueError(f"{name} returned info.support {what}; expected a ({p},) boolean mask (True = kept)")
+    support = jnp.asarray(support)
+    groups = as_groups(k)
+    kept = int(jnp.sum(support))
+    if not bool(groups.feasible(support)):
+        detail = ""
+        if groups.ids is not None:
+            counts = jax.ops.segment_sum(support.astype(jnp.int32), groups.ids, groups.num_groups)
+            detail = f", {int(jnp.sum(counts != groups.counts))} of {groups.num_groups} groups off their count"
+        raise ValueError(f"{name} returned a support that keeps {kept} weights where the constraint "
+                         f"({groups.label}) keeps {int(groups.k)}{detail}")
+    off = int(jnp.sum((w != 0) & ~support))
+    if off:
+        raise ValueError(f"{name} returned {off} non-zero weights outside info.support (which keeps {kept}); "
+                         f"the pruned weights must be exactly 0")
+    return w

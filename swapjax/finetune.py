@@ -295,3 +295,43 @@ def make_finetune_hook(
     hook_progress = progress
     hook.accepts_progress = True  # swapjax.prune passes its own progress flag
     return hook
+
+
+#: How ``swapjax.prune`` calls a fine-tuning hook, for messages.
+HOOK_CALL = "finetune(params, masks, stage) -> params"
+
+
+def check_hook(finetune, params: PyTree) -> None:
+    """ValueError naming the hook, before any gradient, where ``finetune`` is not a function that
+    ``swapjax.prune`` can call as ``finetune(params, masks, stage)`` (plus ``progress=`` for a hook
+    marked ``accepts_progress``), read from its signature."""
+    checks.callable_or_none("finetune", finetune, f"a function {HOOK_CALL}")
+    if finetune is not None:
+        extra = {"progress": True} if getattr(finetune, "accepts_progress", False) else {}
+        checks.signature_accepts("finetune", finetune, (params, params, 1), extra, HOOK_CALL)
+
+
+def run_hook(finetune, params: PyTree, masks: PyTree, stage: int, progress: bool) -> PyTree:
+    """finetune(params, masks, stage), checked: it must return params of the same structure, the
+    same leaf shapes, finite values; ValueError naming the hook otherwise.
+
+    A hook built by :func:`make_finetune_hook` is silenced by ``progress=False``."""
+    name = checks.callable_name(finetune)
+    if getattr(finetune, "accepts_progress", False):
+        out = finetune(params, masks, stage, progress=progress)
+    else:
+        out = finetune(params, masks, stage)
+    if out is None:
+        raise ValueError(f"finetune: the hook {name!r} returned None after stage {stage}; it must return the params")
+    if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(params):
+        raise ValueError(
+            f"finetune: the hook {name!r} returned a tree of another structure after stage {stage}: "
+            f"expected {jax.tree_util.tree_structure(params)}, got {jax.tree_util.tree_structure(out)}"
+        )
+    for (where, new), old in zip(jax.tree_util.tree_flatten_with_path(out)[0], jax.tree_util.tree_leaves(params)):
+        if np.shape(new) != np.shape(old):
+            raise ValueError(f"finetune: the hook {name!r} returned {path_name(where) or '<root>'} of shape "
+                             f"{np.shape(new)} after stage {stage}, expected {np.shape(old)}")
+    checks.finite_leaves(f"finetune: the params returned by the hook {name!r} after stage {stage}", out,
+                         hint="; lower its learning rate or check its loss")
+    return out

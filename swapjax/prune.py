@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from . import checks, holding, memory, pytree, schedules
+from .contract import check_result
+from .finetune import check_hook, run_hook
 from .gradients import DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, resolve_devices
-from .constraints import NM, Constraint, TopK, final_sparsity, kept_count
+from .constraints import NM, Constraint, TopK, as_constraint, final_sparsity, kept_count
 from .loss_check import check_loss_fn
 from .methods import SWAP
 from .pytree import PyTree, Select
@@ -75,7 +77,7 @@ class PruneResult:
 
 
 #: Stages of ``stages="auto"`` (the cubic schedule) where the one-shot comparison runs.
-AUTO_STAGES = 8
+AUTO_STAGES = schedules.AUTO_STAGES
 
 
 def prune(
@@ -246,12 +248,9 @@ def prune(
     """
     method = SWAP() if method is None else method
     checks.method(method)
-    constraint = TopK() if constraint is None else constraint
-    if not isinstance(constraint, Constraint):
-        raise ValueError(f"constraint: expected None, swapjax.TopK(), LayerBudgets(...), NM(n, m) or an instance of "
-                         f"a subclass of swapjax.Constraint, got {constraint!r}")
-    sparsity = final_sparsity(sparsity, constraint)
-    checks.stages(stages)
+    constraint = as_constraint(constraint)
+    sparsity = final_sparsity(sparsity, constraint)  # None for a LayerBudgets mapping: its mean, from the layout
+    stages = checks.stages(stages)
     checks.choice("anchor", anchor, ("dense", "current"))
     if noise is not None and not callable(noise):
         raise ValueError(f"noise: expected None or a swapjax.GradientNoise, got {noise!r}")
@@ -259,41 +258,47 @@ def prune(
         raise ValueError("key: a jax.random key is needed when noise is given")
     if key is not None:
         checks.prng_key("key", key)
-    checks.callable_or_none("finetune", finetune, "a function finetune(params, masks, stage) -> params")
+    check_hook(finetune, params)
     holdout = checks.real("holdout (the held-out fraction of the batch)", holdout, 0.0, 1.0, hi_open=True)
     chunk_size = checks.integer("chunk_size", chunk_size, 1)
     progress = checks.boolean("progress", progress)
     blocked = holding.blocked_spec(mode)
-    levels = None if stages == "auto" else schedules.resolve(stages, sparsity)
     lay = pytree.layout(params, select)
     checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
+    p = lay.size
+    w_dense = pytree.flatten(params, lay)
+    sparsity = constraint.check(lay, sparsity, w_dense)  # paths, caps, ragged leaves, empty layers: from the layout
+    levels = None if stages == "auto" else schedules.resolve(stages, sparsity)
     batch_size(batch)
     if val_batch is not None:
         checks.same_structure("val_batch", val_batch, batch, "batch")
-    p = lay.size
-    if kept_count(sparsity, p) < 1:
-        raise ValueError(
-            f"sparsity: {sparsity} keeps round((1 - sparsity) * p) = 0 of p = {p} prunable weights; "
-            f"use sparsity ≤ {1 - 1 / p:.6g}"
-        )
     selects = method.selects
     batch, val_batch = _split_held_out(batch, val_batch, holdout if selects else 0.0)
-    stage_method = {}  # stage → the method of its solve where it is not ``method``
-    if levels is None:  # "auto": gradual where one-shot is compared with it on held-out loss, or fine-tuned
-        compared = selects and val_batch is not None and finetune is None
-        levels = schedules.resolve(AUTO_STAGES if compared or finetune is not None else 1, sparsity)
-        if compared:  # the stages before the last: the method's cheaper variant (LR, SWAP: λ alone)
-            stage_method = dict.fromkeys(range(1, len(levels)), method.without_search())
     n = batch_size(batch)
     devices = resolve_devices(devices, n)  # ValueError naming N and d before any gradient
+    user_noise = noise is not None and not isinstance(noise, GradientNoise)
+    if user_noise:  # called once on a small matrix: its signature and output checked before any gradient
+        _check_noise(noise, jax.random.fold_in(key, 0), min(n, 4), p, w_dense.dtype)
     check_loss_fn(loss_fn, params, batch)  # one trace, before any gradient
     log = (lambda msg: print(f"[swapjax] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     estimate = memory.estimate(loss_fn, params, batch, lay, chunk_size, devices=devices,
                                block_width=None if blocked is None else blocked.width)
     hold = holding.choose(mode, method, noise, estimate, devices)
+    stage_method = {}  # stage → the method of its solve where it is not ``method``
+    one_shot_only = ""
+    if levels is None:  # "auto": gradual where one-shot is compared with it on held-out loss, or fine-tuned
+        compared = selects and val_batch is not None and finetune is None
+        count, one_shot_only = schedules.auto(compared, finetune is not None, hold.mode)
+        levels = schedules.resolve(count, sparsity)
+        if compared and count > 1:  # the stages before the last: the method's cheaper variant (LR, SWAP: λ alone)
+            stage_method = dict.fromkeys(range(1, len(levels)), method.without_search())
+    if finetune is not None and schedules.idle_hook(levels, p):
+        warnings.warn(schedules.idle_hook(levels, p), UserWarning, stacklevel=2)
     log(f"{type(method).__name__}: N={n} examples"
         + (f" (+{batch_size(val_batch)} held out)" if val_batch is not None else "")
         + f", p={p} prunable weights, {len(levels)} stage(s), X {hold.describe(p)}")
+    if one_shot_only:
+        log(one_shot_only)
     log(f"pruning {lay.describe()}" + ("" if isinstance(constraint, TopK) else f" under {constraint.label}"))
     if isinstance(constraint, NM) and constraint.ragged_leaves(lay):
         log(f"{constraint.label}: left dense, their inputs not a multiple of {constraint.m}: "
@@ -318,6 +323,8 @@ def prune(
         t0 = time.perf_counter()
         X = hold.gradients(loss_fn, current, batch, lay, chunk_size, progress, noise,
                            None if noise is None else jax.random.fold_in(key, t))
+        if user_noise:
+            checks.array_output("noise", X.matrix, (n, p), f"{checks.callable_name(noise)}(X, key) at stage {t}")
         t1 = time.perf_counter()
         groups = constraint.resolve(lay, s, w, X.col_sq if constraint.needs_fisher else None)
         k = int(groups.k)
@@ -329,6 +336,7 @@ def prune(
             declared["score"] = score
         w_new, info = hold.solve(method, X, w_dense if anchor == "dense" else w, groups if groups.ids is not None else k,
                                  w_start=w, duals=duals, **declared)
+        w_new = check_result(method, w_new, info, groups, p, w.dtype)  # shape, finite, feasible, zeros off the support
         w_new.block_until_ready()
         t2 = time.perf_counter()
         fields = info.stage_fields()
@@ -349,10 +357,10 @@ def prune(
             + (f", held-out loss {stage.held_out_loss:.4g}" if math.isfinite(stage.held_out_loss) else "")
             + (f" ({chosen.describe()})" if chosen else f" (λ={stage.lam:g} [absolute {stage.lam_absolute:.3g}])" if math.isfinite(stage.lam) else "")
             + f", {stage.gradient_seconds:.2f}s grads + {stage.solve_seconds:.2f}s solve"
+            + f" ({time.perf_counter() - t0:.2f}s in all)"
         )
         return w_new, info, stage
 
-    w_dense = pytree.flatten(params, lay)
     w = w_dense
     mask = jnp.ones(p, bool)
     duals = None
@@ -367,7 +375,7 @@ def prune(
         current = pytree.unflatten(w, current, lay)
         if finetune is not None and t < len(levels):
             masks = pytree.mask_tree(mask, lay)
-            current = pytree.apply_masks(_run_finetune(finetune, current, masks, t, progress), masks)
+            current = pytree.apply_masks(run_hook(finetune, current, masks, t, progress), masks)
             w = pytree.flatten(current, lay)
 
     one_shot = None
@@ -384,25 +392,14 @@ def prune(
                        constraint.label)
 
 
-def _run_finetune(finetune, params, masks, stage, progress):
-    """finetune(params, masks, stage), checked: it must return params of the same structure, finite.
-
-    A hook built by :func:`swapjax.make_finetune_hook` is silenced by ``progress=False``."""
-    name = getattr(finetune, "__name__", type(finetune).__name__)
-    if getattr(finetune, "accepts_progress", False):
-        out = finetune(params, masks, stage, progress=progress)
-    else:
-        out = finetune(params, masks, stage)
-    if out is None:
-        raise ValueError(f"finetune: the hook {name!r} returned None after stage {stage}; it must return the params")
-    if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(params):
-        raise ValueError(
-            f"finetune: the hook {name!r} returned a tree of another structure after stage {stage}: "
-            f"expected {jax.tree_util.tree_structure(params)}, got {jax.tree_util.tree_structure(out)}"
-        )
-    checks.finite_leaves(f"finetune: the params returned by the hook {name!r} after stage {stage}", out,
-                         hint="; lower its learning rate or check its loss")
-    return out
+def _check_noise(noise, key, rows: int, p: int, dtype) -> None:
+    """A user's noise callable, checked before any gradient: callable as noise(X, key), and on a (rows, p)
+    matrix of standard normal entries returning a finite matrix of that shape; ValueError naming it."""
+    name = checks.callable_name(noise)
+    checks.signature_accepts("noise", noise, (None, key), {}, "noise(X, key) -> X")
+    probe = jax.random.normal(jax.random.fold_in(key, 1), (rows, p), dtype)
+    checks.array_output("noise", noise(probe, key), (rows, p),
+                        f"{name}(X, key) on a ({rows}, {p}) test matrix of standard normal entries")
 
 
 def _own_dtypes(result: PyTree, params: PyTree) -> PyTree:

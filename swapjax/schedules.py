@@ -69,3 +69,42 @@ def resolve(schedule: Schedule, final: float) -> tuple[float, ...]:
     if abs(levels[-1] - final) > 1e-12:
         raise ValueError(f"stages: the schedule must end at sparsity={final}, got {levels[-1]}")
     return levels
+
+
+#: Stages of ``prune(stages="auto")`` where it prunes gradually (the cubic schedule).
+AUTO_STAGES = 8
+
+
+def auto(compared: bool, finetuned: bool, mode: str) -> tuple[int, str]:
+    """T for ``prune(stages="auto")``, and a progress line saying why ("" where there is nothing to say).
+
+    ``AUTO_STAGES`` where one-shot is compared with the gradual prune on held-out loss (``compared``) or
+    a hook fine-tunes between stages; else 1. Where X is not held in memory (``mode`` "blocked" or
+    "matrix-free") every stage recomputes the gradients block by block or product by product, so a
+    compared prune stays one-shot there (``stages=AUTO_STAGES`` asks for the gradual one); a fine-tuned
+    one runs its ``AUTO_STAGES`` stages, said so.
+    """
+    held = mode in ("blocked", "matrix-free")
+    per = "a gradient pass per block" if mode == "blocked" else "forward passes per product with X"
+    if finetuned:
+        return AUTO_STAGES, (f"stages='auto' with finetune: {AUTO_STAGES} stages fine-tuned between, each with {per} "
+                             f"(X held {mode})" if held else "")
+    if compared and held:
+        return 1, (f"stages='auto': one stage (one-shot), as X is held {mode} and each stage costs {per}; "
+                   f"stages={AUTO_STAGES} asks for the gradual prune, compared with one-shot on held-out loss")
+    return (AUTO_STAGES if compared else 1), ""
+
+
+def idle_hook(levels: Sequence[float], p: int) -> str:
+    """A warning where a fine-tuning hook, run after every stage but the last that prunes, would never
+    run: no stage before the last prunes (T = 1, or stages at sparsities that keep all p weights, such
+    as the cubic schedule's first, s_1 = 0); "" otherwise."""
+    from .constraints import kept_count
+
+    if any(kept_count(s, p) < p for s in levels[:-1]):
+        return ""
+    why = ("one stage" if len(levels) == 1 else
+           f"the stages before the last ({', '.join(f'{s:g}' for s in levels[:-1])}) keep all p = {p} weights and are "
+           f"skipped")
+    return (f"finetune: the hook is never called: it runs between pruning stages, and {why}; pass stages=3 or more "
+            f"(the cubic schedule's first stage is sparsity 0) or a schedule such as stages=(0.5, {levels[-1]:g})")

@@ -350,3 +350,166 @@ def test_property_every_method_constraint_and_mode_on_random_trees(seed, c_in, c
         flat = pytree.flatten(pytree.apply_masks(jax.tree_util.tree_map(np.ones_like, params), res.masks), lay) > 0
         assert bool(spec.resolve(lay, sparsity).feasible(flat))
     assert res.summary()["total"]["constraint"] == spec.label
+
+
+# ---------------------------------------------------------------------------
+# issue 32: NM's axes and arguments, a LayerBudgets mapping taken as given, every check before any gradient
+
+
+def _forbidden_loss(params, example):
+    raise AssertionError("loss_fn was traced: the error must come before any gradient")
+
+
+def _two_layer_loss(params, example):
+    """x (8,) → tanh(x K0) (6,) → · K1 (2,): the layers prune_layerwise finds (x @ K)."""
+    return jnp.sum((jnp.tanh(example["x"] @ params["Dense_0"]["kernel"]) @ params["Dense_1"]["kernel"]
+                    - example["y"]) ** 2)
+
+
+@pytest.fixture(scope="module")
+def two_layers():
+    rng = np.random.default_rng(3)
+    params = {"Dense_0": {"kernel": rng.normal(size=(8, 6)).astype(np.float32)},
+              "Dense_1": {"kernel": rng.normal(size=(6, 2)).astype(np.float32)}}
+    batch = {"x": rng.normal(size=(24, 8)).astype(np.float32), "y": rng.normal(size=(24, 2)).astype(np.float32)}
+    return params, batch
+
+
+def _kept(result):
+    return {name: row["kept"] for name, row in result.summary().items() if name != "total"}
+
+
+def test_nm_axes_as_a_tuple_are_the_same_axes_of_every_leaf(two_layers):
+    params, _ = two_layers
+    lay = pytree.layout(params)
+    default = C.NM(2, 2).resolve(lay, 0.0)
+    along_0 = C.NM(2, 2, axes=(0,)).resolve(lay, 0.0)
+    np.testing.assert_array_equal(np.asarray(along_0.ids), np.asarray(default.ids))  # Dense: axis 0 either way
+    assert C.NM(2, 4, axes=[0]).axes == (0,) and C.NM(2, 4, axes=np.array([1])).axes == (1,)
+    # along axis 1 (the outputs): 6 and 2 are not multiples of 4, so both leaves are ragged; 2 is one of 2
+    assert C.NM(2, 4, axes=(1,)).ragged_leaves(lay) == ["Dense_0/kernel", "Dense_1/kernel"]
+    assert C.NM(1, 2, axes=(1,)).ragged_leaves(lay) == []
+    # along the outputs of Dense_0 with m = 3: row r's groups are (r, 0..2) and (r, 3..5), row-major
+    ids = np.asarray(C.NM(1, 3, axes=(-1,)).resolve(lay, 2 / 3).ids)[:48].reshape(8, 6)
+    expected = np.arange(16).reshape(8, 2).repeat(3, axis=1)
+    np.testing.assert_array_equal(ids, expected)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(axes=(5,)), r"NM: Dense_0/kernel \(8, 6\) has 2 axes; axes = \(5,\) must be distinct integers in \[-2, 2\)"),
+    (dict(axes=(-3,)), r"NM: Dense_0/kernel \(8, 6\) has 2 axes; axes = \(-3,\)"),
+    (dict(axes=lambda path, shape: (0, -2)),
+     r"NM: Dense_0/kernel \(8, 6\) has 2 axes; axes\('Dense_0/kernel', \(8, 6\)\) = \(0, -2\) must be distinct"),
+    (dict(axes=lambda path, shape: ()), r"axes\('Dense_0/kernel', \(8, 6\)\) = \(\) must be distinct"),
+    (dict(axes=lambda path, shape: 0), r"axes\('Dense_0/kernel', \(8, 6\)\) = 0 must be distinct integers"),
+    (dict(axes=lambda path, shape: (0.0,)), r"axes\('Dense_0/kernel', \(8, 6\)\) = \(0.0,\)"),
+    (dict(ragged="error"), r"NM: Dense_1/kernel \(6, 2\) sums over 6 inputs \(axes \(0,\)\), not a multiple of m = 4"),
+])
+def test_nm_axes_and_ragged_leaves_checked_from_the_layout_before_any_gradient(two_layers, kwargs, match):
+    params, batch = two_layers
+    with pytest.raises(ValueError, match=match):
+        swapjax.prune(_forbidden_loss, params, batch, method=swapjax.Magnitude(), constraint=C.NM(2, 4, **kwargs),
+                      progress=False)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: C.NM(2, 4, axes=(0, 0)), r"axes: expected distinct axes such as \(0,\), got \(0, 0\)"),
+    (lambda: C.NM(2, 4, axes=()), r"axes: expected distinct axes"),
+    (lambda: C.NM(2, 4, axes="0"), r"axes: expected None, a tuple of axes such as \(0,\), or a function"),
+    (lambda: C.NM(2, 4, axes=(0.5,)), r"axes\[0\]: must be an integer"),
+    (lambda: C.NM(0, 4), "n: must be an integer ≥ 1, got 0"),
+    (lambda: C.NM(2, 0), "m: must be an integer ≥ 1, got 0"),
+    (lambda: C.NM(2.0, 4), "n: must be an integer ≥ 1, got 2.0"),
+    (lambda: C.NM(True, 4), "n: must be an integer"),
+])
+def test_nm_arguments_rejected_when_built(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_nm_takes_0d_arrays_and_numpy_integers():
+    nm = C.NM(jnp.asarray(2), np.int64(4))
+    assert (nm.n, nm.m, type(nm.n), nm.label, nm.sparsity) == (2, 4, int, "2:4", 0.5)
+
+
+def test_nm_leaving_every_kernel_dense_is_an_error_before_any_gradient(two_layers):
+    params, batch = two_layers  # inputs 8 and 6: neither a multiple of 5
+    with pytest.raises(ValueError, match=r"constraint: 2:5 leaves every prunable leaf dense, none sums over a multiple "
+                                         r"of m = 5 inputs \(Dense_0/kernel 8 inputs, Dense_1/kernel 6 inputs\)"):
+        swapjax.prune(_forbidden_loss, params, batch, method=swapjax.Magnitude(), constraint=C.NM(2, 5),
+                      progress=False)
+
+
+def test_layer_budgets_mapping_is_taken_as_given(two_layers):
+    params, batch = two_layers
+    lay = pytree.layout(params)  # Dense_0: 48 weights, Dense_1: 12
+    rule = {"Dense_0/kernel": 0.5, "Dense_1/kernel": 0.25}
+    spec = C.LayerBudgets(rule)
+    assert spec.check(lay, None) == pytest.approx((0.5 * 48 + 0.25 * 12) / 60)  # s̄, the size-weighted mean
+    assert np.asarray(spec.resolve(lay, None).counts).tolist() == [24, 9]
+    res = swapjax.prune(_two_layer_loss, params, batch, method=swapjax.Magnitude(), constraint=spec, progress=False)
+    assert _kept(res) == {"Dense_0/kernel": 24, "Dense_1/kernel": 9}  # was rescaled to the default 0.9
+    assert res.summary()["total"]["kept"] == 33
+    # a sparsity agreeing with s̄ within the rounding of the counts (L/(2p) = 1/60) is accepted, as given
+    res = swapjax.prune(_two_layer_loss, params, batch, sparsity=0.46, method=swapjax.Magnitude(), constraint=spec,
+                        stages=1, progress=False)
+    assert _kept(res) == {"Dense_0/kernel": 24, "Dense_1/kernel": 9}
+    assert rule == {"Dense_0/kernel": 0.5, "Dense_1/kernel": 0.25}  # the caller's mapping unchanged
+    # the stages before the last scale every s_l by s_t/s̄
+    s_bar = spec.check(lay, None)
+    assert np.asarray(spec.resolve(lay, s_bar / 2).counts).tolist() == [36, 10]  # round(0.75·48), round(0.875·12)
+
+
+@pytest.mark.parametrize("rule, kwargs, match", [
+    ({"Dense_0/kernel": 0.5, "Dense_1/kernel": 0.5}, dict(sparsity=0.8),
+     r"sparsity: 0.8 disagrees with the mapping's size-weighted mean 0.5 "),
+    ({"Dense_0/kernel": 0.0, "Dense_1/kernel": 0.0}, dict(sparsity=0.5),
+     r"sparsity: 0.5 disagrees with the mapping's size-weighted mean 0 "),
+    ({"Dense_0/kernel": 0.5}, {}, r"rule: the mapping must give .* missing \['Dense_1/kernel'\], unknown \[\]"),
+    ({"Dense_0/kernel": 0.5, "Dense_1/kernel": 0.5, "Dense_2/kernel": 0.5}, {}, r"unknown \['Dense_2/kernel'\]"),
+    ({"Dense_0/kernel": 0.99, "Dense_1/kernel": 0.99}, {},
+     r"LayerBudgets: at the mapping's sparsities \(per-layer given\), Dense_0/kernel \(8, 6\), Dense_1/kernel "
+     r"\(6, 2\) would keep 0 weights"),
+    ("uniform", dict(sparsity=0.99),
+     r"LayerBudgets: at sparsity 0.99 \(per-layer uniform\), Dense_1/kernel \(6, 2\) would keep 0 weights \(the "
+     r"network's output would no longer depend on its input\); lower the sparsity, cap"),
+])
+def test_layer_budgets_checked_from_the_layout_before_any_gradient(two_layers, rule, kwargs, match):
+    params, batch = two_layers
+    with pytest.raises(ValueError, match=match):
+        swapjax.prune(_forbidden_loss, params, batch, method=swapjax.Magnitude(), constraint=C.LayerBudgets(rule),
+                      progress=False, **kwargs)
+
+
+def test_layer_budgets_cap_checked_before_any_gradient(two_layers):
+    params, batch = two_layers
+    for rule in ("uniform", "erk", "owl"):
+        with pytest.raises(ValueError, match="max_sparsity: every leaf at most 0.5 sparse cannot reach sparsity 0.9"):
+            swapjax.prune(_forbidden_loss, params, batch, sparsity=0.9, method=swapjax.Magnitude(),
+                          constraint=C.LayerBudgets(rule, max_sparsity=0.5), progress=False)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: C.LayerBudgets({"a": 0.9, "b": 0.3}, max_sparsity=0.5),
+     r"max_sparsity: 0.5 is below the sparsity given for a \(0.9\)"),
+    (lambda: C.LayerBudgets({}), "rule: the mapping is empty"),
+    (lambda: C.LayerBudgets({0: 0.5}), "rule: the mapping's keys must be leaf paths"),
+    (lambda: C.LayerBudgets({"a": 1.0}), r"rule\['a'\] \(a leaf's sparsity\): must be in \[0, 1\)"),
+])
+def test_layer_budgets_arguments_rejected_when_built(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_prune_layerwise_takes_the_mapping_as_given(two_layers):
+    params, batch = two_layers
+    rule = {"Dense_0/kernel": 0.25, "Dense_1/kernel": 0.25}
+    res = swapjax.prune_layerwise(_two_layer_loss, params, batch, constraint=C.LayerBudgets(rule), progress=False)
+    assert _kept(res) == {"Dense_0/kernel": 36, "Dense_1/kernel": 9}  # 0.25 each, was 0.5 each
+    assert [r.kept for r in res.layers] == [36, 9]
+
+
+def test_prune_layerwise_names_a_layer_left_with_no_weight(two_layers):
+    params, batch = two_layers
+    with pytest.raises(ValueError, match=r"LayerBudgets: at sparsity 0.99 .*Dense_1/kernel \(6, 2\) would keep 0"):
+        swapjax.prune_layerwise(_two_layer_loss, params, batch, sparsity=0.99, progress=False)

@@ -657,3 +657,188 @@ def test_data_load_arguments_rejected_before_any_file_is_read(kwargs, match, tmp
     args = dict(dict(name="mnist", split="train", data_dir=tmp_path), **kwargs)
     with pytest.raises(ValueError, match=match):
         data.load(**args)
+
+
+# ---------------------------------------------------------------------------
+# issue 32: 0-d arrays as numbers, stages bounded, hooks and noise checked by signature and output
+# before any gradient, every method's result checked by the driver
+
+
+class _CountingLoss:
+    """_quad_loss, counting its calls (traces included): 0 after an argument error."""
+
+    def __init__(self):
+        self.calls = 0
+        self.__name__ = "counting_loss"
+
+    def __call__(self, params, example):
+        self.calls += 1
+        return _quad_loss(params, example)
+
+
+@pytest.mark.parametrize("value", [jnp.asarray(0.75), np.asarray(0.75), np.float32(0.75), jnp.float32(0.75)])
+def test_0d_arrays_are_numbers(value):
+    assert swapjax.checks.sparsity(value) == 0.75 and type(swapjax.checks.sparsity(value)) is float
+    assert swapjax.checks.real("x", value, 0.0, 1.0) == 0.75
+
+
+def test_0d_integer_arrays_are_integers_and_0d_floats_are_not():
+    for value in (jnp.asarray(3), np.asarray(3), np.int64(3), np.int32(3)):
+        assert swapjax.checks.integer("n", value, 1) == 3 and type(swapjax.checks.integer("n", value)) is int
+        assert swapjax.checks.stages(value) == 3
+    with pytest.raises(ValueError, match=r"n: must be an integer ≥ 1, got 3.0"):
+        swapjax.checks.integer("n", jnp.asarray(3.0), 1)
+    with pytest.raises(ValueError, match="sparsity: must be in"):
+        swapjax.checks.sparsity(jnp.asarray(True))
+    with pytest.raises(ValueError, match="sparsity: must be in"):
+        swapjax.checks.sparsity(np.ones(2) * 0.5)  # an array of several numbers is not one
+    assert swapjax.checks.boolean("progress", jnp.asarray(False)) is False
+    assert swapjax.checks.stages(jnp.asarray([0.5, 0.9])) == (0.5, 0.9)
+
+
+def test_prune_takes_0d_arrays_for_its_numbers():
+    params, batch = _small()
+    res = swapjax.prune(_quad_loss, params, batch, sparsity=jnp.asarray(0.75), method=swapjax.Magnitude(),
+                        stages=jnp.asarray(1), chunk_size=np.int64(4), holdout=np.float32(0.0),
+                        progress=jnp.asarray(False))
+    assert res.summary()["total"]["kept"] == 25
+    res = swapjax.prune(_quad_loss, params, batch, method=swapjax.Magnitude(), progress=False,
+                        constraint=swapjax.LayerBudgets(max_sparsity=jnp.asarray(0.95)), sparsity=np.float32(0.5))
+    assert res.summary()["total"]["kept"] == 50 and res.constraint == "per-layer uniform, cap 0.95"
+
+
+@pytest.mark.parametrize("stages, match", [
+    (10 ** 7, r"stages: at most 1000 \(each stage is a gradient pass and a solve\), got 10000000"),
+    (1001, "stages: at most 1000"),
+    ((0.5,) * 1001, r"stages: at most 1000 sparsities .* got 1001"),
+    (jnp.asarray(0), "stages: must be an integer ≥ 1, got 0"),
+])
+def test_stages_bounded_before_any_gradient(stages, match):
+    params, batch = _small()
+    loss = _CountingLoss()
+    with pytest.raises(ValueError, match=match):
+        swapjax.prune(loss, params, batch, sparsity=0.5, method=LR, stages=stages, progress=False)
+    assert loss.calls == 0
+    assert swapjax.checks.stages(1000) == 1000
+
+
+def test_finetune_hook_with_a_wrong_signature_is_named_before_any_gradient():
+    params, batch = _small()
+    loss = _CountingLoss()
+
+    def two_args(params, masks):
+        return params
+
+    with pytest.raises(ValueError, match=r"finetune: 'two_args' cannot be called as finetune\(params, masks, stage\) "
+                                         r"-> params: too many positional arguments"):
+        swapjax.prune(loss, params, batch, sparsity=0.5, method=LR, stages=(0.3, 0.5), finetune=two_args,
+                      progress=False)
+    with pytest.raises(ValueError, match=r"finetune: '<lambda>' cannot be called as .*missing a required argument: 'extra'"):
+        swapjax.prune(loss, params, batch, sparsity=0.5, method=LR, stages=(0.3, 0.5),
+                      finetune=lambda params, masks, stage, extra: params, progress=False)
+    assert loss.calls == 0
+
+
+def test_finetune_hook_returning_another_leaf_shape_is_named():
+    params, batch = _small()
+
+    def transposes(params, masks, stage):
+        return {"w": params["w"][:5], "b": params["b"]}
+
+    with pytest.raises(ValueError, match=r"finetune: the hook 'transposes' returned w of shape \(5, 10\) after stage 1, "
+                                         r"expected \(10, 10\)"):
+        swapjax.prune(_quad_loss, params, batch, sparsity=0.5, method=LR, stages=(0.3, 0.5), finetune=transposes,
+                      progress=False)
+
+
+def _nan_noise(X, key):
+    return X * jnp.nan
+
+
+def _short_noise(X, key):
+    return X[:-1]
+
+
+def _one_arg_noise(X):
+    return X
+
+
+def _nan_on_many_rows(X, key):
+    """Finite on the small test matrix prune calls it on first, NaN on the whole X."""
+    return X * (jnp.nan if X.shape[0] > 4 else 1.0)
+
+
+@pytest.mark.parametrize("noise, match", [
+    (_nan_noise, r"noise: _nan_noise\(X, key\) on a \(4, 100\) test matrix of standard normal entries returned NaN "
+                 r"or inf in 400 of 400 entries"),
+    (_short_noise, r"noise: _short_noise\(X, key\) on a \(4, 100\) test matrix .* returned shape \(3, 100\), "
+                   r"expected \(4, 100\)"),
+    (_one_arg_noise, r"noise: '_one_arg_noise' cannot be called as noise\(X, key\) -> X: too many positional"),
+])
+def test_noise_callable_checked_before_any_gradient(noise, match):
+    params, batch = _small()
+    batch = jax.tree_util.tree_map(lambda a: np.concatenate([a, a]), batch)  # N = 12
+    loss = _CountingLoss()
+    with pytest.raises(ValueError, match=match):
+        swapjax.prune(loss, params, batch, sparsity=0.5, method=LR, noise=noise, key=jax.random.key(0), progress=False)
+    assert loss.calls == 0
+
+
+def test_noise_output_on_the_whole_x_names_the_noise_not_the_loss():
+    params, batch = _small()
+    with pytest.raises(ValueError, match=r"noise: _nan_on_many_rows\(X, key\) at stage 1 returned NaN or inf in 600 of "
+                                         r"600 entries"):
+        swapjax.prune(_quad_loss, params, batch, sparsity=0.5, method=LR, noise=_nan_on_many_rows,
+                      key=jax.random.key(0), progress=False)
+
+
+class _Tampered(swapjax.Method):
+    """Magnitude's solve, its result changed as ``how`` says (the mistakes a user-written method makes)."""
+
+    def __init__(self, how):
+        self.how = how
+
+    def solve(self, X, w_bar, k, w_start=None, duals=None, *, score=None, segments=None):
+        w, info = swapjax.Magnitude().solve(X, w_bar, k, w_start=w_start, duals=duals)
+        if self.how == "keep every weight":
+            return jnp.asarray(w_bar), info._replace(support=jnp.ones_like(info.support))
+        if self.how == "dense w, k-support":
+            return jnp.asarray(w_bar), info
+        if self.how == "NaN weights":
+            return jnp.where(info.support, jnp.nan, 0.0), info
+        if self.how == "wrong shape":
+            return w[:-1], info
+        if self.how == "integer w":
+            return w.astype(jnp.int32), info
+        if self.how == "float support":
+            return w, info._replace(support=info.support.astype(jnp.float32))
+        if self.how == "global top-k":  # ignores the constraint's groups
+            support = swapjax.Groups.top_k(int(swapjax.constraints.as_groups(k).k)).project(w_bar)
+            return jnp.where(support, w_bar, 0), info._replace(support=support)
+        return w, info
+
+
+@pytest.mark.parametrize("how, constraint, match", [
+    ("keep every weight", None,
+     r"method: _Tampered.solve returned a support that keeps 100 weights where the constraint \(global top-k\) keeps 10$"),
+    ("dense w, k-support", None,
+     r"method: _Tampered.solve returned 90 non-zero weights outside info.support \(which keeps 10\); the pruned weights "
+     r"must be exactly 0"),
+    ("NaN weights", None, r"method: _Tampered.solve returned NaN or inf in 10 of 100 weights"),
+    ("wrong shape", None, r"method: _Tampered.solve returned w of shape \(99,\); expected \(100,\)"),
+    ("integer w", None, r"method: _Tampered.solve returned w of dtype int32; expected a real floating dtype"),
+    ("float support", None, r"method: _Tampered.solve returned info.support float32\(100,\); expected a \(100,\) "
+                            r"boolean mask"),
+    ("global top-k", swapjax.NM(1, 2),
+     r"method: _Tampered.solve returned a support that keeps 50 weights where the constraint \(1:2\) keeps 50, "
+     r"\d+ of 50 groups off their count"),
+])
+def test_the_driver_checks_every_method_result(how, constraint, match):
+    params, batch = _small()
+    sparsity = None if constraint is not None else 0.9
+    with pytest.raises(ValueError, match=match):
+        swapjax.prune(_quad_loss, params, batch, sparsity=sparsity, method=_Tampered(how), constraint=constraint,
+                      progress=False)
+    res = swapjax.prune(_quad_loss, params, batch, sparsity=sparsity, method=_Tampered("as is"),
+                        constraint=constraint, progress=False)  # the untampered result passes
+    assert res.summary()["total"]["kept"] == (50 if constraint is not None else 10)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -381,3 +382,54 @@ def test_numpy_inputs_not_mutated_by_a_successful_run(small):
     assert int(np.sum(np.asarray(res.masks["w"]) != 0)) == 50
     assert np.count_nonzero(np.asarray(res.params["w"])) == 50
     assert res.params["b"] is params["b"]
+
+
+# ---------------------------------------------------------------- issue 32: the schedule, the hooks
+
+
+def _blocked_problem():
+    r = np.random.default_rng(2)
+    params = {"w": r.normal(size=(10, 10)).astype(np.float32), "b": np.zeros(10, np.float32)}
+    batch = {"x": r.normal(size=(20, 10)).astype(np.float32), "y": r.normal(size=(20,)).astype(np.float32)}
+    return params, batch
+
+
+def _sum_loss(params, example):
+    return 0.5 * (jnp.sum(jnp.tanh(example["x"] @ params["w"] + params["b"])) - example["y"]) ** 2
+
+
+@pytest.mark.parametrize("mode", ["blocked", "matrix-free"])
+def test_auto_stays_one_shot_where_x_is_not_held_in_memory(mode, capsys):
+    params, batch = _blocked_problem()
+    method = swapjax.LR(lam_path=(1e-2, 1e-1))  # selects λ on held-out loss: "auto" would go gradual in memory
+    assert method.selects
+    res = swapjax.prune(_sum_loss, params, batch, sparsity=0.8, method=method, mode=mode)
+    err = capsys.readouterr().err
+    assert res.mode == mode and [i.stage for i in res.info] == [1] and res.one_shot is None
+    assert f"stages='auto': one stage (one-shot), as X is held {mode}" in err and "stages=8 asks for" in err
+    assert re.search(r"stage 1/1 sparsity 0.8000 .*s grads \+ .*s solve \(\d+\.\d+s in all\)", err)
+    assert res.summary()["total"]["kept"] == 20
+    res = swapjax.prune(_sum_loss, params, batch, sparsity=0.8, method=method, mode=mode, stages=(0.4, 0.6, 0.8),
+                        progress=False)
+    assert [i.stage for i in res.info] == [1, 2, 3] and res.one_shot is not None  # an explicit schedule runs as given
+    assert [i.k for i in res.info] == [60, 40, 20]
+
+
+def test_a_hook_that_would_never_run_is_a_warning():
+    params, batch = _blocked_problem()
+    calls = []
+
+    def hook(params, masks, stage):
+        calls.append(stage)
+        return params
+
+    for stages in (2, 1, (0.0, 0.8)):  # the cubic schedule with 2 stages is (0, 0.8): its first keeps every weight
+        with pytest.warns(UserWarning, match=r"finetune: the hook is never called: it runs between pruning stages"):
+            res = swapjax.prune(_sum_loss, params, batch, sparsity=0.8, method=swapjax.Magnitude(), stages=stages,
+                                finetune=hook, progress=False)
+        assert calls == [] and res.summary()["total"]["kept"] == 20
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        swapjax.prune(_sum_loss, params, batch, sparsity=0.8, method=swapjax.Magnitude(), stages=3, finetune=hook,
+                      progress=False)
+    assert calls == [2]  # stage 1 of (0, 0.45, 0.8) is skipped; the hook runs after stage 2

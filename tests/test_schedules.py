@@ -98,3 +98,38 @@ def test_resolve_rejects_bad_explicit_schedules(levels, final, match):
 def test_resolve_bad_int_names_stages():
     with pytest.raises(ValueError, match="stages"):
         schedules.resolve(0, 0.9)
+
+
+# issue 32: what stages="auto" runs where X is not held in memory, a hook that would never run, the bound
+
+
+@pytest.mark.parametrize("compared, finetuned, mode, count, says", [
+    (True, False, "in-memory", schedules.AUTO_STAGES, ""),
+    (False, False, "in-memory", 1, ""),
+    (True, False, "blocked", 1, "stages='auto': one stage (one-shot), as X is held blocked and each stage costs a "
+                                "gradient pass per block; stages=8 asks for the gradual prune"),
+    (True, False, "matrix-free", 1, "as X is held matrix-free and each stage costs forward passes per product"),
+    (False, False, "blocked", 1, ""),
+    (False, True, "in-memory", schedules.AUTO_STAGES, ""),
+    (False, True, "blocked", schedules.AUTO_STAGES, "stages='auto' with finetune: 8 stages fine-tuned between, each "
+                                                    "with a gradient pass per block (X held blocked)"),
+])
+def test_auto_schedule_weighs_what_a_stage_costs(compared, finetuned, mode, count, says):
+    got, line = schedules.auto(compared, finetuned, mode)
+    assert got == count and (says in line if says else line == "")
+
+
+def test_idle_hook_says_when_no_stage_before_the_last_prunes():
+    assert "the stages before the last (0) keep all p = 100 weights" in schedules.idle_hook(swapjax.cubic_schedule(0.9, 2), 100)
+    assert "one stage" in schedules.idle_hook((0.9,), 100)
+    assert schedules.idle_hook(swapjax.cubic_schedule(0.9, 3), 100) == ""
+    # 0.004 keeps round(0.996 · 100) = 100: skipped as well
+    assert schedules.idle_hook((0.004, 0.9), 100) != "" and schedules.idle_hook((0.006, 0.9), 100) == ""
+
+
+def test_stage_count_bound():
+    from swapjax import checks
+
+    assert checks.stages(checks.MAX_STAGES) == checks.MAX_STAGES
+    with pytest.raises(ValueError, match="stages: at most 1000"):
+        checks.stages(checks.MAX_STAGES + 1)

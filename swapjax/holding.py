@@ -6,13 +6,15 @@ The one place that knows the ways of holding X (:mod:`swapjax.operators`):
 :class:`~swapjax.blocks.Blocked`) forms one block of its columns at a time
 (:class:`~swapjax.blocks.ColumnBlocks`, the block-diagonal Fisher), ``"matrix-free"``
 linearises the network instead (:class:`~swapjax.operators.GradientOperator`),
-and ``"auto"`` takes the first that fits in memory, in that order. Everything after
-the choice sees an :class:`~swapjax.operators.Operator` and ``Holding.solve``.
+and ``"auto"`` takes the first that fits in memory with a margin (:func:`choose`). Everything after
+the choice sees an :class:`~swapjax.operators.Operator` and ``Holding.solve``; running out of
+memory there anyway is a MemoryError that names the mode and the ways out.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from . import blocks, checks, memory
@@ -43,10 +45,19 @@ class Holding:
     mode: str
     devices: Optional[tuple] = None
     blocked: Optional[blocks.Blocked] = None  # with the width resolved, where mode is "blocked"
+    # for the error when memory runs out anyway: the figures, the modes that could replace this one, the mode asked
+    estimate: Optional[memory.Estimate] = field(default=None, compare=False)
+    others: tuple = field(default=(), compare=False)
+    asked: object = field(default=None, compare=False)
 
     def gradients(self, loss_fn, params, batch, lay, chunk_size, progress, noise=None, key=None):
         """X at ``params`` (plus ``noise`` drawn with ``key``, where X is formed) as an operator, or as
-        :class:`~swapjax.blocks.ColumnBlocks` (computed block by block in ``solve``). Checked finite, losses included."""
+        :class:`~swapjax.blocks.ColumnBlocks` (computed block by block in ``solve``). Checked finite, losses included.
+        Out of memory: a MemoryError naming the mode and the ways out (:meth:`out_of_memory`)."""
+        with self.out_of_memory("computing the per-sample gradients", lay.size):
+            return self._gradients(loss_fn, params, batch, lay, chunk_size, progress, noise, key)
+
+    def _gradients(self, loss_fn, params, batch, lay, chunk_size, progress, noise, key):
         if self.mode == "matrix-free":
             return linearize(loss_fn, params, batch, lay, chunk_size, progress)[1]
         if self.mode == "blocked":
@@ -67,16 +78,71 @@ class Holding:
         return f"blocked ({count} block{'s' * (count > 1)} of ≤ {self.blocked.width:,} columns, budget: {self.blocked.budget})"
 
     def solve(self, method, X, w_bar, k, **kwargs):
-        """``method.solve`` on the stage's X: directly, or block by block (:func:`swapjax.blocks.solve`)."""
+        """``method.solve`` on the stage's X: directly, or block by block (:func:`swapjax.blocks.solve`).
+        Out of memory: a MemoryError naming the mode and the ways out (:meth:`out_of_memory`)."""
+        with self.out_of_memory(f"solving ({type(method).__name__})", int(w_bar.size)):
+            if self.mode == "blocked":
+                return blocks.solve(method, X, w_bar, k, budget=self.blocked.budget, **kwargs)
+            return method.solve(X, w_bar, k, **kwargs)
+
+    @contextlib.contextmanager
+    def out_of_memory(self, during: str, p: int):
+        """Re-raise running out of memory (:func:`is_out_of_memory`) as a MemoryError that names the mode,
+        how it was chosen, the estimate and the ways out (``mode=``, narrower blocks, a smaller N or chunk)."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001  (only memory errors are replaced; the rest re-raised as they are)
+            why = is_out_of_memory(e)
+            if not why:
+                raise
+            raise MemoryError(self._out_of_memory_message(during, p, why)) from e
+
+    def _out_of_memory_message(self, during: str, p: int, why: str) -> str:
+        est = self.estimate
+        gb = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+        chosen = "chosen by mode='auto'" if self.asked == "auto" else f"mode={self.asked!r}" if self.asked else ""
+        ways = []
+        for way in self.others:
+            figure = {"in-memory": est and est.in_memory, "blocked": est and est.blocked,
+                      "matrix-free": est and est.matrix_free}[way]
+            ways.append(f"mode={way!r}" + (f" (estimated {gb(figure)})" if figure else ""))
         if self.mode == "blocked":
-            return blocks.solve(method, X, w_bar, k, budget=self.blocked.budget, **kwargs)
-        return method.solve(X, w_bar, k, **kwargs)
+            ways.insert(0, f"narrower blocks (mode=swapjax.Blocked(width={max(1, self.blocked.width // 2):,}))")
+        ways += ["a smaller N (fewer examples)", "a smaller chunk_size (examples per chunk of gradients)",
+                 "fewer prunable leaves (select=)"]
+        figures = f"; {est.describe()}" if est is not None else ""
+        return (f"out of memory while {during} with X {self.describe(p)}"
+                + (f" ({chosen}{figures})" if chosen or figures else "") + f": {why}; ways out: " + ", ".join(ways))
+
+
+def is_out_of_memory(error: BaseException) -> str:
+    """Why ``error`` is taken for running out of memory (a line for the message), or "" where it is not:
+    a MemoryError, an XLA RESOURCE_EXHAUSTED or "out of memory", or XLA:CPU's INTERNAL "Error dispatching
+    computation" / "operation failed", which a failed allocation under an address-space limit gives."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, MemoryError):
+        return f"MemoryError: {text}"
+    if type(error).__name__ not in ("JaxRuntimeError", "XlaRuntimeError"):
+        return ""
+    low = text.lower()
+    if "resource_exhausted" in low or "out of memory" in low:
+        return f"XLA: {text}"
+    if "error dispatching computation" in low or ("internal" in low and "operation failed" in low):
+        return f"XLA: {text} (what XLA on a CPU raises when an allocation fails, e.g. under ulimit -v)"
+    return ""
 
 
 def choose(mode, method, noise, estimate: memory.Estimate, devices=None) -> Holding:
-    """``mode`` if it fits in memory, or for "auto" the first way that fits of in-memory, blocked (where
-    the blocked estimate found a block width) and matrix-free (where ``method.matrix_free`` and the options
-    allow it); ValueError naming the figures where the requested way, or every way, does not fit."""
+    """``mode`` if its estimate fits in the memory available; for "auto", with a margin:
+
+    - in-memory where its estimate is within ``memory.MEMORY_FRACTION`` (0.75) of the memory available
+      (the fastest mode, exact, and its estimate an upper bound in every run measured);
+    - else blocked (where the estimate found a block width, its blocks within the same fraction) or
+      matrix-free (where ``method.matrix_free`` and the options allow it), within that fraction; blocked
+      first, unless it would use most of the memory (over ``memory.COMFORT_FRACTION`` = 0.5) and the
+      matrix-free mode would not: then the lower peak.
+
+    ValueError naming the figures and the ways out where the requested way, or every way, does not fit."""
     spec = blocked_spec(mode)
     mode = "blocked" if spec is not None else mode
     unavailable = {}
@@ -92,26 +158,39 @@ def choose(mode, method, noise, estimate: memory.Estimate, devices=None) -> Hold
         unavailable["matrix-free"] = f"{type(method).__name__} needs X formed"
     if mode in unavailable:
         raise ValueError(f"mode: {mode!r} is not available here: {unavailable[mode]}")
-    fits = {"in-memory": estimate.in_memory <= estimate.available,
-            "blocked": estimate.block_width > 0 and estimate.blocked <= estimate.available and "blocked" not in unavailable,
-            "matrix-free": estimate.matrix_free <= estimate.available and "matrix-free" not in unavailable}
+    peak = {"in-memory": estimate.in_memory, "blocked": estimate.blocked if estimate.block_width else None,
+            "matrix-free": estimate.matrix_free}
+    usable = {way: way not in unavailable and peak[way] is not None for way in peak}
+    fits = {way: usable[way] and peak[way] <= estimate.available for way in peak}  # a mode asked for
+    within = {way: usable[way] and peak[way] <= estimate.budget for way in peak}  # "auto": with the margin
+    asked = mode if spec is None else spec
     if mode == "auto":
-        mode = next((way for way in fits if fits[way]), "auto")
+        comfort = memory.COMFORT_FRACTION * estimate.available
+        fallbacks = [way for way in ("blocked", "matrix-free") if within[way]]
+        roomy = [way for way in fallbacks if peak[way] <= comfort]
+        mode = "in-memory" if within["in-memory"] else (roomy or fallbacks or ["auto"])[0]
         if mode != "in-memory" and mode != "auto":
             how = f"in blocks of {estimate.block_width:,} columns" if mode == "blocked" else "matrix-free"
-            print(f"[swapjax] X does not fit in memory ({estimate.describe()}): pruning {how}",
-                  file=sys.stderr, flush=True)
+            if mode == "matrix-free" and within["blocked"]:
+                how += (f" (the blocks would take {peak['blocked'] / estimate.available:.0%} of it, over "
+                        f"{memory.COMFORT_FRACTION:.0%}: the lower peak preferred)")
+            print(f"[swapjax] X does not fit in memory ({estimate.describe()}; auto keeps within "
+                  f"{memory.MEMORY_FRACTION:.0%} of it): pruning {how}", file=sys.stderr, flush=True)
     if mode == "auto" or not fits[mode]:
         options = ["fewer examples (N)", "fewer prunable leaves (select=)", "a smaller chunk_size"]
         if mode == "blocked" and estimate.block_width == 0:
             options.insert(0, "narrower blocks (mode=swapjax.Blocked(width=...))")
         options[:0] = [f"mode={way!r}" for way in ("blocked", "matrix-free") if way != mode and fits[way]]
         why_not = "; ".join(f"{way} is not available: {why}" for way, why in unavailable.items())
+        margin = (f" (mode='auto' takes a mode only where its estimate is within {memory.MEMORY_FRACTION:.0%} of "
+                  "what is available; a mode named in mode= only where it is within all of it)"
+                  if mode == "auto" and any(fits.values()) else "")
         raise ValueError(("mode: no mode fits in memory" if mode == "auto" else f"mode: the {mode} prune does not fit")
                          + f": {estimate.describe()}" + (f" ({why_not})" if why_not else "")
-                         + "; options: " + ", ".join(options))
+                         + "; options: " + ", ".join(options) + margin)
     blocked = None
     if mode == "blocked":
         blocked = blocks.Blocked(estimate.block_width, (spec or blocks.Blocked()).budget)
-    return Holding(mode, devices, blocked)
+    others = tuple(way for way in ("in-memory", "blocked", "matrix-free") if way != mode and usable[way])
+    return Holding(mode, devices, blocked, estimate, others, asked)
 

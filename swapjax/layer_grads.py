@@ -296,11 +296,18 @@ def layer_inputs(pl: Plan, leaves: Sequence, example) -> list:
     return trace.captured
 
 
+def casts_only(tap: Tap) -> bool:
+    """K is the leaf itself or the leaf cast to another dtype (a bfloat16 kernel used in float32, or the
+    reverse): the layer's weights are the leaf's, entry for entry."""
+    return all(prim.name == "convert_element_type" for prim, _ in tap.chain)
+
+
 def patch_rows(tap: Tap, x, kernel_shape) -> jax.Array:
     """A (rows, d_in) with op(x, K) = A·K.reshape(d_in, d_out) up to the output's layout, for ONE example,
     or None where the tap is not a plain layer (a dense ``x @ K`` contracting K's leading axes, or a
-    one-group convolution with an HWIO kernel) or K is not the leaf itself."""
-    if tap.chain or tap.kernel_pos != 1:
+    one-group convolution with an HWIO kernel) or K is not the leaf itself (a dtype cast is allowed).
+    A is in x's dtype: the caller accumulates AᵀA in float32 or wider."""
+    if not casts_only(tap) or tap.kernel_pos != 1:
         return None
     if tap.primitive.name == "dot_general":
         (lc, rc), (lb, rb) = tap.params["dimension_numbers"]

@@ -20,8 +20,15 @@ inputs of each output unit keep N.
   the start of each block of B inputs the mask of the block is chosen by w²/U_ii² (its share of
   the layer's count, exactly; N:M: at each group's first input); input by input the pruned
   weights' error e = (w_i − q_i)/U_ii is propagated to the block's later inputs (w_i' −= e·U_ii'),
-  then to all later inputs in one product. An input that never fires (H_ii = 0) is pruned first
-  (its weights are 0 in the result where the count allows).
+  then to all later inputs in one product.
+
+An input that never fires on the batch (H_ii = 0, so row and column i of H are 0) is treated as
+SparseGPT treats it, in every method: H_ii is set to 1 and its weights W̄_i to 0 before the solve, so
+it is pruned first and any of its weights the rule still keeps are exactly 0. A layer whose inputs
+are all 0 (H = 0) becomes W = 0 under the rule's mask.
+
+Every method works in float32 or wider whatever the kernel's dtype (bfloat16 and float16 kernels
+are upcast; H is accumulated in float32); :func:`prune_layerwise` casts the result back.
 
 :func:`prune_layerwise` runs one of these methods on every plain dense and conv layer of a network,
 in forward order, each from the Gram of its inputs on a calibration batch.
@@ -71,9 +78,33 @@ def _check_layer(W, H, rule) -> tuple[int, int]:
     return d_in, d_out
 
 
+@lru_cache(maxsize=256)
+def _nm_ids(rule: NM, d_in: int, d_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """(group ids, counts) of N:M on a (d_in, d_out) kernel flattened row-major: M consecutive inputs of
+    one output unit, N kept in each (NumPy, read-only)."""
+    groups = rule.resolve(pytree.layout({"kernel": np.zeros((d_in, d_out), np.float32)}), rule.sparsity)
+    ids, counts = np.asarray(groups.ids), np.asarray(groups.counts)
+    ids.flags.writeable = counts.flags.writeable = False
+    return ids, counts
+
+
 def _nm_groups(rule: NM, d_in: int, d_out: int) -> Groups:
     """The N:M groups of a (d_in, d_out) kernel flattened row-major: M consecutive inputs of one output unit."""
-    return rule.resolve(pytree.layout({"kernel": np.zeros((d_in, d_out), np.float32)}), rule.sparsity)
+    ids, counts = _nm_ids(rule, d_in, d_out)
+    return Groups(jnp.asarray(counts), jnp.asarray(ids), rule.label)
+
+
+def _float(W):
+    """W as a float32 (or wider) array: bfloat16 and float16 kernels are solved in float32."""
+    W = jnp.asarray(W)
+    return W.astype(jnp.promote_types(W.dtype, jnp.float32))
+
+
+def _live(W, H):
+    """SparseGPT's treatment of the inputs that never fire (H_ii = 0): W̄_i = 0 and H_ii = 1, so they are
+    pruned first, any of their weights still kept is exactly 0, and H is positive definite once damped."""
+    dead = jnp.diagonal(H) == 0
+    return jnp.where(dead[:, None], 0, W), jnp.where(jnp.diag(dead), jnp.ones((), H.dtype), H)
 
 
 def wanda(W, H, rule: LayerRule) -> tuple[jax.Array, jax.Array]:
@@ -81,17 +112,25 @@ def wanda(W, H, rule: LayerRule) -> tuple[jax.Array, jax.Array]:
 
     Keeps, in each output unit (column), the largest S_ij = |W_ij|·√H_ii: a count per column from
     the layer's count ``rule`` (largest remainder), or N per group of M inputs for ``rule = NM(n, m)``.
-    Ties go to the lower input index. No weight update.
+    Ties go to the lower input index. No weight update, except that the weights of an input that never
+    fires (H_ii = 0) are 0, as in SparseGPT. W in float32 or wider.
     """
     d_in, d_out = _check_layer(W, H, rule)
-    W = jnp.asarray(W)
-    score = jnp.abs(W) * jnp.sqrt(jnp.maximum(jnp.diagonal(jnp.asarray(H, W.dtype)), 0))[:, None]
+    W = _float(W)
     if isinstance(rule, NM):
-        groups = _nm_groups(rule, d_in, d_out)
+        ids, counts = _nm_ids(rule, d_in, d_out)
     else:  # one group per output unit, the layer's count split by largest remainder
-        ids = jnp.broadcast_to(jnp.arange(d_out, dtype=jnp.int32)[None, :], (d_in, d_out)).ravel()
-        groups = Groups(jnp.asarray(layer_quotas(rule, [d_in] * d_out), jnp.int32), ids)
-    mask = groups.project(score.ravel()).reshape(d_in, d_out)
+        ids = np.broadcast_to(np.arange(d_out, dtype=np.int32)[None, :], (d_in, d_out)).ravel()
+        counts = np.asarray(layer_quotas(rule, [d_in] * d_out), np.int32)
+    return _wanda(W, jnp.asarray(H, W.dtype), jnp.asarray(counts), jnp.asarray(ids))
+
+
+@jax.jit
+def _wanda(W, H, counts, ids):
+    """One compilation per shape: the counts and groups are arguments."""
+    W, H = _live(W, H)
+    score = jnp.abs(W) * jnp.sqrt(jnp.maximum(jnp.diagonal(H), 0))[:, None]
+    mask = Groups(counts, ids).project(score.ravel()).reshape(W.shape)
     return jnp.where(mask, W, 0), mask
 
 
@@ -108,23 +147,22 @@ def sparsegpt(W, H, rule: LayerRule, block: int = BLOCK, percdamp: float = PERCD
     percdamp = checks.real("percdamp", percdamp, 0.0)
     if isinstance(rule, NM) and block % rule.m:
         raise ValueError(f"block: {block} inputs per block must be a multiple of m = {rule.m} for {rule.label}")
-    W = jnp.asarray(W)
-    W = W.astype(jnp.promote_types(W.dtype, jnp.float32))
+    W = _float(W)
     starts = tuple(range(0, d_in, block))
     if isinstance(rule, NM):
-        nm, counts = (rule.n, rule.m), None
+        nm, counts = (rule.n, rule.m), np.zeros(len(starts), np.int32)
     else:
-        nm, counts = None, tuple(layer_quotas(rule, [min(block, d_in - s) * d_out for s in starts]))
-    return _sparsegpt(nm, counts, block, float(percdamp), W, jnp.asarray(H, W.dtype))
+        nm, counts = None, np.asarray(layer_quotas(rule, [min(block, d_in - s) * d_out for s in starts]), np.int32)
+    return _sparsegpt(nm, block, W, jnp.asarray(H, W.dtype), jnp.asarray(counts), jnp.asarray(percdamp, W.dtype))
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _sparsegpt(nm, counts, block, percdamp, W, H):
-    """``nm`` = (n, m), or ``counts``: the kept count of each block of inputs (static)."""
+@partial(jax.jit, static_argnums=(0, 1))
+def _sparsegpt(nm, block, W, H, counts, percdamp):
+    """``nm`` = (n, m) (static), or ``counts``: the kept count of each block of inputs (an argument, so
+    layers of one shape share one compilation whatever their counts)."""
     d_in, d_out = W.shape
-    dead = jnp.diagonal(H) == 0
-    H = jnp.where(jnp.diag(dead), 1.0, H)
-    Wt = jnp.where(dead[None, :], 0, W.T)  # (d_out, d_in): columns are the inputs, as in the published code
+    W, H = _live(W, H)
+    Wt = W.T  # (d_out, d_in): columns are the inputs, as in the published code
     H = H + percdamp * jnp.mean(jnp.diagonal(H)) * jnp.eye(d_in, dtype=H.dtype)
     H_inv = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(H, lower=True), jnp.eye(d_in, dtype=H.dtype))
     U = jnp.linalg.cholesky(H_inv).T  # upper: H⁻¹ = UᵀU
@@ -247,15 +285,22 @@ class Refit(LayerMethod):
     inner: LayerMethod
     percdamp: float = PERCDAMP
 
+    def __post_init__(self):
+        if not isinstance(self.inner, LayerMethod):
+            raise ValueError(f"inner: expected a layer-wise method (swapjax.Wanda(), swapjax.SparseGPT()), "
+                             f"got {checks._show(self.inner)}")
+        checks.real("percdamp", self.percdamp, 0.0)
+
     def solve_layer(self, W, H, rule):
+        _check_layer(W, H, rule)
         _, mask = self.inner.solve_layer(W, H, rule)
-        return _refit(jnp.asarray(W, jnp.promote_types(jnp.result_type(W), jnp.float32)), jnp.asarray(H), mask,
-                      float(self.percdamp))
+        W = _float(W)
+        return _refit(W, jnp.asarray(H, W.dtype), jnp.asarray(mask, bool), jnp.asarray(self.percdamp, W.dtype))
 
 
-@partial(jax.jit, static_argnums=3)
+@jax.jit
 def _refit(W, H, mask, percdamp):
-    H = H.astype(W.dtype)
+    W, H = _live(W, H)  # a dead input's row of H is e_i and w̄_i = 0: its weight solves to 0
     H = H + percdamp * jnp.mean(jnp.diagonal(H)) * jnp.eye(H.shape[0], dtype=H.dtype)
     rhs = H @ W
 
@@ -315,16 +360,33 @@ class Regression(LayerMethod):
     start: Optional[LayerMethod] = field(default_factory=lambda: SparseGPT())
     percdamp: float = PERCDAMP
 
+    def __post_init__(self):
+        checks.method(self.method)
+        if self.start is not None and not isinstance(self.start, LayerMethod):
+            raise ValueError(f"start: expected None or a layer-wise method (swapjax.SparseGPT(), swapjax.Wanda()), "
+                             f"got {checks._show(self.start)}")
+        checks.real("percdamp", self.percdamp, 0.0)
+
     def solve_layer(self, W, H, rule):
-        W = jnp.asarray(W, jnp.promote_types(jnp.result_type(W), jnp.float32))
+        d_in, d_out = _check_layer(W, H, rule)
+        W = _float(W)
         H = jnp.asarray(H, W.dtype)
-        d_in, d_out = W.shape
-        damped = H + self.percdamp * jnp.mean(jnp.diagonal(H)) * jnp.eye(d_in, dtype=H.dtype)
-        X = LayerOperator(jnp.linalg.cholesky(damped), d_out)
+        if not isinstance(rule, NM) and rule == 0:  # nothing kept: the solvers need k ≥ 1
+            return jnp.zeros_like(W), jnp.zeros(W.shape, bool)
+        w_bar, L = _live_cholesky(W, H, jnp.asarray(self.percdamp, W.dtype))  # inputs that never fire: w̄_i = 0
+        X = LayerOperator(L, d_out)
         groups = _nm_groups(rule, d_in, d_out) if isinstance(rule, NM) else Groups.top_k(rule)
         w_start = None if self.start is None else self.start.solve_layer(W, H, rule)[0].ravel()  # it damps H itself
-        w, info = self.method.solve(X, W.ravel(), groups, w_start=w_start)
+        w, info = self.method.solve(X, w_bar.ravel(), groups, w_start=w_start)
         return w.reshape(d_in, d_out), info.support.reshape(d_in, d_out)
+
+
+@jax.jit
+def _live_cholesky(W, H, percdamp):
+    """(W̄ with the rows of dead inputs 0, L with LLᵀ = H + δI after H_ii = 1 for them)."""
+    W, H = _live(W, H)
+    H = H + percdamp * jnp.mean(jnp.diagonal(H)) * jnp.eye(H.shape[0], dtype=H.dtype)
+    return W, jnp.linalg.cholesky(H)
 
 
 class LayerReport(NamedTuple):
@@ -364,10 +426,27 @@ def prune_layerwise(
     as SparseGPT does; False: every layer from the dense network's activations (one pass).
 
     ``constraint``: a per-layer budget (default ``LayerBudgets()``, uniform at ``sparsity``, 0.5 by
-    default; ``"erk"`` or given sparsities; not OWL, which needs the Fisher) or ``NM(n, m)`` along
-    the inputs (a layer whose inputs are not a multiple of m is left dense, named in the progress
-    lines). A kernel with another use (tied, scaled, inside a scan) is left dense, named too. Memory:
-    one chunk's activations and the layer's d_in × d_in Gram, never N×p.
+    default; ``"erk"``; or a mapping {path: s_l}, taken as given: ``sparsity`` may be left out; not
+    OWL, which needs the Fisher) or ``NM(n, m)`` along the inputs. Memory: one chunk's activations and the layer's d_in × d_in Gram, never N×p.
+
+    Kernels of any float dtype: a bfloat16 or float16 kernel cast to the inputs' dtype before its
+    product (Flax's dtype promotion) is a layer like any other; H is accumulated in float32, the
+    solve runs in float32 and the result has the kernel's dtype. An input that never fires on the
+    batch (H_ii = 0) gets weight 0 in every method (see the module's notes).
+
+    Checked before ``loss_fn`` is first called (ValueError): the arguments, NaN or inf in ``params``
+    or in ``batch``, the constraint on the layout (``Constraint.check``: a mapping's paths,
+    ``NM(..., ragged="error")``, and a layer whose budget would keep 0 weights, an error naming it:
+    lower the sparsity, give it a budget of its own or leave it out with ``select``). During the run: a layer whose inputs hold NaN or inf (or whose Gram
+    overflows float32) is a ValueError naming it, and every ``method``'s result is checked (shape,
+    a boolean mask, finite, pruned weights exactly 0, the rule kept exactly): a ValueError naming the
+    method and the layer otherwise. The progress line names every prunable leaf left dense and why:
+    left out by ``select``, ragged for N:M, used in another way than as one plain layer's kernel
+    (tied, scaled, in a scan, a grouped convolution), or not used by ``loss_fn``.
+
+    Compilation: the Grams are computed by one compiled function per distinct shape of a layer's
+    input rows (the layer chosen by an argument), and each method's solve is compiled once per
+    layer shape, so a network whose layers repeat a few shapes compiles a few functions.
 
     Returns a :class:`swapjax.PruneResult` with ``mode="layer-wise"``, no stages, and ``layers``: a
     :class:`LayerReport` per pruned layer (its error measured on the inputs it was solved for).
@@ -386,6 +465,8 @@ def prune_layerwise(
         {'kept': 36, 'total': 60, 'sparsity': 0.4, 'constraint': '2:4'}
     """
     method = Regression() if method is None else method
+    if isinstance(method, type):
+        raise TypeError(f"method: got the class {method.__name__}; pass an instance, e.g. swapjax.{method.__name__}()")
     if not isinstance(method, LayerMethod):
         raise ValueError(f"method: expected a layer-wise method (swapjax.layerwise.SparseGPT() or Wanda()), "
                          f"got {method!r}")
@@ -394,58 +475,134 @@ def prune_layerwise(
         raise ValueError(f"constraint: layer by layer needs a budget per layer, LayerBudgets('uniform' | 'erk' | "
                          f"{{path: sparsity}}) or NM(n, m), got {constraint!r}; a global "
                          "top-k or OWL ranks weights across layers: use swapjax.prune for those")
-    sparsity = final_sparsity(sparsity, constraint, default=0.5)
+    sparsity = final_sparsity(sparsity, constraint, default=0.5)  # a LayerBudgets mapping: None, its mean below
     sequential = checks.boolean("sequential", sequential)
     chunk_size = checks.integer("chunk_size", chunk_size, 1)
     progress = checks.boolean("progress", progress)
     lay = pytree.layout(params, select)
     checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
     n = batch_size(batch)
+    checks.finite_leaves("batch", batch, hint="; the calibration examples must be finite: fix or drop them")
+    w = pytree.flatten(params, lay)
+    # from the layout, before loss_fn is called: a mapping's paths and mean, NM's axes and ragged="error",
+    # a layer that would keep 0 weights
+    sparsity = constraint.check(lay, sparsity, w)
+    counts = np.asarray(constraint.resolve(lay, sparsity, w).counts)
+    ragged = set(constraint.ragged_leaves(lay)) if isinstance(constraint, NM) else set()
     check_loss_fn(loss_fn, params, batch)
     log = (lambda msg: print(f"[swapjax] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
 
     leaves, treedef = jax.tree_util.tree_flatten(params)
     position = [i for i, chosen in enumerate(lay.selected) if chosen]  # prunable leaf l = leaves[position[l]]
-    layers, dense = _layers(loss_fn, leaves, treedef, batch, position)
-    dense = [lay.names[position.index(leaf)] for leaf in dense]
-    counts = np.asarray(constraint.resolve(lay, sparsity, pytree.flatten(params, lay)).counts)  # NM(ragged="error")
-    # raises here for a layer it would have to leave dense, as swapjax.prune does
-    ragged = set(constraint.ragged_leaves(lay)) if isinstance(constraint, NM) else set()
-    rules = {}
-    for tap_index, leaf in layers:
+    layers, reasons = _layers(loss_fn, leaves, treedef, batch, position)
+    rules, rows_shape = {}, {}
+    for tap_index, leaf, shape in layers:
         l = position.index(leaf)
         if lay.names[l] in ragged:
-            dense.append(lay.names[l])
+            reasons[leaf] = f"ragged for {constraint.label}: {shape[1]} inputs, not a multiple of {constraint.m}"
         else:
             rules[tap_index] = constraint if isinstance(constraint, NM) else int(counts[l])
+            rows_shape[tap_index] = shape
+    dense = [f"{lay.names[position.index(leaf)]} ({why})" for leaf, why in sorted(reasons.items())]
+    dense += [f"{name} (left out by select)" for name in _left_out_by_select(params, lay, select)]
     log(f"{type(method).__name__} layer by layer ({'sequential' if sequential else 'from the dense network'}): "
         f"{len(rules)} layers, N={n} examples, {constraint.label}"
-        + (f"; left dense: {', '.join(sorted(set(dense)))}" if dense else ""))
+        + (f"; left dense: {', '.join(dense)}" if dense else ""))
 
     current = list(leaves)
     gram = partial(_grams, loss_fn, treedef, batch, tuple(position), chunk_size)
+    # one compiled Gram per shape of the input rows: the layer is an argument, the same-shaped layers a group
+    groups = {}
+    for tap_index in rules:
+        groups.setdefault(rows_shape[tap_index], []).append(tap_index)
     grams = None if sequential else gram(current, tuple(rules))
     reports, masks = [], {}
-    for tap_index, leaf in layers:
+    for tap_index, leaf, _ in layers:
         if tap_index not in rules:
             continue
         name = lay.names[position.index(leaf)]
-        H, rows = (gram(current, (tap_index,)) if sequential else grams)[tap_index]
-        kernel = jnp.asarray(current[leaf])
-        W_bar = kernel.reshape(H.shape[0], -1)
-        W, mask = method.solve_layer(W_bar, H, rules[tap_index])
-        delta = (W - W_bar).astype(H.dtype)
-        error = float(jnp.sum(delta * matmul(H, delta)) / jnp.maximum(jnp.sum(W_bar * matmul(H, W_bar)), 1e-30))
-        current[leaf] = W.reshape(kernel.shape).astype(kernel.dtype)
-        masks[leaf] = np.asarray(mask).reshape(kernel.shape)
-        reports.append(LayerReport(name, W_bar.shape[0], W_bar.shape[1], rows, int(mask.sum()), error))
-        log(f"{name}: {W_bar.shape[0]}×{W_bar.shape[1]}, kept {int(mask.sum())}, "
-            f"relative reconstruction error {error:.4g}")
+        if sequential:
+            group = tuple(groups[rows_shape[tap_index]])
+            H, rows = gram(current, group, group.index(tap_index))
+        else:
+            H, rows = grams[tap_index]
+        if not bool(jnp.all(jnp.isfinite(H))):
+            raise ValueError(f"loss_fn: the inputs of layer {name} hold NaN or inf on the batch (or their Gram AᵀA "
+                             f"overflows {H.dtype}){' after the layers before it were pruned' if sequential else ''}; "
+                             "check the forward pass up to that layer (params and batch are finite)")
+        kernel = current[leaf]
+        W_bar = jnp.asarray(kernel).reshape(H.shape[0], -1)
+        W, mask = _checked_result(method, name, rules[tap_index], W_bar.shape,
+                                  method.solve_layer(W_bar, H, rules[tap_index]))
+        dtype = jnp.result_type(kernel)
+        W = W.astype(dtype)
+        if not bool(jnp.all(jnp.isfinite(W))):
+            raise ValueError(f"method: {type(method).__name__} on {name} returned weights beyond the range of the "
+                             f"kernel's dtype {dtype} (inf once cast); prune this layer in float32")
+        error = float(_relative_error(W_bar, W, H))
+        current[leaf] = W.reshape(jnp.shape(kernel))
+        masks[leaf] = np.asarray(mask).reshape(jnp.shape(kernel))
+        kept = int(np.sum(mask))
+        reports.append(LayerReport(name, W_bar.shape[0], W_bar.shape[1], rows, kept, error))
+        log(f"{name}: {W_bar.shape[0]}×{W_bar.shape[1]}, kept {kept}, relative reconstruction error {error:.4g}")
     pruned = jax.tree_util.tree_unflatten(treedef, current)
     mask_leaves = [masks.get(i, np.ones(np.shape(leaves[i]), bool)) if chosen else None
                    for i, chosen in enumerate(lay.selected)]
     return PruneResult(pruned, jax.tree_util.tree_unflatten(treedef, mask_leaves), (), None, "layer-wise",
                        constraint.label, tuple(reports))
+
+
+def _left_out_by_select(params, lay, select) -> list[str]:
+    """The leaves the default rule prunes that ``select`` left out."""
+    if select is None:
+        return []
+    rule = pytree.default_rule(params)
+    with_path = jax.tree_util.tree_flatten_with_path(params)[0]
+    return [pytree.path_name(p) for (p, x), chosen in zip(with_path, lay.selected) if not chosen and rule(p, x)]
+
+
+def _checked_result(method, name, rule, shape, out):
+    """``method``'s (W, mask) for the layer ``name``, checked: shape (d_in, d_out) each, a boolean mask,
+    W finite and exactly 0 where the mask is False, the rule kept exactly. ValueError naming both."""
+    who = f"method: {type(method).__name__}.solve_layer on layer {name}"
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise ValueError(f"{who} must return (W, kept mask), got {checks._show(out)}")
+    W, mask = out
+    shapes = (tuple(np.shape(W)), tuple(np.shape(mask)))
+    if shapes != (tuple(shape), tuple(shape)):
+        raise ValueError(f"{who} returned W of shape {shapes[0]} and a mask of shape {shapes[1]}; expected both "
+                         f"{tuple(shape)} (d_in, d_out)")
+    W = jnp.asarray(W)
+    if not jnp.issubdtype(W.dtype, jnp.floating):
+        raise ValueError(f"{who} returned W of dtype {W.dtype}; expected floating-point weights")
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise ValueError(f"{who} returned a mask of dtype {mask.dtype}; expected booleans (True = kept)")
+    w = np.asarray(W.astype(jnp.promote_types(W.dtype, jnp.float32)))
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"{who} returned {int(np.sum(~np.isfinite(w)))} NaN or inf weights of {w.size}")
+    nonzero = int(np.count_nonzero(w[~mask]))
+    if nonzero:
+        raise ValueError(f"{who} returned {nonzero} non-zero weights where its mask prunes; pruned weights must be "
+                         "exactly 0")
+    if isinstance(rule, NM):
+        ids, counts = _nm_ids(rule, *shape)
+        kept = np.bincount(ids, weights=mask.ravel(), minlength=counts.size)
+        wrong = int(np.sum(kept != counts))
+        if wrong:
+            raise ValueError(f"{who} keeps {rule.label} in {counts.size - wrong} of its {counts.size} groups of "
+                             f"{rule.m} inputs; every group must keep exactly {rule.n}")
+    elif int(mask.sum()) != rule:
+        raise ValueError(f"{who} kept {int(mask.sum())} weights; the layer's budget is exactly {rule}")
+    return W, mask
+
+
+@jax.jit
+def _relative_error(W_bar, W, H):
+    """‖A(W̄ − W)‖²_F / ‖AW̄‖²_F = tr(ΔᵀHΔ) / tr(W̄ᵀHW̄) in H's dtype."""
+    W_bar, W = W_bar.astype(H.dtype), W.astype(H.dtype)
+    delta = W - W_bar
+    return jnp.sum(delta * matmul(H, delta)) / jnp.maximum(jnp.sum(W_bar * matmul(H, W_bar)), 1e-30)
 
 
 @lru_cache(maxsize=64)
@@ -454,50 +611,87 @@ def _loss_of_leaves(loss_fn, treedef):
     return lambda leaves, example: loss_fn(jax.tree_util.tree_unflatten(treedef, leaves), example)
 
 
+_OTHER_USE = "used otherwise than as one layer's kernel: tied, scaled, in a scan or in a regulariser"
+
+
 def _layers(loss_fn, leaves, treedef, batch, position):
-    """((tap index, leaf index) of each prunable kernel used once by a plain layer, in forward order;
-    the leaf indices of the other prunable kernels) from a trace of the loss on one example."""
+    """([(tap index, leaf index, (rows per example, d_in)) of each prunable kernel used once by a plain layer,
+    in forward order], {leaf index: why it is left dense} for the other prunable kernels), from a trace of the
+    loss on one example."""
     first = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[0], batch)
     pl = layer_grads.plan(_loss_of_leaves(loss_fn, treedef), leaves, first, position, True)
     uses = {}
     for t in pl.taps:
         uses[t.leaf] = uses.get(t.leaf, 0) + 1
-    layers, dense = [], []
+    layers, reasons = [], {}
     xs = jax.eval_shape(lambda ls, ex: layer_grads.layer_inputs(pl, ls, ex), leaves, first) if pl.taps else []
     for t, (tap, x) in enumerate(zip(pl.taps, xs)):
-        plain = uses[tap.leaf] == 1 and jax.eval_shape(
-            lambda x: layer_grads.patch_rows(tap, x, np.shape(leaves[tap.leaf])), x) is not None
-        (layers if plain else dense).append((t, tap.leaf))
-    return layers, sorted({leaf for leaf in position if leaf not in pl.fast} | {leaf for _, leaf in dense})
+        rows = jax.eval_shape(lambda x: layer_grads.patch_rows(tap, x, np.shape(leaves[tap.leaf])), x)
+        if uses[tap.leaf] > 1:
+            reasons[tap.leaf] = f"used by {uses[tap.leaf]} layers (tied or shared)"
+        elif rows is None:
+            reasons[tap.leaf] = ("not a plain dense or convolution kernel (batched axes, feature groups, or "
+                                 "reshaped before use)")
+        else:
+            layers.append((t, tap.leaf, tuple(rows.shape)))
+    for leaf in position:
+        if leaf not in pl.fast:
+            reasons[leaf] = _OTHER_USE
+        elif leaf not in uses:
+            reasons[leaf] = "not used by loss_fn"
+    return layers, reasons
 
 
-def _grams(loss_fn, treedef, batch, position, chunk_size, leaves, taps) -> dict:
+def _grams(loss_fn, treedef, batch, position, chunk_size, leaves, taps, index=None) -> dict:
     """{tap: (H = AᵀA, rows of A)} over ``batch``, chunk by chunk (an overlapping last chunk counts its
-    new examples only)."""
+    new examples only); with ``index``, (H, rows) of ``taps[index]`` alone, from a function compiled once
+    for all of ``taps`` (layers whose input rows share one shape). H in float32 or wider."""
     n = batch_size(batch)
     b, starts = chunk_starts(n, chunk_size)
+    loss = _loss_of_leaves(loss_fn, treedef)
     total, done = None, 0
     for start in starts:
         examples = jax.tree_util.tree_map(lambda a: jax.lax.slice_in_dim(jnp.asarray(a), start, start + b), batch)
-        part = _chunk_grams(_loss_of_leaves(loss_fn, treedef), tuple(leaves), examples, start + b - done, position,
-                            taps)
+        if index is None:
+            part = _chunk_grams(loss, tuple(leaves), examples, start + b - done, position, taps)
+        else:
+            part = [_chunk_gram(loss, tuple(leaves), examples, start + b - done, jnp.asarray(index, jnp.int32),
+                                position, taps)]
         total = part if total is None else [(h + g, r + q) for (h, r), (g, q) in zip(total, part)]
         done = start + b
-    return dict(zip(taps, [(h, int(r)) for h, r in total]))
+    out = [(h, int(r)) for h, r in total]
+    return out[0] if index is not None else dict(zip(taps, out))
 
 
-@partial(jax.jit, static_argnames=("loss", "position", "taps"))
-def _chunk_grams(loss, leaves, examples, new_rows, position, taps):
+def _layer_grams(loss, leaves, examples, new_rows, position):
+    """gram(t) -> (AᵀA of tap t over the examples counted, rows), inside a trace: one forward pass."""
     first = jax.tree_util.tree_map(lambda a: a[0], examples)
     pl = layer_grads.plan(loss, list(leaves), first, list(position), True)
     xs = jax.vmap(lambda ex: layer_grads.layer_inputs(pl, list(leaves), ex))(examples)
     c = jax.tree_util.tree_leaves(examples)[0].shape[0]
     counted = jnp.arange(c) >= c - new_rows
-    out = []
-    for t in taps:
+
+    def gram(t):
         tap = pl.taps[t]
         x = jnp.where(counted.reshape((c,) + (1,) * (xs[t].ndim - 1)), xs[t], 0)
         A = jax.vmap(lambda x: layer_grads.patch_rows(tap, x, np.shape(leaves[tap.leaf])))(x)
         A = A.reshape(-1, A.shape[-1])
-        out.append((matmul(A.T, A), jnp.sum(counted) * (A.shape[0] // c)))
-    return out
+        A = A.astype(jnp.promote_types(A.dtype, jnp.float32))  # bfloat16 inputs: H accumulated in float32
+        return matmul(A.T, A), jnp.sum(counted) * (A.shape[0] // c)
+
+    return gram
+
+
+@partial(jax.jit, static_argnames=("loss", "position", "taps"))
+def _chunk_grams(loss, leaves, examples, new_rows, position, taps):
+    gram = _layer_grams(loss, leaves, examples, new_rows, position)
+    return [gram(t) for t in taps]
+
+
+@partial(jax.jit, static_argnames=("loss", "position", "taps"))
+def _chunk_gram(loss, leaves, examples, new_rows, index, position, taps):
+    """The Gram of ``taps[index]``: ``index`` is traced, so one compilation serves every layer of ``taps``."""
+    gram = _layer_grams(loss, leaves, examples, new_rows, position)
+    if len(taps) == 1:
+        return gram(taps[0])
+    return jax.lax.switch(index, [partial(gram, t) for t in taps])

@@ -271,3 +271,31 @@ def test_progress_reports_chunks_and_is_silenced(monkeypatch, capfd, trained_mlp
         assert line.endswith(" s")
     jax.block_until_ready(gradients.per_sample_grads(loss_fn, trained_mlp, prune_batch, chunk_size=16, progress=False))
     assert "per-sample gradients" not in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------- the layer-wise rows A of a tap
+
+
+def test_patch_rows_look_through_dtype_casts_only():
+    """A kernel cast before its product (a bfloat16 leaf used in float32, or the reverse) is still a plain
+    layer: A is the layer's input, rows × d_in, in the input's dtype. A kernel transposed (or otherwise
+    moved) before the product is not: None. Before, any step between the leaf and the product, a cast
+    included, gave None (prune_layerwise found no layer in a bfloat16 network)."""
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    kernels = {"cast_up": np.ones((4, 3), jnp.bfloat16), "cast_down": np.ones((4, 3), np.float32),
+               "transposed": np.ones((3, 4), np.float32)}
+    uses = {"cast_up": lambda k, x: x @ k.astype(jnp.float32),
+            "cast_down": lambda k, x: (x.astype(jnp.bfloat16) @ k.astype(jnp.bfloat16)).astype(jnp.float32),
+            "transposed": lambda k, x: x @ k.T}
+    for name, use in uses.items():
+        pl = layer_grads.plan(lambda leaves, ex: jnp.sum(use(leaves[0], ex)), [kernels[name]], x, [0])
+        (tap,) = pl.taps
+        (captured,) = layer_grads.layer_inputs(pl, [kernels[name]], x)
+        rows = layer_grads.patch_rows(tap, captured, kernels[name].shape)
+        if name == "transposed":
+            assert rows is None and not layer_grads.casts_only(tap)
+            continue
+        assert layer_grads.casts_only(tap) and len(tap.chain) == 1
+        expected = x.astype(jnp.bfloat16) if name == "cast_down" else x
+        assert rows.dtype == expected.dtype and rows.shape == (5, 4)
+        np.testing.assert_array_equal(np.asarray(rows, np.float32), np.asarray(expected, np.float32))

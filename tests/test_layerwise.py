@@ -317,11 +317,16 @@ def test_property_layerwise_methods_keep_every_rule_exactly(seed, c_in, c_out, d
     before = jax.tree_util.tree_map(np.copy, params)
     spec = LAYER_RULES[rule]
     nm = isinstance(spec, swapjax.NM)
+    lay = swapjax.pytree.layout(params)
+    if nm and len(spec.ragged_leaves(lay)) == len(lay.names):  # nothing to prune: an error, as in swapjax.prune
+        with pytest.raises(ValueError, match=f"constraint: {spec.label} leaves every prunable leaf dense"):
+            swapjax.prune_layerwise(_net_loss, params, batch, method=LAYER_METHODS[method], constraint=spec,
+                                    progress=False)
+        return
     res = swapjax.prune_layerwise(_net_loss, params, batch, sparsity=None if nm else sparsity,
                                   method=LAYER_METHODS[method], constraint=spec, sequential=sequential, progress=False)
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, before)
     np.testing.assert_array_equal(res.params["Dense_0"]["bias"], params["Dense_0"]["bias"])
-    lay = swapjax.pytree.layout(params)
     counts = None if nm else np.asarray(spec.resolve(lay, sparsity).counts)
     for name, axes in _REDUCTION.items():
         mask, w = np.asarray(res.masks[name]["kernel"]), np.asarray(res.params[name]["kernel"])
@@ -330,3 +335,430 @@ def test_property_layerwise_methods_keep_every_rule_exactly(seed, c_in, c_out, d
             assert _nm_holds(mask, axes, spec.n, spec.m), (name, mask.shape)
         else:
             assert mask.sum() == counts[lay.names.index(f"{name}/kernel")], name
+
+
+# ---------------------------------------------------------------------------
+# other dtypes, bad data, dead inputs, the checks of every result, first calls (issue 32)
+
+import collections  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+
+
+class _MLP(nn.Module):
+    """16 → 32 → 32 → 8, computing in ``dtype`` (None: Flax's promotion of inputs and kernels)."""
+
+    dtype: object = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(32, dtype=self.dtype)(x))
+        x = nn.relu(nn.Dense(32, dtype=self.dtype)(x))
+        return nn.Dense(8, dtype=self.dtype)(x)
+
+
+_MLP_X = np.random.default_rng(0).normal(size=(48, 16)).astype(np.float32)
+_MLP_PARAMS = _MLP().init(jax.random.key(0), _MLP_X[:1])["params"]
+_MLP_NAMES = ("Dense_0", "Dense_1", "Dense_2")
+
+
+def _mlp_loss(params, example):
+    return jnp.sum(_MLP().apply({"params": params}, example["x"][None]).astype(jnp.float32) ** 2)
+
+
+def _mlp_bf16_loss(params, example):
+    return jnp.sum(_MLP(jnp.bfloat16).apply({"params": params}, example["x"][None]).astype(jnp.float32) ** 2)
+
+
+class _Counting:
+    """A loss that counts how often it is called (each call a trace: nothing here runs eagerly)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, params, example):
+        self.calls += 1
+        return self.fn(params, example)
+
+
+def _small_net(seed=0):
+    """The docstring's two dense layers: 8 → 6 (48 weights) → 2 (12 weights)."""
+    rng = np.random.default_rng(seed)
+    params = {"Dense_0": {"kernel": rng.normal(size=(8, 6)).astype(np.float32)},
+              "Dense_1": {"kernel": rng.normal(size=(6, 2)).astype(np.float32)}}
+    return params, {"x": rng.normal(size=(32, 8)).astype(np.float32)}
+
+
+def _small_loss(params, example):
+    return jnp.sum(jnp.tanh(example["x"] @ params["Dense_0"]["kernel"]) @ params["Dense_1"]["kernel"]) ** 2
+
+
+@pytest.mark.parametrize("dtype, method", [("bfloat16", "SparseGPT"), ("bfloat16", "Regression"),
+                                           ("float16", "SparseGPT")])
+def test_low_precision_kernels_are_found_and_pruned_in_their_dtype(dtype, method):
+    """bfloat16 / float16 kernels that Flax casts to float32 before the product: every layer found and
+    pruned, the result in the kernels' dtype with the rule exactly, against the float32 prune of the same
+    values. The first layer sees the same inputs, so the same H: the same mask, and weights within the
+    dtype's rounding (2⁻⁸ relative for bfloat16, 2⁻¹¹ for float16); the later layers see inputs that
+    differ by that rounding: masks agree on ≥ 90 % of the weights."""
+    low = jax.tree_util.tree_map(lambda a: a.astype(dtype), _MLP_PARAMS)
+    same_values = jax.tree_util.tree_map(lambda a: a.astype(np.float32), low)
+    spec = {"SparseGPT": layerwise.SparseGPT(), "Regression": None}[method]
+    res = swapjax.prune_layerwise(_mlp_loss, low, {"x": _MLP_X}, sparsity=0.5, method=spec, progress=False)
+    ref = swapjax.prune_layerwise(_mlp_loss, same_values, {"x": _MLP_X}, sparsity=0.5, method=spec, progress=False)
+    assert [r.name for r in res.layers] == [f"{name}/kernel" for name in _MLP_NAMES]
+    rounding = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}[dtype]
+    for i, name in enumerate(_MLP_NAMES):
+        w, mask = res.params[name]["kernel"], np.asarray(res.masks[name]["kernel"])
+        assert w.dtype == jnp.dtype(dtype) and res.params[name]["bias"].dtype == jnp.dtype(dtype)
+        w = np.asarray(w.astype(np.float32))
+        assert mask.sum() == mask.size // 2 and np.all(w[~mask] == 0)
+        ref_mask, ref_w = np.asarray(ref.masks[name]["kernel"]), np.asarray(ref.params[name]["kernel"])
+        if i == 0:
+            np.testing.assert_array_equal(mask, ref_mask)
+            np.testing.assert_allclose(w, ref_w, rtol=0, atol=rounding * np.abs(ref_w).max())
+        else:
+            assert np.mean(mask == ref_mask) >= 0.9, (name, np.mean(mask == ref_mask))
+
+
+def test_float32_kernels_used_in_bfloat16_are_found_and_their_gram_is_float32():
+    """Dense(dtype=bfloat16) on float32 params: kernels cast to bfloat16, inputs bfloat16. Every layer is
+    found, the result stays float32, the masks agree with the float32 network's on ≥ 90 % of the weights;
+    H is the float32 Gram of the bfloat16 inputs (float64 NumPy reference), not a bfloat16 one."""
+    res = swapjax.prune_layerwise(_mlp_bf16_loss, _MLP_PARAMS, {"x": _MLP_X}, sparsity=0.5,
+                                  method=layerwise.SparseGPT(), progress=False)
+    ref = swapjax.prune_layerwise(_mlp_loss, _MLP_PARAMS, {"x": _MLP_X}, sparsity=0.5, method=layerwise.SparseGPT(),
+                                  progress=False)
+    assert [r.name for r in res.layers] == [f"{name}/kernel" for name in _MLP_NAMES]
+    for name in _MLP_NAMES:
+        mask = np.asarray(res.masks[name]["kernel"])
+        assert res.params[name]["kernel"].dtype == jnp.float32 and mask.sum() == mask.size // 2
+        assert np.mean(mask == np.asarray(ref.masks[name]["kernel"])) >= 0.9
+    leaves, treedef = jax.tree_util.tree_flatten(_MLP_PARAMS)
+    position = tuple(i for i, a in enumerate(leaves) if np.ndim(a) == 2)
+    layers, _ = layerwise._layers(_mlp_bf16_loss, leaves, treedef, {"x": _MLP_X}, list(position))
+    H, rows = layerwise._grams(_mlp_bf16_loss, treedef, {"x": _MLP_X}, position, 20, leaves, (layers[0][0],))[
+        layers[0][0]]
+    A = np.asarray(jnp.asarray(_MLP_X, jnp.bfloat16)).astype(np.float64)
+    assert H.dtype == jnp.float32 and rows == 48
+    np.testing.assert_allclose(np.asarray(H), A.T @ A, rtol=1e-5, atol=1e-5 * np.abs(A.T @ A).max())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("method", ["SparseGPT", "Regression"])
+def test_nan_or_inf_in_the_batch_is_refused_before_any_trace(bad, method):
+    params, batch = _small_net()
+    batch["x"][3, 2] = bad
+    loss = _Counting(_small_loss)
+    with pytest.raises(ValueError, match=r"batch: NaN or inf in x \(1 of 256 entries\); the calibration examples "
+                                         r"must be finite"):
+        swapjax.prune_layerwise(loss, params, batch, method={"SparseGPT": layerwise.SparseGPT(),
+                                                             "Regression": None}[method], progress=False)
+    assert loss.calls == 0
+
+
+def test_non_finite_layer_inputs_name_the_layer():
+    """Finite params and batch, but a forward pass that overflows before Dense_1: a ValueError naming
+    Dense_1/kernel, after Dense_0 was solved (the inputs of a layer are known only from the pass)."""
+    params, batch = _small_net()
+
+    def overflowing(params, example):
+        h = jnp.exp(80.0 * (example["x"] @ params["Dense_0"]["kernel"]))  # inf for some examples in float32
+        return jnp.sum(h @ params["Dense_1"]["kernel"]) ** 2
+
+    with pytest.raises(ValueError, match=r"loss_fn: the inputs of layer Dense_1/kernel hold NaN or inf on the batch"):
+        swapjax.prune_layerwise(overflowing, params, batch, method=layerwise.SparseGPT(), progress=False)
+
+
+def _dead_layer(dead, seed=5, d_in=16, d_out=6):
+    A, W, H = _layer(seed, n=80, d_in=d_in, d_out=d_out, dead=dead)
+    return A, W.astype(np.float32), H.astype(np.float32)
+
+
+DEAD_METHODS = {"Wanda": layerwise.Wanda(), "SparseGPT": layerwise.SparseGPT(block=8),
+                "Refit": layerwise.Refit(layerwise.Wanda()), "Regression": layerwise.Regression()}
+
+
+@pytest.mark.parametrize("rule", [40, swapjax.NM(2, 4)], ids=["count", "2:4"])
+@pytest.mark.parametrize("method", DEAD_METHODS)
+def test_a_layer_whose_inputs_never_fire_becomes_zero_under_the_rule(method, rule):
+    """H = 0 (all-zero inputs): every method returns W = 0 with a mask that keeps the rule exactly (the
+    ties of zero scores to the lower index where the mask is a ranking). Regression used to raise
+    "X: ... overflow float32"; Refit returned NaN; Wanda kept the first inputs' weights."""
+    W = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)
+    w, mask = (np.asarray(a) for a in DEAD_METHODS[method].solve_layer(W, np.zeros((16, 16), np.float32), rule))
+    assert w.shape == mask.shape == (16, 6) and np.all(w == 0)
+    if isinstance(rule, swapjax.NM):
+        assert np.all(mask.reshape(4, 4, 6).sum(axis=1) == 2)
+    else:
+        assert mask.sum() == rule
+    if method in ("Wanda", "Refit"):  # Wanda's ranking of zeros: the lower inputs, per output unit
+        np.testing.assert_array_equal(mask, _wanda_reference(np.zeros((16, 6)), np.zeros((16, 16)), rule)[1])
+
+
+_DEAD = (0, 1, 2, 9)  # group 0 of 2:4 has three dead inputs: one of its two kept weights is a dead one
+
+
+@pytest.mark.parametrize("rule", [60, swapjax.NM(2, 4)], ids=["count", "2:4"])
+def test_dead_inputs_wanda_zeroes_their_weights(rule):
+    """Wanda on a layer with dead inputs (H_ii = 0): the published rule on W̄ with the dead inputs' weights
+    set to 0, as SparseGPT treats them: the dead weights a rule still keeps are 0 (they were W̄_i)."""
+    A, W, H = _dead_layer(_DEAD)
+    W0 = W.astype(np.float64).copy()
+    W0[list(_DEAD)] = 0
+    expected_w, expected_mask = _wanda_reference(W0, H.astype(np.float64), rule)
+    w, mask = (np.asarray(a) for a in layerwise.wanda(W, H, rule))
+    np.testing.assert_array_equal(mask, expected_mask)
+    np.testing.assert_array_equal(w, expected_w.astype(np.float32))
+    assert np.all(w[list(_DEAD)] == 0) and mask[list(_DEAD)].any() == isinstance(rule, swapjax.NM)
+
+
+@pytest.mark.parametrize("rule", [60, swapjax.NM(2, 4)], ids=["count", "2:4"])
+def test_dead_inputs_sparsegpt_matches_the_published_code(rule):
+    A, W, H = _dead_layer(_DEAD)
+    expected_w, expected_mask = _sparsegpt_reference(W.astype(np.float64), H.astype(np.float64), rule, block=8)
+    w, mask = (np.asarray(a) for a in layerwise.sparsegpt(W, H, rule, block=8))
+    np.testing.assert_array_equal(mask, expected_mask)
+    np.testing.assert_allclose(w, expected_w, rtol=1e-4, atol=1e-4 * np.abs(expected_w).max())
+    assert np.all(w[list(_DEAD)] == 0)
+
+
+@pytest.mark.parametrize("rule", [60, swapjax.NM(2, 4)], ids=["count", "2:4"])
+def test_dead_inputs_refit_solves_with_their_diagonal_one_and_weights_zero(rule):
+    """Refit on a layer with dead inputs, against float64 NumPy: H_ii = 1 and W̄_i = 0 for the dead ones,
+    damped by δ = percdamp·mean diag, each unit solved on its support: the dead weights kept are 0
+    (before, the damping alone made them W̄_i)."""
+    A, W, H = _dead_layer(_DEAD)
+    refit = layerwise.Refit(layerwise.Wanda(), percdamp=0.01)
+    w, mask = (np.asarray(a, np.float64) for a in refit.solve_layer(W, H, rule))
+    mask = mask.astype(bool)
+    np.testing.assert_array_equal(mask, np.asarray(layerwise.wanda(W, H, rule)[1]))
+    Hd, W0 = H.astype(np.float64), W.astype(np.float64)
+    Hd[list(_DEAD), list(_DEAD)] = 1
+    W0[list(_DEAD)] = 0
+    Hd += 0.01 * np.mean(np.diag(Hd)) * np.eye(16)
+    for j in range(W.shape[1]):
+        keep = mask[:, j]
+        expected = np.linalg.solve(Hd[np.ix_(keep, keep)], (Hd @ W0[:, j])[keep])
+        np.testing.assert_allclose(w[keep, j], expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+        assert np.all(w[~keep, j] == 0)
+    assert np.all(w[list(_DEAD)] == 0) and mask[list(_DEAD)].any() == isinstance(rule, swapjax.NM)
+
+
+@pytest.mark.parametrize("rule", [60, swapjax.NM(2, 4)], ids=["count", "2:4"])
+def test_dead_inputs_regression_keeps_the_rule_zeroes_them_and_beats_sparsegpt(rule):
+    """LR on the layer with dead inputs: the rule exactly, the dead weights 0 (the ridge term pulled them
+    to W̄_i before), and a reconstruction error ‖A(W − W̄)‖² no higher than SparseGPT's."""
+    A, W, H = _dead_layer(_DEAD)
+    w, mask = (np.asarray(a) for a in layerwise.Regression().solve_layer(W, H, rule))
+    w_gpt, _ = layerwise.SparseGPT().solve_layer(W, H, rule)
+    assert np.all(np.isfinite(w)) and np.all(w[~mask] == 0) and np.all(w[list(_DEAD)] == 0)
+    if isinstance(rule, swapjax.NM):
+        assert np.all(mask.reshape(4, 4, 6).sum(axis=1) == 2)
+    else:
+        assert mask.sum() == rule
+    err = lambda w: np.linalg.norm(A @ (np.asarray(w, np.float64) - W)) ** 2  # noqa: E731
+    assert err(w) <= err(w_gpt) * (1 + 1e-5)
+
+
+def test_the_driver_prunes_a_layer_whose_inputs_never_fire():
+    """All-zero calibration inputs under the default method: both layers W = 0 (the second's inputs are
+    tanh(0) = 0 too), the budget kept exactly; before, "X: ... overflow float32"."""
+    params, batch = _small_net()
+    batch = {"x": np.zeros_like(batch["x"])}
+    res = swapjax.prune_layerwise(_small_loss, params, batch, progress=False)
+    assert [r.kept for r in res.layers] == [24, 6] and [r.error for r in res.layers] == [0.0, 0.0]
+    for name in ("Dense_0", "Dense_1"):
+        assert np.all(np.asarray(res.params[name]["kernel"]) == 0)
+
+
+class _KeepAll(layerwise.LayerMethod):
+    def solve_layer(self, W, H, rule):
+        return jnp.asarray(W), jnp.ones(np.shape(W), bool)
+
+
+class _NaNs(layerwise.LayerMethod):
+    def solve_layer(self, W, H, rule):
+        w, mask = layerwise.wanda(W, H, rule)
+        return jnp.where(mask, jnp.nan, 0.0), mask
+
+
+class _Transposed(layerwise.LayerMethod):
+    def solve_layer(self, W, H, rule):
+        w, mask = layerwise.wanda(W, H, rule)
+        return w.T, mask.T
+
+
+class _DenseUnderMask(layerwise.LayerMethod):
+    def solve_layer(self, W, H, rule):
+        return jnp.asarray(W), layerwise.wanda(W, H, rule)[1]
+
+
+class _IntMask(layerwise.LayerMethod):
+    def solve_layer(self, W, H, rule):
+        w, mask = layerwise.wanda(W, H, rule)
+        return w, mask.astype(jnp.int32)
+
+
+class _FirstInputs(layerwise.LayerMethod):
+    """Keeps the layer's count, but as its first rows: 4 of 4 in the first group of each unit, 0 in the next."""
+
+    def solve_layer(self, W, H, rule):
+        mask = np.zeros(np.shape(W), bool)
+        mask.reshape(-1)[:W.size // 2] = True
+        return jnp.where(mask, W, 0), jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("method, constraint, message", [
+    (_KeepAll(), None, r"method: _KeepAll.solve_layer on layer Dense_0/kernel kept 48 weights; the layer's budget "
+                       r"is exactly 24"),
+    (_NaNs(), None, r"method: _NaNs.solve_layer on layer Dense_0/kernel returned 24 NaN or inf weights of 48"),
+    (_Transposed(), None, r"method: _Transposed.solve_layer on layer Dense_0/kernel returned W of shape \(6, 8\) and "
+                          r"a mask of shape \(6, 8\); expected both \(8, 6\) \(d_in, d_out\)"),
+    (_DenseUnderMask(), None, r"method: _DenseUnderMask.solve_layer on layer Dense_0/kernel returned 24 non-zero "
+                              r"weights where its mask prunes; pruned weights must be exactly 0"),
+    (_IntMask(), None, r"method: _IntMask.solve_layer on layer Dense_0/kernel returned a mask of dtype int32; "
+                       r"expected booleans"),
+    (_FirstInputs(), swapjax.NM(2, 4), r"method: _FirstInputs.solve_layer on layer Dense_0/kernel keeps 2:4 in 0 of "
+                                       r"its 12 groups of 4 inputs; every group must keep exactly 2"),
+])
+def test_the_driver_checks_every_methods_result(method, constraint, message):
+    params, batch = _small_net()
+    with pytest.raises(ValueError, match=message):
+        swapjax.prune_layerwise(_small_loss, params, batch, method=method, constraint=constraint, progress=False)
+
+
+def test_a_layer_that_would_keep_nothing_is_refused_before_any_trace():
+    """At 0.99 the 12-weight Dense_1 gets 0 of k = 1: refused, naming it, before loss_fn is called (it
+    raised "k: every group's count ... got k = 0 (global top-k)" after the first layer's solve). The
+    way out the message names, a budget of its own, then prunes both layers as given."""
+    params, batch = _small_net()
+    loss = _Counting(_small_loss)
+    with pytest.raises(ValueError, match=r"Dense_1/kernel \(6, 2\) would keep 0 weights .*lower the sparsity"):
+        swapjax.prune_layerwise(loss, params, batch, sparsity=0.99, progress=False)
+    assert loss.calls == 0
+    own = swapjax.LayerBudgets({"Dense_0/kernel": 0.98, "Dense_1/kernel": 0.9})  # round(0.96) and round(1.2)
+    res = swapjax.prune_layerwise(loss, params, batch, method=layerwise.Wanda(), constraint=own, progress=False)
+    assert [r.kept for r in res.layers] == [1, 1]
+
+
+def test_a_mapping_of_layer_sparsities_is_taken_as_given():
+    """LayerBudgets({path: 0.25, ...}) without a sparsity: each layer keeps 75 % (36 of 48, 9 of 12), not
+    the default 0.5's half; a sparsity that disagrees with the mapping's mean is refused before any trace."""
+    params, batch = _small_net()
+    given = swapjax.LayerBudgets({"Dense_0/kernel": 0.25, "Dense_1/kernel": 0.25})
+    res = swapjax.prune_layerwise(_small_loss, params, batch, method=layerwise.Wanda(), constraint=given,
+                                  progress=False)
+    assert [r.kept for r in res.layers] == [36, 9] and res.summary()["total"]["sparsity"] == 0.25
+    loss = _Counting(_small_loss)
+    with pytest.raises(ValueError, match=r"sparsity: 0.5 disagrees with the mapping's size-weighted mean 0.25"):
+        swapjax.prune_layerwise(loss, params, batch, sparsity=0.5, constraint=given, progress=False)
+    assert loss.calls == 0
+
+
+@pytest.mark.parametrize("case", ["ragged error", "class", "global top-k", "nan params", "bad select"])
+def test_argument_errors_come_before_any_trace(case):
+    params, batch = _small_net()
+    kwargs, error, message = {}, ValueError, None
+    if case == "ragged error":
+        kwargs["constraint"] = swapjax.NM(2, 4, ragged="error")
+        message = r"NM: Dense_1/kernel \(6, 2\) sums over 6 inputs"
+    elif case == "class":
+        kwargs["method"], error, message = layerwise.Wanda, TypeError, r"method: got the class Wanda; pass an instance"
+    elif case == "global top-k":
+        kwargs["constraint"], message = swapjax.TopK(), "constraint: layer by layer needs a budget per layer"
+    elif case == "nan params":
+        params["Dense_1"]["kernel"][0, 0] = np.nan
+        message = r"params: NaN or inf in Dense_1/kernel \(1 of 12 entries\)"
+    else:
+        kwargs["select"], message = (lambda path, leaf: False), "select: no prunable leaf was selected"
+    loss = _Counting(_small_loss)
+    with pytest.raises(error, match=message):
+        swapjax.prune_layerwise(loss, params, batch, progress=False, **kwargs)
+    assert loss.calls == 0
+
+
+def _leftovers_params():
+    rng = np.random.default_rng(3)
+    f = lambda *s: (rng.normal(size=s) / np.sqrt(s[0])).astype(np.float32)  # noqa: E731
+    return {"a": {"kernel": f(8, 8)}, "b": {"kernel": f(6, 8)}, "tied": {"kernel": f(8, 8)},
+            "scaled": {"kernel": f(8, 8)}, "unused": {"kernel": f(8, 8)}, "head": {"kernel": f(8, 4)}}
+
+
+def _leftovers_loss(params, example):
+    h = jnp.tanh(example["x"] @ params["a"]["kernel"])
+    h = jnp.concatenate([h[:6] @ params["b"]["kernel"], h[6:]])[:8]  # b: 6 inputs, ragged for 2:4
+    h = jnp.tanh(h @ params["tied"]["kernel"])
+    h = jnp.tanh(h @ params["tied"]["kernel"])  # used twice
+    h = h @ (2.0 * params["scaled"]["kernel"])  # not a layer's kernel as it is
+    return jnp.sum((h @ params["head"]["kernel"]) ** 2)
+
+
+def test_the_progress_line_names_every_leaf_left_dense_and_why(capsys):
+    params = _leftovers_params()
+    batch = {"x": np.random.default_rng(4).normal(size=(16, 8)).astype(np.float32)}
+    res = swapjax.prune_layerwise(_leftovers_loss, params, batch, method=layerwise.Wanda(), constraint=swapjax.NM(2, 4),
+                                  select=lambda path, leaf: path != "head/kernel")
+    assert [r.name for r in res.layers] == ["a/kernel"]
+    line = capsys.readouterr().err.splitlines()[0]
+    assert line.startswith("[swapjax] Wanda layer by layer (sequential): 1 layers, N=16 examples, 2:4; left dense: ")
+    dense = line.split("; left dense: ", 1)[1]
+    assert dense == ("b/kernel (ragged for 2:4: 6 inputs, not a multiple of 4), "
+                     "scaled/kernel (used otherwise than as one layer's kernel: tied, scaled, in a scan or in a "
+                     "regulariser), tied/kernel (used by 2 layers (tied or shared)), unused/kernel (not used by "
+                     "loss_fn), head/kernel (left out by select)"), dense
+    for name in ("b", "tied", "scaled", "unused", "head"):
+        np.testing.assert_array_equal(res.params[name]["kernel"], params[name]["kernel"])
+
+
+def _stack_loss(params, example):
+    h = example["x"]
+    for name in sorted(params):
+        h = jnp.tanh(h @ params[name]["kernel"])
+    return jnp.sum(h ** 2)
+
+
+def _stack(depth, seed=0):
+    """In 11 → 13, then ``depth`` layers 13 → 13, then 13 → 7: three layer shapes, two input widths.
+    Dimensions no other test uses, so the compilations counted are this test's."""
+    rng = np.random.default_rng(seed)
+    dims = [11] + [13] * (depth + 1) + [7]
+    return {f"Dense_{i:02d}": {"kernel": (rng.normal(size=(a, b)) / np.sqrt(a)).astype(np.float32)}
+            for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))}
+
+
+class _Traces:
+    """Counts the traces of each jitted function by name (JAX's monitoring events), in a ``with`` block.
+    A trace precedes every compilation (even one read back from a persistent compilation cache)."""
+
+    def __enter__(self):
+        self.counts = collections.Counter()
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self.counts
+
+    def _listen(self, event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            self.counts[kwargs.get("fun_name")] += 1
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+@pytest.mark.parametrize("method", ["Wanda", "SparseGPT"])
+def test_compilations_are_per_layer_shape_not_per_layer(method):
+    """A network whose layers repeat three shapes (two input widths): the Gram function is traced and
+    compiled once per input width whatever the depth, the solve once per layer shape, and a deeper network
+    with the same shapes compiles no solve at all. Before, each layer's Gram compiled a function of its own
+    and SparseGPT one per kept count."""
+    spec = {"Wanda": layerwise.Wanda(), "SparseGPT": layerwise.SparseGPT()}[method]
+    batch = {"x": np.random.default_rng(1).normal(size=(20, 11)).astype(np.float32)}
+    grams, solves = [], []
+    for depth in (2, 5):
+        with _Traces() as traces:  # a new loss function: its Grams compile anew
+            res = swapjax.prune_layerwise(lambda p, ex: _stack_loss(p, ex), _stack(depth), batch, sparsity=0.5,
+                                          method=spec, progress=False)
+        assert len(res.layers) == depth + 2
+        grams.append(traces["_chunk_gram"])
+        solves.append(traces[f"_{method.lower()}"])
+    assert grams == [2, 2], grams
+    assert solves[1] == 0 and solves[0] <= 3, solves  # 11×13, 13×13, 13×7 (fewer where an earlier test compiled one)

@@ -236,13 +236,14 @@ class Constraint(abc.ABC):
     def check(self, lay, sparsity: Optional[float], w=None) -> float:
         """The final sparsity s, once checked from the layout alone (before any gradient) that the
         constraint can be met there: ValueError where its groups at s do not partition the p prunable
-        weights, keep none, or keep all p at s > 0 (nothing would be pruned). ``sparsity`` None: the
-        constraint's own (a :class:`LayerBudgets` mapping's mean). A constraint that ``needs_fisher``
-        is resolved at each stage only: a subclass checks here what the layout decides."""
+        weights, keep none, or keep all p where round((1 − s)·p) < p (the constraint would prune
+        nothing). ``sparsity`` None: the constraint's own (a :class:`LayerBudgets` mapping's mean). A
+        constraint that ``needs_fisher`` is resolved at each stage only: a subclass checks here what the
+        layout decides."""
         sparsity = checks.sparsity(sparsity)
         if not self.needs_fisher:
             groups = check_groups(self.resolve(lay, sparsity, w), lay.size)
-            if sparsity > 0 and int(groups.k) == lay.size:
+            if int(groups.k) == lay.size and kept_count(sparsity, lay.size) < lay.size:
                 raise ValueError(f"constraint: {self.label} keeps all p = {lay.size} prunable weights at sparsity "
                                  f"{sparsity:g}: nothing would be pruned; raise the sparsity or change the constraint")
         return sparsity

@@ -138,15 +138,27 @@ def prune(
     7 before the last choosing λ alone (``method.without_search()``), the last
     the whole path, and returns the better of the gradual and the one-shot
     network by held-out loss: never worse than one-shot on those examples, at
-    a median 4.5× (an MLP) to 6.2× (a ViT) the one-shot call's time. With
-    ``finetune``, it is 8 stages, fine-tuned between them. For any other method
-    (Magnitude, WoodFisher, a fixed λ) it is one stage.
-    ``stages=1`` is always the one-shot prune of the papers.
+    a median 4.5× (an MLP) to 6.2× (a ViT) the one-shot call's time. Where X
+    is not held in memory (``mode`` "blocked" or "matrix-free", chosen or
+    given) every stage recomputes the gradients block by block or product by
+    product, so ``"auto"`` stays one-shot there and says so (``stages=8``
+    asks for the gradual prune). With ``finetune``, it is 8 stages, fine-tuned
+    between them. For any other method (Magnitude, WoodFisher, a fixed λ) it
+    is one stage. ``stages=1`` is always the one-shot prune of the papers.
+    Each stage's progress line gives its time.
 
-    Every argument is checked (types included) before any gradient is
-    computed; a wrong one is a ValueError naming it (a method class instead of
-    an instance is a TypeError). NaN or inf in ``params`` names the leaf, a NaN
-    or inf loss value names the examples.
+    Every argument is checked (types included; a 0-d array is the number it
+    holds) before any gradient is computed; a wrong one is a ValueError naming
+    it (a method class instead of an instance is a TypeError). That includes
+    what the layout decides (``constraint.check``): a ``LayerBudgets``
+    mapping's paths and its mean against ``sparsity``, ``max_sparsity``, N:M
+    axes and ragged leaves, a layer left with 0 weights, a constraint that
+    would prune nothing; and the signatures of ``finetune`` and a ``noise``
+    function. NaN or inf in ``params`` names the leaf, a NaN or inf loss value
+    names the examples. Every method's result is checked too
+    (``swapjax.contract.check_result``: a finite w of shape (p,), zero off
+    a support that keeps exactly the constraint's counts), else a ValueError
+    names the method.
 
     Args:
         loss_fn: ``loss_fn(params, example) -> scalar`` for ONE example, without
@@ -157,9 +169,12 @@ def prune(
         batch: pytree of arrays with a common leading axis N, the examples of
             the Fisher (the rows of X).
         sparsity: the final fraction of prunable weights set to zero, in [0, 1)
-            (default 0.9; with ``NM(n, m)``, 1 − n/m, and any other value is a ValueError).
+            (default 0.9; with ``NM(n, m)``, 1 − n/m, and any other value is a ValueError;
+            with a ``LayerBudgets`` mapping {path: s_l}, its size-weighted mean
+            Σ_l s_l·p_l/p, and a value that disagrees is a ValueError).
         method (object): ``SWAP()`` (default), ``LR()``, ``Magnitude()``,
-            ``WoodFisher()``, or any object with ``solve(X, w_bar, k)``.
+            ``WoodFisher()``, or an instance of a subclass of
+            ``swapjax.Method`` (:mod:`swapjax.contract`).
         constraint: which supports are allowed (:mod:`swapjax.constraints`):
             ``TopK()`` (default: the k largest over all prunable weights),
             ``LayerBudgets("uniform" | "erk" | "owl" | {path: sparsity}, max_sparsity=...)``
@@ -169,20 +184,28 @@ def prune(
             method keeps exactly its counts.
         stages: ``"auto"`` (default; see "The schedule" above), an int T (the
             cubic schedule with T stages; 1 = the one-shot prune of the papers)
-            or a sequence of sparsities s_1 ≤ … ≤ s_T ending at ``sparsity``.
+            or a sequence of sparsities s_1 ≤ … ≤ s_T ending at ``sparsity``;
+            at most ``swapjax.checks.MAX_STAGES`` = 1000 stages. A stage that
+            keeps every weight (the cubic schedule's first, s_1 = 0) is skipped.
         select: None (the kernels, see above) or ``select(path, leaf) ->
             bool`` narrowing that rule; wrap it in ``swapjax.allow_vectors`` to
             allow any leaf.
         key: a ``jax.random.key``; needed with ``noise``.
-        noise: a ``swapjax.GradientNoise`` added to X at every stage.
+        noise: a ``swapjax.GradientNoise`` added to X at every stage, or a
+            function ``noise(X, key) -> X``: called once before any gradient
+            on a (min(N, 4), p) matrix of standard normal entries, and its
+            output checked (shape, finite) there and at every stage.
         anchor: w̄ of each stage's problem (one stage: the dense weights either
             way). ``"current"`` resets w̄ to the stage's starting weights w_t,
             where X is measured, so the quadratic model is centred where its
             curvature is taken (CHITA++); ``"dense"`` keeps w̄ = the dense
             weights at every stage (the published SWAP setting).
         finetune: ``finetune(params, masks, stage) -> params``, run after each
-            stage but the last (``swapjax.make_finetune_hook`` builds one);
-            its result is masked again and checked for NaN.
+            stage but the last that prunes (``swapjax.make_finetune_hook``
+            builds one); its signature is checked before any gradient, its
+            result (structure, shapes, NaN) after each call, then masked again.
+            A schedule where it would never run (``stages=1``; ``stages=2``,
+            whose first stage keeps every weight) is a UserWarning.
         val_batch: held-out examples for the selection of λ and ε, like
             ``batch`` (any N). Pass it when you have more examples than the
             N of X: without it a fifth of ``batch`` leaves X for the selection.

@@ -326,14 +326,31 @@ def test_property_every_method_constraint_and_mode_on_random_trees(seed, c_in, c
     before, batch_before = (jax.tree_util.tree_map(np.copy, t) for t in (params, batch))
     spec = PROPERTY_CONSTRAINTS[constraint]
     nm = isinstance(spec, swapjax.NM)
-    res = swapjax.prune(_net_loss, params, batch, sparsity=None if nm else sparsity, method=METHODS[method],
-                        constraint=spec, stages=stages, progress=False,
-                        mode=swapjax.Blocked(width, budget) if mode == "blocked" else mode)  # blocks cut layers and groups
+    lay = pytree.layout(params)
+    sizes = [int(np.prod(shape)) for shape in lay.shapes]
+    call = lambda: swapjax.prune(_net_loss, params, batch, sparsity=None if nm else sparsity,  # noqa: E731
+                                 method=METHODS[method], constraint=spec, stages=stages, progress=False,
+                                 mode=swapjax.Blocked(width, budget) if mode == "blocked" else mode)
+    # blocks cut layers and groups
+    if nm and all(int(np.prod([shape[a] for a in _REDUCTION[name.split("/")[0]]])) % spec.m
+                  for name, shape in zip(lay.names, lay.shapes)):  # every kernel ragged: an error, nothing pruned
+        with pytest.raises(ValueError, match=f"constraint: {spec.label} leaves every prunable leaf dense"):
+            call()
+        return
+    if constraint == "uniform" and 0 in swapjax.baselines.layer_quotas(swapjax.kept_count(sparsity, lay.size), sizes):
+        with pytest.raises(ValueError, match="would keep 0 weights"):  # a layer left with no weight: an error
+            call()
+        return
+    try:
+        res = call()
+    except ValueError as error:  # ERK and OWL may leave the smallest leaf none at a high sparsity: named
+        if constraint not in ("erk", "owl") or "would keep 0 weights" not in str(error):
+            raise
+        return
     for original, kept in ((params, before), (batch, batch_before)):  # inputs unmutated
         jax.tree_util.tree_map(np.testing.assert_array_equal, original, kept)
     assert res.mode == mode
     np.testing.assert_array_equal(res.params["Dense_0"]["bias"], params["Dense_0"]["bias"])
-    lay = pytree.layout(params)
     total = 0
     for name, axes in _REDUCTION.items():
         mask, w = np.asarray(res.masks[name]["kernel"]), np.asarray(res.params[name]["kernel"])
@@ -513,3 +530,23 @@ def test_prune_layerwise_names_a_layer_left_with_no_weight(two_layers):
     params, batch = two_layers
     with pytest.raises(ValueError, match=r"LayerBudgets: at sparsity 0.99 .*Dense_1/kernel \(6, 2\) would keep 0"):
         swapjax.prune_layerwise(_two_layer_loss, params, batch, sparsity=0.99, progress=False)
+
+
+class _KeepsAll(C.Constraint):
+    """A user constraint that keeps every weight whatever the sparsity."""
+
+    label = "keeps all"
+
+    def resolve(self, lay, sparsity, w=None, col_sq=None):
+        return swapjax.Groups(jnp.array([lay.size], jnp.int32), jnp.zeros(lay.size, jnp.int32), self.label)
+
+
+def test_a_constraint_that_prunes_nothing_is_an_error_before_any_gradient(two_layers):
+    params, batch = two_layers
+    with pytest.raises(ValueError, match=r"constraint: keeps all keeps all p = 60 prunable weights at sparsity 0.5: "
+                                         r"nothing would be pruned"):
+        swapjax.prune(_forbidden_loss, params, batch, sparsity=0.5, method=swapjax.Magnitude(), constraint=_KeepsAll(),
+                      progress=False)
+    # a sparsity whose k = round((1 − s)·p) is p prunes nothing as asked: no error
+    lay = pytree.layout(params)
+    assert C.TopK().check(lay, 0.005) == 0.005 and C.LayerBudgets().check(lay, 0.0) == 0.0

@@ -48,6 +48,7 @@ class Tap:
     params: dict
     kernel_pos: int  # which operand of ``primitive`` is the kernel
     out: jax.ShapeDtypeStruct  # y for ONE example
+    operand: int = -1  # equal for taps whose other operand x is the same value (q, k and v of one input)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class _Trace:
     taps: list = field(default_factory=list)
     other_use: set = field(default_factory=set)  # leaves with a use that is not a tap
     captured: list = field(default_factory=list)  # the non-kernel operand x of each tap (run)
+    operands: list = field(default_factory=list)  # the distinct non-kernel operands seen (discovery)
 
 
 # ---------------------------------------------------------------- the interpreter
@@ -143,8 +145,12 @@ def _tap(eqn, invals, k, trace):
     (y,) = _bind(eqn, invals)
     if trace.perts is None:
         aval = eqn.outvars[0].aval
+        x = invals[1 - pos]
+        operand = next((i for i, seen in enumerate(trace.operands) if seen is x), len(trace.operands))
+        if operand == len(trace.operands):
+            trace.operands.append(x)
         trace.taps.append(Tap(leaf, chain, eqn.primitive, dict(eqn.params), pos,
-                              jax.ShapeDtypeStruct(aval.shape, aval.dtype)))
+                              jax.ShapeDtypeStruct(aval.shape, aval.dtype), operand))
         return y
     i = len(trace.captured)
     trace.captured.append(invals[1 - pos])

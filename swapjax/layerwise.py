@@ -495,14 +495,17 @@ def prune_layerwise(
     leaves, treedef = jax.tree_util.tree_flatten(params)
     position = [i for i, chosen in enumerate(lay.selected) if chosen]  # prunable leaf l = leaves[position[l]]
     layers, reasons = _layers(loss_fn, leaves, treedef, batch, position)
-    rules, rows_shape = {}, {}
-    for tap_index, leaf, shape in layers:
+    rules, rows_shape, source = {}, {}, {}
+    for tap_index, leaf, shape, rows_key in layers:
         l = position.index(leaf)
         if lay.names[l] in ragged:
             reasons[leaf] = f"ragged for {constraint.label}: {shape[1]} inputs, not a multiple of {constraint.m}"
         else:
             rules[tap_index] = constraint if isinstance(constraint, NM) else int(counts[l])
             rows_shape[tap_index] = shape
+            # layers fed the same rows A (q, k and v of one input) share one Gram: A precedes them all in the
+            # forward pass, so pruning any of them leaves it unchanged
+            source[tap_index] = next((t for t, _, _, key in layers if key == rows_key and t in rules), tap_index)
     dense = [f"{lay.names[position.index(leaf)]} ({why})" for leaf, why in sorted(reasons.items())]
     dense += [f"{name} (left out by select)" for name in _left_out_by_select(params, lay, select)]
     log(f"{type(method).__name__} layer by layer ({'sequential' if sequential else 'from the dense network'}): "
@@ -513,19 +516,21 @@ def prune_layerwise(
     gram = partial(_grams, loss_fn, treedef, batch, tuple(position), chunk_size)
     # one compiled Gram per shape of the input rows: the layer is an argument, the same-shaped layers a group
     groups = {}
-    for tap_index in rules:
+    for tap_index in sorted(set(source.values())):
         groups.setdefault(rows_shape[tap_index], []).append(tap_index)
-    grams = None if sequential else gram(current, tuple(rules))
+    last_use = {source[t]: t for t in rules}
+    grams = {} if sequential else gram(current, tuple(sorted(set(source.values()))))
     reports, masks = [], {}
-    for tap_index, leaf, _ in layers:
+    for tap_index, leaf, _, _ in layers:
         if tap_index not in rules:
             continue
         name = lay.names[position.index(leaf)]
-        if sequential:
+        if source[tap_index] not in grams:  # sequential: from the network pruned up to this layer
             group = tuple(groups[rows_shape[tap_index]])
-            H, rows = gram(current, group, group.index(tap_index))
-        else:
-            H, rows = grams[tap_index]
+            grams[source[tap_index]] = gram(current, group, group.index(source[tap_index]))
+        H, rows = grams[source[tap_index]]
+        if sequential and last_use[source[tap_index]] == tap_index:
+            del grams[source[tap_index]]  # memory: only the Grams still to be shared are kept
         if not bool(jnp.all(jnp.isfinite(H))):
             raise ValueError(f"loss_fn: the inputs of layer {name} hold NaN or inf on the batch (or their Gram AᵀA "
                              f"overflows {H.dtype}){' after the layers before it were pruned' if sequential else ''}; "
@@ -615,9 +620,10 @@ _OTHER_USE = "used otherwise than as one layer's kernel: tied, scaled, in a scan
 
 
 def _layers(loss_fn, leaves, treedef, batch, position):
-    """([(tap index, leaf index, (rows per example, d_in)) of each prunable kernel used once by a plain layer,
-    in forward order], {leaf index: why it is left dense} for the other prunable kernels), from a trace of the
-    loss on one example."""
+    """([(tap index, leaf index, (rows per example, d_in), rows key) of each prunable kernel used once by a
+    plain layer, in forward order], {leaf index: why it is left dense} for the other prunable kernels), from a
+    trace of the loss on one example. Layers with equal rows keys have the same rows A: one input x, taken
+    apart the same way."""
     first = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[0], batch)
     pl = layer_grads.plan(_loss_of_leaves(loss_fn, treedef), leaves, first, position, True)
     uses = {}
@@ -633,13 +639,23 @@ def _layers(loss_fn, leaves, treedef, batch, position):
             reasons[tap.leaf] = ("not a plain dense or convolution kernel (batched axes, feature groups, or "
                                  "reshaped before use)")
         else:
-            layers.append((t, tap.leaf, tuple(rows.shape)))
+            layers.append((t, tap.leaf, tuple(rows.shape), _rows_key(tap, np.shape(leaves[tap.leaf]))))
     for leaf in position:
         if leaf not in pl.fast:
             reasons[leaf] = _OTHER_USE
         elif leaf not in uses:
             reasons[leaf] = "not used by loss_fn"
     return layers, reasons
+
+
+def _rows_key(tap, kernel_shape):
+    """What A depends on besides x: the product's layout (its precision aside) and a convolution's window."""
+    params = tuple(sorted((k, repr(v)) for k, v in tap.params.items()
+                          if k not in ("precision", "preferred_element_type", "out_sharding")))
+    window = ()
+    if tap.primitive.name == "conv_general_dilated":
+        window = tuple(int(kernel_shape[i]) for i in tap.params["dimension_numbers"].rhs_spec[2:])
+    return tap.operand, tap.primitive.name, params, window
 
 
 def _grams(loss_fn, treedef, batch, position, chunk_size, leaves, taps, index=None) -> dict:

@@ -757,3 +757,30 @@ def test_compilations_are_per_layer_shape_not_per_layer(method):
         solves.append(traces[f"_{method.lower()}"])
     assert grams == [2, 2], grams
     assert solves[1] == 0 and solves[0] <= 3, solves  # 11×13, 13×13, 13×7 (fewer where an earlier test compiled one)
+
+
+class _Attention(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # x: (T, 8)
+        h = x + nn.SelfAttention(num_heads=2, name="attn")(x[None])[0]
+        return nn.Dense(8, name="fc")(jnp.tanh(h))
+
+
+def test_projections_of_one_input_share_one_gram(monkeypatch):
+    """q, k and v read the same rows A: sequential pruning computes their Gram once (pruning q cannot change
+    the input it reads), so the five layers take three Gram passes; the result is the same as from a Gram
+    per layer (sequential=False computes each from the dense network, which for q, k, v is the same A)."""
+    x = np.random.default_rng(2).normal(size=(12, 5, 8)).astype(np.float32)
+    model = _Attention()
+    params = model.init(jax.random.key(0), x[0])["params"]
+    loss = lambda p, ex: jnp.sum(model.apply({"params": p}, ex["x"]) ** 2)  # noqa: E731
+    calls = []
+    grams = layerwise._grams
+    monkeypatch.setattr(layerwise, "_grams", lambda *a, **k: calls.append(a[6]) or grams(*a, **k))
+    res = swapjax.prune_layerwise(loss, params, {"x": x}, method=layerwise.Wanda(), progress=False)
+    assert [r.name for r in res.layers] == ["attn/query/kernel", "attn/key/kernel", "attn/value/kernel",
+                                            "attn/out/kernel", "fc/kernel"]
+    assert len(calls) == 3, calls
+    dense = swapjax.prune_layerwise(loss, params, {"x": x}, method=layerwise.Wanda(), sequential=False, progress=False)
+    for name in ("query", "key", "value"):
+        np.testing.assert_array_equal(res.masks["attn"][name]["kernel"], dense.masks["attn"][name]["kernel"])

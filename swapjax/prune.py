@@ -308,20 +308,21 @@ def prune(
                                block_width=None if blocked is None else blocked.width)
     hold = holding.choose(mode, method, noise, estimate, devices)
     stage_method = {}  # stage → the method of its solve where it is not ``method``
-    one_shot_only = ""
+    auto_note = ""
     if levels is None:  # "auto": gradual where one-shot is compared with it on held-out loss, or fine-tuned
         compared = selects and val_batch is not None and finetune is None
-        count, one_shot_only = schedules.auto(compared, finetune is not None, hold.mode)
+        count, auto_note = schedules.auto(compared, finetune is not None, hold.mode)
         levels = schedules.resolve(count, sparsity)
         if compared and count > 1:  # the stages before the last: the method's cheaper variant (LR, SWAP: λ alone)
             stage_method = dict.fromkeys(range(1, len(levels)), method.without_search())
-    if finetune is not None and schedules.idle_hook(levels, p):
-        warnings.warn(schedules.idle_hook(levels, p), UserWarning, stacklevel=2)
+    idle = schedules.idle_hook(levels, p) if finetune is not None else ""
+    if idle:  # a hook that no stage before the last would call
+        warnings.warn(idle, UserWarning, stacklevel=2)
     log(f"{type(method).__name__}: N={n} examples"
         + (f" (+{batch_size(val_batch)} held out)" if val_batch is not None else "")
         + f", p={p} prunable weights, {len(levels)} stage(s), X {hold.describe(p)}")
-    if one_shot_only:
-        log(one_shot_only)
+    if auto_note:
+        log(auto_note)
     log(f"pruning {lay.describe()}" + ("" if isinstance(constraint, TopK) else f" under {constraint.label}"))
     if isinstance(constraint, NM) and constraint.ragged_leaves(lay):
         log(f"{constraint.label}: left dense, their inputs not a multiple of {constraint.m}: "

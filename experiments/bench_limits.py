@@ -168,7 +168,7 @@ def main(argv=None) -> None:
         "vm_before_prune": before, "vm_after": after,
         "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
         "total_seconds": round(time.perf_counter() - t_start, 1),
-        "stderr_swapjax": [line for line in text.splitlines() if "does not fit" in line or "stage(s)" in line],
+        "stderr_swapjax": [line for line in text.splitlines() if any(s in line for s in ("does not fit", "stage(s)", "stages=", "stage 1/"))],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")

@@ -55,8 +55,8 @@ MEMORY_FRACTION = 0.75
 COMFORT_FRACTION = 0.5
 #: Address space (VmSize) a prune takes beyond the resident memory it adds, on a CPU under JAX (the
 #: allocator's arenas and buffers reserved before they are touched), kept out of what RLIMIT_AS leaves.
-#: Measured on MLPs (one-shot SWAP, 2 cores, docs/scale.md): 0.0–0.06 GiB in memory and matrix-free,
-#: 0.29–0.75 GiB in blocks.
+#: Measured on MLPs of 0.9M–10M weights (one-shot SWAP, 2 cores, docs/scale.md): 0.0–0.29 GiB in memory
+#: and matrix-free, 0.29–0.75 GiB in blocks.
 ADDRESS_SPACE_RESERVE = 1 << 30
 #: A cgroup v1 "no limit" (PAGE_COUNTER_MAX) and anything above it.
 _NO_LIMIT = 1 << 60

@@ -45,7 +45,7 @@ class Holding:
     mode: str
     devices: Optional[tuple] = None
     blocked: Optional[blocks.Blocked] = None  # with the width resolved, where mode is "blocked"
-    # for the error when memory runs out anyway: the figures, the modes that could replace this one, the mode asked
+    # for the error when memory runs out anyway: the figures, the other modes open here, the mode asked
     estimate: Optional[memory.Estimate] = field(default=None, compare=False)
     others: tuple = field(default=(), compare=False)
     asked: object = field(default=None, compare=False)
@@ -88,7 +88,8 @@ class Holding:
     @contextlib.contextmanager
     def out_of_memory(self, during: str, p: int):
         """Re-raise running out of memory (:func:`is_out_of_memory`) as a MemoryError that names the mode,
-        how it was chosen, the estimate and the ways out (``mode=``, narrower blocks, a smaller N or chunk)."""
+        how it was chosen, the estimate and the ways out (``mode=`` where its estimated peak is lower,
+        narrower blocks, a smaller N or chunk)."""
         try:
             yield
         except Exception as e:  # noqa: BLE001  (only memory errors are replaced; the rest re-raised as they are)
@@ -102,10 +103,14 @@ class Holding:
         gb = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
         chosen = "chosen by mode='auto'" if self.asked == "auto" else f"mode={self.asked!r}" if self.asked else ""
         ways = []
-        for way in self.others:
-            figure = {"in-memory": est and est.in_memory, "blocked": est and est.blocked,
-                      "matrix-free": est and est.matrix_free}[way]
-            ways.append(f"mode={way!r}" + (f" (estimated {gb(figure)})" if figure else ""))
+        peak = {} if est is None else {"in-memory": est.in_memory, "blocked": est.blocked, "matrix-free": est.matrix_free}
+        for way in self.others:  # the modes open here with a lower estimated peak than this one
+            if not peak:
+                ways.append(f"mode={way!r}")
+            elif peak[way] < peak[self.mode]:
+                ways.append(f"mode={way!r} (estimated {gb(peak[way])})")
+            elif way == "blocked" and self.mode == "in-memory":  # the widest blocks were X whole: two blocks
+                ways.append(f"X in blocks (mode=swapjax.Blocked(width={-(-p // 2):,}))")
         if self.mode == "blocked":
             ways.insert(0, f"narrower blocks (mode=swapjax.Blocked(width={max(1, self.blocked.width // 2):,}))")
         ways += ["a smaller N (fewer examples)", "a smaller chunk_size (examples per chunk of gradients)",

@@ -229,7 +229,9 @@ def test_auto_mode_never_goes_matrix_free_when_sharded():
 def test_auto_mode_switches_to_matrix_free_when_X_does_not_fit(trained_mlp, prune_batch, monkeypatch, capsys):
     est = memory.estimate(mlp_loss, trained_mlp, prune_batch, pytree.layout(trained_mlp), 128)
     assert est.matrix_free < est.in_memory  # N·a < N·p·b here
-    monkeypatch.setattr(memory, "available_bytes", lambda device=None: (est.in_memory + est.matrix_free) // 2)
+    available = int(est.matrix_free / memory.MEMORY_FRACTION) + 1
+    assert est.in_memory > available
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: available)
     res = swapjax.prune(mlp_loss, trained_mlp, prune_batch, sparsity=0.8, method=fixed_lr(), progress=False)
     assert res.mode == "matrix-free"
     assert "does not fit in memory" in capsys.readouterr().err

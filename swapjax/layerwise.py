@@ -427,7 +427,8 @@ def prune_layerwise(
 
     ``constraint``: a per-layer budget (default ``LayerBudgets()``, uniform at ``sparsity``, 0.5 by
     default; ``"erk"``; or a mapping {path: s_l}, taken as given: ``sparsity`` may be left out; not
-    OWL, which needs the Fisher) or ``NM(n, m)`` along the inputs. Memory: one chunk's activations and the layer's d_in × d_in Gram, never N×p.
+    OWL, which needs the Fisher) or ``NM(n, m)`` along the inputs. Memory: one chunk's activations
+    and the layer's d_in × d_in Gram, never N×p.
 
     Kernels of any float dtype: a bfloat16 or float16 kernel cast to the inputs' dtype before its
     product (Flax's dtype promotion) is a layer like any other; H is accumulated in float32, the
@@ -437,16 +438,18 @@ def prune_layerwise(
     Checked before ``loss_fn`` is first called (ValueError): the arguments, NaN or inf in ``params``
     or in ``batch``, the constraint on the layout (``Constraint.check``: a mapping's paths,
     ``NM(..., ragged="error")``, and a layer whose budget would keep 0 weights, an error naming it:
-    lower the sparsity, give it a budget of its own or leave it out with ``select``). During the run: a layer whose inputs hold NaN or inf (or whose Gram
-    overflows float32) is a ValueError naming it, and every ``method``'s result is checked (shape,
-    a boolean mask, finite, pruned weights exactly 0, the rule kept exactly): a ValueError naming the
-    method and the layer otherwise. The progress line names every prunable leaf left dense and why:
-    left out by ``select``, ragged for N:M, used in another way than as one plain layer's kernel
-    (tied, scaled, in a scan, a grouped convolution), or not used by ``loss_fn``.
+    lower the sparsity, give it a budget of its own or leave it out with ``select``). During the
+    run: a layer whose inputs hold NaN or inf (or whose Gram overflows float32) is a ValueError
+    naming it, and every ``method``'s result is checked (shape, a boolean mask, finite, pruned
+    weights exactly 0, the rule kept exactly): a ValueError naming the method and the layer otherwise.
+    The progress line names every prunable leaf left dense and why: left out by ``select``, ragged
+    for N:M, used otherwise than as one plain layer's kernel (tied, scaled, in a scan, a grouped
+    convolution), or not used by ``loss_fn``.
 
     Compilation: the Grams are computed by one compiled function per distinct shape of a layer's
-    input rows (the layer chosen by an argument), and each method's solve is compiled once per
-    layer shape, so a network whose layers repeat a few shapes compiles a few functions.
+    input rows (the layer chosen by an argument; each call runs the whole forward pass), and each
+    method's solve is compiled once per layer shape, so a network whose layers repeat a few shapes
+    compiles a few functions. Layers that read the same rows (q, k and v of one input) share one Gram.
 
     Returns a :class:`swapjax.PruneResult` with ``mode="layer-wise"``, no stages, and ``layers``: a
     :class:`LayerReport` per pruned layer (its error measured on the inputs it was solved for).
@@ -531,7 +534,7 @@ def prune_layerwise(
         H, rows = grams[source[tap_index]]
         if sequential and last_use[source[tap_index]] == tap_index:
             del grams[source[tap_index]]  # memory: only the Grams still to be shared are kept
-        if not bool(jnp.all(jnp.isfinite(H))):
+        if not np.all(np.isfinite(np.asarray(H))):  # on the host: no compilation per shape
             raise ValueError(f"loss_fn: the inputs of layer {name} hold NaN or inf on the batch (or their Gram AᵀA "
                              f"overflows {H.dtype}){' after the layers before it were pruned' if sequential else ''}; "
                              "check the forward pass up to that layer (params and batch are finite)")
@@ -541,7 +544,7 @@ def prune_layerwise(
                                   method.solve_layer(W_bar, H, rules[tap_index]))
         dtype = jnp.result_type(kernel)
         W = W.astype(dtype)
-        if not bool(jnp.all(jnp.isfinite(W))):
+        if jnp.finfo(dtype).max < jnp.finfo(jnp.float32).max and not np.all(np.isfinite(np.asarray(W, np.float32))):
             raise ValueError(f"method: {type(method).__name__} on {name} returned weights beyond the range of the "
                              f"kernel's dtype {dtype} (inf once cast); prune this layer in float32")
         error = float(_relative_error(W_bar, W, H))

@@ -78,10 +78,16 @@ def _check_layer(W, H, rule) -> tuple[int, int]:
     return d_in, d_out
 
 
-@lru_cache(maxsize=256)
 def _nm_ids(rule: NM, d_in: int, d_out: int) -> tuple[np.ndarray, np.ndarray]:
     """(group ids, counts) of N:M on a (d_in, d_out) kernel flattened row-major: M consecutive inputs of
-    one output unit, N kept in each (NumPy, read-only)."""
+    one output unit, N kept in each (NumPy, read-only). Along the inputs whatever ``rule.axes`` says (the
+    driver leaves dense a kernel whose axes are others)."""
+    return _nm_input_ids(rule.n, rule.m, d_in, d_out)
+
+
+@lru_cache(maxsize=256)
+def _nm_input_ids(n: int, m: int, d_in: int, d_out: int) -> tuple[np.ndarray, np.ndarray]:
+    rule = NM(n, m)
     groups = rule.resolve(pytree.layout({"kernel": np.zeros((d_in, d_out), np.float32)}), rule.sparsity)
     ids, counts = np.asarray(groups.ids), np.asarray(groups.counts)
     ids.flags.writeable = counts.flags.writeable = False
@@ -443,8 +449,9 @@ def prune_layerwise(
     naming it, and every ``method``'s result is checked (shape, a boolean mask, finite, pruned
     weights exactly 0, the rule kept exactly): a ValueError naming the method and the layer otherwise.
     The progress line names every prunable leaf left dense and why: left out by ``select``, ragged
-    for N:M, used otherwise than as one plain layer's kernel (tied, scaled, in a scan, a grouped
-    convolution), or not used by ``loss_fn``.
+    for N:M or N:M along other axes than the layer's inputs (an error with ``ragged="error"``), used
+    otherwise than as one plain layer's kernel (tied, scaled, in a scan, a grouped convolution), or
+    not used by ``loss_fn``.
 
     Compilation: the Grams are computed by one compiled function per distinct shape of a layer's
     input rows (the layer chosen by an argument; each call runs the whole forward pass), and each
@@ -499,16 +506,26 @@ def prune_layerwise(
     position = [i for i, chosen in enumerate(lay.selected) if chosen]  # prunable leaf l = leaves[position[l]]
     layers, reasons = _layers(loss_fn, leaves, treedef, batch, position)
     rules, rows_shape, source = {}, {}, {}
-    for tap_index, leaf, shape, rows_key in layers:
+    for tap_index, leaf, shape, rows_key, inputs in layers:
         l = position.index(leaf)
         if lay.names[l] in ragged:
             reasons[leaf] = f"ragged for {constraint.label}: {shape[1]} inputs, not a multiple of {constraint.m}"
+        elif isinstance(constraint, NM) and not _along_inputs(constraint, lay.names[l], lay.shapes[l], inputs):
+            # layer by layer, N:M groups run along the layer's inputs: another grouping of this leaf is
+            # treated as a ragged one (dense, or the error asked for)
+            axes = constraint.leaf_axes(lay.names[l], lay.shapes[l])
+            if constraint.ragged == "error":
+                raise ValueError(f"constraint: {constraint.label} groups {lay.names[l]} {lay.shapes[l]} along axes "
+                                 f"{axes}, but layer by layer the groups run along the layer's inputs, axes {inputs} "
+                                 f"(the axes its product contracts); pass NM(..., axes=) with those, leave it out "
+                                 f"with select, or ragged='dense' to leave it dense")
+            reasons[leaf] = f"{constraint.label} along axes {axes}, not the layer's inputs {inputs}"
         else:
             rules[tap_index] = constraint if isinstance(constraint, NM) else int(counts[l])
             rows_shape[tap_index] = shape
             # layers fed the same rows A (q, k and v of one input) share one Gram: A precedes them all in the
             # forward pass, so pruning any of them leaves it unchanged
-            source[tap_index] = next((t for t, _, _, key in layers if key == rows_key and t in rules), tap_index)
+            source[tap_index] = next((t for t, _, _, key, _ in layers if key == rows_key and t in rules), tap_index)
     dense = [f"{lay.names[position.index(leaf)]} ({why})" for leaf, why in sorted(reasons.items())]
     dense += [f"{name} (left out by select)" for name in _left_out_by_select(params, lay, select)]
     log(f"{type(method).__name__} layer by layer ({'sequential' if sequential else 'from the dense network'}): "
@@ -524,7 +541,7 @@ def prune_layerwise(
     last_use = {source[t]: t for t in rules}
     grams = {} if sequential else gram(current, tuple(sorted(set(source.values()))))
     reports, masks = [], {}
-    for tap_index, leaf, _, _ in layers:
+    for tap_index, leaf, *_ in layers:
         if tap_index not in rules:
             continue
         name = lay.names[position.index(leaf)]
@@ -558,6 +575,12 @@ def prune_layerwise(
                    for i, chosen in enumerate(lay.selected)]
     return PruneResult(pruned, jax.tree_util.tree_unflatten(treedef, mask_leaves), (), None, "layer-wise",
                        constraint.label, tuple(reports))
+
+
+def _along_inputs(rule: NM, name: str, shape: tuple, inputs: tuple) -> bool:
+    """The leaf's N:M axes are the layer's input axes (axes of size 1 aside: they do not change the groups)."""
+    axes = rule.leaf_axes(name, shape)
+    return tuple(a for a in axes if shape[a] != 1) == tuple(a for a in inputs if shape[a] != 1)
 
 
 def _left_out_by_select(params, lay, select) -> list[str]:
@@ -623,10 +646,10 @@ _OTHER_USE = "used otherwise than as one layer's kernel: tied, scaled, in a scan
 
 
 def _layers(loss_fn, leaves, treedef, batch, position):
-    """([(tap index, leaf index, (rows per example, d_in), rows key) of each prunable kernel used once by a
-    plain layer, in forward order], {leaf index: why it is left dense} for the other prunable kernels), from a
-    trace of the loss on one example. Layers with equal rows keys have the same rows A: one input x, taken
-    apart the same way."""
+    """([(tap index, leaf index, (rows per example, d_in), rows key, input axes) of each prunable kernel used
+    once by a plain layer, in forward order], {leaf index: why it is left dense} for the other prunable
+    kernels), from a trace of the loss on one example. Layers with equal rows keys have the same rows A: one
+    input x, taken apart the same way. The input axes are the kernel's leading axes that the product contracts."""
     first = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[0], batch)
     pl = layer_grads.plan(_loss_of_leaves(loss_fn, treedef), leaves, first, position, True)
     uses = {}
@@ -642,7 +665,10 @@ def _layers(loss_fn, leaves, treedef, batch, position):
             reasons[tap.leaf] = ("not a plain dense or convolution kernel (batched axes, feature groups, or "
                                  "reshaped before use)")
         else:
-            layers.append((t, tap.leaf, tuple(rows.shape), _rows_key(tap, np.shape(leaves[tap.leaf]))))
+            kernel_shape = np.shape(leaves[tap.leaf])
+            contracted = (len(tap.params["dimension_numbers"][0][1]) if tap.primitive.name == "dot_general"
+                          else len(kernel_shape) - 1)
+            layers.append((t, tap.leaf, tuple(rows.shape), _rows_key(tap, kernel_shape), tuple(range(contracted))))
     for leaf in position:
         if leaf not in pl.fast:
             reasons[leaf] = _OTHER_USE

@@ -784,3 +784,36 @@ def test_projections_of_one_input_share_one_gram(monkeypatch):
     dense = swapjax.prune_layerwise(loss, params, {"x": x}, method=layerwise.Wanda(), sequential=False, progress=False)
     for name in ("query", "key", "value"):
         np.testing.assert_array_equal(res.masks["attn"][name]["kernel"], dense.masks["attn"][name]["kernel"])
+
+
+def _proj_loss(params, example):
+    h = jnp.tanh(jnp.einsum("d,dhk->hk", example["x"], params["proj"]["kernel"]))  # contracts axis 0 alone
+    return jnp.sum(h.reshape(-1) @ params["head"]["kernel"]) ** 2
+
+
+def test_nm_along_other_axes_than_the_layers_inputs_is_not_silently_regrouped(monkeypatch, capsys):
+    """A 3-D kernel (8, 2, 4) that is not a q/k/v projection: NM's default axes for it are (0, 1), but the
+    layer contracts axis 0 alone, and layer by layer the groups run along the inputs. Before, it was pruned
+    along axis 0 and reported as 2:4 (not the constraint's grouping of that leaf); now it is left dense and
+    named, an error under ragged="error" (before any Gram pass), and pruned with axes=(0,)."""
+    rng = np.random.default_rng(6)
+    params = {"proj": {"kernel": rng.normal(size=(8, 2, 4)).astype(np.float32)},
+              "head": {"kernel": rng.normal(size=(8, 4)).astype(np.float32)}}
+    batch = {"x": rng.normal(size=(16, 8)).astype(np.float32)}
+    res = swapjax.prune_layerwise(_proj_loss, params, batch, method=layerwise.Wanda(), constraint=swapjax.NM(2, 4))
+    assert [r.name for r in res.layers] == ["head/kernel"]
+    np.testing.assert_array_equal(res.params["proj"]["kernel"], params["proj"]["kernel"])
+    assert "left dense: proj/kernel (2:4 along axes (0, 1), not the layer's inputs (0,))" in capsys.readouterr().err
+    passes = []
+    grams = layerwise._grams
+    monkeypatch.setattr(layerwise, "_grams", lambda *a, **k: passes.append(1) or grams(*a, **k))
+    with pytest.raises(ValueError, match=r"constraint: 2:4 groups proj/kernel \(8, 2, 4\) along axes \(0, 1\), but "
+                                         r"layer by layer the groups run along the layer's inputs, axes \(0,\)"):
+        swapjax.prune_layerwise(_proj_loss, params, batch, constraint=swapjax.NM(2, 4, ragged="error"),
+                                progress=False)
+    assert passes == []
+    res = swapjax.prune_layerwise(_proj_loss, params, batch, method=layerwise.Wanda(),
+                                  constraint=swapjax.NM(2, 4, axes=(0,)), progress=False)
+    assert [r.name for r in res.layers] == ["proj/kernel", "head/kernel"]
+    assert _nm_holds(np.asarray(res.masks["proj"]["kernel"]), (0,), 2, 4)
+

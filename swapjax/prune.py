@@ -226,10 +226,14 @@ def prune(
             :mod:`swapjax.blocks`): memory N·width, one gradient pass per block
             (every method; no ``noise`` or ``devices``). ``"auto"``
             (default) estimates the peaks before computing
-            (:func:`swapjax.memory.estimate`) and takes the first of
-            in-memory, blocked (the widest blocks that fit) and
-            matrix-free that fits, saying so when it is not in-memory; where
-            none fits, a ValueError names the figures.
+            (:func:`swapjax.memory.estimate`) against the memory at hand (the
+            least of the free memory, the address-space limit and the
+            cgroup's limit) and keeps within 75 % of it: in-memory where X
+            fits, else blocks (the widest within half, else 75 %) unless
+            matrix-free needs less than half where blocks would not, saying
+            so when it is not in-memory; where none fits, a ValueError names
+            the figures. Running out of memory anyway is a MemoryError naming
+            the mode and the ways out.
         devices (str | int | list | None): None (one device), ``"all"``, an int d or a sequence of
             ``jax.Device``: the examples (X's rows) are split into d equal
             blocks, one per device (``swapjax.per_sample_grads``); d must

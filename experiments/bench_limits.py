@@ -80,33 +80,17 @@ def main(argv=None) -> None:
     load_before = os.getloadavg()
     t_start = time.perf_counter()
 
-    import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    import optax
 
     import swapjax
     from swapjax import memory
 
     sys.path.insert(0, str(HERE))
-    from bench_core import load_batch
+    from bench_memory import mlp_problem
 
-    batch, data = load_batch(args.n, 0)
     width = args.width
-
-    class MLP(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            for _ in range(3):
-                x = nn.relu(nn.Dense(width)(x))
-            return nn.Dense(10)(x)
-
-    model = MLP()
-    params = model.init(jax.random.key(0), batch["x"][:1])["params"]
-
-    def loss_fn(params, example):
-        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, example["x"]),
-                                                               example["y"])
+    params, loss_fn, batch, data = mlp_problem(width, args.n)
 
     p = swapjax.pytree.layout(params).size
     limits = memory.process_limits()

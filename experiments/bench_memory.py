@@ -48,10 +48,38 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def mlp_problem(width: int, n: int):
+    """(params, loss_fn, batch, data source): the ReLU MLP 784-w-w-w-10 at its Flax initialisation (seed 0) and
+    Fashion-MNIST train[:n] (N(0,1) inputs if not installed)."""
+    import flax.linen as nn
+    import jax
+    import optax
+
+    sys.path.insert(0, str(HERE))
+    from bench_core import load_batch
+
+    batch, data = load_batch(n, 0)
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(3):
+                x = nn.relu(nn.Dense(width)(x))
+            return nn.Dense(10)(x)
+
+    model = MLP()
+    params = model.init(jax.random.key(0), batch["x"][:1])["params"]
+
+    def loss_fn(params, example):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, example["x"]),
+                                                               example["y"])
+
+    return params, loss_fn, batch, data
+
+
 def worker(network: str, width: int, n: int, mode: str, method_name: str, noise: bool, chunk_size: int,
            image_size: int) -> dict:
     """One prune in this process; returns the CSV row."""
-    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import optax
@@ -60,24 +88,7 @@ def worker(network: str, width: int, n: int, mode: str, method_name: str, noise:
     from swapjax import memory, pytree
 
     if network == "mlp":
-        sys.path.insert(0, str(HERE))
-        from bench_core import load_batch
-
-        batch, _ = load_batch(n, 0)
-
-        class MLP(nn.Module):
-            @nn.compact
-            def __call__(self, x):
-                for _ in range(3):
-                    x = nn.relu(nn.Dense(width)(x))
-                return nn.Dense(10)(x)
-
-        model = MLP()
-        params = model.init(jax.random.key(0), batch["x"][:1])["params"]
-
-        def loss_fn(params, example):
-            return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, example["x"]),
-                                                                   example["y"])
+        params, loss_fn, batch, _ = mlp_problem(width, n)
     else:
         model = (swapjax.models.ResNet50() if network == "resnet50" else
                  swapjax.models.MobileNetV1(num_classes=1000, small_input=image_size < 224))

@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
+import numpy as np
 
 from .constraints import Groups, as_groups, hard_threshold_mask  # noqa: F401  (hard_threshold_mask: re-exported)
 from .operators import linear, matmul
@@ -234,6 +235,8 @@ def active_set_iht(X, targets, w_bar, w_start, k, lam, grow: float, max_rounds: 
 
 #: Kept columns per block of :func:`support_gram`: its working memory beyond X is N × GRAM_BLOCK.
 GRAM_BLOCK = 4096
+#: The most columns a Gram update exchanges at once (:func:`exchange_width`).
+EXCHANGE_MAX = 1024
 
 
 def support_gram(X, support, width: Optional[int] = None) -> jax.Array:
@@ -247,39 +250,94 @@ def support_gram(X, support, width: Optional[int] = None) -> jax.Array:
     width = p if width is None else min(width, p)
     block = min(GRAM_BLOCK, width)
     cols = jnp.nonzero(support, size=-(-width // block) * block, fill_value=0)[0]
-    count = jnp.sum(support)
+    return _gram_of(X, cols, jnp.sum(support), width, block)
+
+
+def _gram_of(X, cols, count, width: int, block: int):
+    """:func:`support_gram` from the list of kept columns ``cols`` (at least ⌈width/block⌉·block long)."""
     if block == width:  # one block
-        xs = _columns(X, cols, count)
+        xs = _columns(X, cols[:width], count)
         return matmul(xs, xs.T)
 
     def add(i, gram):
         xs = _columns(X, jax.lax.dynamic_slice_in_dim(cols, i * block, block), count - i * block)
         return gram + matmul(xs, xs.T)
 
+    n = X.shape[0]
     return jax.lax.fori_loop(0, (count + block - 1) // block, add, jnp.zeros((n, n), X.dtype))
 
 
-def obs_support(X, w, k, lam, width: int) -> jax.Array:
+def bucket_widths(p: int) -> tuple[int, ...]:
+    """min(p, 2^i) for i = 0, 1, …: the static widths a support's Gram is formed at (the next power of two
+    ≥ |S|: O(N²·|S|) work, and few widths)."""
+    widths, w = [], 1
+    while w < p:
+        widths.append(w)
+        w *= 2
+    return tuple(widths) + (p,)
+
+
+def bucket(count, p: int):
+    """min(p, the next power of two ≥ count): an int for an int, traced for a traced count."""
+    if isinstance(count, (int, np.integer)):
+        return min(p, 1 << max(int(count) - 1, 0).bit_length())
+    widths = jnp.asarray(bucket_widths(p))
+    return widths[jnp.minimum(jnp.searchsorted(widths, count), len(widths) - 1)]
+
+
+def exchange_width(width):
+    """The most columns exchanged at once for a support of Gram width ``width`` (an int or traced): a
+    Gram update costs O(N²) per column, so at most ⌈width/8⌉ (and ``EXCHANGE_MAX``)."""
+    if isinstance(width, (int, np.integer)):
+        return max(1, min(EXCHANGE_MAX, -(-int(width) // 8)))
+    return jnp.clip((width + 7) // 8, 1, EXCHANGE_MAX)
+
+
+def exchange_limits(p: int) -> tuple[int, ...]:
+    """Every exchange width (:func:`exchange_width`) a support of p coordinates may get, ascending."""
+    return tuple(sorted({exchange_width(w) for w in bucket_widths(p)}))
+
+
+def bucketed_gram(X, support) -> jax.Array:
+    """:func:`support_gram` at the width ``bucket(|S|, p)``, chosen at run time among the static
+    :func:`bucket_widths` (``lax.switch``): one compilation serves every |S|, with the values and the
+    O(N²·|S|) work of a compilation per width. The kept columns are listed once for every width; each
+    width gathers its own (a slice of one wide gather changes the product's rounding)."""
+    n, p = X.shape
+    widths = bucket_widths(p)
+    single = tuple(w for w in widths if w <= GRAM_BLOCK)  # one block each; wider ones share one blocked loop
+    looped = len(single) < len(widths)
+    count = jnp.sum(support)
+    cols = jnp.nonzero(support, size=-(-p // GRAM_BLOCK) * GRAM_BLOCK if looped else p, fill_value=0)[0]
+    branches = [lambda w=w: _gram_of(X, cols, count, w, w) for w in single]
+    if looped:
+        branches.append(lambda: _gram_of(X, cols, count, p, GRAM_BLOCK))
+    if len(branches) == 1:
+        return branches[0]()
+    return jax.lax.switch(jnp.searchsorted(jnp.asarray(single), count), branches)
+
+
+def obs_support(X, w, k, lam, width) -> jax.Array:
     """The feasible support of largest OBS saliency ρ_q = w_q² / (2[H_A⁻¹]_qq) (k: an int or Groups),
     a support to start a search from.
 
     ρ_q is the rise of ½(v − w)ᵀH_A(v − w) when v_q = 0 and the other weights
     of the active set A are re-fitted (Optimal Brain Surgeon), with H_A =
-    X_AᵀX_A + NλI over the ``width`` (static) largest |w|; the weights outside
+    X_AᵀX_A + NλI over the ``width`` largest |w|; the weights outside
     A score 0. [H_A⁻¹]_qq = (1 − x_qᵀM⁻¹x_q)/(Nλ) with M = X_AX_Aᵀ + NλI
     (Woodbury): O(N²·width) time, and like :func:`support_gram` O(N·GRAM_BLOCK)
     memory beyond X and M. λ > 0. Where the factor breaks down in floating
-    point, the magnitude support H_k(w).
+    point, the magnitude support H_k(w). ``width``: a static int, or traced and
+    one of :func:`bucket_widths` (p) (one compilation for every width; the same values).
     """
-    n = X.shape[0]
+    n, p = X.shape
     nl = n * lam
     groups = as_groups(k)
     active = Groups.top_k(width).project(w)
     eye = jnp.eye(n, dtype=X.dtype)
-    m_inv = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(support_gram(X, active, width) + nl * eye), eye)
-    block = min(GRAM_BLOCK, width)
-    blocks = -(-width // block)
-    cols = jnp.nonzero(active, size=blocks * block, fill_value=0)[0].reshape(blocks, block)
+    static = isinstance(width, (int, np.integer))
+    gram = support_gram(X, active, width) if static else bucketed_gram(X, active)
+    m_inv = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(gram + nl * eye), eye)
 
     def saliency_of(idx):  # w_q²/(2[H_A⁻¹]_qq) for one block of A's columns
         xb = X[:, idx]
@@ -287,9 +345,28 @@ def obs_support(X, w, k, lam, width: int) -> jax.Array:
         inverse_diag = jnp.clip((1 - quad) / nl, 1 / (jnp.sum(xb * xb, axis=0) + nl), 1 / nl)  # its exact bounds
         return w[idx] ** 2 / (2 * inverse_diag)
 
-    valid = jnp.arange(blocks * block) < width  # the padding repeats column 0: it adds nothing
-    values = jnp.where(valid, jax.lax.map(saliency_of, cols).reshape(-1), 0)
-    saliency = jnp.zeros_like(w).at[cols.reshape(-1)].add(values)
+    def padded(width):  # (blocks, block) of A's columns
+        block = min(GRAM_BLOCK, width)
+        return -(-width // block), block
+
+    widths = (int(width),) if static else bucket_widths(p)
+    size = max(b * c for b, c in map(padded, widths))
+    listed = jnp.nonzero(active, size=size, fill_value=0)[0]
+
+    def at(width):
+        def values():  # ρ of A's listed columns (0 on the padding, which repeats column 0: it adds nothing)
+            blocks, block = padded(width)
+            cols = listed[:blocks * block].reshape(blocks, block)
+            valid = jnp.arange(blocks * block) < width
+            rho = jax.lax.map(saliency_of, cols).reshape(-1) if blocks > 1 else saliency_of(cols[0])
+            return jnp.pad(jnp.where(valid, rho, 0), (0, size - blocks * block))
+        return values
+
+    if static:
+        values = at(int(width))()
+    else:
+        values = jax.lax.switch(jnp.searchsorted(jnp.asarray(widths), width), [at(c) for c in widths])
+    saliency = jnp.zeros_like(w).at[listed].add(values)
     return jnp.where(jnp.all(jnp.isfinite(m_inv)), groups.project(saliency), groups.project(w))
 
 
@@ -298,13 +375,19 @@ def _columns(X, idx, count):
     return jnp.where(jnp.arange(idx.shape[0]) < count, X[:, idx], 0)
 
 
-def _exchange(gram, X, enter, leave, count):
+def _exchange(gram, X, enter, leave, count, most=None, limits=None):
     """G_S' from G_S when the first ``count`` columns of ``enter`` replace those of ``leave``: a rank-2m update.
 
-    The update is formed at the smallest of a few static widths (len(enter),
-    /8, /64) that holds ``count``, so small exchanges cost little.
+    The update is formed at the smallest of a few widths (``most``, /8, /64) that holds ``count``, so small
+    exchanges cost little. ``most``: len(enter) (default), or traced and one of the static ``limits``
+    (the widths of every limit are compiled once, and the one this limit would use is taken).
     """
-    widths = sorted({max(1, enter.shape[0] >> shift) for shift in (0, 3, 6)})
+    if most is None:
+        most = limits = enter.shape[0]
+    limits = (limits,) if isinstance(limits, int) else tuple(limits)
+    widths = sorted({max(1, m >> shift) for m in limits for shift in (0, 3, 6)})
+    low, mid = jnp.maximum(1, most >> 6), jnp.maximum(1, most >> 3)
+    width = jnp.where(count <= low, low, jnp.where(count <= mid, mid, most))
 
     def update(width):
         def at():
@@ -312,25 +395,34 @@ def _exchange(gram, X, enter, leave, count):
             return gram + matmul(xa, xa.T) - matmul(xr, xr.T)
         return at
 
-    branch = jnp.minimum(jnp.searchsorted(jnp.asarray(widths), count), len(widths) - 1)
-    return jax.lax.switch(branch, [update(width) for width in widths])
+    return jax.lax.switch(jnp.searchsorted(jnp.asarray(widths), width), [update(width) for width in widths])
 
 
-def nearby_gram(X, support, reference, reference_gram, width: Optional[int], diff: int) -> jax.Array:
+def nearby_gram(X, support, reference, reference_gram, width: Optional[int] = None,
+                diff: Optional[int] = None) -> jax.Array:
     """G_S from the Gram of a reference support R that S differs from in few columns.
 
-    With |S∖R| = |R∖S| ≤ ``diff`` (static) it costs O(N²·diff): G_R plus the
+    With |S∖R| = |R∖S| ≤ ``diff`` it costs O(N²·diff): G_R plus the
     entering columns' outer products minus the leaving ones'; otherwise it is
-    computed afresh (:func:`support_gram`). Both supports hold the same count.
+    computed afresh (:func:`support_gram` at ``width``). Both supports hold the same count.
+    ``width`` and ``diff`` static; both None: ``bucket(|S|)`` and its :func:`exchange_width`, traced
+    (:func:`bucketed_gram`; one compilation for every |S|).
     """
+    p = X.shape[1]
+    if diff is None:
+        limits = exchange_limits(p)
+        diff = exchange_width(bucket(jnp.sum(support), p))
+    else:
+        limits = (diff,)
     entering, leaving = support & ~reference, reference & ~support
     count = jnp.sum(entering)
     near = (count <= diff) & (jnp.sum(leaving) == count)
+    size = max(limits)
     return jax.lax.cond(
         near,
-        lambda: _exchange(reference_gram, X, jnp.nonzero(entering, size=diff, fill_value=0)[0],
-                          jnp.nonzero(leaving, size=diff, fill_value=0)[0], count),
-        lambda: support_gram(X, support, width),
+        lambda: _exchange(reference_gram, X, jnp.nonzero(entering, size=size, fill_value=0)[0],
+                          jnp.nonzero(leaving, size=size, fill_value=0)[0], count, diff, limits),
+        lambda: bucketed_gram(X, support) if width is None else support_gram(X, support, width),
     )
 
 
@@ -424,8 +516,9 @@ def ridge_fit(X, targets, w_bar, support, lam, gram=None, w_init=None, cg_iters:
     return ridge_state(A.matrix, targets, w_bar, support, lam, gram, x_anchor)
 
 
-def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: Optional[jax.Array], most: int,
-                cg_iters: int = CG_ITERS, col_sq: Optional[jax.Array] = None, groups: Optional[Groups] = None):
+def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: Optional[jax.Array],
+                most: Optional[int] = None, cg_iters: int = CG_ITERS, col_sq: Optional[jax.Array] = None,
+                groups: Optional[Groups] = None):
     """Local search over k-supports around the backsolve: exchange kept and pruned weights while f falls.
 
     At w (the ridge solution on S, whose Gram G_S = X_S X_Sᵀ is ``gram``),
@@ -436,7 +529,8 @@ def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: Optional[
     support (its Gram by a rank-2m update; by CG from w where X is an
     operator and ``gram`` is None) and keeps it if f fell; otherwise
     m drops to a quarter of the pairs tried. m starts at min(⌈k/8⌉, ``most``)
-    (``most`` static). Stops after ``rounds`` rounds, when no pair pays, or
+    (``most`` static; None: :func:`exchange_width` of bucket(k), traced, so that one compilation
+    serves every k with the same values). Stops after ``rounds`` rounds, when no pair pays, or
     when m reaches 0. f never increases, |S| stays k. ``col_sq``: diag(XᵀX) if
     known. ``groups``: the constraint (default one group); pairs are formed
     within a group (:meth:`swapjax.constraints.Groups.pairs`), so every
@@ -447,23 +541,24 @@ def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: Optional[
     k = jnp.sum(support)
     groups = groups or Groups.top_k(k)
     h = (A.col_sq() if col_sq is None else col_sq) + n * lam
-    rank = jnp.arange(most)
+    limits = (most,) if most is not None else exchange_limits(p)
+    if most is None:
+        most = exchange_width(bucket(k, p))
+    rank = jnp.arange(max(limits))  # pairs beyond ``most`` are never taken: size ≤ m ≤ most
 
     def body(c):
         i, w, support, gram, x_anchor, obj, g, m, swapped = c
         gain = jnp.where(support, -jnp.inf, g * g / (2 * h))
         cost = jnp.where(support, 0.5 * h * w * w - g * w, jnp.inf)
-        into, out, net = groups.pairs(gain, cost, most)
+        into, out, net = groups.pairs(gain, cost, max(limits))
         size = jnp.minimum(jnp.sum(net > 0), m)  # the pairs that pay form a prefix
         enter = jnp.zeros(p, bool).at[into].set(rank < size)
         leave = jnp.zeros(p, bool).at[out].set(rank < size)
         trial = (support & ~leave) | enter
         gram_new = x_anchor_new = None
         if gram is not None:  # G_S' by a rank-2m update, X·w̄_S' from the exchanged columns
-            gram_new = _exchange(gram, A.matrix, into, out, size)
-            paired = (rank < size).astype(w.dtype)
-            x_anchor_new = (x_anchor + matmul(_columns(A.matrix, into, size), paired * w_bar[into])
-                            - matmul(_columns(A.matrix, out, size), paired * w_bar[out]))
+            gram_new = _exchange(gram, A.matrix, into, out, size, most, limits)
+            x_anchor_new = _exchange_anchor(x_anchor, A.matrix, w_bar, into, out, size, most, limits, w.dtype)
         w_new, obj_new, g_new = ridge_fit(A, targets, w_bar, trial, lam, gram_new, jnp.where(trial, w, 0), cg_iters,
                                           x_anchor_new)
         accept = (size > 0) & (obj_new < obj)
@@ -479,3 +574,19 @@ def swap_search(X, targets, w_bar, w, support, lam, rounds: int, gram: Optional[
     start = (jnp.array(0), w, support, gram, x_anchor, obj, g, jnp.minimum((k + 7) // 8, most), jnp.array(0, k.dtype))
     _, w, support, _, _, obj, _, _, swapped = jax.lax.while_loop(lambda c: (c[0] < rounds) & (c[7] > 0), body, start)
     return w, support, obj, swapped
+
+
+def _exchange_anchor(x_anchor, X, w_bar, into, out, size, most, limits, dtype):
+    """X·w̄_S' from X·w̄_S when the first ``size`` columns of ``into`` replace those of ``out``, as a
+    product over the first ``most`` pairs (``most`` traced, one of the static ``limits``)."""
+
+    def at(width):
+        def anchor():
+            paired = (jnp.arange(width) < size).astype(dtype)
+            return (x_anchor + matmul(_columns(X, into[:width], size), paired * w_bar[into[:width]])
+                    - matmul(_columns(X, out[:width], size), paired * w_bar[out[:width]]))
+        return anchor
+
+    if len(limits) == 1:
+        return at(limits[0])()
+    return jax.lax.switch(jnp.searchsorted(jnp.asarray(limits), most), [at(width) for width in limits])

@@ -250,7 +250,6 @@ class LR(Method):
         ``segments`` is not used (the constraint ``k`` carries any per-layer budget).
         """
         X, w_bar, w_start, groups, duals = prepare_problem(X, w_bar, k, w_start, duals, finite_x=False)
-        k = int(groups.k)
         checks.callable_or_none("score", score, "a function score(w) -> float")
         col_sq = X.col_sq
         if not bool(jnp.all(jnp.isfinite(col_sq))):  # X's finiteness from diag(XᵀX): no pass of its own
@@ -266,7 +265,7 @@ class LR(Method):
             scale = jnp.ones_like(scale)
         reference = None
         if self.backsolve:
-            reference = (col_sq,) + _magnitude_reference(_bucket(k, X.shape[1]), X, w_start, groups)
+            reference = (col_sq,) + _magnitude_reference(X, w_start, groups)
         problem = (X, w_bar, groups, y, z, scale, reference)
         if score is None or not self.selects:
             return self._fit(problem, self._lam_value(), self._epsilon_value(), w_start, duals)
@@ -289,7 +288,6 @@ class LR(Method):
     def _fit(self, problem, lam, eps, init, duals, rounds=None):
         """One solve at (λ, ε): targets, IHT from H_k(init), backsolve, ``rounds`` of swap search."""
         X, w_bar, groups, y, z, scale, reference = problem
-        k = int(groups.k)
         lam_abs = lam * scale
         t, duals, plan = self._targets(y, z, eps, duals)
         w, info = _solve(self._config(eps), X, t, y, w_bar, init, groups, lam_abs, duals, plan)
@@ -297,8 +295,8 @@ class LR(Method):
         if self.backsolve:
             rounds = self.swap_rounds if rounds is None else rounds
             w, obj, backsolved, support, obj_mag, swapped = _refine(
-                _bucket(k, X.shape[1]), rounds, self.cg_iters, X, w_bar, w, info.targets, info.lam_absolute, info.support,
-                info.objective, *reference, groups)
+                self.cg_iters, rounds, X, w_bar, w, info.targets, info.lam_absolute, info.support, info.objective,
+                *reference, groups)
             info = info._replace(objective=obj, backsolved=backsolved, support=support, objective_magnitude=obj_mag,
                                  swapped=swapped)
         return w, info._replace(epsilon=eps)
@@ -319,8 +317,8 @@ class LR(Method):
         """The backsolve on the OBS support of w_start and the swap search, at the λ and targets of the
         solve ``at`` (a SolveInfo). (``objective_trace`` holds f alone.)"""
         X, w_bar, groups, _, _, _, reference = problem
-        w, support, f, swapped = _obs_fit(_bucket(int(groups.k), X.shape[1]), self.swap_rounds, self.cg_iters, X,
-                                          w_bar, w_start, at.targets, groups, at.lam_absolute, reference[0])
+        w, support, f, swapped = _obs_fit(self.cg_iters, self.swap_rounds, X, w_bar, w_start, at.targets, groups,
+                                          at.lam_absolute, reference[0])
         return w, at._replace(objective=f, objective_trace=f[None], iht_iterations=jnp.array(0), support=support,
                               swapped=swapped, objective_magnitude=None)
 
@@ -328,7 +326,7 @@ class LR(Method):
         """(support, G_S, X·w̄_S) of a first solve, for the ridge fits of the other candidates on its support
         (G_S updated from the magnitude support's Gram; None, None where X is not formed)."""
         X, w_bar, groups, _, _, _, reference = problem
-        return (support,) + _incumbent(_bucket(int(groups.k), X.shape[1]), X, w_bar, support, *reference[1:])
+        return (support,) + _incumbent(X, w_bar, support, *reference[1:])
 
     def _with_reference_objectives(self, problem, info, w_start):
         """``info`` of a ridge or OBS fit with f at H_k(w_start) and f of the magnitude backsolve, at its λ and t."""
@@ -455,32 +453,32 @@ def _solve(cfg: _Config, X, t, y, w_bar, init, k, lam, duals, plan):
     return result.w, info
 
 
-def _bucket(k: int, p: int) -> int:
-    """The backsolve's static width: the next power of two ≥ k (few compilations, O(N²k) work)."""
-    return min(p, 1 << max(k - 1, 0).bit_length())
-
-
-def _exchange_width(width: int) -> int:
-    """Static bound on the columns exchanged at once: Gram updates cost O(N²) per column."""
-    return max(1, min(1024, -(-width // 8)))
-
-
-@partial(jax.jit, static_argnums=0)
-def _magnitude_reference(width, X, w_start, k):
+@jax.jit
+def _magnitude_reference(X, w_start, k):
     """The magnitude support M = H_k(w_start) and its Gram X_M X_Mᵀ, shared by every candidate's backsolves
-    (None where X is not formed)."""
+    (None where X is not formed). The Gram's width follows k at run time: one compilation per shape."""
     magnitude = as_groups(k).project(w_start)
-    return magnitude, iht_lib.support_gram(X.matrix, magnitude, width) if X.formed else None
+    return magnitude, iht_lib.bucketed_gram(X.matrix, magnitude) if X.formed else None
 
 
-@partial(jax.jit, static_argnums=0)
-def _incumbent(width, X, w_bar, support, magnitude, magnitude_gram):
+def _incumbent(X, w_bar, support, magnitude, magnitude_gram):
     """(X_S X_Sᵀ, X·w̄_S) for the support S, the Gram updated from the magnitude support's;
     (None, None) where X is not formed."""
     if not X.formed:
         return None, None
-    gram = iht_lib.nearby_gram(X.matrix, support, magnitude, magnitude_gram, width, _exchange_width(width))
-    return gram, matmul(X.matrix, jnp.where(support, w_bar, 0))
+    return _nearby_gram(X.matrix, support, magnitude, magnitude_gram), _anchor(X.matrix, w_bar, support)
+
+
+@jax.jit
+def _nearby_gram(M, support, magnitude, magnitude_gram):
+    """X_S X_Sᵀ from the magnitude support's Gram (:func:`swapjax.iht.nearby_gram`; one compilation per shape)."""
+    return iht_lib.nearby_gram(M, support, magnitude, magnitude_gram)
+
+
+@jax.jit
+def _anchor(M, w_bar, support):
+    """X·w̄_S."""
+    return matmul(M, jnp.where(support, w_bar, 0))
 
 
 @partial(jax.jit, static_argnums=0)
@@ -490,16 +488,28 @@ def _ridge_fit(cg_iters, X, t, w_bar, support, lam, gram, x_anchor, init):
     return w, f
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _obs_fit(width, rounds, cg_iters, X, w_bar, w_start, t, k, lam, col_sq):
-    """The backsolve on the OBS support of w_start (:func:`swapjax.iht.obs_support`, active set of the 2·width
-    largest |w_start|) and ``rounds`` of swap search from it: (w, support, f, weights exchanged)."""
-    M = X.matrix
-    support = iht_lib.obs_support(M, w_start, k, lam, min(X.shape[1], 2 * width))
-    gram = iht_lib.support_gram(M, support, width)
+def _obs_fit(cg_iters, rounds, X, w_bar, w_start, t, k, lam, col_sq):
+    """The backsolve on the OBS support of w_start (:func:`swapjax.iht.obs_support`, active set of the
+    2·bucket(k) largest |w_start|) and ``rounds`` of swap search from it: (w, support, f, weights exchanged)."""
+    w, support, gram = _obs_start(X.matrix, w_bar, w_start, t, k, lam)
+    return _swap(cg_iters, rounds, X, w_bar, w, t, lam, support, gram, col_sq, k)
+
+
+@jax.jit
+def _obs_start(M, w_bar, w_start, t, k, lam):
+    """The ridge solution on the OBS support of w_start, the support and its Gram."""
+    p = M.shape[1]
+    support = iht_lib.obs_support(M, w_start, k, lam, jnp.minimum(p, 2 * iht_lib.bucket(as_groups(k).k, p)))
+    gram = iht_lib.bucketed_gram(M, support)
     w, _, _ = iht_lib.ridge_state(M, t, w_bar, support, lam, gram)
-    return iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, _exchange_width(width), cg_iters, col_sq,
-                               k)
+    return w, support, gram
+
+
+@partial(jax.jit, static_argnums=0)
+def _swap(cg_iters, rounds, X, w_bar, w, t, lam, support, gram, col_sq, groups):
+    """``rounds`` (traced) of :func:`swapjax.iht.swap_search` from the ridge solution w on ``support``:
+    (w, support, f, weights exchanged). One compilation per shape serves every k and round count."""
+    return iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, None, cg_iters, col_sq, groups)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -517,9 +527,7 @@ def _rounding_of_f(f, t):
     return 4 * jnp.sqrt(t.shape[0]) * eps * (jnp.abs(f) + 0.5 * t @ t)
 
 
-@partial(jax.jit, static_argnums=(0, 2))
-def _refine(width, rounds, cg_iters, X, w_bar, w, t, lam, support, objective, col_sq, magnitude, magnitude_gram,
-            groups):
+def _refine(cg_iters, rounds, X, w_bar, w, t, lam, support, objective, col_sq, magnitude, magnitude_gram, groups):
     """Backsolve on IHT's support and on the magnitude support H_k(w_start); swap search from the better.
 
     The backsolve replaces IHT's w unless its f is not finite or higher beyond rounding (it
@@ -527,12 +535,23 @@ def _refine(width, rounds, cg_iters, X, w_bar, w, t, lam, support, objective, co
     support M; the Gram of IHT's support, which rarely strays far from M, is
     updated from it. Where X is not formed (``magnitude_gram`` None), the
     backsolves run by conjugate gradients from IHT's w and from w̄ on M. Takes IHT's (w, support, f) at
-    the targets t and λ; returns (w, f, backsolved, support, f on M, weights swapped).
+    the targets t and λ; returns (w, f, backsolved, support, f on M, weights swapped). Each step is a
+    program of its own, compiled once per shape for every k (:func:`swapjax.iht.bucketed_gram`), and the
+    swap search runs (and compiles) only where ``rounds`` > 0.
     """
-    most = _exchange_width(width)
-    gram = None
-    if X.formed:
-        gram = iht_lib.nearby_gram(X.matrix, support, magnitude, magnitude_gram, width, most)
+    gram = _nearby_gram(X.matrix, support, magnitude, magnitude_gram) if X.formed else None
+    w, obj, backsolved, support, obj_mag, gram = _backsolves(cg_iters, X, w_bar, w, t, lam, support, objective,
+                                                             magnitude, magnitude_gram, gram)
+    if rounds <= 0:
+        return w, obj, backsolved, support, obj_mag, jnp.zeros((), int)
+    w, support, obj, swapped = _swap(cg_iters, rounds, X, w_bar, w, t, lam, support, gram, col_sq, groups)
+    return w, obj, backsolved, support, obj_mag, swapped
+
+
+@partial(jax.jit, static_argnums=0)
+def _backsolves(cg_iters, X, w_bar, w, t, lam, support, objective, magnitude, magnitude_gram, gram):
+    """The backsolves of :func:`_refine` on IHT's support (Gram ``gram``) and on the magnitude support:
+    (w, f, backsolved, support, f on M, the Gram of the support kept)."""
     X = linear(X)
     w_bs, obj_bs, _ = iht_lib.ridge_fit(X, t, w_bar, support, lam, gram, w, cg_iters)
     backsolved = jnp.isfinite(obj_bs) & (obj_bs <= objective + _rounding_of_f(objective, t))
@@ -542,9 +561,4 @@ def _refine(width, rounds, cg_iters, X, w_bar, w, t, lam, support, objective, co
     w, support = jnp.where(from_mag, w_mag, w), jnp.where(from_mag, magnitude, support)
     obj = jnp.where(from_mag, obj_mag, obj)
     gram = jax.tree_util.tree_map(lambda a, b: jnp.where(from_mag, a, b), magnitude_gram, gram)
-    w, support, obj, swapped = jax.lax.cond(  # rounds is traced: one compilation per width serves every count
-        rounds > 0,
-        lambda: iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, most, cg_iters, col_sq, groups),
-        lambda: (w, support, obj, jnp.zeros((), jnp.sum(support).dtype)),
-    )
-    return w, obj, backsolved, support, obj_mag, swapped
+    return w, obj, backsolved, support, obj_mag, gram

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import swapjax
+from compiles import counted
 from conftest import fixed_lr, mlp_loss
 from swapjax import blocks, memory, pytree
 from swapjax.constraints import Groups
@@ -185,3 +186,25 @@ def test_blocked_mode_refusals_name_the_reason(trained_mlp, prune_batch, kwargs,
 def test_blocked_spec_is_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         swapjax.Blocked(**kwargs)
+
+
+SOLVER_PROGRAMS = {"_projections", "_magnitude_reference", "_solve", "_nearby_gram", "_backsolves", "_swap",
+                   "_anchor", "_ridge_fit", "_obs_start", "_reference_objectives", "_fill_block_chunk"}
+
+
+def test_blocks_of_one_width_share_every_compiled_program(trained_mlp, prune_batch):
+    """Blocks of equal width share one compilation of each program, whatever their share of the budget (the
+    Gram and exchange widths follow each block's k at run time): LR with the swap search on 3 blocks of 296
+    columns compiles each solver program at most once, and a second prune whose blocks keep counts in other
+    power-of-two buckets (k ≈ 30 → ≈ 150 per block) compiles nothing. (tests/test_methods.py counts the
+    selection's programs the same way.)"""
+    kwargs = dict(method=fixed_lr(swap_rounds=5), stages=1, mode=swapjax.Blocked(width=300), progress=False)
+    with counted() as first:
+        res = swapjax.prune(mlp_loss, trained_mlp, prune_batch, sparsity=0.9, **kwargs)
+    assert res.info[0].blocks == 3
+    solver = {name: count for name, count in first.items() if name.removeprefix("jit(").rstrip(")") in SOLVER_PROGRAMS}
+    assert all(count == 1 for count in solver.values()), solver
+    with counted() as second:
+        res = swapjax.prune(mlp_loss, trained_mlp, prune_batch, sparsity=0.5, **kwargs)
+    assert res.info[0].blocks == 3 and res.summary()["total"]["kept"] == swapjax.kept_count(0.5, 888)
+    assert not second, f"compiled again for other block counts: {dict(second)}"

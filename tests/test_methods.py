@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import swapjax
+from compiles import counted
 from conftest import fixed_lr, fixed_swap
 from swapjax import iht as iht_lib
 from swapjax import transport
@@ -437,3 +438,28 @@ def test_patience_stops_once_the_support_is_stable(patience):
 def test_patience_must_be_a_positive_integer(bad):
     with pytest.raises(ValueError, match="patience"):
         swapjax.LR(patience=bad)
+
+
+# ---------------------------------------------------------------------------
+# Compilations
+
+
+def test_one_compilation_serves_every_k(small):
+    """The solver's programs are compiled once per problem shape (N, p): the Gram and exchange widths that
+    follow k (the next power of two ≥ k, at most p) are chosen at run time. After one solve, solves at k in
+    other power-of-two buckets (with the λ/ε selection, the swap search and the OBS start) compile nothing."""
+    X, w_bar, _ = small  # N = 40, p = 80
+    rng = np.random.default_rng(1)
+    held_out = rng.normal(size=(30, X.shape[1])).astype(np.float32)
+
+    def score(w):  # per-example held-out losses
+        return (held_out @ (np.asarray(w) - w_bar)) ** 2
+
+    method = swapjax.SWAP()
+    for k in (8, 12):  # buckets 8 and 16, sparsity ≥ 0.75: every candidate kind, the OBS start included
+        method.solve(X, w_bar, k, score=score)
+    with counted() as seen:
+        for k in (2, 20, 40, 70):  # buckets 2, 32, 64 and p = 80
+            w, info = method.solve(X, w_bar, k, score=score)
+            _check_sparse(w, info, k)
+    assert not seen, f"compiled again for another k: {dict(seen)}"

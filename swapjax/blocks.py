@@ -143,8 +143,9 @@ class ColumnBlocks:
         n = batch_size(self.batch)
         size, starts = chunk_starts(n, self.chunk_size)
         X = jnp.zeros((n, e - a), self.lay.dtype)
-        for row in starts:
-            examples = jax.tree_util.tree_map(lambda x: jax.lax.slice_in_dim(jnp.asarray(x), row, row + size), self.batch)
+        batch = jax.tree_util.tree_map(jnp.asarray, self.batch)
+        for row in starts:  # a chunk is a slice at a traced start: one compilation for every row and block
+            examples = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, row, size), batch)
             X = _fill_block_chunk(self.loss_fn, self.params, examples, row, a, X, self.lay, self.fast)
         check_finite(X, f"gradients (block {b + 1}, columns {a}–{e})")
         return Formed(X)

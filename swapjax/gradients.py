@@ -81,8 +81,9 @@ def _per_sample_grads(loss_fn, params, batch, lay, chunk_size, fast, progress):
     report = _ChunkProgress(len(starts), n) if progress else None
     X = jnp.zeros((n, lay.size), lay.dtype)
     losses, done = [], 0
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)  # once; a chunk is a slice at a traced start (one compilation)
     for i, start in enumerate(starts):
-        examples = jax.tree_util.tree_map(lambda a: jax.lax.slice_in_dim(a, start, start + b), batch)
+        examples = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, b), batch)
         values, X = _fill_chunk(loss_fn, params, examples, start, X, lay, fast)
         losses.append(values[done - start:])
         done = start + b

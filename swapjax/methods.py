@@ -126,9 +126,15 @@ def check_problem(X, w_bar, k, finite_x: bool = True) -> tuple[Operator, Groups]
         groups = Groups.top_k(int(k))
     if finite_x:
         X.check_finite("X")
-    if not bool(jnp.all(jnp.isfinite(w_bar))):
+    if not bool(_all_finite(w_bar)):
         raise ValueError("w_bar: the dense weights contain NaN or inf")
     return X, groups
+
+
+@jax.jit
+def _all_finite(*arrays) -> jax.Array:
+    """True where every entry of every array is finite (one program per shapes, not an op-by-op compilation each)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
 
 
 def prepare_problem(X, w_bar, k, w_start=None, duals=None, finite_x: bool = True):
@@ -142,7 +148,7 @@ def prepare_problem(X, w_bar, k, w_start=None, duals=None, finite_x: bool = True
     w_start = w_bar if w_start is None else jnp.asarray(w_start, X.dtype)
     if jnp.shape(w_start) != w_bar.shape:
         raise ValueError(f"w_start: expected shape {w_bar.shape}, got {jnp.shape(w_start)}")
-    if not bool(jnp.all(jnp.isfinite(w_start))):
+    if not bool(_all_finite(w_start)):
         raise ValueError("w_start: the starting weights contain NaN or inf")
     n = X.shape[0]
     if duals is None:
@@ -152,7 +158,7 @@ def prepare_problem(X, w_bar, k, w_start=None, duals=None, finite_x: bool = True
         shapes = [jnp.shape(d) for d in duals] if isinstance(duals, (tuple, list)) else type(duals).__name__
         raise ValueError(f"duals: expected None or two Sinkhorn potentials (f, g) of shape ({n},), got {shapes}")
     else:
-        if not all(bool(jnp.all(jnp.isfinite(d))) for d in duals):
+        if not bool(_all_finite(*duals)):
             raise ValueError("duals: the Sinkhorn potentials contain NaN or inf")
     return X, w_bar, w_start, k, duals
 
@@ -252,10 +258,10 @@ class LR(Method):
         X, w_bar, w_start, groups, duals = prepare_problem(X, w_bar, k, w_start, duals, finite_x=False)
         checks.callable_or_none("score", score, "a function score(w) -> float")
         col_sq = X.col_sq
-        if not bool(jnp.all(jnp.isfinite(col_sq))):  # X's finiteness from diag(XᵀX): no pass of its own
+        if not bool(_all_finite(col_sq)):  # X's finiteness from diag(XᵀX): no pass of its own
             X.check_finite("X")  # names the rows; if X is finite, ‖X‖²_F overflows (below)
         y, z, scale = _projections(X, w_bar, w_start, col_sq)
-        if not bool(jnp.isfinite(scale) & jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(z))):
+        if not bool(_all_finite(scale, y, z)):
             raise ValueError(
                 f"X: y = X·w_bar, z = X·w_start or ‖X‖²_F overflow {X.dtype} (largest column norm "
                 f"{float(jnp.sqrt(jnp.max(col_sq))):.3g}, "
@@ -307,7 +313,7 @@ class LR(Method):
         X, w_bar, _, y, z, scale, _ = problem
         lam_abs = lam * scale
         t, duals, plan = self._targets(y, z, eps, duals)
-        w, f = _ridge_fit(self.cg_iters, X, t, w_bar, support, lam_abs, gram, x_anchor, init)
+        w, f = _ridge(self.cg_iters, X, t, w_bar, support, lam_abs, gram, init, x_anchor)
         info = SolveInfo(f, f[None], jnp.array(0), jnp.array(True), support, t, plan, duals,
                          lam=jnp.asarray(lam, lam_abs.dtype), lam_absolute=lam_abs,
                          epsilon=eps, swapped=jnp.array(0))
@@ -482,8 +488,10 @@ def _anchor(M, w_bar, support):
 
 
 @partial(jax.jit, static_argnums=0)
-def _ridge_fit(cg_iters, X, t, w_bar, support, lam, gram, x_anchor, init):
-    """The ridge solution on S and its f: one pass over X with the Gram, else CG from ``init``."""
+def _ridge(cg_iters, X, t, w_bar, support, lam, gram, init, x_anchor=None):
+    """The ridge solution on S and its f (:func:`swapjax.iht.ridge_fit`): one pass over X with the Gram
+    ``gram`` (and X·w̄_S, ``x_anchor``, if known), else CG from ``init``. Every backsolve of a solve
+    outside the swap search is this one program."""
     w, f, _ = iht_lib.ridge_fit(X, t, w_bar, support, lam, gram, init, cg_iters, x_anchor)
     return w, f
 
@@ -491,18 +499,17 @@ def _ridge_fit(cg_iters, X, t, w_bar, support, lam, gram, x_anchor, init):
 def _obs_fit(cg_iters, rounds, X, w_bar, w_start, t, k, lam, col_sq):
     """The backsolve on the OBS support of w_start (:func:`swapjax.iht.obs_support`, active set of the
     2·bucket(k) largest |w_start|) and ``rounds`` of swap search from it: (w, support, f, weights exchanged)."""
-    w, support, gram = _obs_start(X.matrix, w_bar, w_start, t, k, lam)
+    support, gram = _obs_support(X.matrix, w_start, k, lam)
+    w, _ = _ridge(cg_iters, X, t, w_bar, support, lam, gram, w_bar)
     return _swap(cg_iters, rounds, X, w_bar, w, t, lam, support, gram, col_sq, k)
 
 
 @jax.jit
-def _obs_start(M, w_bar, w_start, t, k, lam):
-    """The ridge solution on the OBS support of w_start, the support and its Gram."""
+def _obs_support(M, w_start, k, lam):
+    """The OBS support of w_start (active set: the 2·bucket(k) largest |w_start|) and its Gram."""
     p = M.shape[1]
     support = iht_lib.obs_support(M, w_start, k, lam, jnp.minimum(p, 2 * iht_lib.bucket(as_groups(k).k, p)))
-    gram = iht_lib.bucketed_gram(M, support)
-    w, _, _ = iht_lib.ridge_state(M, t, w_bar, support, lam, gram)
-    return w, support, gram
+    return support, iht_lib.bucketed_gram(M, support)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -512,11 +519,16 @@ def _swap(cg_iters, rounds, X, w_bar, w, t, lam, support, gram, col_sq, groups):
     return iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, None, cg_iters, col_sq, groups)
 
 
-@partial(jax.jit, static_argnums=0)
 def _reference_objectives(cg_iters, X, t, w_bar, w_start, lam, magnitude, magnitude_gram):
     """f at H_k(w_start) = w_start on the magnitude support M, and f of the backsolve on M."""
-    _, f_mag, _ = iht_lib.ridge_fit(X, t, w_bar, magnitude, lam, magnitude_gram, w_bar, cg_iters)
-    return iht_lib.objective(X, jnp.where(magnitude, w_start, 0), t, w_bar, lam), f_mag
+    _, f_mag = _ridge(cg_iters, X, t, w_bar, magnitude, lam, magnitude_gram, w_bar)
+    return _objective_at_magnitude(X, t, w_bar, w_start, lam, magnitude), f_mag
+
+
+@jax.jit
+def _objective_at_magnitude(X, t, w_bar, w_start, lam, magnitude):
+    """f at H_k(w_start) = w_start on the magnitude support."""
+    return iht_lib.objective(X, jnp.where(magnitude, w_start, 0), t, w_bar, lam)
 
 
 def _rounding_of_f(f, t):
@@ -540,25 +552,25 @@ def _refine(cg_iters, rounds, X, w_bar, w, t, lam, support, objective, col_sq, m
     swap search runs (and compiles) only where ``rounds`` > 0.
     """
     gram = _nearby_gram(X.matrix, support, magnitude, magnitude_gram) if X.formed else None
-    w, obj, backsolved, support, obj_mag, gram = _backsolves(cg_iters, X, w_bar, w, t, lam, support, objective,
-                                                             magnitude, magnitude_gram, gram)
+    w_bs, obj_bs = _ridge(cg_iters, X, t, w_bar, support, lam, gram, w)
+    w_mag, obj_mag = _ridge(cg_iters, X, t, w_bar, magnitude, lam, magnitude_gram, w_bar)
+    w, obj, backsolved, support, gram = _pick(w, objective, t, support, gram, w_bs, obj_bs, w_mag, obj_mag, magnitude,
+                                              magnitude_gram)
     if rounds <= 0:
         return w, obj, backsolved, support, obj_mag, jnp.zeros((), int)
     w, support, obj, swapped = _swap(cg_iters, rounds, X, w_bar, w, t, lam, support, gram, col_sq, groups)
     return w, obj, backsolved, support, obj_mag, swapped
 
 
-@partial(jax.jit, static_argnums=0)
-def _backsolves(cg_iters, X, w_bar, w, t, lam, support, objective, magnitude, magnitude_gram, gram):
-    """The backsolves of :func:`_refine` on IHT's support (Gram ``gram``) and on the magnitude support:
-    (w, f, backsolved, support, f on M, the Gram of the support kept)."""
-    X = linear(X)
-    w_bs, obj_bs, _ = iht_lib.ridge_fit(X, t, w_bar, support, lam, gram, w, cg_iters)
+@jax.jit
+def _pick(w, objective, t, support, gram, w_bs, obj_bs, w_mag, obj_mag, magnitude, magnitude_gram):
+    """:func:`_refine`'s choice: the backsolve on IHT's support (w_bs) replaces IHT's w unless its f is
+    not finite or higher beyond rounding; the backsolve on the magnitude support replaces that where its
+    f is lower. (w, f, backsolved, support, the Gram of the support kept)."""
     backsolved = jnp.isfinite(obj_bs) & (obj_bs <= objective + _rounding_of_f(objective, t))
     w, obj = jnp.where(backsolved, w_bs, w), jnp.where(backsolved, obj_bs, objective)
-    w_mag, obj_mag, _ = iht_lib.ridge_fit(X, t, w_bar, magnitude, lam, magnitude_gram, w_bar, cg_iters)
     from_mag = jnp.isfinite(obj_mag) & (obj_mag < obj)
     w, support = jnp.where(from_mag, w_mag, w), jnp.where(from_mag, magnitude, support)
     obj = jnp.where(from_mag, obj_mag, obj)
     gram = jax.tree_util.tree_map(lambda a, b: jnp.where(from_mag, a, b), magnitude_gram, gram)
-    return w, obj, backsolved, support, obj_mag, gram
+    return w, obj, backsolved, support, gram

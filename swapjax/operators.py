@@ -357,8 +357,9 @@ def linearize(loss_fn, params, batch, lay, chunk_size, progress=True, fast=True)
     b, starts = chunk_starts(n, max(1, min(chunk_size, CHUNK_BYTES // (itemsize * lay.size))))
     report = _ChunkProgress(len(starts), n) if progress else None
     losses, col_sq, done = [], jnp.zeros(lay.size, lay.dtype), 0
+    arrays = jax.tree_util.tree_map(jnp.asarray, batch)  # once; a chunk is a slice at a traced start (one compilation)
     for i, start in enumerate(starts):
-        examples = jax.tree_util.tree_map(lambda a: jax.lax.slice_in_dim(jnp.asarray(a), start, start + b), batch)
+        examples = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, b), arrays)
         values, sq = _chunk_sq_norms(loss_fn, params, examples, start + b - done, lay, fast)
         losses.append(values[done - start:])
         col_sq, done = col_sq + sq, start + b

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Optional
 
 import jax
@@ -291,7 +292,9 @@ def flatten(params: PyTree, lay: Layout) -> jax.Array:
     return jnp.concatenate(parts).astype(lay.dtype)
 
 
+@partial(jax.jit, static_argnums=(1, 2))
 def _split(w: jax.Array, lay: Layout, cast: bool = True):
+    """The prunable leaves in w (one compiled program per layout)."""
     return [
         w[a:b].reshape(shape).astype(dtype if cast else w.dtype)
         for a, b, shape, dtype in zip(lay.offsets[:-1], lay.offsets[1:], lay.shapes, lay.dtypes)

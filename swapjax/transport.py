@@ -34,6 +34,7 @@ class PlanInfo(NamedTuple):
     degenerate: jax.Array = False
 
 
+@jax.jit
 def degenerate_spread(y: jax.Array) -> jax.Array:
     """True when y has no usable spread: Var(y) not finite, or std(y) ≤ 64·eps·max|y| (0 for N = 1
     or identical rows; otherwise rounding noise), where the cost (y_i − z_j)²/Var(y) is meaningless."""

@@ -40,6 +40,7 @@ import numpy as np
 from . import checks
 from .constraints import Groups, as_groups
 from .gradients import batch_size, check_finite, chunk_losses_and_grads, chunk_starts
+from .methods import shared_widths
 from .operators import Formed, linearize
 
 #: The ranking that shares a group's count between blocks (see the module docstring).
@@ -197,25 +198,26 @@ def solve(method, X: ColumnBlocks, w_bar, k, w_start=None, duals=None, *, budget
     saliency = jnp.abs(w_start) * (jnp.sqrt(X.col_sq) if fisher else 1.0)
     w = jnp.where(groups.project(saliency), w_start, 0)  # the network as each block's score sees it
     infos, seconds, count = [], time.perf_counter() - t0, len(X.ranges)
-    for b, ((a, e), part) in enumerate(zip(X.ranges, split_budget(groups, saliency, X.ranges))):
-        if int(part.k) == 0:
-            infos.append(None)
-            continue
-        t0 = time.perf_counter()
-        X_b = X.block(b)
-        t1 = time.perf_counter()
-        if score is not None:
-            declared["score"] = lambda w_b, w=w, a=a, e=e: score(w.at[a:e].set(w_b))
-        w_b, info = method.solve(X_b, w_bar[a:e], part if part.ids is not None else int(part.k), w_start=w_start[a:e],
-                                 duals=None if duals is None else duals[b], **declared)
-        del X_b
-        w = w.at[a:e].set(w_b)
-        infos.append(info)
-        seconds += t1 - t0
-        if X.progress and count > 1:
-            print(f"[swapjax]   block {b + 1}/{count} (columns {a:,}–{e:,}): {int(part.k):,} kept, "
-                  f"f {float(info.objective):.4g}, {t1 - t0:.2f}s grads + {time.perf_counter() - t1:.2f}s solve",
-                  file=sys.stderr, flush=True)
+    with shared_widths(count > 1):  # the blocks' counts differ: one compilation per block width serves them all
+        for b, ((a, e), part) in enumerate(zip(X.ranges, split_budget(groups, saliency, X.ranges))):
+            if int(part.k) == 0:
+                infos.append(None)
+                continue
+            t0 = time.perf_counter()
+            X_b = X.block(b)
+            t1 = time.perf_counter()
+            if score is not None:
+                declared["score"] = lambda w_b, w=w, a=a, e=e: score(w.at[a:e].set(w_b))
+            w_b, info = method.solve(X_b, w_bar[a:e], part if part.ids is not None else int(part.k), w_start=w_start[a:e],
+                                     duals=None if duals is None else duals[b], **declared)
+            del X_b
+            w = w.at[a:e].set(w_b)
+            infos.append(info)
+            seconds += t1 - t0
+            if X.progress and count > 1:
+                print(f"[swapjax]   block {b + 1}/{count} (columns {a:,}–{e:,}): {int(part.k):,} kept, "
+                      f"f {float(info.objective):.4g}, {t1 - t0:.2f}s grads + {time.perf_counter() - t1:.2f}s solve",
+                      file=sys.stderr, flush=True)
     solved = [info for info in infos if info is not None]
     support = jnp.concatenate([info.support if info is not None else jnp.zeros(e - a, bool)
                                for info, (a, e) in zip(infos, X.ranges)])

@@ -16,6 +16,7 @@ diagonal of XᵀX/N), so scaling X changes nothing. ``lam="auto"`` and
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -271,7 +272,7 @@ class LR(Method):
             scale = jnp.ones_like(scale)
         reference = None
         if self.backsolve:
-            reference = (col_sq,) + _magnitude_reference(X, w_start, groups)
+            reference = (col_sq,) + _magnitude_reference(_width("magnitude", X, groups), X, w_start, groups)
         problem = (X, w_bar, groups, y, z, scale, reference)
         if score is None or not self.selects:
             return self._fit(problem, self._lam_value(), self._epsilon_value(), w_start, duals)
@@ -332,7 +333,7 @@ class LR(Method):
         """(support, G_S, X·w̄_S) of a first solve, for the ridge fits of the other candidates on its support
         (G_S updated from the magnitude support's Gram; None, None where X is not formed)."""
         X, w_bar, groups, _, _, _, reference = problem
-        return (support,) + _incumbent(X, w_bar, support, *reference[1:])
+        return (support,) + _incumbent(X, w_bar, support, *reference[1:], groups)
 
     def _with_reference_objectives(self, problem, info, w_start):
         """``info`` of a ridge or OBS fit with f at H_k(w_start) and f of the magnitude backsolve, at its λ and t."""
@@ -459,26 +460,67 @@ def _solve(cfg: _Config, X, t, y, w_bar, init, k, lam, duals, plan):
     return result.w, info
 
 
-@jax.jit
-def _magnitude_reference(X, w_start, k):
+#: Programs whose static widths (the Gram's, the exchanges') follow k: while a program has met one width on a
+#: shape, it is compiled for that width alone (compiles fastest); from a second width on (the stages of a gradual
+#: prune, column blocks), the program that chooses among every width at run time (lax.switch; one compilation for
+#: every k, the same values). (program, shape) → the width met, or _ANY.
+_WIDTHS: dict = {}
+_ANY = object()
+_SHARED = [0]
+
+
+@contextlib.contextmanager
+def shared_widths(on: bool = True):
+    """Inside (where ``on``), every solve takes the programs that choose their widths at run time from the
+    first call: one compilation per shape whatever k (``blocks.solve`` runs its blocks so)."""
+    _SHARED[0] += bool(on)
+    try:
+        yield
+    finally:
+        _SHARED[0] -= bool(on)
+
+
+def _width(program: str, X, groups) -> Optional[int]:
+    """The static width of ``program`` on X at the constraint's k (bucket(k, p)), or None: widths chosen at
+    run time (the second width met on this shape, or inside :func:`shared_widths`)."""
+    width = iht_lib.bucket(int(groups.k), X.shape[1])
+    key = (program, type(X), tuple(X.shape), str(X.dtype))
+    seen = _WIDTHS.get(key)
+    if _SHARED[0] or seen is _ANY or (seen is not None and seen != width):
+        _WIDTHS[key] = _ANY
+        return None
+    _WIDTHS[key] = width
+    return width
+
+
+@partial(jax.jit, static_argnums=0)
+def _magnitude_reference(width, X, w_start, k):
     """The magnitude support M = H_k(w_start) and its Gram X_M X_Mᵀ, shared by every candidate's backsolves
-    (None where X is not formed). The Gram's width follows k at run time: one compilation per shape."""
+    (None where X is not formed). ``width``: static, or None (chosen at run time, :func:`_width`)."""
     magnitude = as_groups(k).project(w_start)
-    return magnitude, iht_lib.bucketed_gram(X.matrix, magnitude) if X.formed else None
+    if not X.formed:
+        return magnitude, None
+    if width is None:
+        return magnitude, iht_lib.bucketed_gram(X.matrix, magnitude)
+    return magnitude, iht_lib.support_gram(X.matrix, magnitude, width)
 
 
-def _incumbent(X, w_bar, support, magnitude, magnitude_gram):
+def _incumbent(X, w_bar, support, magnitude, magnitude_gram, groups):
     """(X_S X_Sᵀ, X·w̄_S) for the support S, the Gram updated from the magnitude support's;
     (None, None) where X is not formed."""
     if not X.formed:
         return None, None
-    return _nearby_gram(X.matrix, support, magnitude, magnitude_gram), _anchor(X.matrix, w_bar, support)
+    gram = _nearby_gram(_width("nearby", X, groups), X.matrix, support, magnitude, magnitude_gram)
+    return gram, _anchor(X.matrix, w_bar, support)
 
 
-@jax.jit
-def _nearby_gram(M, support, magnitude, magnitude_gram):
-    """X_S X_Sᵀ from the magnitude support's Gram (:func:`swapjax.iht.nearby_gram`; one compilation per shape)."""
-    return iht_lib.nearby_gram(M, support, magnitude, magnitude_gram)
+@partial(jax.jit, static_argnums=0)
+def _nearby_gram(width, M, support, magnitude, magnitude_gram):
+    """X_S X_Sᵀ from the magnitude support's Gram (:func:`swapjax.iht.nearby_gram`), at a static
+    ``width`` or (None) the width of |S| chosen at run time."""
+    if width is None:
+        return iht_lib.nearby_gram(M, support, magnitude, magnitude_gram)
+    return iht_lib.nearby_gram(M, support, magnitude, magnitude_gram, width, iht_lib.exchange_width(width))
 
 
 @jax.jit
@@ -499,24 +541,30 @@ def _ridge(cg_iters, X, t, w_bar, support, lam, gram, init, x_anchor=None):
 def _obs_fit(cg_iters, rounds, X, w_bar, w_start, t, k, lam, col_sq):
     """The backsolve on the OBS support of w_start (:func:`swapjax.iht.obs_support`, active set of the
     2·bucket(k) largest |w_start|) and ``rounds`` of swap search from it: (w, support, f, weights exchanged)."""
-    support, gram = _obs_support(X.matrix, w_start, k, lam)
+    support, gram = _obs_support(_width("obs", X, k), X.matrix, w_start, k, lam)
     w, _ = _ridge(cg_iters, X, t, w_bar, support, lam, gram, w_bar)
-    return _swap(cg_iters, rounds, X, w_bar, w, t, lam, support, gram, col_sq, k)
+    return _swap(cg_iters, _width("swap", X, k), rounds, X, w_bar, w, t, lam, support, gram, col_sq, k)
 
 
-@jax.jit
-def _obs_support(M, w_start, k, lam):
-    """The OBS support of w_start (active set: the 2·bucket(k) largest |w_start|) and its Gram."""
+@partial(jax.jit, static_argnums=0)
+def _obs_support(width, M, w_start, k, lam):
+    """The OBS support of w_start (active set: the 2·bucket(k) largest |w_start|) and its Gram; ``width``
+    = bucket(k), static, or None (chosen at run time)."""
     p = M.shape[1]
+    if width is not None:
+        support = iht_lib.obs_support(M, w_start, k, lam, min(p, 2 * width))
+        return support, iht_lib.support_gram(M, support, width)
     support = iht_lib.obs_support(M, w_start, k, lam, jnp.minimum(p, 2 * iht_lib.bucket(as_groups(k).k, p)))
     return support, iht_lib.bucketed_gram(M, support)
 
 
-@partial(jax.jit, static_argnums=0)
-def _swap(cg_iters, rounds, X, w_bar, w, t, lam, support, gram, col_sq, groups):
+@partial(jax.jit, static_argnums=(0, 1))
+def _swap(cg_iters, width, rounds, X, w_bar, w, t, lam, support, gram, col_sq, groups):
     """``rounds`` (traced) of :func:`swapjax.iht.swap_search` from the ridge solution w on ``support``:
-    (w, support, f, weights exchanged). One compilation per shape serves every k and round count."""
-    return iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, None, cg_iters, col_sq, groups)
+    (w, support, f, weights exchanged). ``width`` = bucket(k), static, or None: the exchange widths chosen at
+    run time (one compilation for every k and round count)."""
+    most = None if width is None else iht_lib.exchange_width(width)
+    return iht_lib.swap_search(X, t, w_bar, w, support, lam, rounds, gram, most, cg_iters, col_sq, groups)
 
 
 def _reference_objectives(cg_iters, X, t, w_bar, w_start, lam, magnitude, magnitude_gram):
@@ -551,14 +599,15 @@ def _refine(cg_iters, rounds, X, w_bar, w, t, lam, support, objective, col_sq, m
     program of its own, compiled once per shape for every k (:func:`swapjax.iht.bucketed_gram`), and the
     swap search runs (and compiles) only where ``rounds`` > 0.
     """
-    gram = _nearby_gram(X.matrix, support, magnitude, magnitude_gram) if X.formed else None
+    gram = _nearby_gram(_width("nearby", X, groups), X.matrix, support, magnitude, magnitude_gram) if X.formed else None
     w_bs, obj_bs = _ridge(cg_iters, X, t, w_bar, support, lam, gram, w)
     w_mag, obj_mag = _ridge(cg_iters, X, t, w_bar, magnitude, lam, magnitude_gram, w_bar)
     w, obj, backsolved, support, gram = _pick(w, objective, t, support, gram, w_bs, obj_bs, w_mag, obj_mag, magnitude,
                                               magnitude_gram)
     if rounds <= 0:
         return w, obj, backsolved, support, obj_mag, jnp.zeros((), int)
-    w, support, obj, swapped = _swap(cg_iters, rounds, X, w_bar, w, t, lam, support, gram, col_sq, groups)
+    w, support, obj, swapped = _swap(cg_iters, _width("swap", X, groups), rounds, X, w_bar, w, t, lam, support, gram,
+                                     col_sq, groups)
     return w, obj, backsolved, support, obj_mag, swapped
 
 

@@ -445,9 +445,10 @@ def test_patience_must_be_a_positive_integer(bad):
 
 
 def test_one_compilation_serves_every_k(small):
-    """The solver's programs are compiled once per problem shape (N, p): the Gram and exchange widths that
-    follow k (the next power of two ≥ k, at most p) are chosen at run time. After one solve, solves at k in
-    other power-of-two buckets (with the λ/ε selection, the swap search and the OBS start) compile nothing."""
+    """The Gram and exchange widths follow k (the next power of two ≥ k, at most p): a program compiled for
+    one width at first, and once a second width is met on the shape, the program that chooses the width at
+    run time. After solves at two widths, solves at k in other power-of-two buckets (with the λ/ε selection,
+    the swap search and the OBS start) compile nothing."""
     X, w_bar, _ = small  # N = 40, p = 80
     rng = np.random.default_rng(1)
     held_out = rng.normal(size=(30, X.shape[1])).astype(np.float32)

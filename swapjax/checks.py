@@ -246,9 +246,9 @@ def stages(value):
     return levels
 
 
-def finite_leaves(name: str, tree, hint: str = "") -> None:
+def finite_leaves(name: str, tree, hint: str = "", examples: bool = False) -> None:
     """ValueError naming the floating-point leaves of ``tree`` that hold NaN or inf (one compiled count
-    per set of leaf shapes, one transfer)."""
+    per set of leaf shapes, one transfer); ``examples``: the leading axis indexes examples, named too."""
     from .pytree import path_name
 
     named = [(path_name(p) or "<root>", x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -257,9 +257,17 @@ def finite_leaves(name: str, tree, hint: str = "") -> None:
     if not named:
         return
     counts = np.asarray(_nonfinite_counts([x for _, x in named]))
-    bad = [f"{where} ({count} of {np.size(x)} entries)" for (where, x), count in zip(named, counts) if count]
+    bad = [f"{where} ({count} of {np.size(x)} entries{_bad_rows(x) if examples else ''})"
+           for (where, x), count in zip(named, counts) if count]
     if bad:
         raise ValueError(f"{name}: NaN or inf in {', '.join(bad[:10])}{'...' if len(bad) > 10 else ''}{hint}")
+
+
+def _bad_rows(x) -> str:
+    """', examples [1, 3]': the first indices along axis 0 holding NaN or inf."""
+    x = np.asarray(x)
+    rows = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)) if x.ndim else np.zeros(0, int)
+    return f", examples {rows[:10].tolist()}{'...' if len(rows) > 10 else ''}" if rows.size else ""
 
 
 @jax.jit

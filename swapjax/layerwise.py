@@ -492,7 +492,8 @@ def prune_layerwise(
     lay = pytree.layout(params, select)
     checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
     n = batch_size(batch)
-    checks.finite_leaves("batch", batch, hint="; the calibration examples must be finite: fix or drop them")
+    checks.finite_leaves("batch", batch, hint="; the calibration examples must be finite: fix or drop them",
+                         examples=True)
     w = pytree.flatten(params, lay)
     # from the layout, before loss_fn is called: a mapping's paths and mean, NM's axes and ragged="error",
     # a layer that would keep 0 weights

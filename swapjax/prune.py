@@ -297,10 +297,10 @@ def prune(
     sparsity = constraint.check(lay, sparsity, w_dense)  # paths, caps, ragged leaves, empty layers: from the layout
     levels = None if stages == "auto" else schedules.resolve(stages, sparsity)
     batch_size(batch)
-    checks.finite_leaves("batch", batch, hint="; the examples must be finite: fix or drop them")
+    checks.finite_leaves("batch", batch, hint="; the examples must be finite: fix or drop them", examples=True)
     if val_batch is not None:
         checks.same_structure("val_batch", val_batch, batch, "batch")
-        checks.finite_leaves("val_batch", val_batch, hint="; the held-out examples must be finite")
+        checks.finite_leaves("val_batch", val_batch, hint="; the held-out examples must be finite", examples=True)
     selects = method.selects
     batch, val_batch = _split_held_out(batch, val_batch, holdout if selects else 0.0)
     n = batch_size(batch)

@@ -95,11 +95,11 @@ def test_nan_in_params_names_the_leaf_before_gradients():
 def test_nan_or_inf_in_the_batch_names_the_leaf_before_gradients():
     params, batch = _small()
     batch["x"][1, 2], batch["y"][4] = np.inf, np.nan
-    with pytest.raises(ValueError, match=r"batch: NaN or inf in x \(1 of 60 entries\), y \(1 of 6 entries\); "
+    with pytest.raises(ValueError, match=r"batch: NaN or inf in x \(1 of 60 entries, examples \[1\]\), y \(1 of 6 entries, examples \[4\]\); "
                                          r"the examples must be finite"):
         swapjax.prune(_forbidden_loss, params, batch, sparsity=0.5, method=LR, progress=False)
     clean = _small()[1]
-    with pytest.raises(ValueError, match=r"val_batch: NaN or inf in y \(1 of 6 entries\)"):
+    with pytest.raises(ValueError, match=r"val_batch: NaN or inf in y \(1 of 6 entries, examples \[4\]\)"):
         swapjax.prune(_forbidden_loss, params, clean, sparsity=0.5, val_batch=batch | {"x": clean["x"]},
                       progress=False)
 

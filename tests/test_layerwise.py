@@ -450,7 +450,7 @@ def test_nan_or_inf_in_the_batch_is_refused_before_any_trace(bad, method):
     params, batch = _small_net()
     batch["x"][3, 2] = bad
     loss = _Counting(_small_loss)
-    with pytest.raises(ValueError, match=r"batch: NaN or inf in x \(1 of 256 entries\); the calibration examples "
+    with pytest.raises(ValueError, match=r"batch: NaN or inf in x \(1 of 256 entries, examples \[3\]\); the calibration examples "
                                          r"must be finite"):
         swapjax.prune_layerwise(loss, params, batch, method={"SparseGPT": layerwise.SparseGPT(),
                                                              "Regression": None}[method], progress=False)

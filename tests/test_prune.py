@@ -357,27 +357,34 @@ def test_method_config_errors():
         swapjax.SWAP(lam=-0.1)
 
 
-def _nan_loss(params, example):
-    # NaN for the examples whose input is NaN (and so for their gradients)
-    return 0.5 * (example["x"] @ params["w"] @ example["x"] - example["y"]) ** 2
+def _nan_gradient_loss(params, example):
+    # finite everywhere, but the gradient of ‖v‖ at v = 0 is 0/0: NaN for the examples whose input is 0
+    return jnp.sqrt(jnp.sum((example["x"] @ params["w"]) ** 2)) - example["y"]
 
 
 def test_non_finite_gradients_name_the_examples(small):
     params, batch, _ = small
     batch = copy.deepcopy(batch)
-    batch["x"][1, 3] = np.nan
-    batch["x"][3, 0] = np.inf
+    batch["x"][[1, 3]] = 0.0
     batch_copy = copy.deepcopy(batch)
     with pytest.raises(ValueError, match=r"gradients: 2 of 4 per-sample gradients contain NaN or inf \(examples \[1, 3\]"):
-        swapjax.prune(_nan_loss, params, batch, sparsity=0.5, method=LR, progress=False)
+        swapjax.prune(_nan_gradient_loss, params, batch, sparsity=0.5, method=LR, progress=False)
+    batch["x"][1, 3], batch["x"][3, 0] = np.nan, np.inf  # in the batch itself: named before any gradient
+    with pytest.raises(ValueError, match=r"batch: NaN or inf in x \(2 of 40 entries, examples \[1, 3\]\)"):
+        swapjax.prune(_nan_gradient_loss, params, batch, sparsity=0.5, method=LR, progress=False)
+    batch_copy["x"][1, 3], batch_copy["x"][3, 0] = np.nan, np.inf
     for a, b in zip(jax.tree_util.tree_leaves(batch), jax.tree_util.tree_leaves(batch_copy)):
         np.testing.assert_array_equal(a, b)
     _unchanged(small)
 
 
+def _quadratic_loss(params, example):
+    return 0.5 * (example["x"] @ params["w"] @ example["x"] - example["y"]) ** 2
+
+
 def test_numpy_inputs_not_mutated_by_a_successful_run(small):
     params, batch, _ = small
-    res = swapjax.prune(_nan_loss, params, batch, sparsity=0.5, method=LR, progress=False)
+    res = swapjax.prune(_quadratic_loss, params, batch, sparsity=0.5, method=LR, progress=False)
     _unchanged(small)
     assert int(np.sum(np.asarray(res.masks["w"]) != 0)) == 50
     assert np.count_nonzero(np.asarray(res.params["w"])) == 50

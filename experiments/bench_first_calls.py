@@ -223,7 +223,8 @@ def table(rows: list) -> str:
     (count and seconds), the floor and first/floor."""
     lines = ["| configuration | p | first call (s) | warm call (s) | compilations in the first call (s) | "
              "floor (s) | first / floor | load |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in sorted(dict.fromkeys(r["config"] for r in rows), key=lambda c: CONFIGS.index(c) if c in CONFIGS else 99):
+    order = lambda name: CONFIGS.index(name) if name in CONFIGS else len(CONFIGS)  # noqa: E731
+    for name in sorted(dict.fromkeys(r["config"] for r in rows), key=order):
         runs = [r for r in rows if r["config"] == name]
         med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
         lines.append(f"| {name} | {runs[0]['p']:,} | {med('first'):.1f} | {med('warm'):.2f} | "
@@ -234,7 +235,7 @@ def table(rows: list) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("configs", nargs="*", choices=[[], *CONFIGS], default=[])
+    ap.add_argument("configs", nargs="*", help=f"some of {', '.join(CONFIGS)} (default: all)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=OUT, help="the JSON file (default %(default)s)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -243,6 +244,9 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(args.worker, args.cache)))
         return
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown configuration {unknown}; choose among {', '.join(CONFIGS)}")
     configs = args.configs or list(CONFIGS)
     payload = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
     payload["rows"] = [r for r in payload["rows"] if r["config"] not in configs]

@@ -208,8 +208,8 @@ def solve(method, X: ColumnBlocks, w_bar, k, w_start=None, duals=None, *, budget
             t1 = time.perf_counter()
             if score is not None:
                 declared["score"] = lambda w_b, w=w, a=a, e=e: score(w.at[a:e].set(w_b))
-            w_b, info = method.solve(X_b, w_bar[a:e], part if part.ids is not None else int(part.k), w_start=w_start[a:e],
-                                     duals=None if duals is None else duals[b], **declared)
+            w_b, info = method.solve(X_b, w_bar[a:e], part if part.ids is not None else int(part.k),
+                                     w_start=w_start[a:e], duals=None if duals is None else duals[b], **declared)
             del X_b
             w = w.at[a:e].set(w_b)
             infos.append(info)

@@ -591,13 +591,14 @@ def _refine(cg_iters, rounds, X, w_bar, w, t, lam, support, objective, col_sq, m
     """Backsolve on IHT's support and on the magnitude support H_k(w_start); swap search from the better.
 
     The backsolve replaces IHT's w unless its f is not finite or higher beyond rounding (it
-    should not be: it is the exact minimiser on the support, and CG descends from IHT's w). ``magnitude_gram`` = X_M X_Mᵀ for the magnitude
-    support M; the Gram of IHT's support, which rarely strays far from M, is
-    updated from it. Where X is not formed (``magnitude_gram`` None), the
+    should not be: it is the exact minimiser on the support, and CG descends from IHT's w).
+    ``magnitude_gram`` = X_M X_Mᵀ for the magnitude support M; the Gram of IHT's support, which rarely
+    strays far from M, is updated from it. Where X is not formed (``magnitude_gram`` None), the
     backsolves run by conjugate gradients from IHT's w and from w̄ on M. Takes IHT's (w, support, f) at
     the targets t and λ; returns (w, f, backsolved, support, f on M, weights swapped). Each step is a
-    program of its own, compiled once per shape for every k (:func:`swapjax.iht.bucketed_gram`), and the
-    swap search runs (and compiles) only where ``rounds`` > 0.
+    program of its own (the nearby Gram, the backsolves, the choice, the swap search), shared with the
+    selection's other candidates; their widths follow k (:func:`_width`), and the swap search runs (and
+    compiles) only where ``rounds`` > 0.
     """
     gram = _nearby_gram(_width("nearby", X, groups), X.matrix, support, magnitude, magnitude_gram) if X.formed else None
     w_bs, obj_bs = _ridge(cg_iters, X, t, w_bar, support, lam, gram, w)

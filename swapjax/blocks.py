@@ -52,9 +52,9 @@ class Blocked:
     """``prune(mode=Blocked(...))``: X held as column blocks (the block-diagonal Fisher).
 
     width: columns per block (at most; the blocks are made about equal), or None for the widest
-    block that fits in the memory available (:func:`swapjax.memory.estimate`); one block is
-    the in-memory prune. budget: how a constraint's counts are shared between blocks,
-    ``"fisher"`` (default: |w|·‖X_{:,i}‖, one more gradient pass) or ``"magnitude"`` (|w|, CHITA).
+    block within the margin of the memory at hand (half of it, else 75 %;
+    :func:`swapjax.memory.estimate`); one block is the in-memory prune. budget: how a constraint's
+    counts are shared between blocks, ``"fisher"`` (default: |w|·‖X_{:,i}‖, one more gradient pass) or ``"magnitude"`` (|w|, CHITA).
     ``mode="blocked"`` is ``Blocked()``.
 
     Examples:

@@ -4,8 +4,8 @@
 
 Cells: per-layer uniform 0.5, 0.7, 0.9 and 2:4. Layer-wise (``swapjax.prune_layerwise``, sequential,
 the preset's N Fisher examples as the calibration batch): Wanda, SparseGPT, the exact refit on each
-one's mask (``layerwise.Refit``) and LR on each layer's regression from SparseGPT's support
-(``layerwise.Regression``). Network-wide (``swapjax.prune``, ``stages=1``, the next val_examples for
+one's mask (``layer_methods.Refit``) and LR on each layer's regression from SparseGPT's support
+(``layer_methods.Regression``). Network-wide (``swapjax.prune``, ``stages=1``, the next val_examples for
 the selection): magnitude under the same per-layer budget, and LR under it and under the global
 top-k (the library's default constraint). Test accuracy on the test split; each call's seconds after
 a compiling call of the same cell. A rerun adds the seeds and cells not yet in the file (written after
@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import reproduce as R  # noqa: E402
 
 import swapjax  # noqa: E402
-from swapjax import data, layerwise  # noqa: E402
+from swapjax import data, layer_methods, layerwise  # noqa: E402
 
 CELLS = {"0.5": (swapjax.LayerBudgets(), 0.5), "0.7": (swapjax.LayerBudgets(), 0.7),
          "0.9": (swapjax.LayerBudgets(), 0.9), "2:4": (swapjax.NM(2, 4), None)}
-LAYERWISE = {"Wanda": layerwise.Wanda(), "SparseGPT": layerwise.SparseGPT(),
-             "refit on Wanda": layerwise.Refit(layerwise.Wanda()), "refit on SparseGPT": layerwise.Refit(layerwise.SparseGPT()),
-             "LR layer-wise": layerwise.Regression()}
+LAYERWISE = {"Wanda": layer_methods.Wanda(), "SparseGPT": layer_methods.SparseGPT(),
+             "refit on Wanda": layer_methods.Refit(layer_methods.Wanda()), "refit on SparseGPT": layer_methods.Refit(layer_methods.SparseGPT()),
+             "LR layer-wise": layer_methods.Regression()}
 NETWORK = {"MP": swapjax.Magnitude(), "LR": swapjax.LR(), "LR global": swapjax.LR()}
 
 

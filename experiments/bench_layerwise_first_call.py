@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 import swapjax
-from swapjax import layerwise
+from swapjax import layer_methods, layerwise
 
 compiles = collections.Counter()
 seconds = collections.Counter()
@@ -61,7 +61,7 @@ class TinyGPT(nn.Module):
 
 
 def main(method: str = "regression", d: int = 128, blocks: int = 4) -> dict:
-    spec = {"wanda": layerwise.Wanda(), "sparsegpt": layerwise.SparseGPT(), "regression": None}[method]
+    spec = {"wanda": layer_methods.Wanda(), "sparsegpt": layer_methods.SparseGPT(), "regression": None}[method]
     gpt = TinyGPT(d=d, blocks=blocks)
     tokens = np.random.default_rng(0).integers(0, 17, size=(64, 17)).astype("int32")
     params = gpt.init(jax.random.key(0), tokens[:1, :-1])["params"]

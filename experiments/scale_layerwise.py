@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import reproduce as R  # noqa: E402
 
 import swapjax  # noqa: E402
-from swapjax import layerwise  # noqa: E402
+from swapjax import layer_methods, layerwise  # noqa: E402
 
 
 def main():
@@ -44,7 +44,7 @@ def main():
     y = rng.integers(0, 1000, args.n).astype(np.int32)
     variables = model.init(jax.random.key(0), jnp.zeros((1, args.image_size, args.image_size, 3)))
     loss_fn = R.per_example_loss(model, variables)
-    method = layerwise.SparseGPT() if args.method == "sparsegpt" else layerwise.Regression()
+    method = layer_methods.SparseGPT() if args.method == "sparsegpt" else layer_methods.Regression()
     t0 = time.perf_counter()
     result = swapjax.prune_layerwise(loss_fn, variables["params"], {"x": x, "y": y}, sparsity=0.5, method=method,
                                      sequential=args.sequential, chunk_size=args.chunk_size)

@@ -16,7 +16,8 @@ from .comparison import MethodResult, compare, compare_sparsities, format_table
 from .finetune import batched_loss, keep_pruned_at_zero, make_finetune_hook, masked_optimizer, masked_updates
 from .gradients import GradientNoise, add_gradient_noise, per_sample_grads
 from .io import bcoo_bytes, from_bcoo, load_pruned, save_pruned, to_bcoo
-from .layerwise import SparseGPT, Wanda, prune_layerwise
+from .layer_methods import SparseGPT, Wanda
+from .layerwise import prune_layerwise
 from .methods import LR, SWAP, SolveInfo
 from .nm_format import from_nm, to_nm
 from .operators import Formed, GradientOperator, Operator, RowSharded, linearized_gradients

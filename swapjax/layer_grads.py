@@ -63,6 +63,11 @@ class _Trace:
 
 
 # ---------------------------------------------------------------- the interpreter
+#
+# Each value carries an origin (leaf, chain) where it is K = chain(leaf) for a tracked parameter leaf,
+# and a flag saying whether it depends on the example (the data). A ``scan`` that a tracked leaf enters
+# is unrolled: iteration i sees slice i of each stacked leaf, so each iteration's product is a tap of
+# its own whose chain ends with that slice.
 
 def _read(env, v):
     return v.val if isinstance(v, jcore.Literal) else env[v]
@@ -80,60 +85,106 @@ def _inline_body(eqn):
     return (body.jaxpr, body.consts) if isinstance(body, jcore.ClosedJaxpr) else (body, ())
 
 
-def _run(jaxpr, consts, args, origins, trace: _Trace):
+def _run(jaxpr, consts, args, origins, data, trace: _Trace):
     """The outputs of ``jaxpr``; a kernel returned as it is counts as a use that is not a tap."""
-    outs, out_origins = _interpret(jaxpr, consts, args, origins, trace)
+    outs, out_origins, _ = _interpret(jaxpr, consts, args, origins, data, trace)
     trace.other_use.update(o[0] for o in out_origins if o is not None)
     return outs
 
 
-def _interpret(jaxpr, consts, args, origins, trace: _Trace):
-    """(outputs, their origins) of ``jaxpr``; origin (leaf, chain) marks a value K = chain(leaf)."""
-    env, origin = {}, {}
+def _interpret(jaxpr, consts, args, origins, data, trace: _Trace):
+    """(outputs, their origins, their data flags) of ``jaxpr``; origin (leaf, chain) marks K = chain(leaf)."""
+    env, origin, dep = {}, {}, set()
     for v, x in zip(jaxpr.constvars, consts):
         env[v] = x
-    for v, x, o in zip(jaxpr.invars, args, origins):
+    for v, x, o, d in zip(jaxpr.invars, args, origins, data):
         env[v] = x
         if o is not None:
             origin[v] = o
+        if d:
+            dep.add(v)
     for eqn in jaxpr.eqns:
         invals = [_read(env, v) for v in eqn.invars]
         kin = [(i, o) for i, o in enumerate(_origin(origin, v) for v in eqn.invars) if o is not None]
-        outs, out_origins = _step(eqn, invals, kin, trace)
-        for v, x, o in zip(eqn.outvars, outs, out_origins):
+        din = [not isinstance(v, jcore.Literal) and v in dep for v in eqn.invars]
+        outs, out_origins, out_data = _step(eqn, invals, kin, din, trace)
+        for v, x, o, d in zip(eqn.outvars, outs, out_origins, out_data):
             env[v] = x
             if o is not None:
                 origin[v] = o
-    return [_read(env, v) for v in jaxpr.outvars], [_origin(origin, v) for v in jaxpr.outvars]
+            if d:
+                dep.add(v)
+    return ([_read(env, v) for v in jaxpr.outvars], [_origin(origin, v) for v in jaxpr.outvars],
+            [not isinstance(v, jcore.Literal) and v in dep for v in jaxpr.outvars])
 
 
 def _origin(origin, v):
     return None if isinstance(v, jcore.Literal) else origin.get(v)
 
 
-def _step(eqn, invals, kin, trace):
-    """(outputs, their origins) of one equation."""
+def _step(eqn, invals, kin, din, trace):
+    """(outputs, their origins, their data flags) of one equation."""
     name = eqn.primitive.name
     nothing = [None] * len(eqn.outvars)
+    flags = [any(din)] * len(eqn.outvars)
     if not kin:
-        return _bind(eqn, invals), nothing
+        return _bind(eqn, invals), nothing, flags
     if name in _LAYOUT and len(eqn.invars) == 1:
         leaf, chain = kin[0][1]
-        return _bind(eqn, invals), [(leaf, chain + ((eqn.primitive, dict(eqn.params)),))]
+        return _bind(eqn, invals), [(leaf, chain + ((eqn.primitive, dict(eqn.params)),))], flags
     if name in _CALLS:
         body, consts = _inline_body(eqn)
-        origins = [None] * len(invals)
-        for i, o in kin:
-            origins[i] = o
-        return _interpret(body, consts, invals, origins, trace)
-    if _tappable(eqn, kin):
-        return [_tap(eqn, invals, kin[0], trace)], nothing
+        return _interpret(body, consts, invals, _placed(kin, len(invals)), din, trace)
+    if name == "scan":
+        return _unrolled_scan(eqn, invals, kin, din, trace)
+    if _tappable(eqn, kin, din):
+        return [_tap(eqn, invals, kin[0], trace)], nothing, flags
     trace.other_use.update(o[0] for _, o in kin)
-    return _bind(eqn, invals), nothing
+    return _bind(eqn, invals), nothing, flags
 
 
-def _tappable(eqn, kin) -> bool:
-    if eqn.primitive.name not in _TAPPABLE or len(kin) != 1:
+def _placed(kin, n):
+    origins = [None] * n
+    for i, o in kin:
+        origins[i] = o
+    return origins
+
+
+def _unrolled_scan(eqn, invals, kin, din, trace):
+    """A ``scan`` that a tracked leaf enters, evaluated iteration by iteration: a leaf stacked along the
+    scanned axis is sliced (slice i is its own layer); a leaf passed whole (a constant of the loop, or in
+    the carry) is used once per iteration."""
+    prm = eqn.params
+    body, nc, nk, length = prm["jaxpr"], prm["num_consts"], prm["num_carry"], prm["length"]
+    origins = _placed(kin, len(invals))
+    consts, carry, xs = invals[:nc], list(invals[nc:nc + nk]), invals[nc + nk:]
+    c_orig, k_orig, x_orig = origins[:nc], origins[nc:nc + nk], origins[nc + nk:]
+    c_dep, k_dep, x_dep = din[:nc], list(din[nc:nc + nk]), din[nc + nk:]
+    trace.other_use.update(o[0] for o in k_orig if o is not None)  # a kernel in the carry: not a plain layer
+    ys = [None] * length
+    for step in range(length):
+        i = length - 1 - step if prm["reverse"] else step
+        x_i = [lax.index_in_dim(x, i, 0, keepdims=False) for x in xs]
+        x_o = [None if o is None else (o[0], o[1] + _slice_steps(i, jnp.shape(x))) for o, x in zip(x_orig, xs)]
+        outs, out_orig, out_dep = _interpret(body.jaxpr, body.consts, [*consts, *carry, *x_i],
+                                             [*c_orig, *([None] * nk), *x_o], [*c_dep, *k_dep, *x_dep], trace)
+        trace.other_use.update(o[0] for o in out_orig if o is not None)
+        carry, ys[i] = outs[:nk], outs[nk:]
+        k_dep = [a or b for a, b in zip(k_dep, out_dep[:nk])]
+    stacked = [jnp.stack([y[j] for y in ys]) for j in range(len(eqn.outvars) - nk)]
+    return [*carry, *stacked], [None] * len(eqn.outvars), [any(din)] * len(eqn.outvars)
+
+
+def _slice_steps(i, shape):
+    """The chain steps taking slice i of the leading axis (a ``slice`` and a ``squeeze``)."""
+    start, limit = (i,) + (0,) * (len(shape) - 1), (i + 1,) + tuple(shape[1:])
+    return ((lax.slice_p, dict(start_indices=start, limit_indices=limit, strides=None)),
+            (lax.squeeze_p, dict(dimensions=(0,))))
+
+
+def _tappable(eqn, kin, din) -> bool:
+    """A product of ONE tracked kernel with an operand that depends on the example."""
+    if eqn.primitive.name not in _TAPPABLE or len(kin) != 1 or not din[1 - kin[0][0]]:
         return False
     if eqn.primitive.name == "conv_general_dilated":
         return kin[0][0] == 1 and eqn.params["batch_group_count"] == 1
@@ -252,7 +303,7 @@ def plan(loss: Callable, leaves: Sequence, example, selected: Sequence[int], fas
     origins = _origins(len(leaves), len(jaxpr.invars), set(selected))
     trace = _Trace()
     try:
-        jax.eval_shape(lambda *args: _run(jaxpr, closed.consts, args, origins, trace),
+        jax.eval_shape(lambda *args: _run(jaxpr, closed.consts, args, origins, _data(len(leaves), len(args)), trace),
                        *[jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in jaxpr.invars])
     except Exception as err:  # noqa: BLE001 - any primitive the interpreter cannot replay
         warnings.warn(f"per-sample gradients: layer taps unavailable ({type(err).__name__}: {err}); "
@@ -269,6 +320,11 @@ def _origins(n_leaves: int, n_args: int, tapped: set) -> list:
     return [(i, ()) if i in tapped else None for i in range(n_leaves)] + [None] * (n_args - n_leaves)
 
 
+def _data(n_leaves: int, n_args: int) -> list:
+    """The arguments that depend on the example: those after the parameter leaves."""
+    return [False] * n_leaves + [True] * (n_args - n_leaves)
+
+
 def loss_and_grads(pl: Plan, leaves: Sequence, example):
     """(ℓ, [∂ℓ/∂leaf for each selected leaf]) for ONE example, in one forward and backward pass."""
     perts = [jnp.zeros(t.out.shape, t.out.dtype) for t in pl.taps]
@@ -281,7 +337,8 @@ def loss_and_grads(pl: Plan, leaves: Sequence, example):
             return pl.loss(vals, example), []
         args = vals + jax.tree_util.tree_leaves(example)
         trace = _Trace(perts=perts)
-        (out,) = _run(pl.jaxpr, pl.consts, args, _origins(len(vals), len(args), pl.fast), trace)
+        (out,) = _run(pl.jaxpr, pl.consts, args, _origins(len(vals), len(args), pl.fast),
+                      _data(len(vals), len(args)), trace)
         return out, trace.captured
 
     (value, xs), (g_slow, deltas) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
@@ -298,7 +355,7 @@ def layer_inputs(pl: Plan, leaves: Sequence, example) -> list:
     """The non-kernel operand x of each tap of ``pl`` (the layer inputs), for ONE example: one forward pass."""
     args = list(leaves) + jax.tree_util.tree_leaves(example)
     trace = _Trace(perts=[jnp.zeros(t.out.shape, t.out.dtype) for t in pl.taps])
-    _run(pl.jaxpr, pl.consts, args, _origins(len(leaves), len(args), pl.fast), trace)
+    _run(pl.jaxpr, pl.consts, args, _origins(len(leaves), len(args), pl.fast), _data(len(leaves), len(args)), trace)
     return trace.captured
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import swapjax
-from swapjax import layerwise
+from swapjax import layer_methods, layerwise
 from swapjax.baselines import layer_quotas
 
 
@@ -94,11 +94,11 @@ def test_sparsegpt_matches_the_published_algorithm_in_float64(rule):
     spec = RULES[rule]
     expected_w, expected_mask = _sparsegpt_reference(W, H, spec, block=16)
     with jax.enable_x64(True):
-        w, mask = layerwise.sparsegpt(W, H, spec, block=16)
+        w, mask = layer_methods.sparsegpt(W, H, spec, block=16)
         w, mask = np.asarray(w), np.asarray(mask)
     np.testing.assert_array_equal(mask, expected_mask)
     np.testing.assert_allclose(w, expected_w, rtol=1e-5, atol=1e-5 * np.abs(expected_w).max())
-    w32, mask32 = layerwise.sparsegpt(W.astype(np.float32), H.astype(np.float32), spec, block=16)
+    w32, mask32 = layer_methods.sparsegpt(W.astype(np.float32), H.astype(np.float32), spec, block=16)
     assert w32.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(mask32), expected_mask)  # well conditioned: the same masks
     np.testing.assert_allclose(np.asarray(w32), expected_w, atol=1e-3 * np.abs(expected_w).max())
@@ -108,7 +108,7 @@ def test_sparsegpt_matches_the_published_algorithm_in_float64(rule):
 def test_wanda_matches_the_published_rule(rule):
     A, W, H = _layer(1)
     expected_w, expected_mask = _wanda_reference(W, H, RULES[rule])
-    w, mask = layerwise.wanda(W.astype(np.float32), H.astype(np.float32), RULES[rule])
+    w, mask = layer_methods.wanda(W.astype(np.float32), H.astype(np.float32), RULES[rule])
     np.testing.assert_array_equal(np.asarray(mask), expected_mask)
     np.testing.assert_array_equal(np.asarray(w), expected_w.astype(np.float32))
 
@@ -118,7 +118,7 @@ def test_both_keep_the_constraint_exactly_and_sparsegpt_reconstructs_better(rule
     A, W, H = _layer(2, d_in=64, d_out=12)
     spec = RULES[rule]
     errors = {}
-    for name, fn in (("wanda", layerwise.wanda), ("sparsegpt", layerwise.sparsegpt)):
+    for name, fn in (("wanda", layer_methods.wanda), ("sparsegpt", layer_methods.sparsegpt)):
         w, mask = (np.asarray(a) for a in fn(W.astype(np.float32), H.astype(np.float32), spec))
         assert np.all(w[~mask] == 0)
         if isinstance(spec, swapjax.NM):
@@ -135,13 +135,13 @@ def test_both_keep_the_constraint_exactly_and_sparsegpt_reconstructs_better(rule
 def test_layer_errors_name_the_argument():
     A, W, H = _layer()
     with pytest.raises(ValueError, match=r"H: expected the Gram AᵀA of the layer's inputs, shape \(48, 48\)"):
-        layerwise.sparsegpt(W, H[:4, :4], 10)
+        layer_methods.sparsegpt(W, H[:4, :4], 10)
     with pytest.raises(ValueError, match="rule: 2:4 groups run along the 50 inputs, not a multiple of m = 4"):
-        layerwise.wanda(np.ones((50, 3)), np.eye(50), swapjax.NM(2, 4))
+        layer_methods.wanda(np.ones((50, 3)), np.eye(50), swapjax.NM(2, 4))
     with pytest.raises(ValueError, match="block: 6 inputs per block must be a multiple of m = 4"):
-        layerwise.sparsegpt(W, H, swapjax.NM(2, 4), block=6)
+        layer_methods.sparsegpt(W, H, swapjax.NM(2, 4), block=6)
     with pytest.raises(ValueError, match="rule"):
-        layerwise.wanda(W, H, W.size + 1)
+        layer_methods.wanda(W, H, W.size + 1)
 
 
 # ---------------------------------------------------------------------------
@@ -183,12 +183,12 @@ def test_each_layer_is_solved_on_the_gram_of_its_own_inputs(sequential):
     assert [r.name for r in res.layers] == ["Conv_0/kernel", "Dense_0/kernel"] and res.mode == "layer-wise"
     x = batch["x"].astype(np.float64)
     patches, _ = _np_conv_inputs(params, x, params["Conv_0"]["kernel"])
-    conv, _ = layerwise.sparsegpt(params["Conv_0"]["kernel"].reshape(36, 4), (patches.T @ patches).astype(np.float32),
+    conv, _ = layer_methods.sparsegpt(params["Conv_0"]["kernel"].reshape(36, 4), (patches.T @ patches).astype(np.float32),
                                   swapjax.NM(2, 4))
     np.testing.assert_allclose(res.params["Conv_0"]["kernel"].reshape(36, 4), conv, rtol=1e-4, atol=1e-5)
     _, h = _np_conv_inputs(params, x, np.asarray(res.params["Conv_0"]["kernel"]) if sequential
                            else params["Conv_0"]["kernel"])
-    dense, _ = layerwise.sparsegpt(params["Dense_0"]["kernel"], (h.T @ h).astype(np.float32), swapjax.NM(2, 4))
+    dense, _ = layer_methods.sparsegpt(params["Dense_0"]["kernel"], (h.T @ h).astype(np.float32), swapjax.NM(2, 4))
     np.testing.assert_allclose(res.params["Dense_0"]["kernel"], dense, rtol=1e-4, atol=1e-5)
     assert [r.rows for r in res.layers] == [12 * 25, 12]
     for name in ("Conv_0", "Dense_0"):
@@ -200,7 +200,7 @@ def test_each_layer_is_solved_on_the_gram_of_its_own_inputs(sequential):
 
 def test_layer_budgets_and_the_drivers_errors():
     params, batch = _conv_net(1)
-    res = layerwise.prune_layerwise(_conv_loss, params, batch, sparsity=0.7, method=layerwise.Wanda(),
+    res = layerwise.prune_layerwise(_conv_loss, params, batch, sparsity=0.7, method=layer_methods.Wanda(),
                                     constraint=swapjax.LayerBudgets("erk"), progress=False)
     lay = swapjax.pytree.layout(params)
     expected = np.asarray(swapjax.LayerBudgets("erk").resolve(lay, 0.7).counts)
@@ -216,10 +216,10 @@ def test_layer_budgets_and_the_drivers_errors():
 
 def test_refit_is_the_least_squares_solution_on_each_units_support():
     A, W, H = _layer(3)
-    w, mask = layerwise.Refit(layerwise.Wanda(), percdamp=0.0).solve_layer(W.astype(np.float32), H.astype(np.float32),
+    w, mask = layer_methods.Refit(layer_methods.Wanda(), percdamp=0.0).solve_layer(W.astype(np.float32), H.astype(np.float32),
                                                                           200)
     w, mask = np.asarray(w, np.float64), np.asarray(mask)
-    np.testing.assert_array_equal(mask, np.asarray(layerwise.wanda(W, H, 200)[1]))
+    np.testing.assert_array_equal(mask, np.asarray(layer_methods.wanda(W, H, 200)[1]))
     for j in range(W.shape[1]):
         keep = mask[:, j]
         expected = np.linalg.lstsq(A[:, keep], A @ W[:, j], rcond=None)[0]
@@ -235,8 +235,8 @@ def test_regression_on_the_layer_starts_from_sparsegpt_and_only_improves(rule):
     spec = RULES[rule] if not isinstance(RULES[rule], int) else 90
     err = lambda w: np.linalg.norm(A @ (np.asarray(w, np.float64) - W)) ** 2  # noqa: E731
     W32, H32 = W.astype(np.float32), H.astype(np.float32)
-    w_gpt, _ = layerwise.SparseGPT().solve_layer(W32, H32, spec)
-    w, mask = (np.asarray(a) for a in layerwise.Regression().solve_layer(W32, H32, spec))
+    w_gpt, _ = layer_methods.SparseGPT().solve_layer(W32, H32, spec)
+    w, mask = (np.asarray(a) for a in layer_methods.Regression().solve_layer(W32, H32, spec))
     assert np.all(w[~mask] == 0)
     if isinstance(spec, swapjax.NM):
         assert np.all(mask.reshape(32 // spec.m, spec.m, 8).sum(axis=1) == spec.n)
@@ -248,7 +248,7 @@ def test_regression_on_the_layer_starts_from_sparsegpt_and_only_improves(rule):
 def test_layer_operator_products_are_the_kronecker_of_the_cholesky_factor():
     rng = np.random.default_rng(0)
     L = np.tril(rng.normal(size=(5, 5))).astype(np.float32)
-    op = layerwise.LayerOperator(jnp.asarray(L), 3)
+    op = layer_methods.LayerOperator(jnp.asarray(L), 3)
     X = np.kron(L.T.astype(np.float64), np.eye(3))  # row-major vec of Lᵀ V, V (5, 3)
     v, u = rng.normal(size=15), rng.normal(size=15)
     A = op.products()
@@ -300,8 +300,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_constraints import _REDUCTION, _net, _net_loss, _nm_holds  # noqa: E402
 
-LAYER_METHODS = {"Wanda": layerwise.Wanda(), "SparseGPT": layerwise.SparseGPT(block=8),
-                 "refit": layerwise.Refit(layerwise.Wanda()), "LR": layerwise.Regression()}
+LAYER_METHODS = {"Wanda": layer_methods.Wanda(), "SparseGPT": layer_methods.SparseGPT(block=8),
+                 "refit": layer_methods.Refit(layer_methods.Wanda()), "LR": layer_methods.Regression()}
 LAYER_RULES = {"uniform": swapjax.LayerBudgets(), "erk": swapjax.LayerBudgets("erk"), "2:4": swapjax.NM(2, 4),
                "1:4": swapjax.NM(1, 4), "4:8": swapjax.NM(4, 8)}
 
@@ -403,7 +403,7 @@ def test_low_precision_kernels_are_found_and_pruned_in_their_dtype(dtype, method
     differ by that rounding: masks agree on ≥ 90 % of the weights."""
     low = jax.tree_util.tree_map(lambda a: a.astype(dtype), _MLP_PARAMS)
     same_values = jax.tree_util.tree_map(lambda a: a.astype(np.float32), low)
-    spec = {"SparseGPT": layerwise.SparseGPT(), "Regression": None}[method]
+    spec = {"SparseGPT": layer_methods.SparseGPT(), "Regression": None}[method]
     res = swapjax.prune_layerwise(_mlp_loss, low, {"x": _MLP_X}, sparsity=0.5, method=spec, progress=False)
     ref = swapjax.prune_layerwise(_mlp_loss, same_values, {"x": _MLP_X}, sparsity=0.5, method=spec, progress=False)
     assert [r.name for r in res.layers] == [f"{name}/kernel" for name in _MLP_NAMES]
@@ -426,8 +426,8 @@ def test_float32_kernels_used_in_bfloat16_are_found_and_their_gram_is_float32():
     found, the result stays float32, the masks agree with the float32 network's on ≥ 90 % of the weights;
     H is the float32 Gram of the bfloat16 inputs (float64 NumPy reference), not a bfloat16 one."""
     res = swapjax.prune_layerwise(_mlp_bf16_loss, _MLP_PARAMS, {"x": _MLP_X}, sparsity=0.5,
-                                  method=layerwise.SparseGPT(), progress=False)
-    ref = swapjax.prune_layerwise(_mlp_loss, _MLP_PARAMS, {"x": _MLP_X}, sparsity=0.5, method=layerwise.SparseGPT(),
+                                  method=layer_methods.SparseGPT(), progress=False)
+    ref = swapjax.prune_layerwise(_mlp_loss, _MLP_PARAMS, {"x": _MLP_X}, sparsity=0.5, method=layer_methods.SparseGPT(),
                                   progress=False)
     assert [r.name for r in res.layers] == [f"{name}/kernel" for name in _MLP_NAMES]
     for name in _MLP_NAMES:
@@ -452,7 +452,7 @@ def test_nan_or_inf_in_the_batch_is_refused_before_any_trace(bad, method):
     loss = _Counting(_small_loss)
     with pytest.raises(ValueError, match=r"batch: NaN or inf in x \(1 of 256 entries, examples \[3\]\); the calibration examples "
                                          r"must be finite"):
-        swapjax.prune_layerwise(loss, params, batch, method={"SparseGPT": layerwise.SparseGPT(),
+        swapjax.prune_layerwise(loss, params, batch, method={"SparseGPT": layer_methods.SparseGPT(),
                                                              "Regression": None}[method], progress=False)
     assert loss.calls == 0
 
@@ -467,7 +467,7 @@ def test_non_finite_layer_inputs_name_the_layer():
         return jnp.sum(h @ params["Dense_1"]["kernel"]) ** 2
 
     with pytest.raises(ValueError, match=r"loss_fn: the inputs of layer Dense_1/kernel hold NaN or inf on the batch"):
-        swapjax.prune_layerwise(overflowing, params, batch, method=layerwise.SparseGPT(), progress=False)
+        swapjax.prune_layerwise(overflowing, params, batch, method=layer_methods.SparseGPT(), progress=False)
 
 
 def _dead_layer(dead, seed=5, d_in=16, d_out=6):
@@ -475,8 +475,8 @@ def _dead_layer(dead, seed=5, d_in=16, d_out=6):
     return A, W.astype(np.float32), H.astype(np.float32)
 
 
-DEAD_METHODS = {"Wanda": layerwise.Wanda(), "SparseGPT": layerwise.SparseGPT(block=8),
-                "Refit": layerwise.Refit(layerwise.Wanda()), "Regression": layerwise.Regression()}
+DEAD_METHODS = {"Wanda": layer_methods.Wanda(), "SparseGPT": layer_methods.SparseGPT(block=8),
+                "Refit": layer_methods.Refit(layer_methods.Wanda()), "Regression": layer_methods.Regression()}
 
 
 @pytest.mark.parametrize("rule", [40, swapjax.NM(2, 4)], ids=["count", "2:4"])
@@ -509,7 +509,7 @@ def test_dead_inputs_wanda_zeroes_their_weights(rule):
     W0 = W.astype(np.float64).copy()
     W0[list(_DEAD)] = 0
     expected_w, expected_mask = _wanda_reference(W0, H.astype(np.float64), rule)
-    w, mask = (np.asarray(a) for a in layerwise.wanda(W, H, rule))
+    w, mask = (np.asarray(a) for a in layer_methods.wanda(W, H, rule))
     np.testing.assert_array_equal(mask, expected_mask)
     np.testing.assert_array_equal(w, expected_w.astype(np.float32))
     assert np.all(w[list(_DEAD)] == 0) and mask[list(_DEAD)].any()
@@ -519,7 +519,7 @@ def test_dead_inputs_wanda_zeroes_their_weights(rule):
 def test_dead_inputs_sparsegpt_matches_the_published_code(rule):
     A, W, H = _dead_layer(_DEAD)
     expected_w, expected_mask = _sparsegpt_reference(W.astype(np.float64), H.astype(np.float64), rule, block=8)
-    w, mask = (np.asarray(a) for a in layerwise.sparsegpt(W, H, rule, block=8))
+    w, mask = (np.asarray(a) for a in layer_methods.sparsegpt(W, H, rule, block=8))
     np.testing.assert_array_equal(mask, expected_mask)
     np.testing.assert_allclose(w, expected_w, rtol=1e-4, atol=1e-4 * np.abs(expected_w).max())
     assert np.all(w[list(_DEAD)] == 0)
@@ -531,10 +531,10 @@ def test_dead_inputs_refit_solves_with_their_diagonal_one_and_weights_zero(rule)
     damped by δ = percdamp·mean diag, each unit solved on its support: the dead weights kept are 0
     (before, the damping alone made them W̄_i)."""
     A, W, H = _dead_layer(_DEAD)
-    refit = layerwise.Refit(layerwise.Wanda(), percdamp=0.01)
+    refit = layer_methods.Refit(layer_methods.Wanda(), percdamp=0.01)
     w, mask = (np.asarray(a, np.float64) for a in refit.solve_layer(W, H, rule))
     mask = mask.astype(bool)
-    np.testing.assert_array_equal(mask, np.asarray(layerwise.wanda(W, H, rule)[1]))
+    np.testing.assert_array_equal(mask, np.asarray(layer_methods.wanda(W, H, rule)[1]))
     Hd, W0 = H.astype(np.float64), W.astype(np.float64)
     Hd[list(_DEAD), list(_DEAD)] = 1
     W0[list(_DEAD)] = 0
@@ -552,8 +552,8 @@ def test_dead_inputs_regression_keeps_the_rule_zeroes_them_and_beats_sparsegpt(r
     """LR on the layer with dead inputs: the rule exactly, the dead weights 0 (the ridge term pulled them
     to W̄_i before), and a reconstruction error ‖A(W − W̄)‖² no higher than SparseGPT's."""
     A, W, H = _dead_layer(_DEAD)
-    w, mask = (np.asarray(a) for a in layerwise.Regression().solve_layer(W, H, rule))
-    w_gpt, _ = layerwise.SparseGPT().solve_layer(W, H, rule)
+    w, mask = (np.asarray(a) for a in layer_methods.Regression().solve_layer(W, H, rule))
+    w_gpt, _ = layer_methods.SparseGPT().solve_layer(W, H, rule)
     assert np.all(np.isfinite(w)) and np.all(w[~mask] == 0) and np.all(w[list(_DEAD)] == 0)
     if isinstance(rule, swapjax.NM):
         assert np.all(mask.reshape(4, 4, 6).sum(axis=1) == 2)
@@ -574,35 +574,35 @@ def test_the_driver_prunes_a_layer_whose_inputs_never_fire():
         assert np.all(np.asarray(res.params[name]["kernel"]) == 0)
 
 
-class _KeepAll(layerwise.LayerMethod):
+class _KeepAll(layer_methods.LayerMethod):
     def solve_layer(self, W, H, rule):
         return jnp.asarray(W), jnp.ones(np.shape(W), bool)
 
 
-class _NaNs(layerwise.LayerMethod):
+class _NaNs(layer_methods.LayerMethod):
     def solve_layer(self, W, H, rule):
-        w, mask = layerwise.wanda(W, H, rule)
+        w, mask = layer_methods.wanda(W, H, rule)
         return jnp.where(mask, jnp.nan, 0.0), mask
 
 
-class _Transposed(layerwise.LayerMethod):
+class _Transposed(layer_methods.LayerMethod):
     def solve_layer(self, W, H, rule):
-        w, mask = layerwise.wanda(W, H, rule)
+        w, mask = layer_methods.wanda(W, H, rule)
         return w.T, mask.T
 
 
-class _DenseUnderMask(layerwise.LayerMethod):
+class _DenseUnderMask(layer_methods.LayerMethod):
     def solve_layer(self, W, H, rule):
-        return jnp.asarray(W), layerwise.wanda(W, H, rule)[1]
+        return jnp.asarray(W), layer_methods.wanda(W, H, rule)[1]
 
 
-class _IntMask(layerwise.LayerMethod):
+class _IntMask(layer_methods.LayerMethod):
     def solve_layer(self, W, H, rule):
-        w, mask = layerwise.wanda(W, H, rule)
+        w, mask = layer_methods.wanda(W, H, rule)
         return w, mask.astype(jnp.int32)
 
 
-class _FirstInputs(layerwise.LayerMethod):
+class _FirstInputs(layer_methods.LayerMethod):
     """Keeps the layer's count, but as its first rows: 4 of 4 in the first group of each unit, 0 in the next."""
 
     def solve_layer(self, W, H, rule):
@@ -640,7 +640,7 @@ def test_a_layer_that_would_keep_nothing_is_refused_before_any_trace():
         swapjax.prune_layerwise(loss, params, batch, sparsity=0.99, progress=False)
     assert loss.calls == 0
     own = swapjax.LayerBudgets({"Dense_0/kernel": 0.98, "Dense_1/kernel": 0.9})  # round(0.96) and round(1.2)
-    res = swapjax.prune_layerwise(loss, params, batch, method=layerwise.Wanda(), constraint=own, progress=False)
+    res = swapjax.prune_layerwise(loss, params, batch, method=layer_methods.Wanda(), constraint=own, progress=False)
     assert [r.kept for r in res.layers] == [1, 1]
 
 
@@ -649,7 +649,7 @@ def test_a_mapping_of_layer_sparsities_is_taken_as_given():
     the default 0.5's half; a sparsity that disagrees with the mapping's mean is refused before any trace."""
     params, batch = _small_net()
     given = swapjax.LayerBudgets({"Dense_0/kernel": 0.25, "Dense_1/kernel": 0.25})
-    res = swapjax.prune_layerwise(_small_loss, params, batch, method=layerwise.Wanda(), constraint=given,
+    res = swapjax.prune_layerwise(_small_loss, params, batch, method=layer_methods.Wanda(), constraint=given,
                                   progress=False)
     assert [r.kept for r in res.layers] == [36, 9] and res.summary()["total"]["sparsity"] == 0.25
     loss = _Counting(_small_loss)
@@ -666,7 +666,7 @@ def test_argument_errors_come_before_any_trace(case):
         kwargs["constraint"] = swapjax.NM(2, 4, ragged="error")
         message = r"NM: Dense_1/kernel \(6, 2\) sums over 6 inputs"
     else:
-        kwargs["method"], error, message = layerwise.Wanda, TypeError, r"method: got the class Wanda; pass an instance"
+        kwargs["method"], error, message = layer_methods.Wanda, TypeError, r"method: got the class Wanda; pass an instance"
     loss = _Counting(_small_loss)
     with pytest.raises(error, match=message):
         swapjax.prune_layerwise(loss, params, batch, progress=False, **kwargs)
@@ -692,7 +692,7 @@ def _leftovers_loss(params, example):
 def test_the_progress_line_names_every_leaf_left_dense_and_why(capsys):
     params = _leftovers_params()
     batch = {"x": np.random.default_rng(4).normal(size=(16, 8)).astype(np.float32)}
-    res = swapjax.prune_layerwise(_leftovers_loss, params, batch, method=layerwise.Wanda(), constraint=swapjax.NM(2, 4),
+    res = swapjax.prune_layerwise(_leftovers_loss, params, batch, method=layer_methods.Wanda(), constraint=swapjax.NM(2, 4),
                                   select=lambda path, leaf: path != "head/kernel")
     assert [r.name for r in res.layers] == ["a/kernel"]
     line = capsys.readouterr().err.splitlines()[0]
@@ -745,7 +745,7 @@ def test_compilations_are_per_layer_shape_not_per_layer(method):
     compiled once per input width whatever the depth, the solve once per layer shape, and a deeper network
     with the same shapes compiles no solve at all. Before, each layer's Gram compiled a function of its own
     and SparseGPT one per kept count."""
-    spec = {"Wanda": layerwise.Wanda(), "SparseGPT": layerwise.SparseGPT()}[method]
+    spec = {"Wanda": layer_methods.Wanda(), "SparseGPT": layer_methods.SparseGPT()}[method]
     batch = {"x": np.random.default_rng(1).normal(size=(20, 11)).astype(np.float32)}
     grams, solves = [], []
     for depth in (2, 5):
@@ -777,11 +777,11 @@ def test_projections_of_one_input_share_one_gram(monkeypatch):
     calls = []
     grams = layerwise._grams
     monkeypatch.setattr(layerwise, "_grams", lambda *a, **k: calls.append(a[6]) or grams(*a, **k))
-    res = swapjax.prune_layerwise(loss, params, {"x": x}, method=layerwise.Wanda(), progress=False)
+    res = swapjax.prune_layerwise(loss, params, {"x": x}, method=layer_methods.Wanda(), progress=False)
     assert [r.name for r in res.layers] == ["attn/query/kernel", "attn/key/kernel", "attn/value/kernel",
                                             "attn/out/kernel", "fc/kernel"]
     assert len(calls) == 3, calls
-    dense = swapjax.prune_layerwise(loss, params, {"x": x}, method=layerwise.Wanda(), sequential=False, progress=False)
+    dense = swapjax.prune_layerwise(loss, params, {"x": x}, method=layer_methods.Wanda(), sequential=False, progress=False)
     for name in ("query", "key", "value"):
         np.testing.assert_array_equal(res.masks["attn"][name]["kernel"], dense.masks["attn"][name]["kernel"])
 
@@ -800,7 +800,7 @@ def test_nm_along_other_axes_than_the_layers_inputs_is_not_silently_regrouped(mo
     params = {"proj": {"kernel": rng.normal(size=(8, 2, 4)).astype(np.float32)},
               "head": {"kernel": rng.normal(size=(8, 4)).astype(np.float32)}}
     batch = {"x": rng.normal(size=(16, 8)).astype(np.float32)}
-    res = swapjax.prune_layerwise(_proj_loss, params, batch, method=layerwise.Wanda(), constraint=swapjax.NM(2, 4))
+    res = swapjax.prune_layerwise(_proj_loss, params, batch, method=layer_methods.Wanda(), constraint=swapjax.NM(2, 4))
     assert [r.name for r in res.layers] == ["head/kernel"]
     np.testing.assert_array_equal(res.params["proj"]["kernel"], params["proj"]["kernel"])
     assert "left dense: proj/kernel (2:4 along axes (0, 1), not the layer's inputs (0,))" in capsys.readouterr().err
@@ -812,7 +812,7 @@ def test_nm_along_other_axes_than_the_layers_inputs_is_not_silently_regrouped(mo
         swapjax.prune_layerwise(_proj_loss, params, batch, constraint=swapjax.NM(2, 4, ragged="error"),
                                 progress=False)
     assert passes == []
-    res = swapjax.prune_layerwise(_proj_loss, params, batch, method=layerwise.Wanda(),
+    res = swapjax.prune_layerwise(_proj_loss, params, batch, method=layer_methods.Wanda(),
                                   constraint=swapjax.NM(2, 4, axes=(0,)), progress=False)
     assert [r.name for r in res.layers] == ["proj/kernel", "head/kernel"]
     assert _nm_holds(np.asarray(res.masks["proj"]["kernel"]), (0,), 2, 4)

@@ -192,6 +192,14 @@ class Layout:
         return self.offsets[-1]
 
     @property
+    def input_axes(self) -> dict[str, tuple[int, ...]]:
+        """{leaf path: the axes its products contract} for the prunable leaves with ndim ≥ 2 (what
+        ``swapjax.to_nm(..., axes=)`` takes)."""
+        from .constraints import reduction_axes
+
+        return {name: reduction_axes(name, shape) for name, shape in zip(self.names, self.shapes) if len(shape) >= 2}
+
+    @property
     def dtype(self):
         """The common dtype of w (promotion of the prunable leaves' dtypes)."""
         return jnp.result_type(*self.dtypes)

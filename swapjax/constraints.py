@@ -36,6 +36,7 @@ class Groups:
 
     ids: int32 (p,), or None for one group (the global top-k). counts: int32 (G,).
     ``label``: how the constraint reads in messages and summaries (e.g. "2:4", "per-layer ERK").
+    ``nm``: (n, m) for the N:M groups of one layer (see the field), else None.
     Every method's ``solve(X, w_bar, k)`` takes Groups in place of the int k.
 
     Examples:
@@ -50,6 +51,10 @@ class Groups:
     counts: jax.Array
     ids: Optional[jax.Array] = None
     label: str = field(default="global top-k", metadata=dict(static=True))
+    #: (n, m) where the groups are N:M on ONE layer's (d_in, d_out) weights, row-major: group g·d_out + j
+    #: holds inputs g·m … g·m + m − 1 of output unit j and keeps n (what a layer method such as SparseGPT
+    #: reads to choose its masks group by group); None otherwise.
+    nm: Optional[tuple] = field(default=None, metadata=dict(static=True))
 
     @classmethod
     def top_k(cls, k) -> "Groups":

@@ -54,7 +54,7 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 bench: $(STAMP)
-	$(PY) experiments/bench_core.py
+	$(PY) experiments/bench/bench_core.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis site build dist

@@ -1,6 +1,6 @@
 """What the default schedule (``stages="auto"``) buys and costs: one-shot, 8-stage gradual, and auto.
 
-    .venv/bin/python experiments/bench_auto.py          # → experiments/results/bench_auto.json (CPU, ~25 min)
+    .venv/bin/python experiments/bench/bench_auto.py          # → experiments/results/bench_auto.json (CPU, ~25 min)
 
 For the MLPNet preset at 0.9 and the ViT preset at 0.7 (experiments/reproduce.py: Fashion-MNIST,
 the dense model of each seed trained or restored under runs/<preset>/, N = 1000 examples for X and
@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: reproduce.py
 import reproduce as R  # noqa: E402
 
 import swapjax  # noqa: E402
@@ -39,7 +39,7 @@ SCHEDULES = {"one-shot": dict(stages=1), "gradual": dict(stages=8, finetune=lamb
              "auto": {}}
 
 
-def main(out: Path = Path(__file__).parent / "results/bench_auto.json", runs: Path = Path("runs")):
+def main(out: Path = Path(__file__).parent.parent / "results/bench_auto.json", runs: Path = Path("runs")):
     results = {"machine": {"cpu": _cpu(), "devices": [str(d) for d in jax.devices()]}, "seeds": list(SEEDS)}
     for name, sparsity in CASES.items():
         preset = R.PRESETS[name]

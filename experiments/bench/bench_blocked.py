@@ -1,6 +1,7 @@
 """The blocked mode against X in memory on a preset's network, one-shot: accuracy, time and their ratio.
 
-    .venv/bin/python experiments/bench_blocked.py [preset] [seeds...]   # → experiments/results/blocked-<preset>.json
+    .venv/bin/python experiments/bench/bench_blocked.py [preset] [seeds...]
+    # → experiments/results/blocked-<preset>.json
 
 Cells: the global top-k at 0.7 and 2:4. Methods: LR() and SWAP() with their defaults (λ, ε chosen on
 the next val_examples), ``stages=1``. Modes: X in memory (the reference), and X in B = 2 and 4 column
@@ -19,7 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).resolve().parents[1])]  # bench_core.py, reproduce.py
 import reproduce as R  # noqa: E402
 from bench_core import machine_info  # noqa: E402
 
@@ -38,7 +39,7 @@ def main(name: str = "vit-fashion-mnist", seeds=(0, 1, 2, 3, 4), runs: Path = Pa
     train = data.load(preset.dataset, "train", flatten=preset.flatten)
     test = data.load(preset.dataset, "test", flatten=preset.flatten)
     batch, val = R.calibration(preset, train)
-    out = Path(__file__).parent / f"results/blocked-{name}.json"
+    out = Path(__file__).parent.parent / f"results/blocked-{name}.json"
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     done = {(r["seed"], r["cell"], r["method"], r["mode"]) for r in rows}
     timed_seed = min(seeds)

@@ -1,8 +1,10 @@
 """Every method under every constraint on a preset's network: N:M (2:4, 4:8, 1:4) and per-layer budgets
 (uniform, ERK) against the global top-k at 0.9, one-shot or gradual.
 
-    .venv/bin/python experiments/bench_constraints.py [preset] [seeds...]   # → experiments/results/constraints-<preset>.json
-    GRADUAL=1 .venv/bin/python experiments/bench_constraints.py [preset] [seeds...]   # → ...-<preset>-gradual.json
+    .venv/bin/python experiments/bench/bench_constraints.py [preset] [seeds...]
+    # → experiments/results/constraints-<preset>.json
+    GRADUAL=1 .venv/bin/python experiments/bench/bench_constraints.py [preset] [seeds...]
+    # → ...-<preset>-gradual.json
 
 A rerun adds the seeds and cells not yet in the file (written after every cell, atomically); the
 table of docs/constraints.md is printed at the end (mean ± std over the seeds; both values for 2).
@@ -24,7 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: reproduce.py
 import reproduce as R  # noqa: E402
 
 import swapjax  # noqa: E402
@@ -43,7 +45,7 @@ def main(name: str = "mlpnet-fashion-mnist", seeds=(0, 1), runs: Path = Path("ru
     train = data.load(preset.dataset, "train", flatten=preset.flatten)
     test = data.load(preset.dataset, "test", flatten=preset.flatten)
     batch, val = R.calibration(preset, train)
-    out = Path(__file__).parent / f"results/constraints-{name}{'-gradual' if GRADUAL else ''}.json"
+    out = Path(__file__).parent.parent / f"results/constraints-{name}{'-gradual' if GRADUAL else ''}.json"
     rows = json.loads(out.read_text())["rows"] if out.exists() else []  # a rerun adds seeds, skips cells done
     done = {(r["seed"], r["constraint"], r["method"]) for r in rows}
     for seed in seeds:

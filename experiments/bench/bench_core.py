@@ -1,7 +1,7 @@
 """Core benchmark of swapjax on MLPNet (784-40-20-10, no bias, 32,360 weights).
 
     make bench                                  # or:
-    .venv/bin/python experiments/bench_core.py [--n 1000] [--stages 14] [--repeats 5]
+    .venv/bin/python experiments/bench/bench_core.py [--n 1000] [--stages 14] [--repeats 5]
 
 What is timed (time.perf_counter around calls whose outputs are waited on with
 ``jax.block_until_ready``; the first call of each = compile + one run, reported
@@ -55,12 +55,12 @@ from swapjax import transport
 from swapjax.methods import DEFAULT_EPSILON, DEFAULT_LAM
 from swapjax.models import MLPNet
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 TARGET_GRAD_RATE = 10_000.0  # examples / s
 TARGET_PRUNE_SECONDS = 15.0
 MODEL = MLPNet()
-DOC_BEGIN = "<!-- bench_core:begin (written by experiments/bench_core.py) -->"
+DOC_BEGIN = "<!-- bench_core:begin (written by experiments/bench/bench_core.py) -->"
 DOC_END = "<!-- bench_core:end -->"
 
 
@@ -381,7 +381,7 @@ Measured {res['date']} on {m['cpu']}, {m['cpus_usable']} usable CPU cores ({m['p
 JAX {m['jax']}, backend `{m['backend']}` ({m['device']}).
 {warning}
 Command: `make bench`
-(= `.venv/bin/python experiments/bench_core.py{res['argv']}`); raw figures in
+(= `.venv/bin/python experiments/bench/bench_core.py{res['argv']}`); raw figures in
 `{c['out']}`.
 
 - Model: MLPNet 784-40-20-10, ReLU, no bias, p = 32,360 weights, all pruned.
@@ -455,7 +455,8 @@ def write_doc(path: Path, section: str, begin: str = DOC_BEGIN, end: str = DOC_E
 def resnet_markers(backend: str):
     """(begin, end) of the ResNet20 section for a backend: the CPU's and a GPU's figures sit side by side."""
     name = "resnet20" if backend == "cpu" else f"resnet20-{backend}"
-    return f"<!-- bench_core:{name}:begin (written by experiments/bench_core.py) -->", f"<!-- bench_core:{name}:end -->"
+    return (f"<!-- bench_core:{name}:begin (written by experiments/bench/bench_core.py) -->",
+            f"<!-- bench_core:{name}:end -->")
 TARGET_RESNET_RATIO = 2.0  # per-sample gradients ≤ 2 × one batched gradient over the same examples
 TARGET_RESNET_PRUNE_S = 30.0  # one-shot default SWAP() prune at N = 1000, idle 2-core CPU
 RESNET_SPARSITY = 0.9
@@ -657,7 +658,7 @@ Measured {r['date']} on {m['cpu']}, {m['cpus_usable']} usable CPU cores, JAX {m[
 load average at the start {', '.join(f'{x:.1f}' for x in m['loadavg_at_start'] or [])}; other processes used
 {_share(r['other_cpu_share'])} of the machine's CPU time during the JAX timings.
 
-Command: `.venv/bin/python experiments/bench_core.py{r['argv']}`; raw figures in `{json_path}`.
+Command: `.venv/bin/python experiments/bench/bench_core.py{r['argv']}`; raw figures in `{json_path}`.
 Problem: {c['problem']}. X is ({n}, {RESNET_WEIGHTS:,}): the 3×3 and 1×1 conv kernels and the fc kernel.
 Medians of {c['repeats']} rounds after a first (compiling) call; in each round every column runs once.
 

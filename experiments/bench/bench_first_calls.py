@@ -1,7 +1,7 @@
 """First calls against warm calls: what the compiler costs a user's first call.
 
-    .venv/bin/python experiments/bench_first_calls.py                  # every configuration, 3 processes each
-    .venv/bin/python experiments/bench_first_calls.py readme vit --repeats 1
+    .venv/bin/python experiments/bench/bench_first_calls.py                  # every configuration, 3 processes each
+    .venv/bin/python experiments/bench/bench_first_calls.py readme vit --repeats 1
     → experiments/results/first-calls.json (written after every configuration, atomically); a table on stdout
 
 Each run is a fresh Python process (nothing compiled, no persistent compilation cache unless the
@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-OUT = Path(__file__).parent / "results" / "first-calls.json"
+OUT = Path(__file__).parent.parent / "results" / "first-calls.json"
 CONFIGS = ("readme", "mlpnet", "vit", "vit-layerwise-regression", "vit-layerwise-sparsegpt", "vit-layerwise-wanda",
            "mlpnet-blocked", "tiny-blocked", "readme-cache-cold", "readme-cache-warm")
 
@@ -93,7 +93,7 @@ def _preset(name: str):
     import jax.numpy as jnp
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: reproduce.py
     import reproduce as R
 
     from swapjax import data

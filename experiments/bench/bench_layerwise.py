@@ -1,6 +1,7 @@
 """Layer-wise against network-wide pruning on a preset's network, one-shot: accuracy and time.
 
-    .venv/bin/python experiments/bench_layerwise.py [preset] [seeds...]   # → experiments/results/layerwise-<preset>.json
+    .venv/bin/python experiments/bench/bench_layerwise.py [preset] [seeds...]
+    # → experiments/results/layerwise-<preset>.json
 
 Cells: per-layer uniform 0.5, 0.7, 0.9 and 2:4. Layer-wise (``swapjax.prune_layerwise``, sequential,
 the preset's N Fisher examples as the calibration batch): Wanda, SparseGPT, the exact refit on each
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: reproduce.py
 import reproduce as R  # noqa: E402
 
 import swapjax  # noqa: E402
@@ -38,7 +39,7 @@ def main(name: str = "mlpnet-fashion-mnist", seeds=(0, 1), runs: Path = Path("ru
     train = data.load(preset.dataset, "train", flatten=preset.flatten)
     test = data.load(preset.dataset, "test", flatten=preset.flatten)
     batch, val = R.calibration(preset, train)
-    out = Path(__file__).parent / f"results/layerwise-{name}.json"
+    out = Path(__file__).parent.parent / f"results/layerwise-{name}.json"
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     done = {(r["seed"], r["cell"], r["method"]) for r in rows}
     for seed in seeds:

@@ -1,6 +1,6 @@
 """First against warm calls of ``swapjax.prune_layerwise`` on a small GPT: seconds and XLA compilations.
 
-    .venv/bin/python experiments/bench_layerwise_first_call.py [method] [d_model] [blocks]
+    .venv/bin/python experiments/bench/bench_layerwise_first_call.py [method] [d_model] [blocks]
 
 One process per call of this script (the first call must find nothing compiled): the TinyGPT of
 docs/models/transformers.md with ``blocks`` pre-norm blocks of width ``d_model`` (2 heads, an MLP of

@@ -1,11 +1,11 @@
 """The default ``swapjax.prune`` call on the 10M-weight MLP inside an address-space limit: wall time, the mode
 ``mode="auto"`` chose, peak memory, and a floor (one full-batch gradient) timed in the same process.
 
-    bash -c 'ulimit -v 12000000; .venv/bin/python experiments/bench_limits.py'             # the figure
-    bash -c 'ulimit -v 3000000; .venv/bin/python experiments/bench_limits.py --width 256 --n 200 --stages 1 \\
+    bash -c 'ulimit -v 12000000; .venv/bin/python experiments/bench/bench_limits.py'             # the figure
+    bash -c 'ulimit -v 3000000; .venv/bin/python experiments/bench/bench_limits.py --width 256 --n 200 --stages 1 \\
         --out experiments/results/bench_limits-small.json'                                    # a quick trial
 
-The network is the one of ``experiments/bench_memory.py`` at w = 2048: a ReLU MLP 784-w-w-w-10 at its Flax
+The network is the one of ``experiments/bench/bench_memory.py`` at w = 2048: a ReLU MLP 784-w-w-w-10 at its Flax
 initialisation (seed 0; p = 784w + 2w² + 10w = 10,014,720 kernel weights), on Fashion-MNIST train[:N] (N(0,1)
 inputs if not installed), N = 1,000, the default call ``prune(loss_fn, params, batch)`` (``--stages 1``: the
 same with ``stages=1``). The limits are the process's own (``ulimit -v`` before starting; the script only
@@ -30,8 +30,8 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).parent
-OUT = HERE / "results" / "bench_limits.json"
+HERE = Path(__file__).resolve().parent
+OUT = HERE.parent / "results" / "bench_limits.json"
 
 
 class Tee(io.TextIOBase):

@@ -1,12 +1,12 @@
 """Peak memory and time of a one-shot SWAP prune at 0.9 against p: X formed ("in-memory"), formed in B column
 blocks ("blocked-B", ``swapjax.Blocked(width=⌈p/B⌉)``) or not at all ("matrix-free").
 
-    .venv/bin/python experiments/bench_memory.py                      # MLPs 784-w-w-w-10, w = 256 … 2048
-    .venv/bin/python experiments/bench_memory.py --widths 2048 --modes matrix-free
-    .venv/bin/python experiments/bench_memory.py --widths 1024 --modes in-memory blocked-4
-    .venv/bin/python experiments/bench_memory.py --network mobilenetv1 --modes auto   # prune's own choice
-    .venv/bin/python experiments/bench_memory.py --network mobilenetv1  # MobileNetV1 (4.2M), synthetic 32×32 inputs
-    python experiments/bench_memory.py --network resnet50 --image-size 64 --csv gpu.csv   # on a GPU
+    .venv/bin/python experiments/bench/bench_memory.py                      # MLPs 784-w-w-w-10, w = 256 … 2048
+    .venv/bin/python experiments/bench/bench_memory.py --widths 2048 --modes matrix-free
+    .venv/bin/python experiments/bench/bench_memory.py --widths 1024 --modes in-memory blocked-4
+    .venv/bin/python experiments/bench/bench_memory.py --network mobilenetv1 --modes auto   # prune's own choice
+    .venv/bin/python experiments/bench/bench_memory.py --network mobilenetv1  # MobileNetV1 (4.2M), synthetic 32×32 inputs
+    python experiments/bench/bench_memory.py --network resnet50 --image-size 64 --csv gpu.csv   # on a GPU
 
 Networks: ReLU MLPs 784-w-w-w-10 (p = 784w + 2w² + 10w kernel weights; w = 2048 gives 10.0M) at
 their Flax initialisation (seed 0), on Fashion-MNIST train[:N] (N(0,1) inputs if not installed);
@@ -32,10 +32,10 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).parent
-CSV = HERE / "results" / "bench_memory.csv"
-FIGURE = HERE.parent / "docs" / "figures" / "memory.png"
-DOC = HERE.parent / "docs" / "benchmarks.md"
+HERE = Path(__file__).resolve().parent
+CSV = HERE.parent / "results" / "bench_memory.csv"
+FIGURE = HERE.parents[1] / "docs" / "figures" / "memory.png"
+DOC = HERE.parents[1] / "docs" / "benchmarks.md"
 FIELDS = ["network", "p", "n", "mode", "method", "noise", "status", "seconds", "peak_rss_gb", "start_rss_gb", "x_gb",
           "estimate_gb", "available_gb", "kept", "k", "objective", "iht_iterations", "lam", "epsilon", "device",
           "peak_device_gb"]
@@ -226,7 +226,7 @@ def doc_section(rows: list[dict], name: str) -> str:
     return f"""{_marker(name, "begin")}
 ## Memory: X formed or not (N = {n}, one-shot SWAP at 0.9{", GPU" if gpu else ""})
 
-`experiments/bench_memory.py` {where}: each point a fresh process; seconds for the whole `prune`
+`experiments/bench/bench_memory.py` {where}: each point a fresh process; seconds for the whole `prune`
 call, compilation included; noise = GradientNoise(2, 0.25). MLPs 784-w-w-w-10 at initialisation on
 Fashion-MNIST train[:{n}]; MobileNetV1 and ResNet50 (every conv and the classifier) on {n} synthetic
 images of the size after the network's name. "does not fit": the estimate exceeded the available
@@ -238,7 +238,9 @@ gradients matrix-free).
 
 
 def _marker(name: str, which: str) -> str:
-    return f"<!-- {name}:{which} (written by experiments/bench_memory.py) -->" if which == "begin" else f"<!-- {name}:end -->"
+    if which == "begin":
+        return f"<!-- {name}:begin (written by experiments/bench/bench_memory.py) -->"
+    return f"<!-- {name}:end -->"
 
 
 def main(argv=None) -> None:

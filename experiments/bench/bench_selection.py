@@ -1,9 +1,9 @@
 """The cost of held-out selection: the 14-stage MLPNet SWAP prune of `make bench`, default vs fixed values.
 
-    .venv/bin/python experiments/bench_selection.py   # → experiments/results/bench_selection.json
-    python experiments/bench_selection.py out.json     # elsewhere (a GPU machine)
+    .venv/bin/python experiments/bench/bench_selection.py   # → experiments/results/bench_selection.json
+    python experiments/bench/bench_selection.py out.json     # elsewhere (a GPU machine)
 
-Same problem as experiments/bench_core.py (MLPNet at random init, Fashion-MNIST train[:1000],
+Same problem as experiments/bench/bench_core.py (MLPNet at random init, Fashion-MNIST train[:1000],
 cubic schedule of 14 stages to 0.95). "default" is ``SWAP()`` (λ, ε chosen per stage on a
 held-out fifth of the batch, swap search, one-shot comparison at the end, w̄ reset every stage);
 "fixed" is the solver before selection, ``SWAP(lam=0.01, lam_scale="absolute", epsilon=0.3,
@@ -26,7 +26,7 @@ METHODS = {  # name: (method, anchor)
 }
 
 
-def main(out: Path = Path(__file__).parent / "results/bench_selection.json"):
+def main(out: Path = Path(__file__).parent.parent / "results/bench_selection.json"):
     batch, data_desc = B.load_batch(1000, 0)
     params, params_desc = B.make_params(0, batch, 0)
     res = {"data": data_desc, "params": params_desc, "machine": B.machine_info()}

@@ -1,8 +1,8 @@
 """Masks and accuracies of the default SWAP() on the presets, to compare two versions of the library.
 
-    .venv/bin/python experiments/masks_before_after.py snapshot OUT.npz [runs]  # with this tree's swapjax
-    PYTHONPATH=/path/to/other/checkout .venv/bin/python experiments/masks_before_after.py snapshot OTHER.npz
-    .venv/bin/python experiments/masks_before_after.py compare OTHER.npz OUT.npz
+    .venv/bin/python experiments/bench/masks_before_after.py snapshot OUT.npz [runs]  # with this tree's swapjax
+    PYTHONPATH=/path/to/other/checkout .venv/bin/python experiments/bench/masks_before_after.py snapshot OTHER.npz
+    .venv/bin/python experiments/bench/masks_before_after.py compare OTHER.npz OUT.npz
 
 For the MLPNet (0.9) and LeNet-5 (0.9) presets, seeds 0–1, one-shot (``stages=1``) and gradual
 (``stages=8``, the one-shot comparison on): the flat mask of the prunable weights and the test
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: reproduce.py
 import reproduce as R  # noqa: E402
 
 import swapjax  # noqa: E402

@@ -1,6 +1,6 @@
 """Time and peak memory of a layer-wise prune of ResNet50 (25.5M weights) on synthetic inputs.
 
-    .venv/bin/python experiments/scale_layerwise.py [--n 128] [--image-size 224] [--sequential] \
+    .venv/bin/python experiments/bench/scale_layerwise.py [--n 128] [--image-size 224] [--sequential] \
         [--method sparsegpt|lr] [--chunk-size 8]   # → experiments/results/scale-layerwise.json
 
 Random weights (``ResNet50().init``, BatchNorm in inference mode) and random N(0, 1) images with
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/: reproduce.py
 import reproduce as R  # noqa: E402
 
 import swapjax  # noqa: E402
@@ -36,7 +36,7 @@ def main():
     ap.add_argument("--chunk-size", type=int, default=8)
     ap.add_argument("--sequential", action="store_true")
     ap.add_argument("--method", choices=("sparsegpt", "lr"), default="sparsegpt")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results/scale-layerwise.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "results/scale-layerwise.json")
     args = ap.parse_args()
     model = swapjax.models.ResNet50()
     rng = np.random.default_rng(0)

@@ -7,7 +7,7 @@ at every sparsity with every method through `swapjax.compare_sparsities`
 accuracy and loss of each pruned network. A check at the end runs each method
 once through `swapjax.prune` and verifies it returns the same weights.
 
-    .venv/bin/python experiments/compare_digits.py   # writes experiments/results/compare_digits.csv
+    .venv/bin/python experiments/studies/compare_digits/compare_digits.py   # writes compare_digits.csv beside it
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # experiments/: digits.py
 import digits  # noqa: E402
 
 import swapjax  # noqa: E402
@@ -42,7 +42,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9, 0.95, 0.98])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--out", type=Path, default=Path("experiments/results/compare_digits.csv"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "compare_digits.csv")
     args = ap.parse_args()
 
     rows = []

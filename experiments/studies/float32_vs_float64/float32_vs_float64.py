@@ -1,6 +1,6 @@
 """float32 against float64: the same pruning problems solved in each dtype, compared.
 
-    python experiments/float32_vs_float64.py [--out DIR]
+    python experiments/studies/float32_vs_float64/float32_vs_float64.py [--out DIR]
 
 Builds three problems (X, w̄) from a 64-32-10 tanh MLP trained on scikit-learn's
 digits (per-sample gradients of N = 64, 128, 256 held-out examples, p = 2,368),

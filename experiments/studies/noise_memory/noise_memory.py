@@ -1,6 +1,6 @@
 """Peak memory and time of the gradient noise (swapjax.add_gradient_noise) on an N×p float32 X.
 
-    python experiments/noise_memory.py --n 1000 --p 500000 --impl new-donate
+    python experiments/studies/noise_memory/noise_memory.py --n 1000 --p 500000 --impl new-donate
 
 Prints one line: impl, N, p, X in GB, seconds, and the peak RSS above the RSS before X was
 made, in GB and as a multiple of X's size (ru_maxrss; one process per measurement). ``old``

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # experiments/: reproduce.py
 import reproduce as R  # noqa: E402
 
 import swapjax  # noqa: E402
@@ -56,11 +56,12 @@ class Problem:
 
 
 def arguments(doc: str, out_name: str) -> argparse.Namespace:
-    """The common command line of the studies: --seeds, --runs (the dense checkpoints), --out (results/<out_name>)."""
+    """The common command line of the studies: --seeds, --runs (the dense checkpoints), --out (<out_name>
+    beside the scripts)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--runs", type=Path, default=Path("runs/mlpnet-fashion-mnist"))
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / out_name)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / out_name)
     return ap.parse_args()
 
 

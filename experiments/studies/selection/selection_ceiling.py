@@ -1,8 +1,9 @@
 """How far can choosing λ go? The default selection against the best λ picked on test accuracy.
 
-    .venv/bin/python experiments/selection_ceiling.py --seeds 0 1 2 3 4   # → experiments/results/selection_ceiling.csv
+    .venv/bin/python experiments/studies/selection/selection_ceiling.py --seeds 0 1 2 3 4
+    # → selection_ceiling.csv beside this script
 
-For each seed (the problems of experiments/mlpnet_problems.py), sparsity
+For each seed (the problems of experiments/studies/selection/mlpnet_problems.py), sparsity
 (0.9, 0.95) and gradient noise (none; 2σ on 25 % of the entries, key = seed): the test accuracy of
 `SWAP().solve` with the held-out score on the 800 examples that `swapjax.prune` fits (its default
 hold-out), and of `LR(lam=λ, swap_rounds=0)` on all 1,000 examples for every λ of the path. The best
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).resolve().parents[2])]  # mlpnet_problems, reproduce
 import mlpnet_problems as P  # noqa: E402
 import reproduce as R  # noqa: E402
 

@@ -1,8 +1,9 @@
 """Does the support leave the magnitude support, and does it pay? SWAP() one-shot on the MLPNet preset.
 
-    .venv/bin/python experiments/support_search.py --seeds 0 1 2 3 4   # → experiments/results/support_search.csv
+    .venv/bin/python experiments/studies/selection/support_search.py --seeds 0 1 2 3 4
+    # → support_search.csv beside this script
 
-For each seed (the problems of experiments/mlpnet_problems.py), sparsity
+For each seed (the problems of experiments/studies/selection/mlpnet_problems.py), sparsity
 (0.9, 0.95) and gradient noise (none; 2σ on 25 % of the entries, key = seed): X on the 800 fitted
 examples of `swapjax.prune`'s default hold-out, `SWAP().solve` with the held-out score; for
 comparison, the chosen (λ, ε) solved again explicitly without any search (IHT and the backsolve,
@@ -19,7 +20,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).resolve().parents[2])]  # mlpnet_problems, reproduce
 import mlpnet_problems as P  # noqa: E402
 import reproduce as R  # noqa: E402
 

@@ -8,7 +8,7 @@ train the dense model, take the first N = 1,000 training examples for the
 Fisher, prune with LR and SWAP(ε) for every ε, record validation accuracy and
 loss. One CSV row per run, appended atomically; a rerun skips finished rows.
 
-    .venv/bin/python experiments/sweep_epsilon.py --task digits
+    .venv/bin/python experiments/studies/sweep_epsilon/sweep_epsilon.py --task digits
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).resolve().parents[2])]  # fashion_mnist.py, digits.py
 import swapjax  # noqa: E402
 
 FIELDS = ["task", "seed", "method", "epsilon", "sparsity", "stages", "gradients", "val_accuracy", "val_loss",
@@ -57,7 +57,7 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    out = args.out or Path(f"experiments/results/epsilon_{args.task}.csv")
+    out = args.out or Path(__file__).parent / f"epsilon_{args.task}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
     if out.exists():

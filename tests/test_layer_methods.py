@@ -1,0 +1,281 @@
+"""The layer methods on one layer (SparseGPT, Wanda, Refit, Regression, LayerOperator) against float64 NumPy
+transcriptions of the published algorithms.
+
+The references follow the published code line by line (SparseGPT's ``fasterprune``: dampening,
+dead inputs, the upper Cholesky factor of H⁻¹, blocks with lazy updates, N:M at each group's first
+input; Wanda's |W|·‖a‖ per output unit), with this library's exact counts (a block's share of the
+layer's count, by largest remainder) and ties to the lower index.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import swapjax
+from swapjax import layer_methods
+from swapjax.baselines import layer_quotas
+
+
+def _layer(seed=0, n=300, d_in=48, d_out=10, dead=()):
+    """Correlated inputs A (n, d_in) (a shared factor) whose features differ in scale (as activations
+    do: a few large ones), a dense kernel W̄ (d_in, d_out), H = AᵀA."""
+    rng = np.random.default_rng(seed)
+    A = (rng.normal(size=(n, d_in)) + 0.8 * rng.normal(size=(n, 1))) * rng.gamma(1.0, size=d_in)
+    A[:, list(dead)] = 0
+    W = rng.normal(size=(d_in, d_out))
+    return A, W, A.T @ A
+
+
+def _keep_top(score, count):
+    """The ``count`` largest entries of a flat score (ties to the lower index), as a bool mask."""
+    order = np.lexsort((np.arange(score.size), -score))
+    mask = np.zeros(score.size, bool)
+    mask[order[:count]] = True
+    return mask
+
+
+def _sparsegpt_reference(W, H, rule, block, percdamp=0.01):
+    """SparseGPT's fasterprune in float64 NumPy (columns of Wt are the inputs)."""
+    Wt, H = W.T.copy(), H.copy()
+    d_out, d_in = Wt.shape
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1
+    Wt[:, dead] = 0
+    H += percdamp * np.mean(np.diag(H)) * np.eye(d_in)
+    U = np.linalg.cholesky(np.linalg.inv(H)).T
+    starts = list(range(0, d_in, block))
+    counts = None if isinstance(rule, swapjax.NM) else layer_quotas(rule, [min(block, d_in - s) * d_out for s in starts])
+    pruned = np.zeros((d_out, d_in), bool)
+    for b, i1 in enumerate(starts):
+        i2 = min(i1 + block, d_in)
+        W1, U1 = Wt[:, i1:i2].copy(), U[i1:i2, i1:i2]
+        Q1, E1 = np.zeros_like(W1), np.zeros_like(W1)
+        mask1 = np.zeros(W1.shape, bool)
+        if counts is not None:
+            score = W1 ** 2 / np.diag(U1)[None, :] ** 2
+            mask1 = ~_keep_top(score.ravel(), counts[b]).reshape(W1.shape)
+        for i in range(i2 - i1):
+            if counts is None and i % rule.m == 0:
+                score = W1[:, i:i + rule.m] ** 2 / np.diag(U1)[i:i + rule.m][None, :] ** 2
+                for row in range(d_out):
+                    mask1[row, i:i + rule.m] = ~_keep_top(score[row], rule.n)
+            w, d = W1[:, i], U1[i, i]
+            q = np.where(mask1[:, i], 0, w)
+            Q1[:, i] = q
+            err = (w - q) / d
+            W1[:, i:] -= np.outer(err, U1[i, i:])
+            E1[:, i] = err
+        Wt[:, i1:i2] = Q1
+        Wt[:, i2:] -= E1 @ U[i1:i2, i2:]
+        pruned[:, i1:i2] = mask1
+    return Wt.T, ~pruned.T
+
+
+def _wanda_reference(W, H, rule):
+    d_in, d_out = W.shape
+    score = np.abs(W) * np.sqrt(np.diag(H))[:, None]
+    kept = np.zeros(W.shape, bool)
+    for j in range(d_out):
+        if isinstance(rule, swapjax.NM):
+            for g in range(0, d_in, rule.m):
+                kept[g:g + rule.m, j] = _keep_top(score[g:g + rule.m, j], rule.n)
+        else:
+            kept[:, j] = _keep_top(score[:, j], layer_quotas(rule, [d_in] * d_out)[j])
+    return np.where(kept, W, 0), kept
+
+
+RULES = {"count": 173, "2:4": swapjax.NM(2, 4), "1:4": swapjax.NM(1, 4)}
+
+
+@pytest.mark.parametrize("rule", RULES, ids=str)
+def test_sparsegpt_matches_the_published_algorithm_in_float64(rule):
+    A, W, H = _layer(dead=(5,))
+    spec = RULES[rule]
+    expected_w, expected_mask = _sparsegpt_reference(W, H, spec, block=16)
+    with jax.enable_x64(True):
+        w, mask = layer_methods.sparsegpt(W, H, spec, block=16)
+        w, mask = np.asarray(w), np.asarray(mask)
+    np.testing.assert_array_equal(mask, expected_mask)
+    np.testing.assert_allclose(w, expected_w, rtol=1e-5, atol=1e-5 * np.abs(expected_w).max())
+    w32, mask32 = layer_methods.sparsegpt(W.astype(np.float32), H.astype(np.float32), spec, block=16)
+    assert w32.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(mask32), expected_mask)  # well conditioned: the same masks
+    np.testing.assert_allclose(np.asarray(w32), expected_w, atol=1e-3 * np.abs(expected_w).max())
+
+
+@pytest.mark.parametrize("rule", RULES, ids=str)
+def test_wanda_matches_the_published_rule(rule):
+    A, W, H = _layer(1)
+    expected_w, expected_mask = _wanda_reference(W, H, RULES[rule])
+    w, mask = layer_methods.wanda(W.astype(np.float32), H.astype(np.float32), RULES[rule])
+    np.testing.assert_array_equal(np.asarray(mask), expected_mask)
+    np.testing.assert_array_equal(np.asarray(w), expected_w.astype(np.float32))
+
+
+@pytest.mark.parametrize("rule", RULES, ids=str)
+def test_both_keep_the_constraint_exactly_and_sparsegpt_reconstructs_better(rule):
+    A, W, H = _layer(2, d_in=64, d_out=12)
+    spec = RULES[rule]
+    errors = {}
+    for name, fn in (("wanda", layer_methods.wanda), ("sparsegpt", layer_methods.sparsegpt)):
+        w, mask = (np.asarray(a) for a in fn(W.astype(np.float32), H.astype(np.float32), spec))
+        assert np.all(w[~mask] == 0)
+        if isinstance(spec, swapjax.NM):
+            groups = mask.reshape(64 // spec.m, spec.m, 12).sum(axis=1)
+            assert np.all(groups == spec.n)
+        else:
+            assert mask.sum() == spec
+        errors[name] = np.linalg.norm(A @ (w - W))
+    magnitude, _ = _wanda_reference(W, np.eye(64), spec)  # |W| alone, compared the same way
+    errors["magnitude"] = np.linalg.norm(A @ (magnitude - W))
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+
+
+def test_layer_errors_name_the_argument():
+    A, W, H = _layer()
+    with pytest.raises(ValueError, match=r"H: expected the Gram AᵀA of the layer's inputs, shape \(48, 48\)"):
+        layer_methods.sparsegpt(W, H[:4, :4], 10)
+    with pytest.raises(ValueError, match="rule: 2:4 groups run along the 50 inputs, not a multiple of m = 4"):
+        layer_methods.wanda(np.ones((50, 3)), np.eye(50), swapjax.NM(2, 4))
+    with pytest.raises(ValueError, match="block: 6 inputs per block must be a multiple of m = 4"):
+        layer_methods.sparsegpt(W, H, swapjax.NM(2, 4), block=6)
+    with pytest.raises(ValueError, match="rule"):
+        layer_methods.wanda(W, H, W.size + 1)
+
+
+def test_refit_is_the_least_squares_solution_on_each_units_support():
+    A, W, H = _layer(3)
+    w, mask = layer_methods.Refit(layer_methods.Wanda(), percdamp=0.0).solve_layer(W.astype(np.float32), H.astype(np.float32),
+                                                                          200)
+    w, mask = np.asarray(w, np.float64), np.asarray(mask)
+    np.testing.assert_array_equal(mask, np.asarray(layer_methods.wanda(W, H, 200)[1]))
+    for j in range(W.shape[1]):
+        keep = mask[:, j]
+        expected = np.linalg.lstsq(A[:, keep], A @ W[:, j], rcond=None)[0]
+        np.testing.assert_allclose(w[keep, j], expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+        assert np.all(w[~keep, j] == 0)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=str)
+def test_regression_on_the_layer_starts_from_sparsegpt_and_only_improves(rule):
+    """LR on the layer's operator from SparseGPT's support: the rule exactly, and a reconstruction error
+    no higher than SparseGPT's (IHT, the backsolve and the swap search never raise f)."""
+    A, W, H = _layer(4, d_in=32, d_out=8)
+    spec = RULES[rule] if not isinstance(RULES[rule], int) else 90
+    err = lambda w: np.linalg.norm(A @ (np.asarray(w, np.float64) - W)) ** 2  # noqa: E731
+    W32, H32 = W.astype(np.float32), H.astype(np.float32)
+    w_gpt, _ = layer_methods.SparseGPT().solve_layer(W32, H32, spec)
+    w, mask = (np.asarray(a) for a in layer_methods.Regression().solve_layer(W32, H32, spec))
+    assert np.all(w[~mask] == 0)
+    if isinstance(spec, swapjax.NM):
+        assert np.all(mask.reshape(32 // spec.m, spec.m, 8).sum(axis=1) == spec.n)
+    else:
+        assert mask.sum() == spec
+    assert err(w) <= err(w_gpt) * (1 + 1e-5)
+
+
+def test_layer_operator_products_are_the_kronecker_of_the_cholesky_factor():
+    rng = np.random.default_rng(0)
+    L = np.tril(rng.normal(size=(5, 5))).astype(np.float32)
+    op = layer_methods.LayerOperator(jnp.asarray(L), 3)
+    X = np.kron(L.T.astype(np.float64), np.eye(3))  # row-major vec of Lᵀ V, V (5, 3)
+    v, u = rng.normal(size=15), rng.normal(size=15)
+    A = op.products()
+    np.testing.assert_allclose(A.mv(jnp.asarray(v, jnp.float32)), X @ v, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(A.rmv(jnp.asarray(u, jnp.float32)), X.T @ u, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(op.col_sq, (X * X).sum(0), rtol=1e-5)
+
+
+def _dead_layer(dead, seed=5, d_in=16, d_out=6):
+    A, W, H = _layer(seed, n=80, d_in=d_in, d_out=d_out, dead=dead)
+    return A, W.astype(np.float32), H.astype(np.float32)
+
+
+DEAD_METHODS = {"Wanda": layer_methods.Wanda(), "SparseGPT": layer_methods.SparseGPT(block=8),
+                "Refit": layer_methods.Refit(layer_methods.Wanda()), "Regression": layer_methods.Regression()}
+
+
+@pytest.mark.parametrize("rule", [40, swapjax.NM(2, 4)], ids=["count", "2:4"])
+@pytest.mark.parametrize("method", DEAD_METHODS)
+def test_a_layer_whose_inputs_never_fire_becomes_zero_under_the_rule(method, rule):
+    """H = 0 (all-zero inputs): every method returns W = 0 with a mask that keeps the rule exactly (the
+    ties of zero scores to the lower index where the mask is a ranking). Regression used to raise
+    "X: ... overflow float32"; Refit returned NaN; Wanda kept the first inputs' weights."""
+    W = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)
+    w, mask = (np.asarray(a) for a in DEAD_METHODS[method].solve_layer(W, np.zeros((16, 16), np.float32), rule))
+    assert w.shape == mask.shape == (16, 6) and np.all(w == 0)
+    if isinstance(rule, swapjax.NM):
+        assert np.all(mask.reshape(4, 4, 6).sum(axis=1) == 2)
+    else:
+        assert mask.sum() == rule
+    if method in ("Wanda", "Refit"):  # Wanda's ranking of zeros: the lower inputs, per output unit
+        np.testing.assert_array_equal(mask, _wanda_reference(np.zeros((16, 6)), np.zeros((16, 16)), rule)[1])
+
+
+# Group 0 of 2:4 has three dead inputs: one of its two kept weights is a dead one. A count of 84 of 16×6
+# keeps 14 inputs per output unit in Wanda, 12 live ones: the rule keeps dead weights there too.
+_DEAD = (0, 1, 2, 9)
+
+
+@pytest.mark.parametrize("rule", [84, swapjax.NM(2, 4)], ids=["count", "2:4"])
+def test_dead_inputs_wanda_zeroes_their_weights(rule):
+    """Wanda on a layer with dead inputs (H_ii = 0): the published rule on W̄ with the dead inputs' weights
+    set to 0, as SparseGPT treats them: the dead weights a rule still keeps are 0 (they were W̄_i)."""
+    A, W, H = _dead_layer(_DEAD)
+    W0 = W.astype(np.float64).copy()
+    W0[list(_DEAD)] = 0
+    expected_w, expected_mask = _wanda_reference(W0, H.astype(np.float64), rule)
+    w, mask = (np.asarray(a) for a in layer_methods.wanda(W, H, rule))
+    np.testing.assert_array_equal(mask, expected_mask)
+    np.testing.assert_array_equal(w, expected_w.astype(np.float32))
+    assert np.all(w[list(_DEAD)] == 0) and mask[list(_DEAD)].any()
+
+
+@pytest.mark.parametrize("rule", [84, swapjax.NM(2, 4)], ids=["count", "2:4"])
+def test_dead_inputs_sparsegpt_matches_the_published_code(rule):
+    A, W, H = _dead_layer(_DEAD)
+    expected_w, expected_mask = _sparsegpt_reference(W.astype(np.float64), H.astype(np.float64), rule, block=8)
+    w, mask = (np.asarray(a) for a in layer_methods.sparsegpt(W, H, rule, block=8))
+    np.testing.assert_array_equal(mask, expected_mask)
+    np.testing.assert_allclose(w, expected_w, rtol=1e-4, atol=1e-4 * np.abs(expected_w).max())
+    assert np.all(w[list(_DEAD)] == 0)
+
+
+@pytest.mark.parametrize("rule", [84, swapjax.NM(2, 4)], ids=["count", "2:4"])
+def test_dead_inputs_refit_solves_with_their_diagonal_one_and_weights_zero(rule):
+    """Refit on a layer with dead inputs, against float64 NumPy: H_ii = 1 and W̄_i = 0 for the dead ones,
+    damped by δ = percdamp·mean diag, each unit solved on its support: the dead weights kept are 0
+    (before, the damping alone made them W̄_i)."""
+    A, W, H = _dead_layer(_DEAD)
+    refit = layer_methods.Refit(layer_methods.Wanda(), percdamp=0.01)
+    w, mask = (np.asarray(a, np.float64) for a in refit.solve_layer(W, H, rule))
+    mask = mask.astype(bool)
+    np.testing.assert_array_equal(mask, np.asarray(layer_methods.wanda(W, H, rule)[1]))
+    Hd, W0 = H.astype(np.float64), W.astype(np.float64)
+    Hd[list(_DEAD), list(_DEAD)] = 1
+    W0[list(_DEAD)] = 0
+    Hd += 0.01 * np.mean(np.diag(Hd)) * np.eye(16)
+    for j in range(W.shape[1]):
+        keep = mask[:, j]
+        expected = np.linalg.solve(Hd[np.ix_(keep, keep)], (Hd @ W0[:, j])[keep])
+        np.testing.assert_allclose(w[keep, j], expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+        assert np.all(w[~keep, j] == 0)
+    assert np.all(w[list(_DEAD)] == 0) and mask[list(_DEAD)].any()
+
+
+@pytest.mark.parametrize("rule", [84, swapjax.NM(2, 4)], ids=["count", "2:4"])
+def test_dead_inputs_regression_keeps_the_rule_zeroes_them_and_beats_sparsegpt(rule):
+    """LR on the layer with dead inputs: the rule exactly, the dead weights 0 (the ridge term pulled them
+    to W̄_i before), and a reconstruction error ‖A(W − W̄)‖² no higher than SparseGPT's."""
+    A, W, H = _dead_layer(_DEAD)
+    w, mask = (np.asarray(a) for a in layer_methods.Regression().solve_layer(W, H, rule))
+    w_gpt, _ = layer_methods.SparseGPT().solve_layer(W, H, rule)
+    assert np.all(np.isfinite(w)) and np.all(w[~mask] == 0) and np.all(w[list(_DEAD)] == 0)
+    if isinstance(rule, swapjax.NM):
+        assert np.all(mask.reshape(4, 4, 6).sum(axis=1) == 2)
+    else:
+        assert mask.sum() == rule
+    err = lambda w: np.linalg.norm(A @ (np.asarray(w, np.float64) - W)) ** 2  # noqa: E731
+    assert err(w) <= err(w_gpt) * (1 + 1e-5)

@@ -1,0 +1,237 @@
+"""Layers found by use: on models in the layouts of JAX language-model code (tests/layer_models.py:
+Gemma-style einsum weights beside a Dense, linen and NNX scanned stacks, a stack with its layer
+axis in the middle, ``nn.vmap`` ensembles, an (out, in) einsum layout, NNX attention, tied weights),
+``find_layers`` names every linear weight (each slice of a stacked leaf its own layer) and nothing
+else, and both drivers prune exactly those: every layer keeps exactly its budget, every N:M group
+along its contracting axes keeps exactly N, and ``to_nm`` takes every mask. A scanned stack and its
+unrolled twin (the same weights as separate modules) prune alike.
+
+The expected layers are written by hand in layer_models.py (``Expect``: the leaf, its slice, its
+contracted axes) and their positions computed there with NumPy, not read from the library.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import layer_models as lm
+import swapjax
+from swapjax.pytree import path_name
+
+S = 0.75  # every layer's size is a multiple of 4: (1 − S)·size is an integer, its exact budget
+_CASES: dict = {}
+
+
+def case(name: str) -> lm.Case:
+    """The model ``name`` of layer_models, built once per test session."""
+    if name not in _CASES:
+        _CASES[name] = lm.unrolled(case("scan0")) if name == "unrolled" else lm.BUILDERS[name]()
+    return _CASES[name]
+
+
+def by_path(tree) -> dict:
+    """{path: leaf} with the None leaves of a mask tree kept."""
+    return {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]}
+
+
+_RESULTS: dict = {}
+
+
+def run(name: str, driver: str, constraint: str, method=None):
+    """``driver`` ("prune": Magnitude, one stage; "layerwise": SparseGPT) on model ``name`` under
+    ``LayerBudgets()`` at S (constraint "budgets") or ``NM(2, 4)`` ("nm"); each run once."""
+    key = (name, driver, constraint, None if method is None else type(method).__name__)
+    if key not in _RESULTS:
+        c = case(name)
+        kw = dict(sparsity=S, constraint=swapjax.LayerBudgets()) if constraint == "budgets" else \
+            dict(constraint=swapjax.NM(2, 4))
+        if driver == "prune":
+            _RESULTS[key] = swapjax.prune(c.loss_fn, c.params, c.batch, method=method or swapjax.Magnitude(),
+                                          stages=1, progress=False, **kw)
+        else:
+            _RESULTS[key] = swapjax.prune_layerwise(c.loss_fn, c.params, c.batch, method=method or swapjax.SparseGPT(),
+                                                    progress=False, **kw)
+    return _RESULTS[key]
+
+
+NAMES = list(lm.BUILDERS)
+
+
+# find_layers --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_find_layers_names_every_linear_weight_and_nothing_else(name):
+    c = case(name)
+    found = swapjax.find_layers(c.loss_fn, c.params, c.batch)
+    assert isinstance(found, swapjax.Layers)
+    assert [layer.name for layer in found.layers] == [e.name for e in c.layers]  # forward order
+    leaves = c.leaves
+    for layer, e in zip(found.layers, c.layers):
+        assert isinstance(layer, swapjax.Layer)
+        shape = tuple(leaves[e.path].shape)
+        index = e.index(shape)
+        assert layer.path == e.path
+        assert tuple(layer.input_axes) == e.input_axes, layer.name
+        assert layer.kind == e.kind
+        assert (layer.d_in, layer.d_out, layer.size) == (index.shape[0], index.shape[1], index.size), layer.name
+        got = np.asarray(layer.index)
+        assert np.issubdtype(got.dtype, np.integer) and got.shape == index.shape, (layer.name, got.shape)
+        np.testing.assert_array_equal(got, index, err_msg=layer.name)
+    assert set(found.left_dense) == set(c.left_dense)
+    assert all(isinstance(why, str) and why for why in found.left_dense.values()), found.left_dense
+    # every floating ndim ≥ 2 leaf is a layer's, or left dense with its reason
+    matrices = {p for p, x in leaves.items() if np.ndim(x) >= 2 and np.issubdtype(x.dtype, np.floating)}
+    assert matrices == c.layer_paths | set(c.left_dense)
+
+
+def test_layer_index_rows_are_inputs_in_the_kernels_axis_order():
+    """The hand-written account itself, on Gemma's o_w (N, H, D), inputs (N, H): row n·H + h holds
+    w[n, h, :]; and on the middle-axis stack's slice 1 of (in, L, out): row i holds w[i, 1, :]."""
+    w = np.arange(2 * 4 * 8).reshape(2, 4, 8)
+    idx = lm.Expect("o_w", (0, 1)).index(w.shape)
+    np.testing.assert_array_equal(w.ravel()[idx][1 * 4 + 2], w[1, 2])
+    w = np.arange(8 * 3 * 5).reshape(8, 3, 5)
+    idx = lm.Expect("k", (0,), ((1, 1),)).index(w.shape)
+    np.testing.assert_array_equal(w.ravel()[idx], w[:, 1, :])
+    assert lm.Expect("k", (0,), ((1, 1),)).name == "k[1]"
+
+
+def test_tied_weights_are_named_left_dense():
+    c = case("tied")
+    found = swapjax.find_layers(c.loss_fn, c.params, c.batch)
+    assert [layer.name for layer in found.layers] == ["first/kernel"]
+    for path in c.tied:
+        assert path in found.left_dense, (path, found.left_dense)
+
+
+def test_a_shared_input_ensemble_is_one_layer_of_all_members_outputs():
+    """``nn.vmap(in_axes=None)``: every member reads the same x, so x·K over the stacked hidden kernels
+    (E, IN, W) is one product: one layer, d_out = E·W, named by the leaf (no slice)."""
+    c = case("shared_ensemble")
+    found = swapjax.find_layers(c.loss_fn, c.params, c.batch)
+    hidden = found.layers[0]
+    assert (hidden.name, hidden.path, hidden.d_in, hidden.d_out) == ("Ens_0/hidden/kernel", "Ens_0/hidden/kernel",
+                                                                     lm.IN, lm.E * lm.W)
+    assert [layer.name for layer in found.layers[1:]] == [f"Ens_0/head/kernel[{i}]" for i in range(lm.E)]
+
+
+# both drivers -------------------------------------------------------------------------------------
+
+def _pruned_as_masked(c, result):
+    """Masks on the layers' leaves only (bool, the leaf's shape); pruned weights exactly 0; every
+    other leaf unchanged. Returns {path: mask}."""
+    masks, params, before = by_path(result.masks), by_path(result.params), c.leaves
+    assert set(masks) == set(before) == set(params)
+    pruned = {p for p, m in masks.items() if m is not None}
+    assert pruned == c.layer_paths, sorted(pruned ^ c.layer_paths)
+    for p in before:
+        if p in pruned:
+            m = np.asarray(masks[p])
+            assert m.dtype == bool and m.shape == before[p].shape, p
+            assert np.all(np.asarray(params[p])[~m] == 0), p
+        else:
+            np.testing.assert_array_equal(np.asarray(params[p]), np.asarray(before[p]), err_msg=p)
+    return {p: np.asarray(masks[p]) for p in pruned}
+
+
+@pytest.mark.parametrize("driver", ["prune", "layerwise"])
+@pytest.mark.parametrize("name", NAMES)
+def test_every_layer_every_slice_keeps_exactly_its_budget(name, driver):
+    c = case(name)
+    masks = _pruned_as_masked(c, run(name, driver, "budgets"))
+    leaves = c.leaves
+    kept = {e.name: int(masks[e.path].ravel()[e.index(leaves[e.path].shape)].sum()) for e in c.layers}
+    budgets = {e.name: round((1 - S) * e.index(leaves[e.path].shape).size) for e in c.layers}
+    assert kept == budgets
+    # the layers cover their leaves: nothing is kept outside them
+    assert sum(int(m.sum()) for m in masks.values()) == sum(budgets.values())
+
+
+@pytest.mark.parametrize("driver", ["prune", "layerwise"])
+@pytest.mark.parametrize("name", NAMES)
+def test_nm_groups_run_along_each_layers_contracting_axes(name, driver):
+    c = case(name)
+    result = run(name, driver, "nm")
+    masks = _pruned_as_masked(c, result)
+    leaves = c.leaves
+    for e in c.layers:
+        index = e.index(leaves[e.path].shape)
+        d_in, d_out = index.shape
+        per_group = masks[e.path].ravel()[index].reshape(d_in // 4, 4, d_out).sum(1)
+        assert np.all(per_group == 2), (e.name, np.unique(per_group))
+    assert {p: tuple(a) for p, a in result.input_axes.items()} == {e.path: e.input_axes for e in c.layers}
+    packed = swapjax.to_nm(result.params, result.masks, 2, 4, axes=result.input_axes)
+    assert set(packed) == c.layer_paths
+    rebuilt, params = by_path(swapjax.from_nm(packed, c.params)), by_path(result.params)
+    for p in c.layer_paths:
+        np.testing.assert_array_equal(np.asarray(rebuilt[p]), np.where(masks[p], np.asarray(params[p]), 0), err_msg=p)
+
+
+def test_prune_with_lr_keeps_gemma_budgets_and_nm():
+    """LR (the Fisher's solver, not a per-weight score) under both constraints on the Gemma-style model."""
+    c = case("gemma")
+    lr = swapjax.LR(patience=None, swap_rounds=0)
+    leaves = c.leaves
+    masks = _pruned_as_masked(c, run("gemma", "prune", "budgets", lr))
+    for e in c.layers:
+        index = e.index(leaves[e.path].shape)
+        assert masks[e.path].ravel()[index].sum() == index.size // 4, e.name
+    masks = _pruned_as_masked(c, run("gemma", "prune", "nm", lr))
+    for e in c.layers:
+        index = e.index(leaves[e.path].shape)
+        per_group = masks[e.path].ravel()[index].reshape(index.shape[0] // 4, 4, -1).sum(1)
+        assert np.all(per_group == 2), e.name
+
+
+# a scanned stack and its unrolled twin --------------------------------------------------------------
+
+def _twin_leaves(stack: str, result) -> dict:
+    """{unrolled path: array} of a scanned result: slice i of the stacked kernel as Dense_i/kernel."""
+    params, masks = by_path(result.params), by_path(result.masks)
+    axis = 0 if stack == "scan0" else 1
+    out = {}
+    for tree, suffix in ((params, ""), (masks, "#mask")):
+        k = np.asarray(tree["ScanBlock_0/Dense_0/kernel"])
+        for i in range(lm.L):
+            out[f"Dense_{i}/kernel{suffix}"] = np.take(k, i, axis=axis)
+        for p in ("inp/kernel", "out/kernel"):
+            out[p + suffix] = np.asarray(tree[p])
+    return out
+
+
+def _unrolled_leaves(result) -> dict:
+    params, masks = by_path(result.params), by_path(result.masks)
+    paths = [f"Dense_{i}/kernel" for i in range(lm.L)] + ["inp/kernel", "out/kernel"]
+    return {**{p: np.asarray(params[p]) for p in paths}, **{p + "#mask": np.asarray(masks[p]) for p in paths}}
+
+
+@pytest.mark.parametrize("stack", ["scan0", "scan1"])
+@pytest.mark.parametrize("method", [None, "sparsegpt"])
+def test_layerwise_prunes_a_scanned_stack_as_its_unrolled_twin(stack, method):
+    """prune_layerwise solves slice i from the inputs of iteration i (the slices before it pruned):
+    the unrolled twin's Dense_i, the same weights to float32 rounding."""
+    results = []
+    for name in (stack, "unrolled"):
+        c = case(name)
+        kw = {} if method is None else {"method": swapjax.SparseGPT()}
+        results.append(swapjax.prune_layerwise(c.loss_fn, c.params, c.batch, sparsity=0.5, progress=False, **kw)
+                       if method is None else run(name, "layerwise", "budgets"))
+    got, want = _twin_leaves(stack, results[0]), _unrolled_leaves(results[1])
+    assert set(got) == set(want)
+    for p in want:
+        if p.endswith("#mask"):
+            np.testing.assert_array_equal(got[p], want[p], err_msg=p)
+        else:
+            np.testing.assert_allclose(got[p], want[p], rtol=1e-4, atol=1e-5, err_msg=p)
+
+
+@pytest.mark.parametrize("stack", ["scan0", "scan1"])
+def test_prune_gives_a_scanned_stack_its_unrolled_twins_budgets(stack):
+    """prune (Magnitude, LayerBudgets, one stage): slice i keeps what Dense_i keeps, the same weights."""
+    got, want = _twin_leaves(stack, run(stack, "prune", "budgets")), _unrolled_leaves(run("unrolled", "prune", "budgets"))
+    for i in range(lm.L):
+        p = f"Dense_{i}/kernel#mask"
+        assert got[p].sum() == want[p].sum() == (1 - S) * lm.W * lm.W, p
+    for p in want:
+        np.testing.assert_array_equal(got[p], want[p], err_msg=p)

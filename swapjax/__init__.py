@@ -17,6 +17,7 @@ from .finetune import batched_loss, keep_pruned_at_zero, make_finetune_hook, mas
 from .gradients import GradientNoise, add_gradient_noise, per_sample_grads
 from .io import bcoo_bytes, from_bcoo, load_pruned, save_pruned, to_bcoo
 from .layer_methods import SparseGPT, Wanda
+from .layers import Layer, Layers, find_layers
 from .layerwise import prune_layerwise
 from .methods import LR, SWAP, SolveInfo
 from .nm_format import from_nm, to_nm
@@ -30,7 +31,7 @@ from .training import evaluate, train
 __all__ = [
     "Method", "LR", "SWAP", "Magnitude", "WoodFisher", "Selected", "SolveInfo", "Blocked", "Constraint", "TopK", "LayerBudgets", "NM", "Groups",
     "compare", "compare_sparsities", "format_table", "MethodResult", "GradientNoise", "PruneResult", "StageInfo",
-    "prune", "prune_layerwise", "SparseGPT", "Wanda", "per_sample_grads", "add_gradient_noise", "kept_count", "linearized_gradients", "Operator", "Formed", "RowSharded",
+    "prune", "prune_layerwise", "find_layers", "Layer", "Layers", "SparseGPT", "Wanda", "per_sample_grads", "add_gradient_noise", "kept_count", "linearized_gradients", "Operator", "Formed", "RowSharded",
     "GradientOperator",
     "allow_vectors", "exclude", "apply_masks", "sparsity_summary", "cubic_schedule", "linear_schedule", "polynomial_schedule",
     "keep_pruned_at_zero", "masked_updates", "masked_optimizer", "make_finetune_hook", "batched_loss",

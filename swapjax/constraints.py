@@ -51,7 +51,7 @@ class Groups:
     counts: jax.Array
     ids: Optional[jax.Array] = None
     label: str = field(default="global top-k", metadata=dict(static=True))
-    #: (n, m) where the groups are N:M on ONE layer's (d_in, d_out) weights, row-major: group g·d_out + j
+    #: (n, m) where the groups are N:M on ONE layer's (d_in, d_out) weights, row-major: group j·d_in/m + g
     #: holds inputs g·m … g·m + m − 1 of output unit j and keeps n (what a layer method such as SparseGPT
     #: reads to choose its masks group by group); None otherwise.
     nm: Optional[tuple] = field(default=None, metadata=dict(static=True))
@@ -109,6 +109,29 @@ class Groups:
         net = jnp.where(jnp.isnan(net), -jnp.inf, net)
         best, at = jax.lax.top_k(net, most)
         return by_gain[at], by_cost[at], best
+
+    def restrict(self, positions, name: str = "the layer") -> "Groups":
+        """The groups of one layer: ``positions`` (d_in, d_out), its weights' coordinates, become coordinates
+        0 … d_in·d_out − 1 (row-major) with their groups and counts; ``nm`` kept where the layer's groups are
+        N:M along its inputs. ValueError where a group reaches outside the layer (the global top-k: weights
+        ranked across layers)."""
+        flat = np.asarray(positions).ravel()
+        if self.ids is None:
+            raise ValueError(f"constraint: {self.label} ranks weights across layers, so {name} has no budget of "
+                             "its own; give a budget per layer (LayerBudgets) or N:M")
+        ids = np.asarray(self.ids)
+        groups, local = np.unique(ids[flat], return_inverse=True)
+        inside = np.bincount(local, minlength=groups.size)
+        if np.any(inside != np.bincount(ids, minlength=self.num_groups)[groups]):
+            raise ValueError(f"constraint: {self.label} has groups that reach outside {name}, so it has no "
+                             "budget of its own; give a budget per layer (LayerBudgets) or N:M")
+        counts = np.asarray(self.counts)[groups]
+        d_in, d_out = np.shape(positions)
+        nm = None
+        if self.nm is not None and d_in % self.nm[1] == 0:
+            canonical = np.arange(d_out)[None, :] * (d_in // self.nm[1]) + np.arange(d_in)[:, None] // self.nm[1]
+            nm = self.nm if np.array_equal(local, canonical.ravel()) and np.all(counts == self.nm[0]) else None
+        return Groups(jnp.asarray(counts, jnp.int32), jnp.asarray(local, jnp.int32), self.label, nm)
 
 
 def check_groups(groups: Groups, p: int) -> Groups:
@@ -378,13 +401,19 @@ class LayerBudgets(Constraint):
     def given_sparsity(self, lay) -> float:
         """A mapping's overall sparsity s̄ = Σ_l s_l·p_l/p on the layout (ValueError for a missing or an
         unknown path)."""
-        missing = [name for name in lay.names if name not in self.rule]
-        extra = [name for name in self.rule if name not in lay.names]
+        sizes = _sizes(lay).astype(np.float64)
+        return float(self._given_per_layer(lay) @ sizes / sizes.sum())
+
+    def _given_per_layer(self, lay) -> np.ndarray:
+        """s_l of every layer: given by its name (a slice: 'blocks/kernel[2]'), else by its leaf's path."""
+        names = {layer.name for layer in lay.layers} | {layer.path for layer in lay.layers}
+        missing = [layer.name for layer in lay.layers if layer.name not in self.rule and layer.path not in self.rule]
+        extra = [name for name in self.rule if name not in names]
         if missing or extra:
-            raise ValueError(f"rule: the mapping must give a sparsity for every prunable leaf and no other; "
-                             f"missing {missing}, unknown {extra} (the prunable leaves: {list(lay.names)})")
-        sizes = np.diff(np.asarray(lay.offsets)).astype(np.float64)
-        return float(np.array([self.rule[name] for name in lay.names]) @ sizes / sizes.sum())
+            raise ValueError(f"rule: the mapping must give a sparsity for every prunable layer (by its name or its "
+                             f"leaf's path) and no other; missing {missing}, unknown {extra} (the prunable layers: "
+                             f"{[layer.name for layer in lay.layers]})")
+        return np.array([self.rule.get(layer.name, self.rule.get(layer.path)) for layer in lay.layers], np.float64)
 
     def check(self, lay, sparsity, w=None) -> float:
         if self.given:
@@ -408,12 +437,12 @@ class LayerBudgets(Constraint):
         given at its mean s̄ or at ``sparsity`` None, × s/s̄ below it)."""
         if self.given:
             return 1 - self._given(lay, sparsity)
-        sizes = np.diff(np.asarray(lay.offsets)).astype(np.float64)
+        sizes = _sizes(lay).astype(np.float64)
         target = (1 - sparsity) * sizes.sum()
         if self.rule == "uniform":
             raw = np.full(len(sizes), 1 - sparsity)
         elif self.rule == "erk":
-            raw = np.array([sum(shape) / math.prod(shape) for shape in lay.shapes])
+            raw = np.array([sum(layer.shape) / math.prod(layer.shape) for layer in lay.layers])
         else:
             raw = 1 - sparsity + self._owl_shift(lay, np.asarray(w), np.asarray(col_sq))
         self._check_cap(lay, sparsity)
@@ -421,8 +450,8 @@ class LayerBudgets(Constraint):
         return _fit_total(raw, sizes, target, low, self.rule == "owl")
 
     def resolve(self, lay, sparsity: Optional[float], w=None, col_sq=None) -> Groups:
-        sizes = np.diff(np.asarray(lay.offsets))
-        if self.given:  # each leaf's count as given, round((1 − s_l)·p_l)
+        sizes = _sizes(lay)
+        if self.given:  # each layer's count as given, round((1 − s_l)·p_l)
             counts = np.array([kept_count(s, n) for s, n in zip(self._given(lay, sparsity), sizes)], np.int64)
         elif self.rule == "uniform" and (self.max_sparsity is None or self.max_sparsity >= sparsity):
             # k·p_l/p each, exactly as Magnitude(scope="layer") splits k
@@ -430,7 +459,7 @@ class LayerBudgets(Constraint):
         else:
             counts = _round_counts(self.densities(lay, sparsity, w, col_sq) * sizes, sizes,
                                    kept_count(sparsity, lay.size))
-        empty = [f"{name} {shape}" for name, shape, count, n in zip(lay.names, lay.shapes, counts, sizes)
+        empty = [f"{layer.name} {layer.shape}" for layer, count, n in zip(lay.layers, counts, sizes)
                  if count == 0 and n > 0]
         if empty:
             at = "the mapping's sparsities" if self.given else f"sparsity {sparsity:g}"
@@ -439,8 +468,7 @@ class LayerBudgets(Constraint):
                 f"would keep 0 weights (the network's output would no longer depend on its input); lower the "
                 f"sparsity, cap every leaf's (LayerBudgets(..., max_sparsity=...)), use 'erk', or leave the leaf "
                 f"out with select")
-        ids = np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)
-        return Groups(jnp.asarray(counts, jnp.int32), jnp.asarray(ids), self.label)
+        return Groups(jnp.asarray(counts, jnp.int32), jnp.asarray(_layer_ids(lay)), self.label)
 
     def _check_cap(self, lay, sparsity):
         """ValueError where every leaf at most ``max_sparsity`` sparse cannot reach ``sparsity``."""
@@ -452,7 +480,7 @@ class LayerBudgets(Constraint):
         """The leaves' sparsities at stage sparsity s: as given at the mapping's mean s̄ (or s None),
         each × s/s̄ below it; ValueError above it."""
         final = self.given_sparsity(lay)
-        given = np.array([self.rule[name] for name in lay.names], np.float64)
+        given = self._given_per_layer(lay)
         if sparsity is None or abs(float(sparsity) - final) <= _rounding(lay):
             return given
         if sparsity > final:
@@ -463,8 +491,8 @@ class LayerBudgets(Constraint):
     def _owl_shift(self, lay, w, col_sq):
         saliency = w.astype(np.float64) ** 2 * col_sq.astype(np.float64)
         share = []
-        for a, b in zip(lay.offsets[:-1], lay.offsets[1:]):
-            rho = saliency[a:b]
+        for layer in lay.layers:
+            rho = saliency[lay.positions(layer).ravel()]
             share.append(float(np.mean(rho > self.owl_threshold * rho.mean())) if rho.size else 0.0)
         share = np.asarray(share)
         spread = share.max() - share.min()
@@ -472,8 +500,21 @@ class LayerBudgets(Constraint):
 
 
 def _rounding(lay) -> float:
-    """How far a mapping's kept fraction may lie from its mean: L/(2p), half a weight per leaf."""
-    return 0.5 * len(lay.names) / max(lay.size, 1) + 1e-12
+    """How far a mapping's kept fraction may lie from its mean: L/(2p), half a weight per layer."""
+    return 0.5 * len(lay.layers) / max(lay.size, 1) + 1e-12
+
+
+def _sizes(lay) -> np.ndarray:
+    """p_l, the weights of each layer of the layout."""
+    return np.array([layer.size for layer in lay.layers], np.int64)
+
+
+def _layer_ids(lay) -> np.ndarray:
+    """The layer of each coordinate of w (int32, (p,))."""
+    ids = np.empty(lay.size, np.int32)
+    for n, layer in enumerate(lay.layers):
+        ids[lay.positions(layer).ravel()] = n
+    return ids
 
 
 def _fit_total(raw, sizes, target, low, additive: bool):
@@ -591,8 +632,8 @@ class NM(Constraint):
         return 1 - self.n / self.m
 
     def ragged_leaves(self, lay) -> list[str]:
-        """The prunable leaves whose reduction size is not a multiple of M."""
-        return [name for name, shape in zip(lay.names, lay.shapes) if self._grouping(name, shape) is None]
+        """The prunable layers (leaves, where ``axes`` is given) whose inputs are not a multiple of M."""
+        return [name for name, _, ids, _ in self._units(lay) if ids is None]
 
     def leaf_axes(self, name: str, shape: tuple) -> tuple[int, ...]:
         """The axes of leaf ``name`` along which its groups run, each in [0, ndim); ValueError naming the
@@ -618,34 +659,62 @@ class NM(Constraint):
         return tuple(values)
 
     def check(self, lay, sparsity, w=None) -> float:
-        ragged = self.ragged_leaves(lay)  # every leaf's axes checked
+        units = self._units(lay)  # every leaf's axes checked
+        ragged = [(name, positions, why) for name, positions, ids, why in units if ids is None]
         if ragged and self.ragged == "error":
-            name = ragged[0]
-            raise ValueError(self._ragged_message(name, lay.shapes[lay.names.index(name)]))
-        if ragged and len(ragged) == len(lay.names) and self.sparsity > 0:
-            raise ValueError(f"constraint: {self.label} leaves every prunable leaf dense, none sums over a "
-                             f"multiple of m = {self.m} inputs ({', '.join(self._describe(lay, ragged))}): nothing "
-                             f"would be pruned; pick an m that divides their inputs, or pass axes=")
+            raise ValueError(ragged[0][2])
+        if ragged and len(ragged) == len(units) and self.sparsity > 0:
+            inputs = [f"{name} {int(why.split(' sums over ')[1].split()[0])} inputs" for name, _, why in ragged[:5]]
+            raise ValueError(f"constraint: {self.label} leaves every prunable layer dense, none sums over a "
+                             f"multiple of m = {self.m} inputs ({', '.join(inputs)}{', ...' if len(ragged) > 5 else ''}"
+                             f"): nothing would be pruned; pick an m that divides their inputs, or pass axes=")
         return super().check(lay, self.sparsity if sparsity is None else sparsity, w)
 
     def resolve(self, lay, sparsity: float, w=None, col_sq=None) -> Groups:
         keep = max(self.n, min(self.m, int(round(self.m * (1 - sparsity)))))
-        ids, counts, groups = [], [], 0
-        for name, shape in zip(lay.names, lay.shapes):
-            grouping = self._grouping(name, shape)
-            size = math.prod(shape)
+        ids = np.empty(lay.size, np.int32)
+        counts, groups = [], 0
+        for name, positions, grouping, why in self._units(lay):
             if grouping is None:
                 if self.ragged == "error":
-                    raise ValueError(self._ragged_message(name, shape))
-                ids.append(np.full(size, groups, np.int32))
-                counts.append(size)
+                    raise ValueError(why)
+                ids[positions] = groups
+                counts.append(positions.size)
                 groups += 1
             else:
-                ids.append(grouping + groups)
-                count = size // self.m
+                ids[positions] = grouping + groups
+                count = positions.size // self.m
                 counts.extend([keep] * count)
                 groups += count
-        return Groups(jnp.asarray(np.asarray(counts, np.int32)), jnp.asarray(np.concatenate(ids)), self.label)
+        nm = (keep, self.m) if self.axes is None else None
+        return Groups(jnp.asarray(np.asarray(counts, np.int32)), jnp.asarray(ids), self.label, nm)
+
+    def _units(self, lay) -> list:
+        """[(name, positions in w (flat), group of each position within the unit or None where ragged, why
+        ragged)] per layer: groups of M consecutive inputs of each output unit (j·d_in/M + g); with ``axes``
+        given, per leaf along those axes."""
+        if self.axes is not None:
+            units = []
+            for name, shape, start in zip(lay.names, lay.shapes, lay.offsets):
+                grouping = self._grouping(name, shape)
+                units.append((name, start + np.arange(math.prod(shape)), grouping,
+                              None if grouping is not None else self._ragged_message(name, shape)))
+            return units
+        units = []
+        for layer in lay.layers:
+            if layer.kind == "vector":
+                raise ValueError(f"NM: {layer.name} has shape {layer.shape}; N:M needs a kernel with ndim ≥ 2")
+            positions = lay.positions(layer)
+            d_in, d_out = positions.shape
+            if d_in % self.m:
+                axes = "" if layer.input_axes is None else f" (axes {layer.input_axes})"
+                units.append((layer.name, positions.ravel(), None,
+                              f"NM: {layer.name} {layer.shape} sums over {d_in} inputs{axes}, not a multiple of "
+                              f"m = {self.m}; leave it dense (NM(..., ragged='dense')) or exclude it with select"))
+            else:
+                grouping = np.arange(d_out)[None, :] * (d_in // self.m) + np.arange(d_in)[:, None] // self.m
+                units.append((layer.name, positions.ravel(), grouping.ravel().astype(np.int32), None))
+        return units
 
     def _grouping(self, name, shape) -> Optional[np.ndarray]:
         """Group index (0-based, within the leaf) of each of its coordinates in row-major order, or None."""
@@ -665,11 +734,6 @@ class NM(Constraint):
         reduce = math.prod(shape[a] for a in axes)
         return (f"NM: {name} {shape} sums over {reduce} inputs (axes {axes}), not a multiple of m = {self.m}; "
                 f"leave it dense (NM(..., ragged='dense')) or exclude it with select")
-
-    def _describe(self, lay, names) -> list[str]:
-        shapes = dict(zip(lay.names, lay.shapes))
-        return [f"{name} {math.prod(shapes[name][a] for a in self.leaf_axes(name, shapes[name]))} inputs"
-                for name in names[:5]] + (["..."] if len(names) > 5 else [])
 
 
 def final_sparsity(sparsity, constraint, default: float = 0.9) -> Optional[float]:

@@ -287,6 +287,26 @@ class Plan:
         return tuple(i for i in self.selected if i not in self.fast)
 
 
+def trace_loss(loss: Callable, leaves: Sequence, example):
+    """The closed jaxpr of ``loss(leaves, example)`` for ONE example, or None where it is not a scalar."""
+    closed = jax.make_jaxpr(loss)(*jax.tree_util.tree_map(_struct, (list(leaves), example)))
+    if len(closed.jaxpr.outvars) != 1 or jnp.shape(closed.jaxpr.outvars[0].aval) != ():
+        return None  # not a scalar: grad gives the error
+    return closed
+
+
+def discover(closed, n_leaves: int, tracked: Sequence[int]):
+    """(taps, leaves with another use) in a traced loss (:func:`trace_loss`; its first ``n_leaves``
+    inputs are the parameter leaves), the ``tracked`` leaves followed through layout operations and
+    unrolled scans. Raises what the interpreter cannot replay."""
+    jaxpr = closed.jaxpr
+    origins = _origins(n_leaves, len(jaxpr.invars), set(tracked))
+    trace = _Trace()
+    jax.eval_shape(lambda *args: _run(jaxpr, closed.consts, args, origins, _data(n_leaves, len(args)), trace),
+                   *[jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in jaxpr.invars])
+    return tuple(trace.taps), frozenset(trace.other_use)
+
+
 def plan(loss: Callable, leaves: Sequence, example, selected: Sequence[int], fast: bool = True) -> Plan:
     """Trace ``loss(leaves, example)`` for ONE example and find the taps of the ``selected`` leaves.
 
@@ -294,26 +314,20 @@ def plan(loss: Callable, leaves: Sequence, example, selected: Sequence[int], fas
     A loss whose jaxpr the interpreter cannot follow takes ``grad`` too, with a warning.
     """
     generic = Plan(loss, tuple(selected))
-    if not fast:
+    closed = trace_loss(loss, leaves, example) if fast else None
+    if closed is None:
         return generic
-    closed = jax.make_jaxpr(loss)(*jax.tree_util.tree_map(_struct, (list(leaves), example)))
-    jaxpr = closed.jaxpr
-    if len(jaxpr.outvars) != 1 or jnp.shape(jaxpr.outvars[0].aval) != ():
-        return generic  # not a scalar: grad gives the error
-    origins = _origins(len(leaves), len(jaxpr.invars), set(selected))
-    trace = _Trace()
     try:
-        jax.eval_shape(lambda *args: _run(jaxpr, closed.consts, args, origins, _data(len(leaves), len(args)), trace),
-                       *[jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in jaxpr.invars])
+        taps, other_use = discover(closed, len(leaves), selected)
     except Exception as err:  # noqa: BLE001 - any primitive the interpreter cannot replay
         warnings.warn(f"per-sample gradients: layer taps unavailable ({type(err).__name__}: {err}); "
                       "using vmap(grad) for every leaf", RuntimeWarning, stacklevel=3)
         return generic
-    fast_leaves = frozenset(i for i in selected if i not in trace.other_use)
+    fast_leaves = frozenset(i for i in selected if i not in other_use)
     if not fast_leaves:
         return generic
-    return Plan(loss, tuple(selected), jaxpr, tuple(closed.consts),
-                tuple(t for t in trace.taps if t.leaf in fast_leaves), fast_leaves)
+    return Plan(loss, tuple(selected), closed.jaxpr, tuple(closed.consts),
+                tuple(t for t in taps if t.leaf in fast_leaves), fast_leaves)
 
 
 def _origins(n_leaves: int, n_args: int, tapped: set) -> list:

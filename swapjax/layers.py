@@ -1,12 +1,236 @@
-"""The layers of a model, found by use (work in progress: today the name rule of :mod:`swapjax.pytree`)."""
+"""The layers of a model, found by use: which weights are linear layers, and which of their axes are inputs.
+
+A layer is a use of a parameter leaf as one operand of a matrix product (``dot_general``: Dense,
+DenseGeneral, einsum, attention projections) or a convolution, whose other operand depends on the
+example: y = op(x, K) with K = chain(leaf), the chain made of layout operations (reshape, transpose,
+dtype casts) and, inside a ``scan`` over a stacked leaf, the slice of the current iteration. The
+product says which of K's axes it contracts (the layer's d_in inputs) and which it keeps (the d_out
+output units); K's batch axes (a vmapped stack whose members read their own inputs) and a scan's
+iterations index separate layers, so slice l of a stacked leaf is a layer of its own.
+
+Found by tracing the loss on one example (:func:`find_layers`), whatever the names: an einsum weight
+``w`` is a layer, an embedding table (gathered), a token or a position embedding (added), a norm
+scale or a bias (multiplied, added) never is. A leaf used by two products (tied or shared weights) or
+used otherwise as well is left dense, with the reason. Where there is no loss to trace, the name rule
+of :func:`swapjax.pytree.default_rule` gives one layer per leaf (:meth:`Layer.whole`).
+
+Each layer holds ``index`` (d_in, d_out): the flat positions in its leaf of W, the layer's weights as a
+matrix (row i: input i, row-major over the contracted axes in the kernel's order; column j: output
+unit j). Constraints work on it (a budget per layer, N:M groups along its rows) and the layer-wise
+driver solves W from the Gram of its inputs.
+"""
 from __future__ import annotations
 
+import math
+import warnings
+from dataclasses import dataclass, field
 from typing import Optional
 
-from . import pytree
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import layer_grads, pytree
 from .pytree import Layout, PyTree, Select
+
+# dtype-only steps of a chain: the weights are the leaf's, entry for entry
+_CASTS = frozenset({"convert_element_type", "reduce_precision"})
+
+
+@dataclass(frozen=True, eq=False)
+class Layer:
+    """One linear layer: the weights W = leaf.ravel()[index] (d_in × d_out) of the leaf at ``path``.
+
+    name: the leaf's path, with ``[i]`` for slice i of a stacked leaf (``[i, j]`` nested);
+    shape: the kernel as its product sees it (one slice of a stack); input_axes: the leaf's axes the
+    product contracts, row-major in that order (None where a reshape mixes them with others);
+    kind: "dense", "conv", "grouped conv" (one product per feature group: not solved layer by layer) or
+    "vector" (a leaf with ndim < 2 chosen with ``allow_vectors``, no product found: one input per entry).
+    """
+
+    name: str
+    path: str
+    index: np.ndarray
+    shape: tuple
+    input_axes: Optional[tuple] = None
+    kind: str = "dense"
+
+    d_in = property(lambda self: self.index.shape[0])
+    d_out = property(lambda self: self.index.shape[1])
+    size = property(lambda self: self.index.size)
+
+    def __repr__(self) -> str:
+        return f"Layer({self.name!r}, {self.d_in}×{self.d_out}, inputs {self.input_axes}, {self.kind})"
+
+    @classmethod
+    def whole(cls, path: str, shape: tuple, input_axes: Optional[tuple]) -> "Layer":
+        """The leaf as one layer whose inputs are ``input_axes`` (None: a vector or scalar, one input per entry)."""
+        positions = np.arange(math.prod(shape)).reshape(shape)
+        if input_axes is None:
+            return cls(path, path, positions.reshape(-1, 1), tuple(shape), None, "vector")
+        others = tuple(a for a in range(len(shape)) if a not in input_axes)
+        matrix = positions.transpose(tuple(input_axes) + others)
+        d_in = math.prod(shape[a] for a in input_axes)
+        return cls(path, path, matrix.reshape(d_in, -1), tuple(shape), tuple(input_axes))
+
+
+@dataclass(frozen=True)
+class Layers:
+    """The layers of a model in forward order, and why the other floating leaves with ndim ≥ 2 are not."""
+
+    layers: tuple[Layer, ...]
+    left_dense: dict = field(default_factory=dict)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The leaves holding layers, in the order of their first layer."""
+        return tuple(dict.fromkeys(layer.path for layer in self.layers))
+
+    def describe(self) -> str:
+        """'5 layers in 3 leaves; left dense: embed/table (not a layer's weight: ...)'."""
+        text = f"{len(self.layers)} layer{'s' * (len(self.layers) != 1)} in {len(self.paths)} leaves"
+        if self.left_dense:
+            text += "; left dense: " + ", ".join(f"{path} ({why})" for path, why in self.left_dense.items())
+        return text
+
+
+def find_layers(loss_fn, params: PyTree, batch: PyTree) -> Layers:
+    """The layers of ``params`` as ``loss_fn(params, example)`` uses them, traced on the first example of
+    ``batch`` (no computation: an abstract trace). A loss the tracer cannot follow falls back to the name
+    rule (one layer per default-rule leaf), with a warning saying why.
+
+    Examples:
+        >>> import jax.numpy as jnp, numpy as np, swapjax
+        >>> params = {"embed": np.ones((10, 4), "float32"), "w": np.ones((3, 4), "float32")}  # w: (out, in)
+        >>> loss_fn = lambda p, ex: jnp.sum(jnp.einsum("j,kj->k", p["embed"][ex["token"]], p["w"]) ** 2)
+        >>> found = swapjax.find_layers(loss_fn, params, {"token": np.zeros(8, "int32")})
+        >>> [(layer.name, layer.d_in, layer.d_out, layer.input_axes) for layer in found.layers]
+        [('w', 4, 3, (1,))]
+        >>> found.left_dense
+        {'embed': 'not a layer: used otherwise than as an operand of a product with the data (gathered, added or scaled)'}
+    """
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [x for _, x in with_path]
+    paths = [pytree.path_name(p) for p, _ in with_path]
+    floating = [i for i, x in enumerate(leaves) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    example = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[0], batch)
+    loss = lambda lv, ex: loss_fn(jax.tree_util.tree_unflatten(treedef, lv), ex)  # noqa: E731
+    closed = layer_grads.trace_loss(loss, leaves, example)
+    if closed is None:
+        raise ValueError("loss_fn: must return a scalar for one example")
+    try:
+        taps, other_use = layer_grads.discover(closed, len(leaves), floating)
+    except Exception as err:  # noqa: BLE001 - a primitive the interpreter cannot replay
+        warnings.warn(f"layers: the loss could not be followed ({type(err).__name__}: {err}); using the name rule "
+                      "(one layer per kernel)", RuntimeWarning, stacklevel=2)
+        return by_name(params)
+    found, reasons, in_order = {}, {}, []
+    for tap in taps:  # in the order of the traced program: forward order
+        uses = _tap_layers(tap, paths[tap.leaf], np.shape(leaves[tap.leaf]))
+        if isinstance(uses, str):
+            reasons.setdefault(tap.leaf, uses)
+            uses = []
+        found.setdefault(tap.leaf, []).extend(uses)
+        in_order.extend((tap.leaf, layer) for layer in uses)
+    left_dense, kept = {}, set()
+    for i in floating:
+        why = reasons.get(i) or _why_not(i, found.get(i, []), other_use, np.size(leaves[i]))
+        if why is None:
+            kept.add(i)
+        elif np.ndim(leaves[i]) >= 2 or i in found:
+            left_dense[paths[i]] = why
+    return Layers(tuple(layer for i, layer in in_order if i in kept), left_dense)
+
+
+def _why_not(leaf: int, layers: list, other_use, size: int) -> Optional[str]:
+    """Why leaf ``leaf`` is not pruned as the layers found for it (None: it is)."""
+    if leaf in other_use:
+        if layers:
+            return "used by a product and otherwise as well (tied to a gather, scaled, or in a regulariser)"
+        return "not a layer: used otherwise than as an operand of a product with the data (gathered, added or scaled)"
+    if not layers:
+        return "not used by loss_fn"
+    covered = np.concatenate([layer.index.ravel() for layer in layers])
+    if len(np.unique(covered)) < covered.size:
+        return f"used by {_uses(layers)} products (tied or shared weights)"
+    if covered.size < size:
+        return "only part of it is used by products"
+    return None
+
+
+def _uses(layers) -> int:
+    counts = np.bincount(np.concatenate([layer.index.ravel() for layer in layers]))
+    return int(counts.max())
+
+
+def by_name(params: PyTree) -> Layers:
+    """The layers of the name rule (no loss to trace): each default-rule leaf one layer, its inputs along
+    :func:`swapjax.constraints.reduction_axes`."""
+    from .constraints import reduction_axes
+
+    lay = pytree.layout(params)
+    layers = tuple(Layer.whole(name, shape, reduction_axes(name, shape)) for name, shape in zip(lay.names, lay.shapes))
+    return Layers(layers, {name: "not a kernel by the name rule" for name in lay.left_dense})
 
 
 def prunable(loss_fn, params: PyTree, batch: PyTree, select: Optional[Select] = None) -> Layout:
-    """The layout of the prunable weights of ``params``: the layers of ``loss_fn`` narrowed by ``select``."""
-    return pytree.layout(params, select)
+    """The layout of the prunable weights: the layers of ``loss_fn`` (:func:`find_layers`) narrowed by ``select``."""
+    return pytree.layout(params, select, find_layers(loss_fn, params, batch))
+
+
+# ---------------------------------------------------------------- one product's layers
+
+def _tap_layers(tap, path: str, leaf_shape: tuple):
+    """The layers of one product ``tap`` of the leaf at ``path`` (a list), or why it has none (a str)."""
+    positions = np.arange(math.prod(leaf_shape), dtype=np.int64).reshape(leaf_shape)
+    kernel = _through(tap.chain, positions)
+    if len(np.unique(kernel)) < kernel.size:
+        return "broadcast before its product: each weight used several times"
+    scan = tuple(int(p["start_indices"][0]) for prim, p in tap.chain if prim is lax.slice_p)
+    if tap.primitive.name == "conv_general_dilated":
+        dn = tap.params["dimension_numbers"]
+        spatial = tuple(dn.rhs_spec[2:])
+        matrix = kernel.transpose(spatial + (dn.rhs_spec[1], dn.rhs_spec[0]))
+        kind = "conv" if tap.params["feature_group_count"] == 1 else "grouped conv"
+        return [_layer(path, scan, matrix.reshape(-1, kernel.shape[dn.rhs_spec[0]]), kernel.shape, leaf_shape, kind)]
+    (lc, rc), (lb, rb) = tap.params["dimension_numbers"]
+    contract, batch = (rc, rb) if tap.kernel_pos == 1 else (lc, lb)
+    inputs = tuple(sorted(contract))
+    outputs = tuple(a for a in range(kernel.ndim) if a not in inputs and a not in batch)
+    arranged = kernel.transpose(tuple(batch) + inputs + outputs)
+    d_in = math.prod(kernel.shape[a] for a in inputs)
+    stacked = arranged.reshape(tuple(kernel.shape[a] for a in batch) + (d_in, -1))
+    shape = tuple(kernel.shape[a] for a in range(kernel.ndim) if a not in batch)
+    return [_layer(path, scan + b, stacked[b], shape, leaf_shape, "dense")
+            for b in np.ndindex(*stacked.shape[:len(batch)])]
+
+
+def _layer(path, slices, index, shape, leaf_shape, kind) -> Layer:
+    name = path + (f"[{', '.join(map(str, slices))}]" if slices else "")
+    return Layer(name, path, np.ascontiguousarray(index), tuple(int(d) for d in shape),
+                 _input_axes(index, leaf_shape), kind)
+
+
+def _through(chain, positions: np.ndarray) -> np.ndarray:
+    """The leaf's flat positions carried through the chain's layout steps: K's entry → the leaf's."""
+    x = jnp.asarray(positions, jnp.int32)
+    for prim, params in chain:
+        if prim.name not in _CASTS:
+            x = prim.bind(x, **params)
+    return np.asarray(x, np.int64)
+
+
+def _input_axes(index: np.ndarray, leaf_shape: tuple) -> Optional[tuple]:
+    """The leaf axes that W's rows run over, row-major in that order, or None where the rows mix axes
+    in another way (a reshape across input and output axes)."""
+    if not leaf_shape:
+        return None
+    coords = np.unravel_index(index, leaf_shape)
+    rows = [a for a in range(len(leaf_shape)) if leaf_shape[a] > 1 and np.any(coords[a] != coords[a][:1, :])]
+    if any(np.any(coords[a] != coords[a][:, :1]) for a in rows):
+        return None  # an axis that varies along both rows and columns
+    if not rows:
+        return None
+    flat = np.ravel_multi_index([coords[a][:, 0] for a in rows], [leaf_shape[a] for a in rows])
+    return tuple(rows) if np.array_equal(flat, np.arange(index.shape[0])) else None

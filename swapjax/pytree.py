@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Optional
 
@@ -154,18 +154,21 @@ def exclude(*paths: str) -> Select:
     return _Exclude(tuple(paths))
 
 
-def _check_narrows(chosen, prunable: set) -> None:
-    """ValueError naming every chosen leaf that the default rule leaves dense (one message for all)."""
-    vectors = [f"{name} {tuple(jnp.shape(x))}" for name, x in chosen if jnp.ndim(x) < 2]
-    roles = [f"{name} {tuple(jnp.shape(x))}" for name, x in chosen if jnp.ndim(x) >= 2 and name not in prunable]
+def _check_narrows(chosen, prunable: set, why: dict) -> None:
+    """ValueError naming every chosen leaf that the rule leaves dense (one message for all); ``why``: the
+    reasons of the layers found by use."""
+    vectors = [f"{name} {tuple(jnp.shape(x))}" for name, x in chosen if jnp.ndim(x) < 2 and name not in prunable]
+    roles = [f"{name} {tuple(jnp.shape(x))}" + (f" ({why[name]})" if name in why else "")
+             for name, x in chosen if jnp.ndim(x) >= 2 and name not in prunable]
     if not vectors and not roles:
         return
     parts = []
     if vectors:
         parts.append(f"{', '.join(vectors)}, with ndim < 2 (biases, norm scales or scalars)")
     if roles:
-        parts.append(f"{', '.join(roles)}, which the default rule leaves dense (not a `kernel` of a Flax layer, or "
-                     "named as a token, position embedding, table, bias or norm scale)")
+        parts.append(f"{', '.join(roles)}, which " + (
+            "are not layers' weights" if why else "the default rule leaves dense (not a `kernel` of a Flax layer, "
+            "or named as a token, position embedding, table, bias or norm scale)"))
     raise ValueError(
         f"select: chose {'; and '.join(parts)}; a custom select only narrows the default rule: return False "
         "for these leaves (in a Flax model, e.g. `lambda path, leaf: path.endswith('kernel') and ...`), use "
@@ -185,6 +188,14 @@ class Layout:
     dtypes: tuple[Any, ...]
     offsets: tuple[int, ...]  # start of each prunable leaf in w; offsets[-1] == p
     left_dense: tuple[str, ...] = ()  # the leaves with ndim ≥ 2 that are not pruned
+    #: the layers of the prunable leaves (:class:`swapjax.Layer`; every weight in exactly one), in forward order
+    #: where found by use; not part of the layout's identity (hash, ==), which is the leaves'
+    layers: tuple = field(default=(), compare=False)
+    why: dict = field(default_factory=dict, compare=False)  # {leaf left dense: the reason} where found by use
+
+    def positions(self, layer) -> np.ndarray:
+        """The positions in w of ``layer``'s weights W, (d_in, d_out)."""
+        return self.offsets[self.names.index(layer.path)] + layer.index
 
     @property
     def size(self) -> int:
@@ -193,11 +204,13 @@ class Layout:
 
     @property
     def input_axes(self) -> dict[str, tuple[int, ...]]:
-        """{leaf path: the axes its products contract} for the prunable leaves with ndim ≥ 2 (what
+        """{leaf path: the axes its products contract} for the prunable leaves whose layers say (what
         ``swapjax.to_nm(..., axes=)`` takes)."""
-        from .constraints import reduction_axes
-
-        return {name: reduction_axes(name, shape) for name, shape in zip(self.names, self.shapes) if len(shape) >= 2}
+        axes = {}
+        for layer in self.layers:
+            if layer.input_axes is not None:
+                axes.setdefault(layer.path, layer.input_axes)
+        return axes
 
     @property
     def dtype(self):
@@ -213,20 +226,25 @@ class Layout:
         return text
 
 
-def layout(params: PyTree, select: Optional[Select] = None) -> Layout:
+def layout(params: PyTree, select: Optional[Select] = None, found=None) -> Layout:
     """Choose the prunable leaves of ``params``.
 
-    select: None (:func:`default_rule`), or ``select(path, leaf) -> bool``
-    with ``path`` like ``"Dense_0/kernel"``, narrowing that rule; wrap it in
-    :func:`allow_vectors` to let it choose any leaf. ValueError if nothing is
-    selected, a selected leaf is not floating point, or a leaf the rule leaves
-    dense is selected without :func:`allow_vectors`.
+    select: None (the layers, or where ``found`` is None :func:`default_rule`), or
+    ``select(path, leaf) -> bool`` with ``path`` like ``"Dense_0/kernel"``, narrowing that rule;
+    wrap it in :func:`allow_vectors` to let it choose any leaf. found: the model's layers
+    (:func:`swapjax.find_layers`): the leaves holding them are the rule, and the layout carries them.
+    ValueError if nothing is selected, a selected leaf is not floating point, or a leaf the rule
+    leaves dense is selected without :func:`allow_vectors`.
     """
     vectors_ok = isinstance(select, _WithVectors)
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     if select is not None and not callable(select):
         raise ValueError(f"select: expected None or a function select(path, leaf) -> bool, got {select!r}")
-    rule = default_rule(params)
+    if found is None:
+        rule = default_rule(params)
+    else:
+        holding = set(found.paths)
+        rule = lambda p, x: path_name(p) in holding  # noqa: E731
     if select is None:
         selected = tuple(bool(rule(p, x)) for p, x in leaves_with_path)
     elif isinstance(select, _Exclude):
@@ -236,7 +254,8 @@ def layout(params: PyTree, select: Optional[Select] = None) -> Layout:
         selected = tuple(_selected(select, path_name(p), x) for p, x in leaves_with_path)
     chosen = [(path_name(p), x) for (p, x), s in zip(leaves_with_path, selected) if s]
     if not vectors_ok:
-        _check_narrows(chosen, {path_name(p) for p, x in leaves_with_path if rule(p, x)})
+        _check_narrows(chosen, {path_name(p) for p, x in leaves_with_path if rule(p, x)},
+                       {} if found is None else found.left_dense)
     if not chosen:
         raise ValueError(
             "select: no prunable leaf was selected; `select(path, leaf)` must return "
@@ -246,16 +265,40 @@ def layout(params: PyTree, select: Optional[Select] = None) -> Layout:
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             raise ValueError(f"select: prunable leaf {name!r} has non-float dtype {jnp.result_type(x)}")
     sizes = [int(np.prod(jnp.shape(x))) for _, x in chosen]
+    names = tuple(n for n, _ in chosen)
+    shapes = tuple(tuple(jnp.shape(x)) for _, x in chosen)
+    left_dense = tuple(path_name(p) for (p, x), s in zip(leaves_with_path, selected)
+                       if not s and jnp.ndim(x) >= 2 and jnp.issubdtype(jnp.result_type(x), jnp.floating))
+    why = {} if found is None else {name: found.left_dense[name] for name in left_dense if name in found.left_dense}
     return Layout(
         treedef=treedef,
         selected=selected,
-        names=tuple(n for n, _ in chosen),
-        shapes=tuple(tuple(jnp.shape(x)) for _, x in chosen),
+        names=names,
+        shapes=shapes,
         dtypes=tuple(jnp.result_type(x) for _, x in chosen),
         offsets=tuple(np.cumsum([0] + sizes).tolist()),
-        left_dense=tuple(path_name(p) for (p, x), s in zip(leaves_with_path, selected)
-                         if not s and jnp.ndim(x) >= 2 and jnp.issubdtype(jnp.result_type(x), jnp.floating)),
+        left_dense=left_dense,
+        layers=_layers_of(names, shapes, found),
+        why=why,
     )
+
+
+def _layers_of(names, shapes, found) -> tuple:
+    """The layers of the prunable leaves: as found, else (no trace, or a leaf chosen by ``allow_vectors``
+    that is no layer) the leaf as one layer along its name-rule input axes."""
+    from .constraints import reduction_axes
+    from .layers import Layer
+
+    by_leaf = {}
+    for layer in () if found is None else found.layers:
+        by_leaf.setdefault(layer.path, []).append(layer)
+    out = []
+    for name, shape in zip(names, shapes):
+        if name in by_leaf:
+            out.extend(by_leaf[name])
+        else:
+            out.append(Layer.whole(name, shape, reduction_axes(name, shape) if len(shape) >= 2 else None))
+    return tuple(out)
 
 
 def _own_name(name: str) -> str:

@@ -334,7 +334,7 @@ def test_property_every_method_constraint_and_mode_on_random_trees(seed, c_in, c
     # blocks cut layers and groups
     if nm and all(int(np.prod([shape[a] for a in _REDUCTION[name.split("/")[0]]])) % spec.m
                   for name, shape in zip(lay.names, lay.shapes)):  # every kernel ragged: an error, nothing pruned
-        with pytest.raises(ValueError, match=f"constraint: {spec.label} leaves every prunable leaf dense"):
+        with pytest.raises(ValueError, match=f"constraint: {spec.label} leaves every prunable layer dense"):
             call()
         return
     if constraint == "uniform" and 0 in swapjax.baselines.layer_quotas(swapjax.kept_count(sparsity, lay.size), sizes):
@@ -451,7 +451,7 @@ def test_nm_takes_0d_arrays_and_numpy_integers():
 
 def test_nm_leaving_every_kernel_dense_is_an_error_before_any_gradient(two_layers):
     params, batch = two_layers  # inputs 8 and 6: neither a multiple of 5
-    with pytest.raises(ValueError, match=r"constraint: 2:5 leaves every prunable leaf dense, none sums over a multiple "
+    with pytest.raises(ValueError, match=r"constraint: 2:5 leaves every prunable layer dense, none sums over a multiple "
                                          r"of m = 5 inputs \(Dense_0/kernel 8 inputs, Dense_1/kernel 6 inputs\)"):
         swapjax.prune(_forbidden_loss, params, batch, method=swapjax.Magnitude(), constraint=C.NM(2, 5),
                       progress=False)

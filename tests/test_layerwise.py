@@ -144,7 +144,7 @@ def test_property_layerwise_methods_keep_every_rule_exactly(seed, c_in, c_out, d
     nm = isinstance(spec, swapjax.NM)
     lay = swapjax.pytree.layout(params)
     if nm and len(spec.ragged_leaves(lay)) == len(lay.names):  # nothing to prune: an error, as in swapjax.prune
-        with pytest.raises(ValueError, match=f"constraint: {spec.label} leaves every prunable leaf dense"):
+        with pytest.raises(ValueError, match=f"constraint: {spec.label} leaves every prunable layer dense"):
             swapjax.prune_layerwise(_net_loss, params, batch, method=LAYER_METHODS[method], constraint=spec,
                                     progress=False)
         return

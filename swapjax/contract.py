@@ -1,24 +1,43 @@
-"""The method contract: what ``swapjax.prune`` (and ``swapjax.compare``) read of a pruning method.
+"""The method contract: what both drivers (``swapjax.prune``, ``swapjax.prune_layerwise``) read of a method.
 
-A method is a subclass of :class:`Method`: ``solve`` on a bare problem
-(X, w̄, constraint) returns the pruned weights and an info object with the
-fields of :class:`Info`; what the driver needs to know about the method is
-declared, as class attributes or properties of the base, never probed:
+A method is a subclass of :class:`Method`. It declares what it needs (``needs``): ``"X"`` (the
+per-sample gradients of the problem, an :class:`swapjax.operators.Operator`), ``"H"`` (one layer's
+Gram H = AᵀA of its inputs and the layer's shape (d_in, d_out)), or ``"w"`` (w̄ and the constraint
+alone). A driver fills a :class:`Problem` with what it has and calls ``method.solve_problem(problem)
+-> (w, info)``; ``info`` has the fields of :class:`Info`.
 
-- ``matrix_free``: ``solve`` accepts an X that is not formed (an operator of
-  products only); False means the driver forms X;
+- ``swapjax.prune`` supplies X (network-wide): a method that needs H is a ValueError there;
+- ``swapjax.prune_layerwise`` supplies H and the shape, one layer at a time (:func:`solve_layer`);
+  a method that needs X gets the layer's X = I ⊗ Lᵀ with LLᵀ = H + δI
+  (:class:`swapjax.operators.LayerOperator`): ½‖X(w − w̄)‖² is the layer's reconstruction error.
+
+So a method written once runs in both drivers where its needs can be met. What else a driver needs
+to know is declared, as class attributes or properties of the base, never probed:
+
+- ``matrix_free``: ``solve`` accepts an X that is not formed (an operator of products only);
+  False means the driver forms X;
 - ``selects``: ``solve`` chooses values of its own on held-out loss and needs a ``score``;
-- ``needs_segments``: ``solve`` needs the layer offsets (``segments=``);
-- ``without_search()``: the cheaper variant for the stages before the last
-  under ``prune(stages="auto")`` (the method itself by default).
+- ``needs_segments``: ``solve`` needs the layer offsets (``segments``);
+- ``without_search()``: the cheaper variant for the stages before the last under
+  ``prune(stages="auto")`` (the method itself by default).
+
+The constraint has one currency, :class:`swapjax.Groups` (``problem.groups``): on one layer, the
+groups of that layer's d_in·d_out weights, row-major (``groups.nm`` = (n, m) for N:M groups).
 """
 from __future__ import annotations
 
 import abc
-from typing import Callable, ClassVar, Optional, Protocol, Sequence, Union
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from . import checks
+from .constraints import Groups, as_groups
+from .operators import LayerOperator, live
 
 #: score(w): the held-out loss of the pruned network, a float or the vector of per-example losses
 #: (lower is better).
@@ -44,16 +63,45 @@ class Info(Protocol):
     def warnings(self, n: int) -> tuple[str, ...]: ...
 
 
-class Method(abc.ABC):
-    """A pruning method on a bare problem: ``w, info = method.solve(X, w_bar, k, ...)``.
+#: What a method may need (``Method.needs``): the per-sample gradients X, one layer's Gram H, or w̄ alone.
+NEEDS = ("X", "H", "w")
 
-    ``k``: an int (the global top-k) or a :class:`swapjax.constraints.Groups`
-    (the constraint resolved on the layout); ``X``: a matrix or a
-    :class:`swapjax.operators.Operator`. ``w_start``: the weights where the
-    stage starts (default w̄); ``duals``: the previous stage's Sinkhorn
-    potentials or None; ``score``: given only where ``selects``; ``segments``:
-    given only where ``needs_segments``. The result must be feasible for the
-    constraint, zero off ``info.support``, and leave the inputs unchanged.
+
+@dataclass(frozen=True)
+class Problem:
+    """One pruning problem, as a driver fills it: w̄ ∈ R^p, the constraint ``groups`` on its p weights, and
+    what the driver has of the curvature: ``X`` (the per-sample gradients, an operator; network-wide, or a
+    layer's :class:`~swapjax.operators.LayerOperator`) and/or ``H`` (one layer's Gram, d_in × d_in) with
+    ``shape`` = (d_in, d_out) (w̄ is that layer's kernel flattened row-major). ``w_start``: where the stage
+    starts (None: w̄); ``duals``: the previous stage's Sinkhorn potentials or None; ``score``: the held-out
+    loss, given only to a method that ``selects``; ``segments``: the layer offsets, given only where
+    ``needs_segments``; ``name``: the layer's name (layer by layer), for messages."""
+
+    w_bar: Any
+    groups: Groups
+    X: Any = None
+    H: Any = None
+    shape: Optional[tuple] = None
+    w_start: Any = None
+    duals: Optional[tuple] = None
+    score: Optional[Score] = None
+    segments: Optional[Sequence[int]] = None
+    name: str = ""
+
+    def replace(self, **changes) -> "Problem":
+        return dataclasses.replace(self, **changes)
+
+
+class Method(abc.ABC):
+    """A pruning method: ``w, info = method.solve_problem(problem)`` on a :class:`Problem`.
+
+    ``needs``: ``"X"`` (default), ``"H"`` or ``"w"`` (module notes). A method implements either
+    ``solve_problem(problem)`` (any method; an H method must) or, for a method on X, the bare form
+    ``solve(X, w_bar, k, w_start=None, duals=None, *, score=None, segments=None)``; each of the two
+    defaults calls the other, so both work on every method. ``k`` there: an int (the global top-k)
+    or a :class:`swapjax.Groups`; ``X``: a matrix or a :class:`swapjax.operators.Operator`. The
+    result must be feasible for the constraint, zero off ``info.support``, and leave the inputs
+    unchanged.
 
     Examples:
         A new method in one class: keep the largest |w_j|·‖x_j‖ (the weight times its
@@ -85,6 +133,9 @@ class Method(abc.ABC):
         {'kept': 16, 'total': 32, 'sparsity': 0.5, 'constraint': '2:4'}
     """
 
+    #: What ``solve_problem`` reads of the problem besides w̄ and the groups: "X", "H" or "w" (nothing more).
+    needs: ClassVar[str] = "X"
+
     #: ``solve`` accepts an operator that is not formed (products Xv, Xᵀu and diag(XᵀX) only).
     matrix_free: ClassVar[bool] = False
 
@@ -102,10 +153,27 @@ class Method(abc.ABC):
         """The variant for the stages before the last under ``prune(stages="auto")``."""
         return self
 
-    @abc.abstractmethod
+    def solve_problem(self, problem: Problem) -> tuple[jax.Array, "Info"]:
+        """The pruned weights w ∈ R^p and the info of the solve. By default the bare form ``solve`` on
+        the problem's X (a method that needs H overrides this)."""
+        if type(self).solve is Method.solve:
+            raise TypeError(f"{type(self).__name__} implements neither solve_problem(problem) nor "
+                            "solve(X, w_bar, k, ...)")
+        declared = {}
+        if problem.score is not None:
+            declared["score"] = problem.score
+        if problem.segments is not None:
+            declared["segments"] = problem.segments
+        return self.solve(problem.X, problem.w_bar, problem.groups, problem.w_start, problem.duals, **declared)
+
     def solve(self, X, w_bar, k, w_start=None, duals=None, *, score: Optional[Score] = None,
-              segments: Optional[Sequence[int]] = None) -> tuple[jax.Array, Info]:
-        """The pruned weights w ∈ R^p and the info of the solve."""
+              segments: Optional[Sequence[int]] = None) -> tuple[jax.Array, "Info"]:
+        """The bare form on X: ``solve_problem`` on Problem(w̄, k as Groups, X, w_start, duals, score, segments)."""
+        if type(self).solve_problem is Method.solve_problem:
+            raise TypeError(f"{type(self).__name__} implements neither solve_problem(problem) nor "
+                            "solve(X, w_bar, k, ...)")
+        return self.solve_problem(Problem(w_bar, as_groups(k), X=X, w_start=w_start, duals=duals, score=score,
+                                          segments=segments))
 
 
 def check_result(method: Method, w, info, k, p: int, dtype) -> jax.Array:
@@ -148,3 +216,103 @@ def check_result(method: Method, w, info, k, p: int, dtype) -> jax.Array:
         raise ValueError(f"{name} returned {off} non-zero weights outside info.support (which keeps {kept}); "
                          f"the pruned weights must be exactly 0")
     return w
+
+
+# ---------------------------------------------------------------------------
+# one layer: what prune_layerwise calls
+
+
+def for_layer(method: Method, problem: Problem, percdamp: Optional[float] = None) -> Problem:
+    """``problem`` (a layer's: H and shape) with what ``method`` needs added: for a method on X, the layer's
+    X = I ⊗ Lᵀ with LLᵀ = H + δI (:class:`~swapjax.operators.LayerOperator`, δ = percdamp·mean diag H,
+    default ``operators.PERCDAMP``), and the layer as one segment where it needs segments."""
+    if method.needs == "X" and problem.X is None:
+        X = LayerOperator.from_gram(problem.H, problem.shape[1]) if percdamp is None else \
+            LayerOperator.from_gram(problem.H, problem.shape[1], percdamp)
+        problem = problem.replace(X=X)
+    if method.needs_segments and problem.segments is None:
+        problem = problem.replace(segments=(0, int(np.prod(problem.shape))))
+    return problem
+
+
+def solve_layer(method: Method, name: str, W_bar, H, groups: Groups) -> tuple[jax.Array, np.ndarray]:
+    """``method`` on one layer: (W, kept mask), both (d_in, d_out), W in float32 (or wider), checked.
+
+    ``W_bar``: the dense kernel as (d_in, d_out); ``H``: the Gram AᵀA of its inputs (d_in × d_in, float32);
+    ``groups``: the constraint on its d_in·d_out weights, row-major. An input that never fires (H_ii = 0)
+    is treated as SparseGPT treats it, for every method: W̄_i = 0 and H_ii = 1 before the solve
+    (:func:`swapjax.operators.live`), so it is pruned first and any of its weights still kept is 0. A
+    layer that keeps nothing is W = 0. The result is checked (:func:`check_layer_result`): a ValueError
+    names the method and the layer otherwise.
+
+    Examples:
+        >>> import numpy as np, swapjax
+        >>> rng = np.random.default_rng(0)
+        >>> A, W = rng.normal(size=(64, 8)).astype("float32"), rng.normal(size=(8, 3)).astype("float32")
+        >>> w, mask = solve_layer(swapjax.Wanda(), "dense", W, A.T @ A, swapjax.Groups.top_k(12))
+        >>> mask.astype(int).sum(axis=0).tolist()          # 12 of 24 kept: 4 per output unit
+        [4, 4, 4]
+        >>> w, mask = solve_layer(swapjax.LR(), "dense", W, A.T @ A, swapjax.Groups.top_k(12))
+        >>> int(mask.sum()), bool(np.all(np.asarray(w)[~mask] == 0))
+        (12, True)
+    """
+    W_bar = jnp.asarray(W_bar)
+    if W_bar.ndim != 2:
+        raise ValueError(f"W_bar: expected a 2-D kernel (d_in, d_out), got shape {W_bar.shape}")
+    d_in, d_out = W_bar.shape
+    if jnp.shape(H) != (d_in, d_in):
+        raise ValueError(f"H: expected the Gram AᵀA of the layer's inputs, shape ({d_in}, {d_in}), got {jnp.shape(H)}")
+    W_bar = W_bar.astype(jnp.promote_types(W_bar.dtype, jnp.float32))
+    if int(groups.k) == 0:  # nothing kept: no solve (the solvers need k ≥ 1)
+        return jnp.zeros_like(W_bar), np.zeros((d_in, d_out), bool)
+    W_live, H_live = live(W_bar, jnp.asarray(H, W_bar.dtype))
+    problem = for_layer(method, Problem(W_live.ravel(), groups, H=H_live, shape=(d_in, d_out), name=name))
+    out = method.solve_problem(problem)
+    return check_layer_result(method, name, groups, (d_in, d_out), out)
+
+
+def check_layer_result(method: Method, name: str, groups: Groups, shape: tuple, out) -> tuple[jax.Array, np.ndarray]:
+    """``method``'s (w, info) on the layer ``name`` as (W, mask) of ``shape`` (d_in, d_out), checked: w with
+    d_in·d_out entries, ``info.support`` a boolean mask of as many, W finite and exactly 0 off the mask, every
+    group of ``groups`` keeping its count exactly. ValueError naming the method and the layer otherwise."""
+    who = f"method: {type(method).__name__} on layer {name}"
+    size = int(np.prod(shape))
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise ValueError(f"{who} must return (w, info), got {checks._show(out)}")
+    w, info = out
+    support = getattr(info, "support", None)
+    if support is None or not hasattr(w, "shape"):
+        raise ValueError(f"{who} returned w of type {type(w).__name__} and info.support "
+                         f"{type(support).__name__}; expected arrays of {size} entries (the layer {tuple(shape)})")
+    if int(np.size(w)) != size or int(np.size(support)) != size:
+        raise ValueError(f"{who} returned w of shape {tuple(np.shape(w))} and info.support of shape "
+                         f"{tuple(np.shape(support))}; expected {size} entries each, the layer {tuple(shape)} row-major")
+    W = jnp.asarray(w).reshape(shape)
+    if not jnp.issubdtype(W.dtype, jnp.floating):
+        raise ValueError(f"{who} returned w of dtype {W.dtype}; expected floating-point weights")
+    mask = np.asarray(support).reshape(shape)
+    if mask.dtype != np.bool_:
+        raise ValueError(f"{who} returned a mask of dtype {mask.dtype}; expected booleans (True = kept)")
+    W = W.astype(jnp.promote_types(W.dtype, jnp.float32))
+    values = np.asarray(W)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{who} returned {int(np.sum(~np.isfinite(values)))} NaN or inf weights of {values.size}")
+    nonzero = int(np.count_nonzero(values[~mask]))
+    if nonzero:
+        raise ValueError(f"{who} returned {nonzero} non-zero weights where its mask prunes; pruned weights must be "
+                         "exactly 0")
+    counts = np.asarray(groups.counts)
+    if groups.ids is None:
+        if int(mask.sum()) != int(counts.sum()):
+            raise ValueError(f"{who} kept {int(mask.sum())} weights; the layer's budget is exactly {int(counts.sum())}")
+        return W, mask
+    kept = np.bincount(np.asarray(groups.ids), weights=mask.ravel(), minlength=counts.size)
+    wrong = int(np.sum(kept != counts))
+    if wrong:
+        if groups.nm is not None:
+            n, m = groups.nm
+            raise ValueError(f"{who} keeps {groups.label} in {counts.size - wrong} of its {counts.size} groups of "
+                             f"{m} inputs; every group must keep exactly {n}")
+        raise ValueError(f"{who} keeps {int(mask.sum())} weights with {wrong} of its {counts.size} groups off their "
+                         f"counts ({groups.label}); every group must keep exactly its count")
+    return W, mask

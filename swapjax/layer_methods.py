@@ -5,13 +5,18 @@ conv's patches) and dense kernel W̄ ∈ R^{d_in×d_out} (Flax layout) is pruned
 AW̄: minimise ‖AW̄ − AW‖²_F under the constraint. Everything about A that the methods need is
 the Gram H = AᵀA (d_in × d_in), so memory is O(d_in² + d_in·d_out), never N×p.
 
-The constraint on one layer is either a kept count k for the whole kernel (a per-layer budget:
-uniform, ERK, given) or N:M along the input axis (``swapjax.NM``): every M consecutive
-inputs of each output unit keep N.
+Every method here is a :class:`swapjax.Method` that needs H (``needs = "H"``; :mod:`swapjax.contract`):
+``method.solve_problem(problem)`` reads the layer's Gram ``problem.H``, its shape (d_in, d_out) and
+w̄ (the kernel flattened row-major), and returns (w, info) as every method does;
+:func:`swapjax.contract.solve_layer` runs one on a layer. The constraint on one layer is its
+:class:`swapjax.Groups` over the d_in·d_out weights, row-major: one group holding the layer's kept
+count (a per-layer budget: uniform, ERK, given), N:M along the inputs (``groups.nm`` = (n, m): every
+M consecutive inputs of each output unit keep N), or other groups with counts of their own (Wanda,
+Refit and Regression; SparseGPT takes a count or N:M). :func:`nm_groups` builds N:M on a layer.
 
 - :func:`wanda`: score S_ij = |W̄_ij|·‖A_:,i‖ (‖A_:,i‖² = H_ii), compared within each output
-  unit (a count per output column, split by largest remainder) or within each N:M group; the
-  kept weights keep their values.
+  unit (a count per output column, split by largest remainder) or within each group (N:M); the
+  kept weights keep their values. :class:`LayerMagnitude`: the same with |W̄_ij| alone (no H).
 - :class:`Refit`: any method's mask, each output unit then refitted exactly (least squares on H).
 - :class:`Regression`: LR or SWAP on the layer's regression through :class:`LayerOperator`
   (X = I ⊗ Lᵀ, LLᵀ = H + δI), from SparseGPT's support by default.
@@ -23,7 +28,8 @@ inputs of each output unit keep N.
   then to all later inputs in one product.
 
 An input that never fires on the batch (H_ii = 0, so row and column i of H are 0) is treated as
-SparseGPT treats it, in every method: H_ii is set to 1 and its weights W̄_i to 0 before the solve, so
+SparseGPT treats it, in every method run on a layer (:func:`swapjax.contract.solve_layer`), and by the
+functions here on their own: H_ii is set to 1 and its weights W̄_i to 0 before the solve, so
 it is pruned first and any of its weights the rule still keeps are exactly 0. A layer whose inputs
 are all 0 (H = 0) becomes W = 0 under the rule's mask.
 
@@ -35,65 +41,86 @@ each from the Gram of its inputs on a calibration batch.
 """
 from __future__ import annotations
 
-import abc
-import sys
+import functools
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from typing import NamedTuple, Optional, Union
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks, pytree
+from . import checks
 from .constraints import NM, Groups, layer_quotas
-from .contract import Method
+from .contract import Method, Problem, for_layer, solve_layer as _solve_layer
 from .methods import LR
-from .operators import Linear, Operator, matmul
+from .operators import PERCDAMP, LayerOperator, live as _live, matmul  # noqa: F401  (LayerOperator: re-exported)
 
-#: SparseGPT's block of inputs (the published "blocksize") and dampening ("percdamp").
+#: SparseGPT's block of inputs (the published "blocksize").
 BLOCK = 128
-PERCDAMP = 0.01
-
-LayerRule = Union[int, NM]
 
 
-def _check_layer(W, H, rule) -> tuple[int, int]:
+def _check_layer(W, H, groups) -> tuple[Groups, int, int]:
+    """(the layer's Groups, d_in, d_out), checked; ``groups`` may still be the deprecated rule (a count or NM)."""
     if jnp.ndim(W) != 2:
         raise ValueError(f"W: expected a 2-D kernel (d_in, d_out), got shape {jnp.shape(W)}")
     d_in, d_out = W.shape
     if jnp.shape(H) != (d_in, d_in):
         raise ValueError(f"H: expected the Gram AᵀA of the layer's inputs, shape ({d_in}, {d_in}), got {jnp.shape(H)}")
-    if isinstance(rule, NM):
-        if d_in % rule.m:
-            raise ValueError(f"rule: {rule.label} groups run along the {d_in} inputs, not a multiple of m = {rule.m}; "
-                             "leave this layer dense or use a kept count")
-    elif not (isinstance(rule, (int, np.integer)) and not isinstance(rule, bool) and 0 <= rule <= d_in * d_out):
-        raise ValueError(f"rule: expected the layer's kept count, an integer in [0, {d_in * d_out}], or NM(n, m), "
-                         f"got {rule!r}")
-    return d_in, d_out
+    if not isinstance(groups, Groups):  # deprecated: the layer's count or NM(n, m)
+        groups = _as_groups(groups, d_in, d_out)
+    ids = groups.ids
+    if ids is not None and tuple(np.shape(ids)) != (d_in * d_out,):
+        raise ValueError(f"groups: ids of shape {tuple(np.shape(ids))}, expected ({d_in * d_out},): the layer's "
+                         f"{d_in}×{d_out} weights, row-major")
+    k = int(groups.k)
+    if not 0 <= k <= d_in * d_out:
+        raise ValueError(f"groups: keep {k} weights of the layer's {d_in * d_out}")
+    return groups, d_in, d_out
 
 
-def _nm_ids(rule: NM, d_in: int, d_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """(group ids, counts) of N:M on a (d_in, d_out) kernel flattened row-major: M consecutive inputs of
-    one output unit, N kept in each (NumPy, read-only). Along the inputs whatever ``rule.axes`` says (the
-    driver leaves dense a kernel whose axes are others)."""
-    return _nm_input_ids(rule.n, rule.m, d_in, d_out)
+def nm_groups(n: int, m: int, d_in: int, d_out: int) -> Groups:
+    """N:M along the inputs of a (d_in, d_out) kernel flattened row-major: group g·d_out + j holds inputs
+    g·m … g·m + m − 1 of output unit j and keeps n (``nm`` = (n, m)). ValueError where m does not divide d_in.
+
+    Examples:
+        >>> g = nm_groups(2, 4, 8, 3)
+        >>> g.nm, g.num_groups, g.ids.reshape(8, 3)[:, 0].tolist()
+        ((2, 4), 6, [0, 0, 0, 0, 3, 3, 3, 3])
+    """
+    if d_in % m:
+        raise ValueError(f"groups: {n}:{m} groups run along the {d_in} inputs, not a multiple of m = {m}; "
+                         "leave this layer dense or use a kept count")
+    ids, counts = _nm_input_ids(n, m, d_in, d_out)
+    return Groups(jnp.asarray(counts), jnp.asarray(ids), NM(n, m).label, (n, m))
 
 
 @lru_cache(maxsize=256)
 def _nm_input_ids(n: int, m: int, d_in: int, d_out: int) -> tuple[np.ndarray, np.ndarray]:
-    rule = NM(n, m)
-    groups = rule.resolve(pytree.layout({"kernel": np.zeros((d_in, d_out), np.float32)}), rule.sparsity)
-    ids, counts = np.asarray(groups.ids), np.asarray(groups.counts)
+    ids = ((np.arange(d_in)[:, None] // m) * d_out + np.arange(d_out)[None, :]).ravel().astype(np.int32)
+    counts = np.full(d_in // m * d_out, n, np.int32)
     ids.flags.writeable = counts.flags.writeable = False
     return ids, counts
 
 
-def _nm_groups(rule: NM, d_in: int, d_out: int) -> Groups:
-    """The N:M groups of a (d_in, d_out) kernel flattened row-major: M consecutive inputs of one output unit."""
-    ids, counts = _nm_ids(rule, d_in, d_out)
-    return Groups(jnp.asarray(counts), jnp.asarray(ids), rule.label)
+def _nm_ids(rule: NM, d_in: int, d_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deprecated (prune_layerwise's until it passes Groups): (ids, counts) of ``nm_groups`` (NumPy, read-only)."""
+    return _nm_input_ids(rule.n, rule.m, d_in, d_out)
+
+
+def _as_groups(rule, d_in: int, d_out: int) -> Groups:
+    """The deprecated layer rule (an int count or ``NM(n, m)``) as the layer's Groups."""
+    if isinstance(rule, NM):
+        return nm_groups(rule.n, rule.m, d_in, d_out)
+    if not (isinstance(rule, (int, np.integer)) and not isinstance(rule, bool) and 0 <= rule <= d_in * d_out):
+        raise ValueError(f"rule: expected the layer's kept count, an integer in [0, {d_in * d_out}], or NM(n, m), "
+                         f"got {rule!r}")
+    return Groups.top_k(int(rule))
+
+
+def _one_group(groups: Groups) -> bool:
+    """The layer's whole count in one group (a per-layer budget), with or without ids."""
+    return groups.ids is None or groups.num_groups == 1
 
 
 def _float(W):
@@ -102,29 +129,28 @@ def _float(W):
     return W.astype(jnp.promote_types(W.dtype, jnp.float32))
 
 
-def _live(W, H):
-    """SparseGPT's treatment of the inputs that never fire (H_ii = 0): W̄_i = 0 and H_ii = 1, so they are
-    pruned first, any of their weights still kept is exactly 0, and H is positive definite once damped."""
-    dead = jnp.diagonal(H) == 0
-    return jnp.where(dead[:, None], 0, W), jnp.where(jnp.diag(dead), jnp.ones((), H.dtype), H)
+def _per_unit(groups: Groups, d_in: int, d_out: int) -> tuple:
+    """(counts, ids) of the rankings per output unit: one group per unit with the layer's count split by
+    largest remainder where ``groups`` is one group, else the groups as they are."""
+    if _one_group(groups):
+        ids = np.broadcast_to(np.arange(d_out, dtype=np.int32)[None, :], (d_in, d_out)).ravel()
+        counts = np.asarray(layer_quotas(int(groups.k), [d_in] * d_out), np.int32)
+        return jnp.asarray(counts), jnp.asarray(ids)
+    return groups.counts, groups.ids
 
 
-def wanda(W, H, rule: LayerRule) -> tuple[jax.Array, jax.Array]:
+def wanda(W, H, groups: Groups) -> tuple[jax.Array, jax.Array]:
     """Wanda (Sun et al., 2024) on one layer: (W with the pruned weights zeroed, kept mask), both (d_in, d_out).
 
     Keeps, in each output unit (column), the largest S_ij = |W_ij|·√H_ii: a count per column from
-    the layer's count ``rule`` (largest remainder), or N per group of M inputs for ``rule = NM(n, m)``.
-    Ties go to the lower input index. No weight update, except that the weights of an input that never
-    fires (H_ii = 0) are 0, as in SparseGPT. W in float32 or wider.
+    the layer's count (``groups`` one group: largest remainder), or the counts of ``groups`` (N:M:
+    N per group of M inputs). Ties go to the lower input index. No weight update, except that the
+    weights of an input that never fires (H_ii = 0) are 0, as in SparseGPT. W in float32 or wider.
     """
-    d_in, d_out = _check_layer(W, H, rule)
+    groups, d_in, d_out = _check_layer(W, H, groups)
     W = _float(W)
-    if isinstance(rule, NM):
-        ids, counts = _nm_ids(rule, d_in, d_out)
-    else:  # one group per output unit, the layer's count split by largest remainder
-        ids = np.broadcast_to(np.arange(d_out, dtype=np.int32)[None, :], (d_in, d_out)).ravel()
-        counts = np.asarray(layer_quotas(rule, [d_in] * d_out), np.int32)
-    return _wanda(W, jnp.asarray(H, W.dtype), jnp.asarray(counts), jnp.asarray(ids))
+    counts, ids = _per_unit(groups, d_in, d_out)
+    return _wanda(W, jnp.asarray(H, W.dtype), counts, ids)
 
 
 @jax.jit
@@ -136,25 +162,29 @@ def _wanda(W, H, counts, ids):
     return jnp.where(mask, W, 0), mask
 
 
-def sparsegpt(W, H, rule: LayerRule, block: int = BLOCK, percdamp: float = PERCDAMP) -> tuple[jax.Array, jax.Array]:
+def sparsegpt(W, H, groups: Groups, block: int = BLOCK, percdamp: float = PERCDAMP) -> tuple[jax.Array, jax.Array]:
     """SparseGPT (Frantar & Alistarh, 2023) on one layer: (the updated W, kept mask), both (d_in, d_out).
 
-    ``rule``: the layer's kept count (each block of ``block`` inputs keeps its share, split by largest
-    remainder, so the layer keeps exactly that many) or ``NM(n, m)`` (``block`` a multiple of m).
-    ``percdamp``: δ = percdamp·mean(diag H). Ties in the score w²/U_ii² go to the lower index.
-    The pruned weights are exactly 0; the kept ones carry the OBS corrections.
+    ``groups``: one group holding the layer's count (each block of ``block`` inputs keeps its share,
+    split by largest remainder, so the layer keeps exactly that many) or N:M (``groups.nm``; ``block``
+    a multiple of m). ``percdamp``: δ = percdamp·mean(diag H). Ties in the score w²/U_ii² go to the
+    lower index. The pruned weights are exactly 0; the kept ones carry the OBS corrections.
     """
-    d_in, d_out = _check_layer(W, H, rule)
+    groups, d_in, d_out = _check_layer(W, H, groups)
     block = checks.integer("block", block, 1)
     percdamp = checks.real("percdamp", percdamp, 0.0)
-    if isinstance(rule, NM) and block % rule.m:
-        raise ValueError(f"block: {block} inputs per block must be a multiple of m = {rule.m} for {rule.label}")
+    if groups.nm is None and not _one_group(groups):
+        raise ValueError(f"groups: SparseGPT keeps a count per layer or N:M (groups.nm), got {groups.num_groups} "
+                         f"groups of other counts ({groups.label}); use Wanda, Refit or Regression")
+    if groups.nm is not None and block % groups.nm[1]:
+        raise ValueError(f"block: {block} inputs per block must be a multiple of m = {groups.nm[1]} for {groups.label}")
     W = _float(W)
     starts = tuple(range(0, d_in, block))
-    if isinstance(rule, NM):
-        nm, counts = (rule.n, rule.m), np.zeros(len(starts), np.int32)
+    if groups.nm is not None:
+        nm, counts = tuple(groups.nm), np.zeros(len(starts), np.int32)
     else:
-        nm, counts = None, np.asarray(layer_quotas(rule, [min(block, d_in - s) * d_out for s in starts]), np.int32)
+        nm = None
+        counts = np.asarray(layer_quotas(int(groups.k), [min(block, d_in - s) * d_out for s in starts]), np.int32)
     return _sparsegpt(nm, block, W, jnp.asarray(H, W.dtype), jnp.asarray(counts), jnp.asarray(percdamp, W.dtype))
 
 
@@ -209,13 +239,70 @@ def _sparsegpt(nm, block, W, H, counts, percdamp):
 # the methods
 
 
-class LayerMethod(abc.ABC):
-    """A method on one layer's problem: ``solve_layer(W, H, rule) -> (W, kept mask)`` with W (d_in, d_out),
-    H = AᵀA and ``rule`` the layer's kept count or ``NM(n, m)``; the result must keep exactly the rule."""
+class LayerInfo:
+    """A layer method's info: the kept ``support`` (d_in·d_out,), row-major; ``objective`` f = ½ tr(ΔᵀHΔ),
+    Δ = W − W̄, the layer's reconstruction error on H as given to the method (computed on first use; NaN
+    without H), and its trace (f alone); ``duals`` passed through. No diagnostics of its own."""
 
-    @abc.abstractmethod
-    def solve_layer(self, W, H, rule: LayerRule) -> tuple[jax.Array, jax.Array]:
-        """The pruned kernel and its kept mask."""
+    def __init__(self, support, duals=None, W_bar=None, W=None, H=None):
+        self.support, self.duals = support, duals
+        self._parts = (W_bar, W, H)
+
+    @functools.cached_property
+    def objective(self) -> jax.Array:
+        W_bar, W, H = self._parts
+        if H is None:
+            return jnp.full((), jnp.nan, jnp.float32)
+        return _reconstruction(W_bar, W, H)
+
+    @property
+    def objective_trace(self) -> jax.Array:
+        return self.objective[None]
+
+    def stage_fields(self) -> dict:
+        return {}
+
+    def warnings(self, n: int) -> tuple[str, ...]:
+        return ()
+
+
+def _layer_info(problem: Problem, W, mask) -> tuple[jax.Array, LayerInfo]:
+    """(w, info) of a layer method's (W, mask) on ``problem``."""
+    return W.ravel(), LayerInfo(jnp.asarray(mask).ravel(), problem.duals, problem.w_bar.reshape(W.shape), W,
+                                problem.H)
+
+
+@jax.jit
+def _reconstruction(W_bar, W, H):
+    """½ tr(ΔᵀHΔ), Δ = W − W̄."""
+    delta = (W - W_bar).astype(H.dtype)
+    return 0.5 * jnp.sum(delta * matmul(H, delta))
+
+
+def _layer(problem: Problem, who: str) -> tuple:
+    """(W̄ (d_in, d_out), H) of a layer problem; ValueError naming ``who`` where the driver gave no H."""
+    if problem.H is None or problem.shape is None:
+        raise ValueError(f"method: {who} needs each layer's Gram H (a layer method): prune layer by layer with "
+                         "swapjax.prune_layerwise")
+    return problem.w_bar.reshape(problem.shape), problem.H
+
+
+class LayerMethod(Method):
+    """A method on one layer's Gram (``needs = "H"``). Deprecated: ``solve_layer(W, H, rule)`` with ``rule`` the
+    layer's kept count or ``NM(n, m)``, kept while ``prune_layerwise`` calls it; use
+    :func:`swapjax.contract.solve_layer` (``method``, the layer's name, W̄, H, its Groups)."""
+
+    needs = "H"
+
+    def solve_layer(self, W, H, rule) -> tuple[jax.Array, jax.Array]:
+        """Deprecated: (W, kept mask) of the layer under ``rule`` (a count or ``NM(n, m)``)."""
+        groups, d_in, d_out = _check_layer(W, H, rule)
+        W = _float(W)
+        if int(groups.k) == 0:
+            return jnp.zeros_like(W), jnp.zeros(W.shape, bool)
+        W_live, H_live = _live(W, jnp.asarray(H, W.dtype))
+        w, info = self.solve_problem(for_layer(self, Problem(W_live.ravel(), groups, H=H_live, shape=(d_in, d_out))))
+        return jnp.asarray(w).reshape(d_in, d_out), jnp.asarray(info.support).reshape(d_in, d_out)
 
 
 @dataclass(frozen=True)
@@ -224,17 +311,51 @@ class Wanda(LayerMethod):
 
     Examples:
         >>> import numpy as np, swapjax
+        >>> from swapjax.contract import solve_layer
         >>> rng = np.random.default_rng(0)
         >>> A, W = rng.normal(size=(64, 8)).astype("float32"), rng.normal(size=(8, 3)).astype("float32")
-        >>> w, mask = swapjax.Wanda().solve_layer(W, A.T @ A, 12)   # 12 of 24 kept: 4 per output unit
+        >>> w, mask = solve_layer(swapjax.Wanda(), "dense", W, A.T @ A, swapjax.Groups.top_k(12))  # 4 per unit
         >>> mask.astype(int).sum(axis=0).tolist()
         [4, 4, 4]
-        >>> bool(np.all(np.asarray(w)[np.asarray(mask)] == W[np.asarray(mask)]))   # kept weights unchanged
+        >>> bool(np.all(np.asarray(w)[mask] == W[mask]))   # kept weights unchanged
         True
     """
 
-    def solve_layer(self, W, H, rule):
-        return wanda(W, H, rule)
+    def solve_problem(self, problem: Problem):
+        W, H = _layer(problem, "Wanda")
+        W_new, mask = wanda(W, H, problem.groups)
+        return _layer_info(problem, W_new, mask)
+
+
+@dataclass(frozen=True)
+class LayerMagnitude(LayerMethod):
+    """Magnitude on one layer: keep the largest |W̄_ij| in each output unit (the layer's count split by
+    largest remainder) or in each group (N:M); no weight update, no H (``needs = "w"``). Network-wide
+    (``swapjax.prune``: no layer shape) it keeps the largest |w̄_i| of each group, as ``Magnitude()``.
+
+    Examples:
+        >>> import numpy as np, swapjax
+        >>> from swapjax.contract import solve_layer
+        >>> W = np.array([[3.0, -1.0], [0.5, 2.0], [-4.0, 0.1]], "float32")
+        >>> w, mask = solve_layer(LayerMagnitude(), "dense", W, np.eye(3, dtype="float32"), swapjax.Groups.top_k(2))
+        >>> mask.tolist()                                  # one per output unit: |-4| and |2|
+        [[False, False], [False, True], [True, False]]
+    """
+
+    needs = "w"
+    matrix_free = True
+
+    def solve_problem(self, problem: Problem):
+        groups = problem.groups
+        w_bar = jnp.asarray(problem.w_bar)
+        if problem.shape is not None:
+            counts, ids = _per_unit(groups, *problem.shape)
+            groups = Groups(counts, ids, groups.label)
+        support = groups.project(w_bar)
+        w = jnp.where(support, w_bar, 0)
+        if problem.H is not None:
+            return _layer_info(problem, w.reshape(problem.shape), support)
+        return w, LayerInfo(support, problem.duals)  # no curvature: f is NaN
 
 
 @dataclass(frozen=True)
@@ -243,13 +364,15 @@ class SparseGPT(LayerMethod):
 
     Examples:
         >>> import numpy as np, swapjax
+        >>> from swapjax.contract import solve_layer
         >>> rng = np.random.default_rng(0)
         >>> A, W = rng.normal(size=(64, 8)).astype("float32"), rng.normal(size=(8, 3)).astype("float32")
-        >>> w, mask = swapjax.SparseGPT().solve_layer(W, A.T @ A, 12)
-        >>> int(mask.sum()), bool(np.all(np.asarray(w)[~np.asarray(mask)] == 0))
+        >>> k = swapjax.Groups.top_k(12)
+        >>> w, mask = solve_layer(swapjax.SparseGPT(), "dense", W, A.T @ A, k)
+        >>> int(mask.sum()), bool(np.all(np.asarray(w)[~mask] == 0))
         (12, True)
         >>> error = lambda w: np.linalg.norm(A @ (np.asarray(w) - W))        # ‖A(W − W̄)‖_F
-        >>> bool(error(w) < error(swapjax.Wanda().solve_layer(W, A.T @ A, 12)[0]))   # the update pays
+        >>> bool(error(w) < error(solve_layer(swapjax.Wanda(), "dense", W, A.T @ A, k)[0]))   # the update pays
         True
     """
 
@@ -260,44 +383,48 @@ class SparseGPT(LayerMethod):
         checks.integer("block", self.block, 1)
         checks.real("percdamp", self.percdamp, 0.0)
 
-    def solve_layer(self, W, H, rule):
-        return sparsegpt(W, H, rule, self.block, self.percdamp)
+    def solve_problem(self, problem: Problem):
+        W, H = _layer(problem, "SparseGPT")
+        W_new, mask = sparsegpt(W, H, problem.groups, self.block, self.percdamp)
+        return _layer_info(problem, W_new, mask)
 
 
 @dataclass(frozen=True)
 class Refit(LayerMethod):
-    """``inner``'s mask, then each output unit refitted exactly on its kept inputs:
-    w_S = (H + δI)_SS⁻¹ ((H + δI) w̄)_S, the least-squares solution of ‖A(w̄ − w)‖² on the support S
+    """``inner``'s mask (any method that runs on a layer), then each output unit refitted exactly on its kept
+    inputs: w_S = (H + δI)_SS⁻¹ ((H + δI) w̄)_S, the least-squares solution of ‖A(w̄ − w)‖² on the support S
     (δ = ``percdamp``·mean diag H keeps it defined for inputs that never fire). The baseline that
     shows what a mask is worth once its weights are chosen optimally.
 
     Examples:
         >>> import numpy as np, swapjax
+        >>> from swapjax.contract import solve_layer
         >>> from swapjax.layer_methods import Refit
         >>> rng = np.random.default_rng(0)
         >>> A, W = rng.normal(size=(64, 8)).astype("float32"), rng.normal(size=(8, 3)).astype("float32")
-        >>> (w0, m0), (w1, m1) = (m.solve_layer(W, A.T @ A, 12) for m in (swapjax.Wanda(), Refit(swapjax.Wanda())))
-        >>> bool(np.all(np.asarray(m0) == np.asarray(m1)))     # the same mask
+        >>> k = swapjax.Groups.top_k(12)
+        >>> (w0, m0), (w1, m1) = (solve_layer(m, "dense", W, A.T @ A, k) for m in (swapjax.Wanda(), Refit(swapjax.Wanda())))
+        >>> bool(np.all(m0 == m1))     # the same mask
         True
         >>> error = lambda w: np.linalg.norm(A @ (np.asarray(w) - W))
         >>> bool(error(w1) < error(w0))
         True
     """
 
-    inner: LayerMethod
+    inner: Method
     percdamp: float = PERCDAMP
 
     def __post_init__(self):
-        if not isinstance(self.inner, LayerMethod):
-            raise ValueError(f"inner: expected a layer-wise method (swapjax.Wanda(), swapjax.SparseGPT()), "
-                             f"got {checks._show(self.inner)}")
+        checks.method(self.inner, "inner (the method whose mask is refitted)")
         checks.real("percdamp", self.percdamp, 0.0)
 
-    def solve_layer(self, W, H, rule):
-        _check_layer(W, H, rule)
-        _, mask = self.inner.solve_layer(W, H, rule)
-        W = _float(W)
-        return _refit(W, jnp.asarray(H, W.dtype), jnp.asarray(mask, bool), jnp.asarray(self.percdamp, W.dtype))
+    def solve_problem(self, problem: Problem):
+        W, H = _layer(problem, "Refit")
+        _, info = self.inner.solve_problem(for_layer(self.inner, problem))
+        mask = jnp.asarray(info.support, bool).reshape(W.shape)
+        W_new, mask = _refit(_float(W), jnp.asarray(H, _float(W).dtype), mask,
+                             jnp.asarray(self.percdamp, _float(W).dtype))
+        return _layer_info(problem, W_new, mask)
 
 
 @jax.jit
@@ -314,73 +441,36 @@ def _refit(W, H, mask, percdamp):
     return jax.vmap(column, in_axes=(1, 1), out_axes=1)(rhs, mask), mask
 
 
-@jax.tree_util.register_pytree_node_class
-class LayerOperator(Operator):
-    """X = I_{d_out} ⊗ Lᵀ for one layer, with LLᵀ = H + δI: ½‖X(w − w̄)‖² = ½ Σ_j (w_j − w̄_j)ᵀ(H + δI)(w_j − w̄_j),
-    the layer's reconstruction error, so the network-wide solvers (IHT, backsolve by CG, swap search)
-    solve the layer's regression. w is the kernel (d_in, d_out) flattened row-major, as the
-    constraints group it. Never formed: Xv = vec(LᵀV), Xᵀu = vec(LU), diag(XᵀX) = diag(H + δI) per unit."""
-
-    label = "a layer's Gram"
-
-    def __init__(self, L, d_out: int):
-        self.L, self.d_out = L, d_out
-
-    @property
-    def shape(self):
-        size = self.L.shape[0] * self.d_out
-        return (size, size)
-
-    @property
-    def col_sq(self):
-        return jnp.repeat(jnp.sum(self.L * self.L, axis=1), self.d_out)
-
-    def products(self):
-        d_in, d_out = self.L.shape[0], self.d_out
-        n = d_in * d_out
-        return Linear(lambda v: matmul(self.L.T, v.reshape(d_in, d_out)).ravel(),
-                      lambda u: matmul(self.L, u.reshape(d_in, d_out)).ravel(), lambda: self.col_sq, n, n,
-                      self.L.dtype, None)
-
-    def tree_flatten(self):
-        return (self.L,), self.d_out
-
-    @classmethod
-    def tree_unflatten(cls, d_out, children):
-        return cls(children[0], d_out)
-
-
 @dataclass(frozen=True)
 class Regression(LayerMethod):
-    """A network-wide method (default ``LR(lam=1e-4)``) on the layer's regression: min ½Σ_j (w_j − w̄_j)ᵀ
-    (H + δI)(w_j − w̄_j) + (Nλ/2)‖w − w̄‖² under the layer's rule, through :class:`LayerOperator`
-    (IHT from the support of ``start``'s solution, default SparseGPT's, or of w̄ where ``start`` is
-    None; the backsolve by conjugate gradients; the swap search within the rule's groups). λ is
-    relative, as in ``LR``; no held-out selection (the method's "auto" values take their defaults)."""
+    """A method on X (default ``LR(lam=1e-4)``) on the layer's regression: min ½Σ_j (w_j − w̄_j)ᵀ
+    (H + δI)(w_j − w̄_j) + (Nλ/2)‖w − w̄‖² under the layer's groups, through
+    :class:`~swapjax.operators.LayerOperator` (IHT from the support of ``start``'s solution, default
+    SparseGPT's, or of w̄ where ``start`` is None; the backsolve by conjugate gradients; the swap search
+    within the groups). λ is relative, as in ``LR``; no held-out selection (the method's "auto" values
+    take their defaults). ``LR()`` given to ``prune_layerwise`` alone runs the same regression from w̄
+    with δ = 0.01·mean diag H."""
 
     method: Method = field(default_factory=lambda: LR(lam=1e-4))
-    start: Optional[LayerMethod] = field(default_factory=lambda: SparseGPT())
+    start: Optional[Method] = field(default_factory=lambda: SparseGPT())
     percdamp: float = PERCDAMP
 
     def __post_init__(self):
         checks.method(self.method)
-        if self.start is not None and not isinstance(self.start, LayerMethod):
-            raise ValueError(f"start: expected None or a layer-wise method (swapjax.SparseGPT(), swapjax.Wanda()), "
-                             f"got {checks._show(self.start)}")
+        if self.start is not None:
+            checks.method(self.start, "start (None or the method whose solution IHT starts from)")
         checks.real("percdamp", self.percdamp, 0.0)
 
-    def solve_layer(self, W, H, rule):
-        d_in, d_out = _check_layer(W, H, rule)
-        W = _float(W)
-        H = jnp.asarray(H, W.dtype)
-        if not isinstance(rule, NM) and rule == 0:  # nothing kept: the solvers need k ≥ 1
-            return jnp.zeros_like(W), jnp.zeros(W.shape, bool)
+    def solve_problem(self, problem: Problem):
+        W, H = _layer(problem, "Regression")
+        d_out = problem.shape[1]
         w_bar, L = _live_cholesky(W, H, jnp.asarray(self.percdamp, W.dtype))  # inputs that never fire: w̄_i = 0
-        X = LayerOperator(L, d_out)
-        groups = _nm_groups(rule, d_in, d_out) if isinstance(rule, NM) else Groups.top_k(rule)
-        w_start = None if self.start is None else self.start.solve_layer(W, H, rule)[0].ravel()  # it damps H itself
-        w, info = self.method.solve(X, w_bar.ravel(), groups, w_start=w_start)
-        return w.reshape(d_in, d_out), info.support.reshape(d_in, d_out)
+        w_start = None
+        if self.start is not None:  # it damps H itself
+            w_start = jnp.asarray(self.start.solve_problem(for_layer(self.start, problem))[0]).ravel()
+        inner = problem.replace(w_bar=w_bar.ravel(), X=LayerOperator(L, d_out), w_start=w_start)
+        w, info = self.method.solve_problem(for_layer(self.method, inner))
+        return w, info
 
 
 @jax.jit

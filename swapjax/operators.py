@@ -371,3 +371,64 @@ def linearize(loss_fn, params, batch, lay, chunk_size, progress=True, fast=True)
         raise ValueError("gradients: the per-sample gradients contain NaN or inf (or overflow when squared); "
                          "check the loss function and the batch")
     return losses, GradientOperator(loss_fn, params, batch, lay, col_sq)
+
+
+#: The dampening of a layer's Gram, δ = PERCDAMP·mean(diag H) (SparseGPT's "percdamp").
+PERCDAMP = 0.01
+
+
+def live(W, H):
+    """SparseGPT's treatment of a layer's inputs that never fire (H_ii = 0): W̄_i = 0 and H_ii = 1, so they are
+    pruned first, any of their weights still kept is exactly 0, and H is positive definite once damped.
+    Idempotent: the inputs it revives are not dead a second time."""
+    dead = jnp.diagonal(H) == 0
+    return jnp.where(dead[:, None], 0, W), jnp.where(jnp.diag(dead), jnp.ones((), H.dtype), H)
+
+
+@jax.tree_util.register_pytree_node_class
+class LayerOperator(Operator):
+    """X = I_{d_out} ⊗ Lᵀ for one layer, with LLᵀ = H + δI: ½‖X(w − w̄)‖² = ½ Σ_j (w_j − w̄_j)ᵀ(H + δI)(w_j − w̄_j),
+    the layer's reconstruction error, so the network-wide solvers (IHT, backsolve by CG, swap search)
+    solve the layer's regression. w is the kernel (d_in, d_out) flattened row-major, as the
+    constraints group it. Never formed: Xv = vec(LᵀV), Xᵀu = vec(LU), diag(XᵀX) = diag(H + δI) per unit."""
+
+    label = "a layer's Gram"
+
+    def __init__(self, L, d_out: int):
+        self.L, self.d_out = L, d_out
+
+    @classmethod
+    def from_gram(cls, H, d_out: int, percdamp: float = PERCDAMP) -> "LayerOperator":
+        """The operator of the Gram H (inputs that never fire revived, :func:`live`) damped by δ = percdamp·mean diag H."""
+        return cls(_damped_cholesky(jnp.asarray(H), jnp.asarray(percdamp, jnp.result_type(H))), d_out)
+
+    @property
+    def shape(self):
+        size = self.L.shape[0] * self.d_out
+        return (size, size)
+
+    @property
+    def col_sq(self):
+        return jnp.repeat(jnp.sum(self.L * self.L, axis=1), self.d_out)
+
+    def products(self):
+        d_in, d_out = self.L.shape[0], self.d_out
+        n = d_in * d_out
+        return Linear(lambda v: matmul(self.L.T, v.reshape(d_in, d_out)).ravel(),
+                      lambda u: matmul(self.L, u.reshape(d_in, d_out)).ravel(), lambda: self.col_sq, n, n,
+                      self.L.dtype, None)
+
+    def tree_flatten(self):
+        return (self.L,), self.d_out
+
+    @classmethod
+    def tree_unflatten(cls, d_out, children):
+        return cls(children[0], d_out)
+
+
+@jax.jit
+def _damped_cholesky(H, percdamp):
+    """L with LLᵀ = H + δI, δ = percdamp·mean diag H, after H_ii = 1 for the inputs that never fire."""
+    _, H = live(jnp.zeros((H.shape[0], 1), H.dtype), H)
+    H = H + percdamp * jnp.mean(jnp.diagonal(H)) * jnp.eye(H.shape[0], dtype=H.dtype)
+    return jnp.linalg.cholesky(H)

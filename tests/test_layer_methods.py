@@ -15,6 +15,7 @@ import pytest
 
 import swapjax
 from swapjax import layer_methods
+from swapjax.contract import solve_layer
 from swapjax.baselines import layer_quotas
 
 
@@ -89,17 +90,29 @@ def _wanda_reference(W, H, rule):
 RULES = {"count": 173, "2:4": swapjax.NM(2, 4), "1:4": swapjax.NM(1, 4)}
 
 
+def _groups(rule, d_in, d_out):
+    """The layer's Groups for a rule of the references (a count or NM)."""
+    if isinstance(rule, swapjax.NM):
+        return layer_methods.nm_groups(rule.n, rule.m, d_in, d_out)
+    return swapjax.Groups.top_k(rule)
+
+
+def _solve(method, W, H, rule):
+    """``method`` on the layer (contract.solve_layer: the driver's one call per layer)."""
+    return solve_layer(method, "layer", W, H, _groups(rule, *np.shape(W)))
+
+
 @pytest.mark.parametrize("rule", RULES, ids=str)
 def test_sparsegpt_matches_the_published_algorithm_in_float64(rule):
     A, W, H = _layer(dead=(5,))
     spec = RULES[rule]
     expected_w, expected_mask = _sparsegpt_reference(W, H, spec, block=16)
     with jax.enable_x64(True):
-        w, mask = layer_methods.sparsegpt(W, H, spec, block=16)
+        w, mask = layer_methods.sparsegpt(W, H, _groups(spec, *np.shape(W)), block=16)
         w, mask = np.asarray(w), np.asarray(mask)
     np.testing.assert_array_equal(mask, expected_mask)
     np.testing.assert_allclose(w, expected_w, rtol=1e-5, atol=1e-5 * np.abs(expected_w).max())
-    w32, mask32 = layer_methods.sparsegpt(W.astype(np.float32), H.astype(np.float32), spec, block=16)
+    w32, mask32 = layer_methods.sparsegpt(W.astype(np.float32), H.astype(np.float32), _groups(spec, *W.shape), block=16)
     assert w32.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(mask32), expected_mask)  # well conditioned: the same masks
     np.testing.assert_allclose(np.asarray(w32), expected_w, atol=1e-3 * np.abs(expected_w).max())
@@ -109,7 +122,7 @@ def test_sparsegpt_matches_the_published_algorithm_in_float64(rule):
 def test_wanda_matches_the_published_rule(rule):
     A, W, H = _layer(1)
     expected_w, expected_mask = _wanda_reference(W, H, RULES[rule])
-    w, mask = layer_methods.wanda(W.astype(np.float32), H.astype(np.float32), RULES[rule])
+    w, mask = layer_methods.wanda(W.astype(np.float32), H.astype(np.float32), _groups(RULES[rule], *W.shape))
     np.testing.assert_array_equal(np.asarray(mask), expected_mask)
     np.testing.assert_array_equal(np.asarray(w), expected_w.astype(np.float32))
 
@@ -120,7 +133,7 @@ def test_both_keep_the_constraint_exactly_and_sparsegpt_reconstructs_better(rule
     spec = RULES[rule]
     errors = {}
     for name, fn in (("wanda", layer_methods.wanda), ("sparsegpt", layer_methods.sparsegpt)):
-        w, mask = (np.asarray(a) for a in fn(W.astype(np.float32), H.astype(np.float32), spec))
+        w, mask = (np.asarray(a) for a in fn(W.astype(np.float32), H.astype(np.float32), _groups(spec, *W.shape)))
         assert np.all(w[~mask] == 0)
         if isinstance(spec, swapjax.NM):
             groups = mask.reshape(64 // spec.m, spec.m, 12).sum(axis=1)
@@ -137,20 +150,28 @@ def test_layer_errors_name_the_argument():
     A, W, H = _layer()
     with pytest.raises(ValueError, match=r"H: expected the Gram AᵀA of the layer's inputs, shape \(48, 48\)"):
         layer_methods.sparsegpt(W, H[:4, :4], 10)
-    with pytest.raises(ValueError, match="rule: 2:4 groups run along the 50 inputs, not a multiple of m = 4"):
-        layer_methods.wanda(np.ones((50, 3)), np.eye(50), swapjax.NM(2, 4))
+    with pytest.raises(ValueError, match="groups: 2:4 groups run along the 50 inputs, not a multiple of m = 4"):
+        layer_methods.nm_groups(2, 4, 50, 3)
     with pytest.raises(ValueError, match="block: 6 inputs per block must be a multiple of m = 4"):
-        layer_methods.sparsegpt(W, H, swapjax.NM(2, 4), block=6)
-    with pytest.raises(ValueError, match="rule"):
-        layer_methods.wanda(W, H, W.size + 1)
+        layer_methods.sparsegpt(W, H, _groups(swapjax.NM(2, 4), *W.shape), block=6)
+    with pytest.raises(ValueError, match=r"groups: keep 481 weights of the layer's 480"):
+        layer_methods.wanda(W, H, swapjax.Groups.top_k(W.size + 1))
+    with pytest.raises(ValueError, match=r"groups: ids of shape \(8,\), expected \(480,\)"):
+        layer_methods.wanda(W, H, swapjax.Groups(np.array([1, 1]), np.array([0, 0, 0, 0, 1, 1, 1, 1])))
+    per_unit = swapjax.Groups(np.full(10, 20, np.int32), np.tile(np.arange(10, dtype=np.int32), 48))
+    with pytest.raises(ValueError, match=r"groups: SparseGPT keeps a count per layer or N:M \(groups.nm\), got 10 "
+                                         r"groups of other counts"):
+        layer_methods.sparsegpt(W, H, per_unit)
+    with pytest.raises(ValueError, match=r"W_bar: expected a 2-D kernel \(d_in, d_out\), got shape \(480,\)"):
+        solve_layer(layer_methods.Wanda(), "layer", W.ravel(), H, per_unit)
 
 
 def test_refit_is_the_least_squares_solution_on_each_units_support():
     A, W, H = _layer(3)
-    w, mask = layer_methods.Refit(layer_methods.Wanda(), percdamp=0.0).solve_layer(W.astype(np.float32), H.astype(np.float32),
-                                                                          200)
+    w, mask = _solve(layer_methods.Refit(layer_methods.Wanda(), percdamp=0.0), W.astype(np.float32),
+                     H.astype(np.float32), 200)
     w, mask = np.asarray(w, np.float64), np.asarray(mask)
-    np.testing.assert_array_equal(mask, np.asarray(layer_methods.wanda(W, H, 200)[1]))
+    np.testing.assert_array_equal(mask, np.asarray(layer_methods.wanda(W, H, _groups(200, *np.shape(W)))[1]))
     for j in range(W.shape[1]):
         keep = mask[:, j]
         expected = np.linalg.lstsq(A[:, keep], A @ W[:, j], rcond=None)[0]
@@ -166,8 +187,8 @@ def test_regression_on_the_layer_starts_from_sparsegpt_and_only_improves(rule):
     spec = RULES[rule] if not isinstance(RULES[rule], int) else 90
     err = lambda w: np.linalg.norm(A @ (np.asarray(w, np.float64) - W)) ** 2  # noqa: E731
     W32, H32 = W.astype(np.float32), H.astype(np.float32)
-    w_gpt, _ = layer_methods.SparseGPT().solve_layer(W32, H32, spec)
-    w, mask = (np.asarray(a) for a in layer_methods.Regression().solve_layer(W32, H32, spec))
+    w_gpt, _ = _solve(layer_methods.SparseGPT(), W32, H32, spec)
+    w, mask = (np.asarray(a) for a in _solve(layer_methods.Regression(), W32, H32, spec))
     assert np.all(w[~mask] == 0)
     if isinstance(spec, swapjax.NM):
         assert np.all(mask.reshape(32 // spec.m, spec.m, 8).sum(axis=1) == spec.n)
@@ -204,7 +225,7 @@ def test_a_layer_whose_inputs_never_fire_becomes_zero_under_the_rule(method, rul
     ties of zero scores to the lower index where the mask is a ranking). Regression used to raise
     "X: ... overflow float32"; Refit returned NaN; Wanda kept the first inputs' weights."""
     W = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)
-    w, mask = (np.asarray(a) for a in DEAD_METHODS[method].solve_layer(W, np.zeros((16, 16), np.float32), rule))
+    w, mask = (np.asarray(a) for a in _solve(DEAD_METHODS[method], W, np.zeros((16, 16), np.float32), rule))
     assert w.shape == mask.shape == (16, 6) and np.all(w == 0)
     if isinstance(rule, swapjax.NM):
         assert np.all(mask.reshape(4, 4, 6).sum(axis=1) == 2)
@@ -227,7 +248,7 @@ def test_dead_inputs_wanda_zeroes_their_weights(rule):
     W0 = W.astype(np.float64).copy()
     W0[list(_DEAD)] = 0
     expected_w, expected_mask = _wanda_reference(W0, H.astype(np.float64), rule)
-    w, mask = (np.asarray(a) for a in layer_methods.wanda(W, H, rule))
+    w, mask = (np.asarray(a) for a in layer_methods.wanda(W, H, _groups(rule, *np.shape(W))))
     np.testing.assert_array_equal(mask, expected_mask)
     np.testing.assert_array_equal(w, expected_w.astype(np.float32))
     assert np.all(w[list(_DEAD)] == 0) and mask[list(_DEAD)].any()
@@ -237,7 +258,7 @@ def test_dead_inputs_wanda_zeroes_their_weights(rule):
 def test_dead_inputs_sparsegpt_matches_the_published_code(rule):
     A, W, H = _dead_layer(_DEAD)
     expected_w, expected_mask = _sparsegpt_reference(W.astype(np.float64), H.astype(np.float64), rule, block=8)
-    w, mask = (np.asarray(a) for a in layer_methods.sparsegpt(W, H, rule, block=8))
+    w, mask = (np.asarray(a) for a in layer_methods.sparsegpt(W, H, _groups(rule, *np.shape(W)), block=8))
     np.testing.assert_array_equal(mask, expected_mask)
     np.testing.assert_allclose(w, expected_w, rtol=1e-4, atol=1e-4 * np.abs(expected_w).max())
     assert np.all(w[list(_DEAD)] == 0)
@@ -250,9 +271,9 @@ def test_dead_inputs_refit_solves_with_their_diagonal_one_and_weights_zero(rule)
     (before, the damping alone made them W̄_i)."""
     A, W, H = _dead_layer(_DEAD)
     refit = layer_methods.Refit(layer_methods.Wanda(), percdamp=0.01)
-    w, mask = (np.asarray(a, np.float64) for a in refit.solve_layer(W, H, rule))
+    w, mask = (np.asarray(a, np.float64) for a in _solve(refit, W, H, rule))
     mask = mask.astype(bool)
-    np.testing.assert_array_equal(mask, np.asarray(layer_methods.wanda(W, H, rule)[1]))
+    np.testing.assert_array_equal(mask, np.asarray(layer_methods.wanda(W, H, _groups(rule, *np.shape(W)))[1]))
     Hd, W0 = H.astype(np.float64), W.astype(np.float64)
     Hd[list(_DEAD), list(_DEAD)] = 1
     W0[list(_DEAD)] = 0
@@ -270,8 +291,8 @@ def test_dead_inputs_regression_keeps_the_rule_zeroes_them_and_beats_sparsegpt(r
     """LR on the layer with dead inputs: the rule exactly, the dead weights 0 (the ridge term pulled them
     to W̄_i before), and a reconstruction error ‖A(W − W̄)‖² no higher than SparseGPT's."""
     A, W, H = _dead_layer(_DEAD)
-    w, mask = (np.asarray(a) for a in layer_methods.Regression().solve_layer(W, H, rule))
-    w_gpt, _ = layer_methods.SparseGPT().solve_layer(W, H, rule)
+    w, mask = (np.asarray(a) for a in _solve(layer_methods.Regression(), W, H, rule))
+    w_gpt, _ = _solve(layer_methods.SparseGPT(), W, H, rule)
     assert np.all(np.isfinite(w)) and np.all(w[~mask] == 0) and np.all(w[list(_DEAD)] == 0)
     if isinstance(rule, swapjax.NM):
         assert np.all(mask.reshape(4, 4, 6).sum(axis=1) == 2)

@@ -13,7 +13,8 @@ product contracts), so that the tests check the library's layers against an inde
 - ``nnx_scan``: NNX scan-over-layers (blocks made with ``nnx.vmap``, run with ``nnx.scan``).
 - ``ensemble``: an ``nn.vmap`` ensemble, each member on its own input slice (one layer per
   member); ``shared_ensemble``: every member on the same input (``in_axes=None``): the members'
-  kernels are one product, one layer whose outputs are all members' outputs.
+  kernels are one product, one layer whose outputs are all members' outputs; ``nested``: an
+  ``nn.vmap`` ensemble of ``nn.scan`` stacks (kernels (E, L, in, out): slice [e, l] a layer).
 - ``out_in``: a weight in (out, in) layout, used as ``einsum("j,kj->k", x, w)``.
 - ``nnx_mha``: ``nnx.MultiHeadAttention`` on a sequence.
 - ``tied``: a Dense applied twice and an embedding table that is also the output projection.
@@ -50,7 +51,7 @@ class Expect:
 
     @property
     def name(self) -> str:
-        return self.path + ("[" + ",".join(str(i) for _, i in self.stack) + "]" if self.stack else "")
+        return self.path + ("[" + ", ".join(str(i) for _, i in self.stack) + "]" if self.stack else "")
 
     def index(self, shape: tuple) -> np.ndarray:
         """(d_in, d_out): the flat row-major positions in the leaf, row = input (row-major over the
@@ -232,7 +233,10 @@ class NnxStack(nnx.Module):
         self.out = nnx.Linear(W, OUT, rngs=rngs)
 
     def __call__(self, x):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        # graph_updates=False: the forward pass updates no state; with graph updates, NNX refuses to run
+        # under a JAX transform (jax.vmap over the examples, as the drivers do): "Cannot extract graph
+        # node from different trace level"
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, graph_updates=False)
         def step(x, block):
             return block(x)
 
@@ -288,6 +292,37 @@ def shared_ensemble() -> Case:
     layers = (Expect("Ens_0/hidden/kernel", (1,)), *(Expect("Ens_0/head/kernel", (1,), ((0, i),)) for i in range(E)))
     return Case(params, lambda p, ex: _mse(model.apply({"params": p}, ex["x"]), ex["y"]), batch, layers,
                 ("Ens_0/head/bias", "Ens_0/hidden/bias"))
+
+
+# 5b. Nested stacks: an nn.vmap ensemble of nn.scan stacks -------------------------------------------
+
+L2 = 2  # layers of each member's stack
+
+
+class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=L2)
+        return stack(name="ScanBlock_0")(x, None)[0]
+
+
+class EnsembleOfStacks(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # (E, W): member e's stack reads x[e]
+        members = nn.vmap(Stack, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0, out_axes=0,
+                          axis_size=E)
+        return nn.Dense(OUT, name="out")(members(name="Ens_0")(x).mean(0))
+
+
+def nested() -> Case:
+    """Kernels (E, L2, W, W): slice [e, l] (member e's layer l, named in the leaf's axis order) is a
+    layer; in forward order, layer l of every member before layer l + 1."""
+    model, batch = EnsembleOfStacks(), _mlp_batch(9, (E, W))
+    params = model.init(jax.random.key(9), batch["x"][0])["params"]
+    k = "Ens_0/ScanBlock_0/Dense_0/kernel"
+    layers = (*(Expect(k, (2,), ((0, e), (1, l))) for l in range(L2) for e in range(E)), Expect("out/kernel", (0,)))
+    return Case(params, lambda p, ex: _mse(model.apply({"params": p}, ex["x"]), ex["y"]), batch, layers,
+                ("Ens_0/ScanBlock_0/Dense_0/bias",))
 
 
 # 6. (out, in) layout --------------------------------------------------------------------------------
@@ -354,4 +389,4 @@ def tied() -> Case:
 
 
 BUILDERS = {"gemma": gemma, "scan0": scan0, "scan1": scan1, "nnx_scan": nnx_scan, "ensemble": ensemble,
-            "shared_ensemble": shared_ensemble, "out_in": out_in, "nnx_mha": nnx_mha, "tied": tied}
+            "shared_ensemble": shared_ensemble, "nested": nested, "out_in": out_in, "nnx_mha": nnx_mha, "tied": tied}

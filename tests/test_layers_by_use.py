@@ -101,8 +101,8 @@ def test_tied_weights_are_named_left_dense():
     c = case("tied")
     found = swapjax.find_layers(c.loss_fn, c.params, c.batch)
     assert [layer.name for layer in found.layers] == ["first/kernel"]
-    for path in c.tied:
-        assert path in found.left_dense, (path, found.left_dense)
+    for path in c.tied:  # the reason says why: tied (two products, or a product and a gather)
+        assert "tied" in found.left_dense[path], (path, found.left_dense)
 
 
 def test_a_shared_input_ensemble_is_one_layer_of_all_members_outputs():
@@ -118,13 +118,14 @@ def test_a_shared_input_ensemble_is_one_layer_of_all_members_outputs():
 
 # both drivers -------------------------------------------------------------------------------------
 
-def _pruned_as_masked(c, result):
-    """Masks on the layers' leaves only (bool, the leaf's shape); pruned weights exactly 0; every
-    other leaf unchanged. Returns {path: mask}."""
+def _pruned_as_masked(c, result, paths=None):
+    """Masks on the layers' leaves (``paths``, default all) only (bool, the leaf's shape); pruned
+    weights exactly 0; every other leaf unchanged. Returns {path: mask}."""
     masks, params, before = by_path(result.masks), by_path(result.params), c.leaves
     assert set(masks) == set(before) == set(params)
     pruned = {p for p, m in masks.items() if m is not None}
-    assert pruned == c.layer_paths, sorted(pruned ^ c.layer_paths)
+    paths = c.layer_paths if paths is None else paths
+    assert pruned == paths, sorted(pruned ^ paths)
     for p in before:
         if p in pruned:
             m = np.asarray(masks[p])
@@ -184,6 +185,36 @@ def test_prune_with_lr_keeps_gemma_budgets_and_nm():
         assert np.all(per_group == 2), e.name
 
 
+ATTN = {"Attn_0/q_w", "Attn_0/kv_w", "Attn_0/o_w"}
+
+
+@pytest.mark.parametrize("driver", ["prune", "layerwise"])
+def test_select_narrows_the_found_layers(driver):
+    """select(path, leaf) chooses among the layers' leaves: Gemma's attention weights alone, each
+    keeping exactly its budget; the Dense projection and the MLP stay as they were."""
+    c = case("gemma")
+    kw = dict(sparsity=S, constraint=swapjax.LayerBudgets(), select=lambda path, leaf: path.startswith("Attn_0/"),
+              progress=False)
+    result = (swapjax.prune(c.loss_fn, c.params, c.batch, method=swapjax.Magnitude(), stages=1, **kw)
+              if driver == "prune" else swapjax.prune_layerwise(c.loss_fn, c.params, c.batch,
+                                                                method=swapjax.SparseGPT(), **kw))
+    masks = _pruned_as_masked(c, result, ATTN)
+    for e in c.layers:
+        if e.path in ATTN:
+            index = e.index(c.leaves[e.path].shape)
+            assert masks[e.path].ravel()[index].sum() == index.size // 4, e.name
+
+
+@pytest.mark.parametrize("driver", ["prune", "layerwise"])
+def test_select_cannot_choose_a_leaf_that_is_no_layer(driver):
+    """Gemma's embedding table, chosen by select, is a ValueError naming it (select only narrows)."""
+    c = case("gemma")
+    fn = swapjax.prune if driver == "prune" else swapjax.prune_layerwise
+    with pytest.raises(ValueError, match="select: chose input_embedding"):
+        fn(c.loss_fn, c.params, c.batch, sparsity=S, progress=False,
+           select=lambda path, leaf: path == "input_embedding" or path.startswith("Attn_0/"))
+
+
 # a scanned stack and its unrolled twin --------------------------------------------------------------
 
 def _twin_leaves(stack: str, result) -> dict:
@@ -235,3 +266,27 @@ def test_prune_gives_a_scanned_stack_its_unrolled_twins_budgets(stack):
         assert got[p].sum() == want[p].sum() == (1 - S) * lm.W * lm.W, p
     for p in want:
         np.testing.assert_array_equal(got[p], want[p], err_msg=p)
+
+
+@pytest.mark.parametrize("driver", ["prune", "layerwise"])
+def test_erk_budgets_of_a_scanned_stack_are_its_unrolled_twins(driver):
+    """ERK gives each layer a density from its own shape: slice i of the (L, W, W) stack is a W×W
+    layer like Dense_i, not a third of an L·W·W leaf, so both keep the same count (and, by
+    magnitude or SparseGPT on the same inputs, the same weights)."""
+    results = []
+    for name in ("scan0", "unrolled"):
+        c = case(name)
+        kw = dict(sparsity=S, constraint=swapjax.LayerBudgets("erk"), progress=False)
+        results.append(swapjax.prune(c.loss_fn, c.params, c.batch, method=swapjax.Magnitude(), stages=1, **kw)
+                       if driver == "prune" else
+                       swapjax.prune_layerwise(c.loss_fn, c.params, c.batch, method=swapjax.SparseGPT(), **kw))
+    got, want = _twin_leaves("scan0", results[0]), _unrolled_leaves(results[1])
+    # ERK: d_l ∝ (d_in + d_out)/(d_in·d_out), so layer l keeps c·(d_in + d_out): 12×8, 3 of 8×8, 8×4 keep
+    # c·(20, 16, 16, 16, 12) of (1 − S)·320 = 80, c = 1 (a stack taken as one (3, 8, 8) leaf would keep 19)
+    paths = ["inp/kernel", *(f"Dense_{i}/kernel" for i in range(lm.L)), "out/kernel"]
+    assert [int(got[p + "#mask"].sum()) for p in paths] == [20, 16, 16, 16, 12]
+    for p in want:
+        if p.endswith("#mask"):
+            np.testing.assert_array_equal(got[p], want[p], err_msg=p)
+        else:
+            np.testing.assert_allclose(got[p], want[p], rtol=1e-4, atol=1e-5, err_msg=p)

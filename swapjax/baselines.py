@@ -22,6 +22,7 @@ support, then f after the OBS update.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from functools import partial
@@ -52,8 +53,11 @@ class BaselineInfo(NamedTuple):
     targets: jax.Array
     duals: tuple
 
-    def stage_fields(self) -> dict:
-        return {}
+    gradient_seconds = 0.0
+    held_out_loss = math.nan
+
+    def describe(self) -> str:
+        return ""
 
     def warnings(self, n: int) -> tuple[str, ...]:
         return ()

@@ -27,35 +27,42 @@ block then chooses *which* weights within its share.
 """
 from __future__ import annotations
 
-import sys
+import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import checks
-from .constraints import Groups, as_groups
+from .constraints import Groups
+from .contract import Method, Problem
 from .gradients import batch_size, check_finite, chunk_losses_and_grads, chunk_starts
 from .methods import shared_widths
-from .operators import Formed, linearize
+from .operators import Formed, as_operator, linearize
+from .progress import reporter
 
 #: The ranking that shares a group's count between blocks (see the module docstring).
 BUDGETS = ("fisher", "magnitude")
 
 
-@dataclass(frozen=True)
-class Blocked:
-    """``prune(mode=Blocked(...))``: X held as column blocks (the block-diagonal Fisher).
+@dataclass(frozen=True, repr=False)
+class Blocked(Method):
+    """``method`` on X held as column blocks (the block-diagonal Fisher): a wrapper around any method on X.
 
-    width: columns per block (at most; the blocks are made about equal), or None for the widest
-    block within the margin of the memory at hand (half of it, else 75 %;
-    :func:`swapjax.memory.estimate`); one block is the in-memory prune. budget: how a constraint's
-    counts are shared between blocks, ``"fisher"`` (default: |w|·‖X_{:,i}‖, one more gradient pass) or ``"magnitude"`` (|w|, CHITA).
-    ``mode="blocked"`` is ``Blocked()``.
+    Each block's problem is solved by ``method`` as it is, with the block's share of the constraint's
+    counts (:func:`split_budget`). width: columns per block (at most; the blocks are made about equal), or
+    None for the widest block within the margin of the memory at hand (half of it, else 75 %;
+    :func:`swapjax.memory.estimate`); one block is the in-memory prune. budget: how a constraint's counts
+    are shared between blocks, ``"fisher"`` (default: |w|·‖X_{:,i}‖, one more gradient pass) or
+    ``"magnitude"`` (|w|, CHITA). ``prune(method=Blocked(LR()))`` holds X in blocks; ``mode="blocked"``
+    wraps the prune's method in ``Blocked(method)``, and ``mode=Blocked(width=...)`` (no method) in one of
+    that width and budget. On a formed X (``solve`` on a matrix, ``swapjax.compare``), the blocks are
+    its column ranges.
 
     Examples:
         >>> import jax.numpy as jnp, numpy as np, swapjax
@@ -63,19 +70,50 @@ class Blocked:
         >>> params = {"w": rng.normal(size=(8, 4)).astype("float32")}
         >>> batch = {"x": rng.normal(size=(40, 8)).astype("float32")}
         >>> loss_fn = lambda params, ex: jnp.sum(jnp.tanh(ex["x"] @ params["w"]) ** 2)
-        >>> result = swapjax.prune(loss_fn, params, batch, sparsity=0.75, method=swapjax.LR(lam=1e-3),
-        ...                        mode=swapjax.Blocked(width=12), progress=False)
-        >>> result.mode, result.info[0].blocks, result.summary()["total"]["kept"]   # 32 columns in 3 blocks
+        >>> result = swapjax.prune(loss_fn, params, batch, sparsity=0.75,
+        ...                        method=swapjax.Blocked(swapjax.LR(lam=1e-3), width=12), progress=False)
+        >>> result.mode, len(result.info[0].method_info.blocks), result.summary()["total"]["kept"]   # 3 blocks
         ('blocked', 3, 8)
     """
 
+    method: Optional[Method] = None
     width: Optional[int] = None
     budget: str = "fisher"
 
     def __post_init__(self):
+        if self.method is not None and not isinstance(self.method, (Method, type)):  # the form Blocked(width, budget)
+            width, budget = self.method, self.width
+            object.__setattr__(self, "method", None)
+            object.__setattr__(self, "width", width)
+            object.__setattr__(self, "budget", self.budget if budget is None else budget)
+        if self.method is not None:
+            checks.method(self.method, "method (the method solved on each block)")
         if self.width is not None:
             checks.integer("width (columns per block)", self.width, 1)
         checks.choice("budget", self.budget, BUDGETS)
+
+    def __repr__(self) -> str:
+        inner = "" if self.method is None else f"{self.method!r}, "
+        return f"Blocked({inner}width={self.width!r}, budget={self.budget!r})"
+
+    @property
+    def selects(self) -> bool:
+        return self.method is not None and self.method.selects
+
+    @property
+    def needs_segments(self) -> bool:
+        return self.method is not None and self.method.needs_segments
+
+    def without_search(self) -> "Blocked":
+        return self if self.method is None else dataclasses.replace(self, method=self.method.without_search())
+
+    def solve_problem(self, problem: Problem) -> tuple[jax.Array, "BlockedInfo"]:
+        if self.method is None:
+            raise ValueError("method: Blocked() has no method to solve each block with; pass Blocked(method, ...)")
+        X = problem.X
+        if not isinstance(X, ColumnBlocks):  # a formed X: its column ranges
+            X = _FormedBlocks(as_operator(X), block_ranges(X.shape[1], self.width or X.shape[1]))
+        return solve(self.method, problem.replace(X=X), budget=self.budget)
 
 
 def block_ranges(p: int, width: int) -> tuple[tuple[int, int], ...]:
@@ -126,9 +164,11 @@ class ColumnBlocks:
     """X at ``params``, held as the column blocks ``ranges``: ``block(b)`` computes X_b (one pass of per-sample
     gradients, chunked) and ``col_sq`` = diag(XᵀX) (one pass, on first use); nothing of X is kept between calls."""
 
-    def __init__(self, loss_fn, params, batch, lay, ranges, chunk_size: int, progress: bool = True, fast: bool = True):
+    def __init__(self, loss_fn, params, batch, lay, ranges, chunk_size: int, progress: bool = True, fast: bool = True,
+                 report: Optional[Callable[[str], None]] = None):
         self.loss_fn, self.params, self.batch, self.lay = loss_fn, params, batch, lay
         self.ranges, self.chunk_size, self.progress, self.fast = tuple(ranges), chunk_size, progress, fast
+        self.report = reporter(progress) if report is None else report  # a line per block
         self._col_sq = None
 
     @property
@@ -163,36 +203,33 @@ class BlockedInfo(NamedTuple):
     blocks: tuple
     gradient_seconds: float
 
-    def stage_fields(self) -> dict:
-        """Summed counts (IHT and Sinkhorn iterations), λ and ε where every block chose the same, the block count."""
-        per_block = [info.stage_fields() for info in self.blocks if info is not None]
-        fields = dict(blocks=len(self.blocks), gradient_seconds=self.gradient_seconds)
-        for name in ("iht_iterations", "sinkhorn_iterations"):
-            fields[name] = sum(f.get(name, 0) for f in per_block)
-        fields["backsolved"] = any(f.get("backsolved", False) for f in per_block)
-        fields["sinkhorn_converged"] = all(f.get("sinkhorn_converged", True) for f in per_block)
-        fields["sinkhorn_error"] = max((f.get("sinkhorn_error", 0.0) for f in per_block), default=0.0)
-        for name in ("lam", "lam_absolute", "epsilon"):
-            values = {f.get(name) for f in per_block}
-            if len(values) == 1 and None not in values:
-                fields[name] = values.pop()
-        return fields
+    #: Each block's held-out loss is of its own candidates: the driver scores the whole result.
+    held_out_loss = math.nan
+
+    def describe(self) -> str:
+        """The block count and each solved block's own diagnostics, where it has any."""
+        parts = [f"{len(self.blocks)} block{'s' * (len(self.blocks) > 1)}"]
+        parts += [f"block {b + 1}: {info.describe()}" for b, info in enumerate(self.blocks)
+                  if info is not None and info.describe()]
+        return "; ".join(parts)
 
     def warnings(self, n: int) -> tuple[str, ...]:
         return tuple(f"block {b + 1}: {message}" for b, info in enumerate(self.blocks) if info is not None
                      for message in info.warnings(n))
 
 
-def solve(method, X: ColumnBlocks, w_bar, k, w_start=None, duals=None, *, budget: str = "fisher",
-          score=None, **declared) -> tuple[jax.Array, BlockedInfo]:
-    """``method.solve`` on each block of X with the block's share of the constraint ``k`` (an int or Groups).
+def solve(method, problem: Problem, budget: str = "fisher") -> tuple[jax.Array, BlockedInfo]:
+    """``method`` on each block of ``problem.X`` (:class:`ColumnBlocks`) with the block's share of the
+    constraint ``problem.groups``.
 
-    ``score`` (held-out loss of the whole network) scores block b's candidates with the blocks before it
-    at their results and the blocks after it at w_start on the budget's support. ``duals``: the previous
-    stage's per-block duals (``info.duals``). The result is feasible for ``k``; f sums the blocks' objectives.
+    ``problem.score`` (held-out loss of the whole network) scores block b's candidates with the blocks before
+    it at their results and the blocks after it at w_start on the budget's support. ``problem.duals``: the
+    previous stage's per-block duals (``info.duals``). The result is feasible for the groups; f sums the
+    blocks' objectives.
     """
-    groups = as_groups(k)
-    w_start = w_bar if w_start is None else w_start
+    X, w_bar, groups = problem.X, problem.w_bar, problem.groups
+    w_start = w_bar if problem.w_start is None else problem.w_start
+    duals, score = problem.duals, problem.score
     fisher = budget == "fisher" and len(X.ranges) > 1  # one block: the whole budget, whatever the ranking
     t0 = time.perf_counter()
     saliency = jnp.abs(w_start) * (jnp.sqrt(X.col_sq) if fisher else 1.0)
@@ -206,18 +243,19 @@ def solve(method, X: ColumnBlocks, w_bar, k, w_start=None, duals=None, *, budget
             t0 = time.perf_counter()
             X_b = X.block(b)
             t1 = time.perf_counter()
+            block_score = None
             if score is not None:
-                declared["score"] = lambda w_b, w=w, a=a, e=e: score(w.at[a:e].set(w_b))
-            w_b, info = method.solve(X_b, w_bar[a:e], part if part.ids is not None else int(part.k),
-                                     w_start=w_start[a:e], duals=None if duals is None else duals[b], **declared)
+                block_score = lambda w_b, w=w, a=a, e=e: score(w.at[a:e].set(w_b))  # noqa: E731
+            w_b, info = method.solve_problem(Problem(
+                w_bar[a:e], part, X=X_b, w_start=w_start[a:e], duals=None if duals is None else duals[b],
+                score=block_score))
             del X_b
             w = w.at[a:e].set(w_b)
             infos.append(info)
             seconds += t1 - t0
-            if X.progress and count > 1:
-                print(f"[swapjax]   block {b + 1}/{count} (columns {a:,}–{e:,}): {int(part.k):,} kept, "
-                      f"f {float(info.objective):.4g}, {t1 - t0:.2f}s grads + {time.perf_counter() - t1:.2f}s solve",
-                      file=sys.stderr, flush=True)
+            if count > 1:
+                X.report(f"  block {b + 1}/{count} (columns {a:,}–{e:,}): {int(part.k):,} kept, "
+                         f"f {float(info.objective):.4g}, {t1 - t0:.2f}s grads + {time.perf_counter() - t1:.2f}s solve")
     solved = [info for info in infos if info is not None]
     support = jnp.concatenate([info.support if info is not None else jnp.zeros(e - a, bool)
                                for info, (a, e) in zip(infos, X.ranges)])
@@ -225,3 +263,21 @@ def solve(method, X: ColumnBlocks, w_bar, k, w_start=None, duals=None, *, budget
     start = sum(info.objective_trace[0] for info in solved)
     return w, BlockedInfo(support, objective, jnp.stack([start, objective]),
                           tuple(None if info is None else info.duals for info in infos), tuple(infos), seconds)
+
+
+class _FormedBlocks:
+    """A formed X seen as column blocks (``ranges``): ``block(b)`` its columns, ``col_sq`` diag(XᵀX)."""
+
+    def __init__(self, X, ranges):
+        self.X, self.ranges = X, tuple(ranges)
+
+    @property
+    def col_sq(self) -> jax.Array:
+        return self.X.col_sq
+
+    def block(self, b: int) -> Formed:
+        a, e = self.ranges[b]
+        return Formed(self.X.matrix[:, a:e])
+
+    def report(self, message: str) -> None:
+        return None

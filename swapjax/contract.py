@@ -45,20 +45,24 @@ Score = Callable[[jax.Array], Union[float, np.ndarray]]
 
 
 class Info(Protocol):
-    """What every method's info holds (arrays): ``support`` (p,) bool, the kept weights;
+    """What every method's info holds (arrays unless noted): ``support`` (p,) bool, the kept weights;
     ``objective`` f at the result and ``objective_trace`` (index 0: f at the start, H(w_start));
     ``duals``, the Sinkhorn potentials to warm-start the next stage (passed through by methods
-    without a plan). ``stage_fields()``: the method's own diagnostics as plain Python values, named as
-    the fields of :class:`swapjax.prune.StageInfo` (a solve that computes gradients itself, as the blocked
-    mode's does, reports their ``gradient_seconds``: the driver moves them out of the solve's time);
-    ``warnings(n)``: messages for the driver to warn."""
+    without a plan); ``held_out_loss`` (float): the held-out loss of the result where the method chose it
+    on one, else NaN (the driver then scores the result itself); ``gradient_seconds`` (float): time spent
+    computing gradients inside the solve (the blocked solve's; the driver moves it out of the solve's
+    time), else 0. ``describe()``: the method's own diagnostics as a phrase for the progress line ("" for
+    none); ``warnings(n)``: messages for the driver to warn. Everything else on it is the method's own:
+    :class:`swapjax.StageInfo` keeps the info as ``method_info``."""
 
     support: jax.Array
     objective: jax.Array
     objective_trace: jax.Array
     duals: tuple
+    held_out_loss: float
+    gradient_seconds: float
 
-    def stage_fields(self) -> dict: ...
+    def describe(self) -> str: ...
 
     def warnings(self, n: int) -> tuple[str, ...]: ...
 

@@ -2,8 +2,8 @@
 
 The one place that knows the ways of holding X (:mod:`swapjax.operators`):
 ``mode="in-memory"`` forms X (:class:`~swapjax.operators.Formed`, or
-:class:`~swapjax.operators.RowSharded` with ``devices=``), ``"blocked"`` (or a
-:class:`~swapjax.blocks.Blocked`) forms one block of its columns at a time
+:class:`~swapjax.operators.RowSharded` with ``devices=``), ``"blocked"`` (or a method
+wrapped in :class:`~swapjax.blocks.Blocked`) forms one block of its columns at a time
 (:class:`~swapjax.blocks.ColumnBlocks`, the block-diagonal Fisher), ``"matrix-free"``
 linearises the network instead (:class:`~swapjax.operators.GradientOperator`),
 and ``"auto"`` takes the first that fits in memory with a margin (:func:`choose`). Everything after
@@ -13,6 +13,7 @@ memory there anyway is a MemoryError that names the mode and the ways out.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -21,14 +22,22 @@ from . import blocks, checks, memory
 from .gradients import GradientNoise, check_finite, losses_and_grads
 from .operators import Formed, Operator, RowSharded, linearize
 
-#: The values of ``prune(mode=...)`` (besides a :class:`swapjax.blocks.Blocked`).
+#: The values of ``prune(mode=...)``.
 MODES = ("auto", "in-memory", "blocked", "matrix-free")
 
 
-def blocked_spec(mode) -> Optional[blocks.Blocked]:
-    """The :class:`~swapjax.blocks.Blocked` that ``mode`` asks for ("blocked": the default one), else None;
-    ValueError for a mode that is neither one of ``MODES`` nor a Blocked."""
+def blocked_spec(mode, method=None) -> Optional[blocks.Blocked]:
+    """The :class:`~swapjax.blocks.Blocked` that ``mode`` and ``method`` ask for (``method`` wrapped in
+    Blocked; ``mode="blocked"``: the default one; ``mode=Blocked(width=...)``: that one), else None.
+    ValueError for a mode that is none of ``MODES`` or a Blocked, or a Blocked method with another mode."""
+    if isinstance(method, blocks.Blocked):
+        if not (isinstance(mode, str) and mode in ("auto", "blocked")):
+            raise ValueError(f"mode: {mode!r} with method=Blocked(...), which holds X in column blocks; leave mode "
+                             "as 'auto' or 'blocked'")
+        return method
     if isinstance(mode, blocks.Blocked):
+        if mode.method is not None:
+            raise ValueError("mode: a Blocked with a method of its own; pass it as method=Blocked(method, ...)")
         return mode
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode: must be 'auto', 'in-memory', 'blocked', 'matrix-free' or a swapjax.Blocked(...), "
@@ -50,19 +59,19 @@ class Holding:
     others: tuple = field(default=(), compare=False)
     asked: object = field(default=None, compare=False)
 
-    def gradients(self, loss_fn, params, batch, lay, chunk_size, progress, noise=None, key=None):
+    def gradients(self, loss_fn, params, batch, lay, chunk_size, progress, noise=None, key=None, report=None):
         """X at ``params`` (plus ``noise`` drawn with ``key``, where X is formed) as an operator, or as
         :class:`~swapjax.blocks.ColumnBlocks` (computed block by block in ``solve``). Checked finite, losses included.
         Out of memory: a MemoryError naming the mode and the ways out (:meth:`out_of_memory`)."""
         with self.out_of_memory("computing the per-sample gradients", lay.size):
-            return self._gradients(loss_fn, params, batch, lay, chunk_size, progress, noise, key)
+            return self._gradients(loss_fn, params, batch, lay, chunk_size, progress, noise, key, report)
 
-    def _gradients(self, loss_fn, params, batch, lay, chunk_size, progress, noise, key):
+    def _gradients(self, loss_fn, params, batch, lay, chunk_size, progress, noise, key, report):
         if self.mode == "matrix-free":
             return linearize(loss_fn, params, batch, lay, chunk_size, progress)[1]
         if self.mode == "blocked":
             return blocks.ColumnBlocks(loss_fn, params, batch, lay, blocks.block_ranges(lay.size, self.blocked.width),
-                                       chunk_size, progress)
+                                       chunk_size, progress, report=report)
         losses, X = losses_and_grads(loss_fn, params, batch, lay, chunk_size, True, progress, self.devices)
         check_finite(X)
         checks.finite_losses(losses)  # NaN or inf loss values with finite gradients
@@ -77,13 +86,19 @@ class Holding:
         count = len(blocks.block_ranges(p, self.blocked.width))
         return f"blocked ({count} block{'s' * (count > 1)} of ≤ {self.blocked.width:,} columns, budget: {self.blocked.budget})"
 
-    def solve(self, method, X, w_bar, k, **kwargs):
-        """``method.solve`` on the stage's X: directly, or block by block (:func:`swapjax.blocks.solve`).
-        Out of memory: a MemoryError naming the mode and the ways out (:meth:`out_of_memory`)."""
-        with self.out_of_memory(f"solving ({type(method).__name__})", int(w_bar.size)):
-            if self.mode == "blocked":
-                return blocks.solve(method, X, w_bar, k, budget=self.blocked.budget, **kwargs)
-            return method.solve(X, w_bar, k, **kwargs)
+    def method(self, method):
+        """The method to run on X as held: in the blocked mode, ``method`` (or the method it wraps) in
+        ``Blocked`` of the width resolved; else ``method``."""
+        if self.mode != "blocked":
+            return method
+        inner = method.method if isinstance(method, blocks.Blocked) else method
+        return dataclasses.replace(self.blocked, method=inner)
+
+    def solve(self, method, problem):
+        """``method.solve_problem`` on the stage's problem, X as held (:meth:`method`). Out of memory: a
+        MemoryError naming the mode and the ways out (:meth:`out_of_memory`)."""
+        with self.out_of_memory(f"solving ({type(method).__name__})", int(problem.w_bar.size)):
+            return self.method(method).solve_problem(problem)
 
     @contextlib.contextmanager
     def out_of_memory(self, during: str, p: int):
@@ -148,7 +163,7 @@ def choose(mode, method, noise, estimate: memory.Estimate, devices=None) -> Hold
       matrix-free mode would not: then the lower peak.
 
     ValueError naming the figures and the ways out where the requested way, or every way, does not fit."""
-    spec = blocked_spec(mode)
+    spec = blocked_spec(mode, method)
     mode = "blocked" if spec is not None else mode
     unavailable = {}
     if noise is not None:
@@ -156,7 +171,7 @@ def choose(mode, method, noise, estimate: memory.Estimate, devices=None) -> Hold
     elif devices is not None:
         unavailable["blocked"] = "the blocked mode runs on one device (devices= shards X's rows)"
         unavailable["matrix-free"] = "the matrix-free mode runs on one device (devices= shards X's rows)"
-    elif method.needs_segments:
+    elif method.needs_segments:  # (a Blocked method says what the method it wraps needs)
         unavailable["blocked"] = (f"{type(method).__name__} needs whole layers (segments); "
                                   "use constraint=swapjax.LayerBudgets() for per-layer counts")
     if "matrix-free" not in unavailable and not method.matrix_free:
@@ -195,7 +210,8 @@ def choose(mode, method, noise, estimate: memory.Estimate, devices=None) -> Hold
                          + "; options: " + ", ".join(options) + margin)
     blocked = None
     if mode == "blocked":
-        blocked = blocks.Blocked(estimate.block_width, (spec or blocks.Blocked()).budget)
+        spec = spec or blocks.Blocked()
+        blocked = dataclasses.replace(spec, width=estimate.block_width)
     others = tuple(way for way in ("in-memory", "blocked", "matrix-free") if way != mode and usable[way])
     return Holding(mode, devices, blocked, estimate, others, asked)
 

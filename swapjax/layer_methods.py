@@ -42,6 +42,7 @@ each from the Gram of its inputs on a calibration batch.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from typing import Optional
@@ -259,8 +260,11 @@ class LayerInfo:
     def objective_trace(self) -> jax.Array:
         return self.objective[None]
 
-    def stage_fields(self) -> dict:
-        return {}
+    gradient_seconds = 0.0
+    held_out_loss = math.nan
+
+    def describe(self) -> str:
+        return ""
 
     def warnings(self, n: int) -> tuple[str, ...]:
         return ()

@@ -81,18 +81,24 @@ class SolveInfo(NamedTuple):
     candidates: tuple = ()  # Candidate per point tried by the selection (empty without one)
     chosen: Optional[int] = None  # the index of the returned candidate in ``candidates``
 
-    def stage_fields(self) -> dict:
-        """The diagnostics of :class:`swapjax.prune.StageInfo` that this solve reports (Python values)."""
-        fields = dict(iht_iterations=int(self.iht_iterations), backsolved=bool(self.backsolved),
-                      sinkhorn_iterations=int(self.plan.iterations), sinkhorn_converged=bool(self.plan.converged),
-                      sinkhorn_error=float(self.plan.error), epsilon=self.epsilon, candidates=self.candidates)
-        for name in ("lam", "lam_absolute", "objective_magnitude"):
-            value = getattr(self, name)
-            if value is not None:
-                fields[name] = float(value)
+    #: No gradients are computed inside the solve.
+    gradient_seconds = 0.0
+
+    @property
+    def held_out_loss(self) -> float:
+        """The held-out loss of the returned candidate (NaN without a selection)."""
+        return self.candidates[self.chosen].score if self.candidates else math.nan
+
+    def describe(self) -> str:
+        """IHT's iterations, Sinkhorn's (where a plan was computed), the chosen candidate or λ."""
+        text = f"{int(self.iht_iterations)} IHT its"
+        if int(self.plan.iterations):
+            text += f", Sinkhorn {int(self.plan.iterations)} its"
         if self.candidates:
-            fields.update(held_out_loss=self.candidates[self.chosen].score, chosen=self.chosen)
-        return fields
+            return text + f" ({self.candidates[self.chosen].describe()})"
+        if self.lam is not None:
+            text += f" (λ={float(self.lam):g} [absolute {float(self.lam_absolute):.3g}])"
+        return text
 
     def warnings(self, n: int) -> tuple[str, ...]:
         """A degenerate plan (no spread in y) or a Sinkhorn run that did not converge, in words."""

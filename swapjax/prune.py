@@ -2,53 +2,50 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 
 import jax
 import jax.numpy as jnp
 
-from . import checks, holding, memory, pytree, schedules
-from .contract import check_result
+from . import checks, holding, layers, memory, pytree, schedules
+from .contract import Problem, check_result
 from .finetune import check_hook, run_hook
 from .gradients import DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, resolve_devices
-from .constraints import NM, Constraint, TopK, as_constraint, final_sparsity, kept_count
+from .constraints import Constraint, TopK, as_constraint, final_sparsity, kept_count
 from .loss_check import check_loss_fn
 from .methods import SWAP
+from .progress import Progress, enabled as progress_enabled, reporter
 from .pytree import PyTree, Select
 
 
 @dataclass(frozen=True)
 class StageInfo:
-    """What one stage did (plain Python numbers)."""
+    """What one stage did: the fields every method has (plain Python numbers) and the method's own info.
+
+    ``objective_start``: f at H_k(w_start), the solver's objective with the stage's targets; ``objective``:
+    f at the stage's result; ``moved``: kept weights outside the magnitude support H_k(w_start);
+    ``held_out_loss``: the mean ``loss_fn`` of the stage's result on the held-out examples (NaN without
+    them). ``method_info``: the info the method returned (:class:`swapjax.contract.Info`): its own
+    diagnostics, e.g. LR's and SWAP's :class:`swapjax.SolveInfo` (``iht_iterations``, ``lam``,
+    ``epsilon``, ``plan``, ``candidates``, ``chosen``), a blocked solve's
+    :class:`swapjax.blocks.BlockedInfo` (``blocks``: each block's info)."""
 
     stage: int
     sparsity: float
     k: int
-    objective_start: float  # f at H_k(w_start), the solver's objective with the stage's targets
-    objective: float  # f at the stage's result
+    objective_start: float
+    objective: float
     gradient_seconds: float
     solve_seconds: float
-    iht_iterations: int = 0
-    backsolved: bool = False
-    sinkhorn_iterations: int = 0  # 0 for LR, ε = 0 and the methods without a plan
-    sinkhorn_converged: bool = True
-    sinkhorn_error: float = 0.0
-    lam: float = math.nan  # λ as configured (LR, SWAP): LR(lam=...)'s unit, relative to the Fisher's scale by default
-    lam_absolute: float = math.nan  # the λ of f (λ·‖X‖²_F/(Np) under lam_scale="fisher")
-    epsilon: Optional[float] = None  # SWAP's ε; None where the targets were LR's y
-    moved: int = 0  # kept weights outside the magnitude support H_k(w_start)
-    objective_magnitude: float = math.nan  # f of the backsolve on the magnitude support
-    held_out_loss: float = math.nan  # mean loss_fn of the stage's result on the held-out examples
-    candidates: tuple = ()  # methods.Candidate per (λ, ε) tried by the selection
-    chosen: Optional[int] = None  # the index of the returned candidate in ``candidates``
-    blocks: int = 0  # column blocks of X solved one by one (mode "blocked"); 0 where X was held whole
+    moved: int = 0
+    held_out_loss: float = math.nan
+    method_info: Any = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +65,7 @@ class PruneResult:
     mode: str = "in-memory"  # how X was held: "in-memory", "blocked", "matrix-free" (or "layer-wise")
     constraint: str = "global top-k"  # the sparsity constraint, e.g. "2:4" or "per-layer ERK"
     layers: tuple = ()  # layer-wise prunes (swapjax.prune_layerwise): a LayerReport per pruned layer
+    input_axes: dict = field(default_factory=dict)  # {leaf path: the axes its products contract}: to_nm(axes=...)
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Kept / total / sparsity per prunable leaf and in total (``"total"`` also names the constraint)."""
@@ -98,7 +96,7 @@ def prune(
     chunk_size: int = DEFAULT_CHUNK,
     mode: str = "auto",
     devices=None,
-    progress: bool = True,
+    progress: Progress = True,
 ) -> PruneResult:
     """Prune ``params`` to ``sparsity`` with ``method`` (default ``SWAP()``).
 
@@ -274,152 +272,187 @@ def prune(
         {'kept': 9, 'total': 36, 'sparsity': 0.75, 'constraint': 'global top-k'}
     """
     method = SWAP() if method is None else method
-    checks.method(method)
+    _check_method(method)
     constraint = as_constraint(constraint)
     sparsity = final_sparsity(sparsity, constraint)  # None for a LayerBudgets mapping: its mean, from the layout
     stages = checks.stages(stages)
     checks.choice("anchor", anchor, ("dense", "current"))
+    _check_noise_arguments(noise, key)
+    check_hook(finetune, params)
+    holdout = checks.real("holdout (the held-out fraction of the batch)", holdout, 0.0, 1.0, hi_open=True)
+    chunk_size = checks.integer("chunk_size", chunk_size, 1)
+    report = reporter(progress)
+    blocked = holding.blocked_spec(mode, method)
+    lay = pytree.layout(params, select)
+    checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
+    w_dense = pytree.flatten(params, lay)
+    sparsity = constraint.check(lay, sparsity, w_dense)  # paths, caps, ragged leaves, empty layers: from the layout
+    levels = None if stages == "auto" else schedules.resolve(stages, sparsity)
+    batch, val_batch = _checked_batches(batch, val_batch, holdout if method.selects else 0.0)
+    n, p = batch_size(batch), lay.size
+    devices = resolve_devices(devices, n)  # ValueError naming N and d before any gradient
+    if noise is not None and not isinstance(noise, GradientNoise):  # a user's: checked on a small matrix first
+        _check_noise(noise, jax.random.fold_in(key, 0), min(n, 4), p, w_dense.dtype)
+    check_loss_fn(loss_fn, params, batch)  # one trace, before any gradient
+    estimate = memory.estimate(loss_fn, params, batch, lay, chunk_size, devices=devices,
+                               block_width=None if blocked is None else blocked.width)
+    hold = holding.choose(mode, method, noise, estimate, devices)
+    compared = method.selects and val_batch is not None and finetune is None  # gradual against one-shot
+    levels, stage_method, auto_note = _schedule(levels, sparsity, method, compared, finetune, hold.mode)
+    idle = schedules.idle_hook(levels, p) if finetune is not None else ""
+    if idle:  # a hook that no stage before the last would call
+        warnings.warn(idle, UserWarning, stacklevel=2)
+    report(f"{type(method).__name__}: N={n} examples"
+           + (f" (+{batch_size(val_batch)} held out)" if val_batch is not None else "")
+           + f", p={p} prunable weights, {len(levels)} stage(s), X {hold.describe(p)}")
+    for line in [auto_note] + _constraint_notes(constraint, lay):
+        if line:
+            report(line)
+    run = _Run(loss_fn, batch, val_batch, lay, chunk_size, hold, constraint, noise, key, anchor, report,
+               progress_enabled(report), len(levels))
+    w, mask, duals, infos, current = w_dense, jnp.ones(p, bool), None, [], params
+    for t, s in enumerate(levels, start=1):
+        if kept_count(s, p) == p:
+            continue
+        w, solve_info, stage = run.stage(t, s, current, w, w_dense, duals, stage_method.get(t, method))
+        duals, mask = solve_info.duals, solve_info.support
+        infos.append(stage)
+        current = pytree.unflatten(w, current, lay)
+        if finetune is not None and t < len(levels):
+            masks = pytree.mask_tree(mask, lay)
+            current = pytree.apply_masks(run_hook(finetune, current, masks, t, run.enabled), masks)
+            w = pytree.flatten(current, lay)
+    one_shot = None
+    if compared and len(infos) > 1:
+        report("one-shot at the final sparsity, for comparison on held-out loss")
+        w1, info1, stage1 = run.stage(len(levels), sparsity, params, w_dense, w_dense, None, method)
+        gradual_loss = infos[-1].held_out_loss
+        kept = "one-shot" if stage1.held_out_loss < gradual_loss else "gradual"
+        one_shot = {"gradual": gradual_loss, "one-shot": stage1.held_out_loss, "kept": kept}
+        report(f"held-out loss: gradual {gradual_loss:.4g}, one-shot {stage1.held_out_loss:.4g}; keeping {kept}")
+        if kept == "one-shot":
+            mask, current = info1.support, pytree.unflatten(w1, params, lay)
+    return PruneResult(_own_dtypes(current, params), pytree.mask_tree(mask, lay), tuple(infos), one_shot, hold.mode,
+                       constraint.label)
+
+
+def _check_method(method) -> None:
+    """A method instance the network-wide driver can run: ValueError for one that needs each layer's Gram."""
+    checks.method(method)
+    if method.needs == "H":
+        raise ValueError(f"method: {type(method).__name__} needs each layer's Gram H (a layer method): prune layer "
+                         f"by layer with swapjax.prune_layerwise(..., method={type(method).__name__}())")
+
+
+def _check_noise_arguments(noise, key) -> None:
     if noise is not None and not callable(noise):
         raise ValueError(f"noise: expected None or a swapjax.GradientNoise, got {noise!r}")
     if noise is not None and key is None:
         raise ValueError("key: a jax.random key is needed when noise is given")
     if key is not None:
         checks.prng_key("key", key)
-    check_hook(finetune, params)
-    holdout = checks.real("holdout (the held-out fraction of the batch)", holdout, 0.0, 1.0, hi_open=True)
-    chunk_size = checks.integer("chunk_size", chunk_size, 1)
-    progress = checks.boolean("progress", progress)
-    blocked = holding.blocked_spec(mode)
-    lay = pytree.layout(params, select)
-    checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
-    p = lay.size
-    w_dense = pytree.flatten(params, lay)
-    sparsity = constraint.check(lay, sparsity, w_dense)  # paths, caps, ragged leaves, empty layers: from the layout
-    levels = None if stages == "auto" else schedules.resolve(stages, sparsity)
+
+
+def _checked_batches(batch, val_batch, holdout: float):
+    """(fit examples, held-out examples or None), each checked finite (ValueError naming the examples)."""
     batch_size(batch)
     checks.finite_leaves("batch", batch, hint="; the examples must be finite: fix or drop them", examples=True)
     if val_batch is not None:
         checks.same_structure("val_batch", val_batch, batch, "batch")
         checks.finite_leaves("val_batch", val_batch, hint="; the held-out examples must be finite", examples=True)
-    selects = method.selects
-    batch, val_batch = _split_held_out(batch, val_batch, holdout if selects else 0.0)
-    n = batch_size(batch)
-    devices = resolve_devices(devices, n)  # ValueError naming N and d before any gradient
-    user_noise = noise is not None and not isinstance(noise, GradientNoise)
-    if user_noise:  # called once on a small matrix: its signature and output checked before any gradient
-        _check_noise(noise, jax.random.fold_in(key, 0), min(n, 4), p, w_dense.dtype)
-    check_loss_fn(loss_fn, params, batch)  # one trace, before any gradient
-    log = (lambda msg: print(f"[swapjax] {msg}", file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    estimate = memory.estimate(loss_fn, params, batch, lay, chunk_size, devices=devices,
-                               block_width=None if blocked is None else blocked.width)
-    hold = holding.choose(mode, method, noise, estimate, devices)
-    stage_method = {}  # stage → the method of its solve where it is not ``method``
-    auto_note = ""
-    if levels is None:  # "auto": gradual where one-shot is compared with it on held-out loss, or fine-tuned
-        compared = selects and val_batch is not None and finetune is None
-        count, auto_note = schedules.auto(compared, finetune is not None, hold.mode)
-        levels = schedules.resolve(count, sparsity)
-        if compared and count > 1:  # the stages before the last: the method's cheaper variant (LR, SWAP: λ alone)
-            stage_method = dict.fromkeys(range(1, len(levels)), method.without_search())
-    idle = schedules.idle_hook(levels, p) if finetune is not None else ""
-    if idle:  # a hook that no stage before the last would call
-        warnings.warn(idle, UserWarning, stacklevel=2)
-    log(f"{type(method).__name__}: N={n} examples"
-        + (f" (+{batch_size(val_batch)} held out)" if val_batch is not None else "")
-        + f", p={p} prunable weights, {len(levels)} stage(s), X {hold.describe(p)}")
-    if auto_note:
-        log(auto_note)
-    log(f"pruning {lay.describe()}" + ("" if isinstance(constraint, TopK) else f" under {constraint.label}"))
-    if isinstance(constraint, NM) and constraint.ragged_leaves(lay):
-        log(f"{constraint.label}: left dense, their inputs not a multiple of {constraint.m}: "
-            + ", ".join(constraint.ragged_leaves(lay)))
+    return _split_held_out(batch, val_batch, holdout)
 
-    def held_out_loss(current):
-        """The score of the selection; a progress line per candidate once a stage's solve passes 5 s."""
-        if val_batch is None:
+
+def _schedule(levels, sparsity, method, compared: bool, finetune, mode: str):
+    """(the stages' sparsities, {stage: its method where not ``method``}, a note on "auto" or ""): ``levels``
+    as given, or (None) "auto": gradual where one-shot is compared with it on held-out loss (the stages before
+    the last with the method's cheaper variant), or fine-tuned; one-shot otherwise (:func:`swapjax.schedules.auto`)."""
+    if levels is not None:
+        return levels, {}, ""
+    count, note = schedules.auto(compared, finetune is not None, mode)
+    levels = schedules.resolve(count, sparsity)
+    stage_method = dict.fromkeys(range(1, len(levels)), method.without_search()) if compared and count > 1 else {}
+    return levels, stage_method, note
+
+
+def _constraint_notes(constraint, lay) -> list[str]:
+    """The progress lines on what is pruned: the prunable leaves, the constraint, the leaves it leaves dense."""
+    lines = [f"pruning {lay.describe()}" + ("" if constraint.label == TopK.label else f" under {constraint.label}")]
+    ragged = constraint.ragged_leaves(lay) if hasattr(constraint, "ragged_leaves") else []
+    if ragged:
+        lines.append(f"{constraint.label}: left dense, their inputs not a multiple of {constraint.m}: "
+                     + ", ".join(ragged))
+    return lines
+
+
+class _Run(NamedTuple):
+    """What every stage of one prune shares (:meth:`stage` runs one)."""
+
+    loss_fn: Callable
+    batch: PyTree
+    val_batch: Optional[PyTree]
+    lay: pytree.Layout
+    chunk_size: int
+    hold: holding.Holding
+    constraint: Constraint
+    noise: Any
+    key: Any
+    anchor: str
+    report: Callable[[str], None]
+    enabled: bool
+    count: int
+
+    def score(self, current):
+        """The held-out loss of the pruned network at weights w (per example), or None without held-out
+        examples; a progress line per candidate once a stage's solve passes 5 s."""
+        if self.val_batch is None:
             return None
         start, count = time.perf_counter(), [0]
 
         def score(w):
-            losses = np.asarray(_example_losses(loss_fn, lay, chunk_size, current, w, val_batch))
+            losses = np.asarray(_example_losses(self.loss_fn, self.lay, self.chunk_size, current, w, self.val_batch))
             count[0] += 1
             if time.perf_counter() - start > 5.0:
-                log(f"  candidate {count[0]}: held-out loss {losses.mean():.4g} ({time.perf_counter() - start:.1f} s)")
+                self.report(f"  candidate {count[0]}: held-out loss {losses.mean():.4g} "
+                            f"({time.perf_counter() - start:.1f} s)")
             return losses
 
         return score
 
-    def run_stage(t, s, current, w, w_dense, duals, method=method):
+    def stage(self, t, s, current, w, w_dense, duals, method):
+        """One stage: X at ``current``, the constraint at sparsity s, ``method`` on the problem, the result
+        checked: (w, info, StageInfo)."""
         t0 = time.perf_counter()
-        X = hold.gradients(loss_fn, current, batch, lay, chunk_size, progress, noise,
-                           None if noise is None else jax.random.fold_in(key, t))
-        if user_noise:
-            checks.array_output("noise", X.matrix, (n, p), f"{checks.callable_name(noise)}(X, key) at stage {t}")
+        X = self.hold.gradients(self.loss_fn, current, self.batch, self.lay, self.chunk_size, self.enabled, self.noise,
+                                None if self.noise is None else jax.random.fold_in(self.key, t), report=self.report)
+        if self.noise is not None and not isinstance(self.noise, GradientNoise):
+            checks.array_output("noise", X.matrix, (batch_size(self.batch), self.lay.size),
+                                f"{checks.callable_name(self.noise)}(X, key) at stage {t}")
         t1 = time.perf_counter()
-        groups = constraint.resolve(lay, s, w, X.col_sq if constraint.needs_fisher else None)
-        k = int(groups.k)
-        score = held_out_loss(current)
-        declared = {}
-        if method.needs_segments:
-            declared["segments"] = lay.offsets
-        if method.selects and score is not None:
-            declared["score"] = score
-        w_new, info = hold.solve(method, X, w_dense if anchor == "dense" else w, groups if groups.ids is not None else k,
-                                 w_start=w, duals=duals, **declared)
-        w_new = check_result(method, w_new, info, groups, p, w.dtype)  # shape, finite, feasible, zeros off the support
+        groups = self.constraint.resolve(self.lay, s, w, X.col_sq if self.constraint.needs_fisher else None)
+        score = self.score(current) if method.selects else None
+        problem = Problem(w_dense if self.anchor == "dense" else w, groups, X=X, w_start=w, duals=duals, score=score,
+                          segments=self.lay.offsets if method.needs_segments else None)
+        w_new, info = self.hold.solve(method, problem)
+        w_new = check_result(method, w_new, info, groups, self.lay.size, w.dtype)  # feasible, zeros off the support
         w_new.block_until_ready()
         t2 = time.perf_counter()
-        fields = info.stage_fields()
-        if "held_out_loss" not in fields and score is not None:
-            fields["held_out_loss"] = float(np.mean(score(w_new)))
-        inside = fields.pop("gradient_seconds", 0.0)  # the blocked mode's gradient passes run inside the solve
-        stage = StageInfo(stage=t, sparsity=s, k=k, objective_start=float(info.objective_trace[0]),
-                          objective=float(info.objective), gradient_seconds=t1 - t0 + inside,
-                          solve_seconds=t2 - t1 - inside,
-                          moved=int(jnp.sum(info.support & ~groups.project(w))), **fields)
-        for message in info.warnings(n):
+        held_out = info.held_out_loss
+        if math.isnan(held_out) and self.val_batch is not None:
+            held_out = float(np.mean((score or self.score(current))(w_new)))
+        inside = info.gradient_seconds  # the blocked mode's gradient passes run inside the solve
+        stage = StageInfo(t, s, int(groups.k), float(info.objective_trace[0]), float(info.objective),
+                          t1 - t0 + inside, t2 - t1 - inside, int(jnp.sum(info.support & ~groups.project(w))),
+                          held_out, info)
+        for message in info.warnings(batch_size(self.batch)):
             warnings.warn(f"stage {t}: {message}", RuntimeWarning, stacklevel=3)
-        chosen = stage.candidates[stage.chosen] if stage.candidates else None
-        log(
-            f"stage {t}/{len(levels)} sparsity {s:.4f} k={k}: f {stage.objective_start:.4g} -> "
-            f"{stage.objective:.4g}, {stage.iht_iterations} IHT its, {stage.moved} kept weights off |w| top-k"
-            + (f", Sinkhorn {stage.sinkhorn_iterations} its" if stage.sinkhorn_iterations else "")
-            + (f", held-out loss {stage.held_out_loss:.4g}" if math.isfinite(stage.held_out_loss) else "")
-            + (f" ({chosen.describe()})" if chosen else f" (λ={stage.lam:g} [absolute {stage.lam_absolute:.3g}])" if math.isfinite(stage.lam) else "")
-            + f", {stage.gradient_seconds:.2f}s grads + {stage.solve_seconds:.2f}s solve"
-            + f" ({time.perf_counter() - t0:.2f}s in all)"
-        )
+        own = info.describe()
+        self.report(f"stage {t}/{self.count} sparsity {s:.4f} k={stage.k}: f {stage.objective_start:.4g} -> "
+                    f"{stage.objective:.4g}, {stage.moved} kept weights off |w| top-k" + (f", {own}" if own else "")
+                    + (f", held-out loss {held_out:.4g}" if math.isfinite(held_out) else "")
+                    + f", {stage.gradient_seconds:.2f}s grads + {stage.solve_seconds:.2f}s solve"
+                    + f" ({time.perf_counter() - t0:.2f}s in all)")
         return w_new, info, stage
-
-    w = w_dense
-    mask = jnp.ones(p, bool)
-    duals = None
-    infos = []
-    current = params
-    for t, s in enumerate(levels, start=1):
-        if kept_count(s, p) == p:
-            continue
-        w, solve_info, stage = run_stage(t, s, current, w, w_dense, duals, stage_method.get(t, method))
-        duals, mask = solve_info.duals, solve_info.support
-        infos.append(stage)
-        current = pytree.unflatten(w, current, lay)
-        if finetune is not None and t < len(levels):
-            masks = pytree.mask_tree(mask, lay)
-            current = pytree.apply_masks(run_hook(finetune, current, masks, t, progress), masks)
-            w = pytree.flatten(current, lay)
-
-    one_shot = None
-    if selects and val_batch is not None and finetune is None and len(infos) > 1:
-        log("one-shot at the final sparsity, for comparison on held-out loss")
-        w1, info1, stage1 = run_stage(len(levels), sparsity, params, w_dense, w_dense, None)
-        gradual_loss = infos[-1].held_out_loss
-        kept = "one-shot" if stage1.held_out_loss < gradual_loss else "gradual"
-        one_shot = {"gradual": gradual_loss, "one-shot": stage1.held_out_loss, "kept": kept}
-        log(f"held-out loss: gradual {gradual_loss:.4g}, one-shot {stage1.held_out_loss:.4g}; keeping {kept}")
-        if kept == "one-shot":
-            mask, current = info1.support, pytree.unflatten(w1, params, lay)
-    return PruneResult(_own_dtypes(current, params), pytree.mask_tree(mask, lay), tuple(infos), one_shot, hold.mode,
-                       constraint.label)
 
 
 def _check_noise(noise, key, rows: int, p: int, dtype) -> None:

@@ -121,9 +121,17 @@ class SelectedInfo(NamedTuple):
     candidates: tuple
     chosen: int
 
-    def stage_fields(self) -> dict:
-        return dict(self.inner.stage_fields(), candidates=self.candidates, chosen=self.chosen,
-                    held_out_loss=self.candidates[self.chosen].score)
+    @property
+    def held_out_loss(self) -> float:
+        return self.candidates[self.chosen].score
+
+    @property
+    def gradient_seconds(self) -> float:
+        return self.inner.gradient_seconds
+
+    def describe(self) -> str:
+        inner = self.inner.describe()
+        return (inner + ", " if inner else "") + self.candidates[self.chosen].describe()
 
     def warnings(self, n: int) -> tuple[str, ...]:
         return self.inner.warnings(n)

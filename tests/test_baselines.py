@@ -165,7 +165,8 @@ def test_solve_info_contract():
         assert isinstance(info, BaselineInfo)
         assert info.duals is duals
         float(info.objective_trace[0]), float(info.objective)
-        assert info.stage_fields() == {} and info.warnings(12) == ()
+        assert info.describe() == "" and info.warnings(12) == () and np.isnan(info.held_out_loss)
+        assert info.gradient_seconds == 0.0
         assert info.support.shape == (40,) and int(info.support.sum()) == 9
         np.testing.assert_allclose(np.asarray(info.targets), X.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
         _, info = method.solve(X, w, 9, **kw)

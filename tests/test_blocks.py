@@ -85,7 +85,7 @@ def test_blocked_prune_solves_each_block_on_its_columns_with_its_share(trained_m
     w = np.asarray(pytree.flatten(res.params, lay))
     saliency = np.abs(w_bar) * (np.sqrt((formed ** 2).sum(0)) if budget == "fisher" else 1)
     kept = np.argsort(-saliency, kind="stable")[:k]
-    assert res.mode == "blocked" and res.info[0].blocks == 3 and np.count_nonzero(w) == k
+    assert res.mode == "blocked" and len(res.info[0].method_info.blocks) == 3 and np.count_nonzero(w) == k
     for a, e in blocks.block_ranges(lay.size, 300):
         share = int(((kept >= a) & (kept < e)).sum())
         w_b, info = fixed_lr().solve(formed[:, a:e].astype(np.float32), w_bar[a:e], share)
@@ -98,12 +98,13 @@ def test_one_block_is_the_in_memory_prune(trained_mlp, prune_batch):
     kwargs = dict(sparsity=0.7, method=swapjax.SWAP(lam=0.01, epsilon=0.3), stages=[0.4, 0.7], progress=False)
     whole = swapjax.prune(mlp_loss, trained_mlp, prune_batch, **kwargs)
     one = swapjax.prune(mlp_loss, trained_mlp, prune_batch, mode=swapjax.Blocked(width=10**6), **kwargs)
-    assert [s.blocks for s in one.info] == [1, 1] and [s.blocks for s in whole.info] == [0, 0]
+    assert [len(s.method_info.blocks) for s in one.info] == [1, 1]
+    assert [type(s.method_info).__name__ for s in whole.info] == ["SolveInfo", "SolveInfo"]  # X held whole
     for a, b in zip(jax.tree_util.tree_leaves(whole.masks), jax.tree_util.tree_leaves(one.masks)):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree_util.tree_leaves(whole.params), jax.tree_util.tree_leaves(one.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    assert [s.sinkhorn_iterations > 0 for s in one.info] == [True, True]  # the plan per block, warm-started
+    assert [int(s.method_info.blocks[0].plan.iterations) > 0 for s in one.info] == [True, True]  # the plan per block, warm-started
 
 
 class _RecordingScore(swapjax.Method):
@@ -156,7 +157,7 @@ def test_auto_mode_takes_blocks_before_matrix_free(trained_mlp, prune_batch, mon
     assert est.block_width == 296 and est.in_memory > est.budget  # 888 columns: 3 blocks of ≤ 400 → 296
     assert abs(est.blocked - (fixed + 296 * x_bytes)) <= 1
     res = swapjax.prune(mlp_loss, trained_mlp, prune_batch, sparsity=0.8, method=fixed_lr(), stages=1)
-    assert res.mode == "blocked" and res.info[0].blocks == 3
+    assert res.mode == "blocked" and len(res.info[0].method_info.blocks) == 3
     assert "does not fit in memory" in capsys.readouterr().err
     monkeypatch.setattr(memory, "MIN_BLOCK_WIDTH", 500)  # no block of the minimum width fits: matrix-free
     assert swapjax.prune(mlp_loss, trained_mlp, prune_batch, sparsity=0.8, method=fixed_lr(), stages=1,
@@ -201,10 +202,10 @@ def test_blocks_of_one_width_share_every_compiled_program(trained_mlp, prune_bat
     kwargs = dict(method=fixed_lr(swap_rounds=5), stages=1, mode=swapjax.Blocked(width=300), progress=False)
     with counted() as first:
         res = swapjax.prune(mlp_loss, trained_mlp, prune_batch, sparsity=0.9, **kwargs)
-    assert res.info[0].blocks == 3
+    assert len(res.info[0].method_info.blocks) == 3
     solver = {name: count for name, count in first.items() if name.removeprefix("jit(").rstrip(")") in SOLVER_PROGRAMS}
     assert all(count == 1 for count in solver.values()), solver
     with counted() as second:
         res = swapjax.prune(mlp_loss, trained_mlp, prune_batch, sparsity=0.5, **kwargs)
-    assert res.info[0].blocks == 3 and res.summary()["total"]["kept"] == swapjax.kept_count(0.5, 888)
+    assert len(res.info[0].method_info.blocks) == 3 and res.summary()["total"]["kept"] == swapjax.kept_count(0.5, 888)
     assert not second, f"compiled again for other block counts: {dict(second)}"

@@ -163,7 +163,7 @@ def test_selected_chooses_any_methods_field_on_held_out_loss():
         if 0 <= j < len(DAMPS) and DAMPS[j] in values:
             assert info.candidates[values.index(DAMPS[j])].score >= best.score
     np.testing.assert_array_equal(np.asarray(w), np.asarray(swapjax.WoodFisher(damp=best.value).solve(X, w_bar, 20)[0]))
-    assert info.stage_fields()["held_out_loss"] == best.score
+    assert info.held_out_loss == best.score
     w_plain, _ = method.solve(X, w_bar, 20)  # without a score: the method at start
     np.testing.assert_array_equal(np.asarray(w_plain), np.asarray(swapjax.WoodFisher(damp=1e-2).solve(X, w_bar, 20)[0]))
 
@@ -173,10 +173,10 @@ def test_selected_in_prune_and_its_errors(trained_mlp, digits, capsys):
     batch = {"x": jnp.asarray(x[:60]), "y": jnp.asarray(y[:60])}
     method = swapjax.Selected(swapjax.WoodFisher(), "damp", DAMPS)
     res = swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.8, method=method, stages=1)
-    stage = res.info[0]
-    assert stage.candidates and stage.held_out_loss == min(c.score for c in stage.candidates)
-    assert stage.candidates[stage.chosen].score == stage.held_out_loss
-    assert f"damp={stage.candidates[stage.chosen].value:g}" in capsys.readouterr().err
+    stage, info = res.info[0], res.info[0].method_info  # Selected's own info: the values tried
+    assert info.candidates and stage.held_out_loss == min(c.score for c in info.candidates)
+    assert info.candidates[info.chosen].score == stage.held_out_loss
+    assert f"damp={info.candidates[info.chosen].value:g}" in capsys.readouterr().err
     with pytest.raises(ValueError, match="field: WoodFisher has no field 'lam' to select"):
         swapjax.Selected(swapjax.WoodFisher(), "lam", DAMPS)
     with pytest.raises(ValueError, match=r"start \(the first value of lam; default LR's own\)"):
@@ -277,13 +277,15 @@ def test_prune_selects_on_held_out_examples(trained_mlp, digits, capsys):
     batch = {"x": jnp.asarray(x[:60]), "y": jnp.asarray(y[:60])}
     val = {"x": jnp.asarray(x[1000:1040]), "y": jnp.asarray(y[1000:1040])}
     res = swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.8, method=swapjax.SWAP(), stages=1, val_batch=val)
-    (info,) = res.info
+    (stage,) = res.info
+    info = stage.method_info  # SWAP's SolveInfo: the candidates, the λ and ε chosen
+    assert stage.held_out_loss == info.held_out_loss
     assert len(info.candidates) >= 2 + len(EPSILON_PATH) + 2  # at least two λ, every ε, the two searches
     assert [c.support for c in info.candidates[-2:]] == ["swap", "obs"]  # s = 0.8 ≥ obs_sparsity
     chosen = next(c for c in info.candidates if c.score == info.held_out_loss)
     assert f"λ={chosen.lam:g} [absolute {chosen.lam_absolute:.3g}], ε={chosen.epsilon}, {chosen.support} candidate" \
         in capsys.readouterr().err
-    assert info.lam == chosen.lam and info.lam_absolute == pytest.approx(chosen.lam_absolute)
+    assert float(info.lam) == chosen.lam and float(info.lam_absolute) == pytest.approx(chosen.lam_absolute)
     # the chosen candidate: never above LR's targets' best (ỹ must beat it beyond noise)
     assert info.held_out_loss in [c.score for c in info.candidates]
     assert info.held_out_loss <= min(c.score for c in info.candidates if c.epsilon is None)
@@ -347,13 +349,14 @@ def test_auto_schedule_searches_only_at_the_last_stage(trained_mlp, digits):
     x, y = digits
     batch = {"x": jnp.asarray(x[:60]), "y": jnp.asarray(y[:60])}
     auto = swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=0.9, method=swapjax.SWAP(), progress=False)
-    *early, last = auto.info
+    *stages, _ = auto.info
+    *early, last = (stage.method_info for stage in auto.info)  # SWAP's own info: its candidates
     assert all({c.support for c in i.candidates} <= {"iht", "ridge"} and i.epsilon is None for i in early)
     assert all(c.epsilon is None for i in early for c in i.candidates)
     assert {"swap", "obs"} <= {c.support for c in last.candidates} and len({c.epsilon for c in last.candidates}) > 1
     levels = swapjax.cubic_schedule(0.9, AUTO_STAGES)[:-1]
     light = swapjax.prune(mlp_loss, trained_mlp, batch, sparsity=levels[-1], stages=levels,
                           method=swapjax.SWAP().without_search(), finetune=lambda p, m, t: p, progress=False)
-    assert [i.k for i in light.info] == [i.k for i in early]
-    np.testing.assert_allclose([i.objective for i in light.info], [i.objective for i in early], rtol=1e-5)
-    np.testing.assert_allclose([i.held_out_loss for i in light.info], [i.held_out_loss for i in early], rtol=1e-5)
+    assert [i.k for i in light.info] == [i.k for i in stages]
+    np.testing.assert_allclose([i.objective for i in light.info], [i.objective for i in stages], rtol=1e-5)
+    np.testing.assert_allclose([i.held_out_loss for i in light.info], [i.held_out_loss for i in stages], rtol=1e-5)

@@ -266,8 +266,8 @@ def bench_prune(method, params, batch, sparsity, stages, repeats, **options):
     median_run = results[pick]
     stage_rows = [
         {"stage": s.stage, "sparsity": s.sparsity, "k": s.k, "gradient_s": s.gradient_seconds,
-         "solve_s": s.solve_seconds, "iht_iterations": s.iht_iterations,
-         "sinkhorn_iterations": s.sinkhorn_iterations, "backsolved": s.backsolved,
+         "solve_s": s.solve_seconds, "iht_iterations": int(s.method_info.iht_iterations),
+         "sinkhorn_iterations": int(s.method_info.plan.iterations), "backsolved": bool(s.method_info.backsolved),
          "objective_start": s.objective_start, "objective": s.objective}
         for s in median_run.info
     ]
@@ -601,7 +601,7 @@ def bench_resnet20(args, argv):
     prune_res = timed_interleaved({"prune": one_shot}, args.resnet_prune_repeats)["prune"]
     info = last["result"].info[-1]
     prune_res.update(other_cpu_share=meter.other_share(), gradient_s=info.gradient_seconds,
-                     solve_s=info.solve_seconds, lam=info.lam, epsilon=info.epsilon)
+                     solve_s=info.solve_seconds, lam=float(info.method_info.lam), epsilon=info.method_info.epsilon)
     torch_res = torch_resnet20(args.resnet_n, args.resnet_repeats, args.seed)
     ratio = res["per_sample"]["median_s"] / res["batched"]["median_s"]
     out = {

@@ -130,9 +130,19 @@ def worker(network: str, width: int, n: int, mode: str, method_name: str, noise:
         row["estimate_gb"] = _estimate_gb(est, res.mode)
     kept = int(sum(int(jnp.sum(m)) for m in jax.tree_util.tree_leaves(res.masks)))
     stage = res.info[-1]
+    solves = _solve_infos(stage.method_info)  # LR's and SWAP's SolveInfo: one, or one per block
+    lams = {float(i.lam) for i in solves if i.lam is not None}
+    epsilons = {i.epsilon for i in solves}
     return {**row, "status": "ok", "seconds": round(seconds, 2), "peak_rss_gb": round(_rss_gb(), 3), "kept": kept,
-            "objective": f"{stage.objective:.6g}", "iht_iterations": stage.iht_iterations,
-            "lam": f"{stage.lam:.4g}", "epsilon": stage.epsilon, "peak_device_gb": _device_peak_gb(device)}
+            "objective": f"{stage.objective:.6g}", "iht_iterations": sum(int(i.iht_iterations) for i in solves),
+            "lam": f"{lams.pop():.4g}" if len(lams) == 1 else "nan", "epsilon": epsilons.pop() if len(epsilons) == 1 else None,
+            "peak_device_gb": _device_peak_gb(device)}
+
+
+def _solve_infos(info) -> list:
+    """The SolveInfo of a stage's method_info: itself, or each solved block's (a blocked solve)."""
+    blocks = getattr(info, "blocks", None)
+    return [i for i in blocks if i is not None] if blocks is not None else [info]
 
 
 def _estimate_gb(est, mode: str) -> float:

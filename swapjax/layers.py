@@ -32,6 +32,7 @@ import numpy as np
 from jax import lax
 
 from . import layer_grads, pytree
+from .loss_check import check_loss_fn
 from .pytree import Layout, PyTree, Select
 
 # dtype-only steps of a chain: the weights are the leaf's, entry for entry
@@ -113,7 +114,8 @@ def find_layers(loss_fn, params: PyTree, batch: PyTree) -> Layers:
     with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [x for _, x in with_path]
     paths = [pytree.path_name(p) for p, _ in with_path]
-    floating = [i for i, x in enumerate(leaves) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    # the weight matrices: floating leaves with ndim ≥ 2 (a vector is a bias or a scale, whatever its use)
+    floating = [i for i, x in enumerate(leaves) if jnp.issubdtype(jnp.result_type(x), jnp.floating) and np.ndim(x) >= 2]
     example = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[0], batch)
     loss = lambda lv, ex: loss_fn(jax.tree_util.tree_unflatten(treedef, lv), ex)  # noqa: E731
     closed = layer_grads.trace_loss(loss, leaves, example)
@@ -138,7 +140,7 @@ def find_layers(loss_fn, params: PyTree, batch: PyTree) -> Layers:
         why = reasons.get(i) or _why_not(i, found.get(i, []), other_use, np.size(leaves[i]))
         if why is None:
             kept.add(i)
-        elif np.ndim(leaves[i]) >= 2 or i in found:
+        else:
             left_dense[paths[i]] = why
     return Layers(tuple(layer for i, layer in in_order if i in kept), left_dense)
 
@@ -175,7 +177,13 @@ def by_name(params: PyTree) -> Layers:
 
 
 def prunable(loss_fn, params: PyTree, batch: PyTree, select: Optional[Select] = None) -> Layout:
-    """The layout of the prunable weights: the layers of ``loss_fn`` (:func:`find_layers`) narrowed by ``select``."""
+    """The layout of the prunable weights: the layers of ``loss_fn`` (:func:`find_layers`) narrowed by ``select``.
+
+    In order, before any computation: ``select`` called on every leaf (it must return a bool), ``loss_fn``
+    checked on one abstract example (:func:`swapjax.loss_check.check_loss_fn`), the layers found (a trace).
+    """
+    pytree.check_select(params, select)
+    check_loss_fn(loss_fn, params, batch)
     return pytree.layout(params, select, find_layers(loss_fn, params, batch))
 
 

@@ -18,7 +18,6 @@ from .contract import Problem, check_result
 from .finetune import check_hook, run_hook
 from .gradients import DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, resolve_devices
 from .constraints import Constraint, TopK, as_constraint, final_sparsity, kept_count
-from .loss_check import check_loss_fn
 from .methods import SWAP
 from .progress import Progress, enabled as progress_enabled, reporter
 from .pytree import PyTree, Select
@@ -283,17 +282,18 @@ def prune(
     chunk_size = checks.integer("chunk_size", chunk_size, 1)
     report = reporter(progress)
     blocked = holding.blocked_spec(mode, method)
-    lay = pytree.layout(params, select)
     checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
+    if stages != "auto" and sparsity is not None:
+        schedules.resolve(stages, sparsity)  # the schedule's errors before any trace
+    batch, val_batch = _checked_batches(batch, val_batch, holdout if method.selects else 0.0)
+    devices = resolve_devices(devices, batch_size(batch))  # ValueError naming N and d before any gradient
+    lay = layers.prunable(loss_fn, params, batch, select)  # select, loss_fn's output, the layers: traces only
     w_dense = pytree.flatten(params, lay)
     sparsity = constraint.check(lay, sparsity, w_dense)  # paths, caps, ragged leaves, empty layers: from the layout
     levels = None if stages == "auto" else schedules.resolve(stages, sparsity)
-    batch, val_batch = _checked_batches(batch, val_batch, holdout if method.selects else 0.0)
     n, p = batch_size(batch), lay.size
-    devices = resolve_devices(devices, n)  # ValueError naming N and d before any gradient
     if noise is not None and not isinstance(noise, GradientNoise):  # a user's: checked on a small matrix first
         _check_noise(noise, jax.random.fold_in(key, 0), min(n, 4), p, w_dense.dtype)
-    check_loss_fn(loss_fn, params, batch)  # one trace, before any gradient
     estimate = memory.estimate(loss_fn, params, batch, lay, chunk_size, devices=devices,
                                block_width=None if blocked is None else blocked.width)
     hold = holding.choose(mode, method, noise, estimate, devices)
@@ -333,7 +333,7 @@ def prune(
         if kept == "one-shot":
             mask, current = info1.support, pytree.unflatten(w1, params, lay)
     return PruneResult(_own_dtypes(current, params), pytree.mask_tree(mask, lay), tuple(infos), one_shot, hold.mode,
-                       constraint.label)
+                       constraint.label, input_axes=lay.input_axes)
 
 
 def _check_method(method) -> None:

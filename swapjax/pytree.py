@@ -226,6 +226,16 @@ class Layout:
         return text
 
 
+def check_select(params: PyTree, select: Optional[Select]) -> None:
+    """ValueError unless ``select`` is None or a function that returns a bool for every leaf of ``params``."""
+    if select is None or isinstance(select, _Exclude):
+        return
+    if not callable(select):
+        raise ValueError(f"select: expected None or a function select(path, leaf) -> bool, got {select!r}")
+    for p, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        _selected(select, path_name(p), x)
+
+
 def layout(params: PyTree, select: Optional[Select] = None, found=None) -> Layout:
     """Choose the prunable leaves of ``params``.
 

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from forbid import traced_only
 import swapjax
 from swapjax import transport
 
@@ -22,13 +23,12 @@ LR = fixed_lr()
 SWAP = fixed_swap()
 
 
-def _forbidden_loss(params, example):
-    raise AssertionError("loss_fn was called: the argument error must be raised before any gradient")
-
-
 def _quad_loss(params, example):
     """A finite loss for ONE example {"x": (10,), "y": ()}."""
     return 0.5 * (example["x"] @ params["w"] @ example["x"] + params["b"] @ example["x"] - example["y"]) ** 2
+
+
+_forbidden_loss = traced_only(_quad_loss)  # traced to find the layers (w), never run
 
 
 def _small():
@@ -678,16 +678,21 @@ def test_data_load_arguments_rejected_before_any_file_is_read(kwargs, match, tmp
 
 
 class _CountingLoss:
-    """Counts its calls (traces included) and fails the call: 0 calls after an argument error raised in time
-    (code that checks too late stops at the first trace instead of running on)."""
+    """``_quad_loss`` counting its runs (traces, which find the layers, do not count) and failing the run: 0 runs
+    after an argument error raised in time (code that checks too late stops at the first run)."""
 
     def __init__(self):
         self.calls = 0
         self.__name__ = "counting_loss"
 
     def __call__(self, params, example):
+        value = _quad_loss(params, example)
+        jax.debug.callback(self._ran)
+        return value
+
+    def _ran(self):
         self.calls += 1
-        raise AssertionError("loss_fn was called: the argument error must be raised before any gradient")
+        raise AssertionError("loss_fn was run: the argument error must be raised before any gradient")
 
 
 @pytest.mark.parametrize("value", [jnp.asarray(0.75), np.asarray(0.75), np.float32(0.75), jnp.float32(0.75)])

@@ -111,15 +111,24 @@ def callable_or_none(name: str, value, what: str) -> None:
         raise ValueError(f"{name}: expected None or {what}, got {_show(value)}")
 
 
+#: The base of the pruning methods, :class:`swapjax.contract.Method`, which registers itself
+#: (:func:`method_base`), so that this check imports nothing (contract imports checks).
+_METHOD_BASE: list = []
+
+
+def method_base(cls):
+    """Register ``cls`` as the base class :func:`method` checks for (``swapjax.contract.Method``)."""
+    _METHOD_BASE[:] = [cls]
+    return cls
+
+
 def method(value, name: str = "method") -> None:
     """A pruning method: an instance of a :class:`swapjax.contract.Method` subclass, not the class."""
-    from .contract import Method
-
     if isinstance(value, type):
         raise TypeError(
             f"{name}: got the class {value.__name__}; pass an instance, e.g. swapjax.{value.__name__}()"
         )
-    if not isinstance(value, Method):
+    if not isinstance(value, tuple(_METHOD_BASE)):
         raise ValueError(
             f"{name}: expected a swapjax method (swapjax.SWAP(), LR(), Magnitude(), WoodFisher(), or an "
             f"instance of your own subclass of swapjax.Method), got {_show(value)}"

@@ -96,6 +96,7 @@ class Problem:
         return dataclasses.replace(self, **changes)
 
 
+@checks.method_base
 class Method(abc.ABC):
     """A pruning method: ``w, info = method.solve_problem(problem)`` on a :class:`Problem`.
 

@@ -12,10 +12,11 @@ swap search that exchanges kept and pruned weights while the objective falls
 diagonal of XᵀX/N), so scaling X changes nothing. ``lam="auto"`` and
 ``epsilon="auto"`` (the defaults) choose λ and ε on held-out loss when
 ``solve`` is given a ``score`` (``swapjax.prune`` does that), along the path of
-:func:`swapjax.selection.regression_path`; explicit values are used exactly as given.
+:func:`_regression_path`; explicit values are used exactly as given.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import math
@@ -30,7 +31,8 @@ import numpy as np
 
 from . import checks
 from . import iht as iht_lib
-from . import selection, transport
+from . import transport
+from .selection import Selection, walk
 from .constraints import Groups, as_groups, check_groups
 from .contract import Method, Score
 from .operators import Operator, as_operator, linear, matmul
@@ -171,31 +173,10 @@ def prepare_problem(X, w_bar, k, w_start=None, duals=None, finite_x: bool = True
 
 
 @dataclass(frozen=True)
-class LR(Method):
-    """Sparse linear regression (CHITA): min ½‖y − Xw‖² + (Nλ/2)‖w − w̄‖², ‖w‖₀ ≤ k.
-
-    lam: λ ≥ 0, or "auto" (default): with a held-out score
-    (``solve(..., score=)``; ``swapjax.prune`` builds it from the loss on
-    examples it does not fit), the value of ``lam_path`` found by walking
-    downhill from ``DEFAULT_LAM`` (a local minimum of the score along the
-    path); without a score, ``DEFAULT_LAM``. lam_scale: "fisher" (default)
-    measures λ in units of the Fisher's scale ‖X‖²_F/(Np), so a value means the
-    same on every network and scaling X does not change the solution; "absolute" takes λ as is (the published
-    λ = 0.01; docs/methods.md relates the two).
-    max_iters, tol: IHT stops after max_iters steps or when a step lowers f by
-    ≤ tol·f. growth: factor of the geometric step growth. backsolve: the exact
-    ridge solve on the support. patience: with the backsolve on, also stop IHT
-    once the support has not changed for this many steps (None: run to tol).
-    swap_rounds: rounds of the swap search after the backsolve (0: none; see
-    :func:`swapjax.iht.swap_search`). obs_sparsity: from this sparsity
-    1 − k/p on (None: never), the selection also starts the backsolve and
-    swap search from the k weights of largest OBS saliency
-    (:func:`swapjax.iht.obs_support`, O(N²k)) at the chosen λ and targets,
-    and keeps that where its held-out loss is lower. cg_iters: conjugate-gradient steps of
-    each backsolve where X is not formed (an operator of products only, such as
-    :class:`swapjax.operators.GradientOperator`; each step costs Xv and Xᵀu). active_set: None, or CHITA's active-set
-    phase with ⌈active_set·k⌉ weights (:func:`swapjax.iht.active_set_iht`).
-    """
+class _Regression(Method, abc.ABC):
+    """The regression LR and SWAP share: min ½‖t − Xw‖² + (Nλ/2)‖w − w̄‖² under the constraint, one solver
+    (IHT, the backsolve, the swap search, the λ/ε path) with the fields of ``LR``; they differ in the target
+    rule t alone (:meth:`_rule`: LR's y = Xw̄, SWAP's transport targets ỹ)."""
 
     lam: Union[float, str] = "auto"
     lam_scale: str = "fisher"
@@ -232,15 +213,19 @@ class LR(Method):
     @property
     def selects(self) -> bool:
         """True when some value is "auto": ``solve`` then needs a ``score`` to choose it."""
-        return self.lam == "auto"
+        return self.lam == "auto" or self._rule().selects
+
+    @abc.abstractmethod
+    def _rule(self) -> "TargetRule":
+        """The target rule: LR's y, or SWAP's transport targets."""
 
     def without_search(self) -> "LR":
         """This method with its λ selection alone: LR's targets y where ε is "auto", no swap search
         and no OBS start. The fit of the stages before the last under ``prune(stages="auto")``: on the
         presets' MLPNet and ViT, dropping them there kept the final accuracy and saved their time."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(LR)}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(_Regression)}
         fields.update(swap_rounds=0, obs_sparsity=None)
-        if self._epsilon_first() is None:
+        if self._rule().first is None:
             return LR(**fields)
         return dataclasses.replace(self, **fields)
 
@@ -281,28 +266,15 @@ class LR(Method):
             reference = (col_sq,) + _magnitude_reference(_width("magnitude", X, groups), X, w_start, groups)
         problem = (X, w_bar, groups, y, z, scale, reference)
         if score is None or not self.selects:
-            return self._fit(problem, self._lam_value(), self._epsilon_value(), w_start, duals)
-        return selection.regression_path(self, problem, w_start, duals, score)
-
-    # What SWAP overrides: the target rule, and the ε of the targets (None: LR's y) when used as is, first,
-    # and on the path. LR and SWAP are one solver with two target rules.
-    def _lam_value(self):
-        return DEFAULT_LAM if self.lam == "auto" else self.lam
-
-    def _epsilon_value(self):
-        return None
-
-    def _epsilon_first(self):
-        return None
-
-    def _epsilon_path(self):
-        return ()
+            return self._fit(problem, DEFAULT_LAM if self.lam == "auto" else self.lam, self._rule().value, w_start,
+                             duals)
+        return _regression_path(self, problem, w_start, duals, score)
 
     def _fit(self, problem, lam, eps, init, duals, rounds=None):
         """One solve at (λ, ε): targets, IHT from H_k(init), backsolve, ``rounds`` of swap search."""
         X, w_bar, groups, y, z, scale, reference = problem
         lam_abs = lam * scale
-        t, duals, plan = self._targets(y, z, eps, duals)
+        t, duals, plan = self._rule().targets(y, z, eps, duals)
         w, info = _solve(self._config(eps), X, t, y, w_bar, init, groups, lam_abs, duals, plan)
         info = info._replace(lam=jnp.asarray(lam, lam_abs.dtype))
         if self.backsolve:
@@ -319,7 +291,7 @@ class LR(Method):
         (``objective_trace`` holds f alone.)"""
         X, w_bar, _, y, z, scale, _ = problem
         lam_abs = lam * scale
-        t, duals, plan = self._targets(y, z, eps, duals)
+        t, duals, plan = self._rule().targets(y, z, eps, duals)
         w, f = _ridge(self.cg_iters, X, t, w_bar, support, lam_abs, gram, init, x_anchor)
         info = SolveInfo(f, f[None], jnp.array(0), jnp.array(True), support, t, plan, duals,
                          lam=jnp.asarray(lam, lam_abs.dtype), lam_absolute=lam_abs,
@@ -348,17 +320,78 @@ class LR(Method):
                                                  *reference[1:])
         return info._replace(objective_trace=jnp.stack([start, info.objective]), objective_magnitude=magnitude)
 
-    def _targets(self, y, z, eps, duals):
-        """The target rule: (t, duals, plan report). LR's is t = y = Xw̄ (no plan; duals passed through)."""
-        return y, duals, _NO_PLAN
-
     def _config(self, eps) -> "_Config":
         return _Config(self.max_iters, self.tol, self.growth, self.patience if self.backsolve else None,
-                       self.active_set, None)
+                       self.active_set, self._rule().retarget(eps))
+
+
+class TargetRule(NamedTuple):
+    """The targets t of the regression at an ε: None is LR's y = Xw̄, a number SWAP's ỹ = N·πᵀy, π the
+    entropic plan between y and z = X·w_start at that ε (Sinkhorn's ``threshold`` and ``max_iters``).
+    ``value``: the ε used without a selection; ``first``: the ε of the λ walk; ``path``: the ε tried
+    after it; ``plan_update``: "stage" (π once) or "iteration" (before every IHT step); ``selects``:
+    ε is chosen on held-out loss."""
+
+    value: Optional[float] = None
+    first: Optional[float] = None
+    path: tuple = ()
+    threshold: float = 1e-3
+    max_iters: int = 5000
+    plan_update: str = "stage"
+    selects: bool = False
+
+    def targets(self, y, z, eps, duals):
+        """(t, duals, plan report) at ε (None: y, no plan, the duals passed through)."""
+        if eps is None:
+            return y, duals, _NO_PLAN
+        t, new_duals, info = transport.transport_targets(y, z, eps, self.threshold, self.max_iters, duals)
+        return t, duals if new_duals is None else new_duals, info
+
+    def retarget(self, eps) -> Optional[tuple]:
+        """(ε, threshold, max_iters) where the plan is re-estimated before every IHT step, else None."""
+        if self.plan_update == "iteration" and eps is not None:
+            return (float(eps), self.threshold, self.max_iters)
+        return None
+
+
+#: LR's rule: the targets are y.
+_Y = TargetRule()
 
 
 @dataclass(frozen=True)
-class SWAP(LR):
+class LR(_Regression):
+    """Sparse linear regression (CHITA): min ½‖y − Xw‖² + (Nλ/2)‖w − w̄‖², ‖w‖₀ ≤ k.
+
+    lam: λ ≥ 0, or "auto" (default): with a held-out score
+    (``solve(..., score=)``; ``swapjax.prune`` builds it from the loss on
+    examples it does not fit), the value of ``lam_path`` found by walking
+    downhill from ``DEFAULT_LAM`` (a local minimum of the score along the
+    path); without a score, ``DEFAULT_LAM``. lam_scale: "fisher" (default)
+    measures λ in units of the Fisher's scale ‖X‖²_F/(Np), so a value means the
+    same on every network and scaling X does not change the solution; "absolute" takes λ as is (the published
+    λ = 0.01; docs/methods.md relates the two).
+    max_iters, tol: IHT stops after max_iters steps or when a step lowers f by
+    ≤ tol·f. growth: factor of the geometric step growth. backsolve: the exact
+    ridge solve on the support. patience: with the backsolve on, also stop IHT
+    once the support has not changed for this many steps (None: run to tol).
+    swap_rounds: rounds of the swap search after the backsolve (0: none; see
+    :func:`swapjax.iht.swap_search`). obs_sparsity: from this sparsity
+    1 − k/p on (None: never), the selection also starts the backsolve and
+    swap search from the k weights of largest OBS saliency
+    (:func:`swapjax.iht.obs_support`, O(N²k)) at the chosen λ and targets,
+    and keeps that where its held-out loss is lower. cg_iters: conjugate-gradient steps of
+    each backsolve where X is not formed (an operator of products only, such as
+    :class:`swapjax.operators.GradientOperator`; each step costs Xv and Xᵀu). active_set: None, or CHITA's active-set
+    phase with ⌈active_set·k⌉ weights (:func:`swapjax.iht.active_set_iht`).
+    """
+
+
+    def _rule(self) -> TargetRule:
+        return _Y
+
+
+@dataclass(frozen=True)
+class SWAP(_Regression):
     """Entropic Wasserstein regression: LR with targets ỹ = N·πᵀy (docs/methods.md).
 
     epsilon: ε ≥ 0 on the cost (y_i − z_j)²/Var(y) (see :mod:`swapjax.transport`;
@@ -386,33 +419,66 @@ class SWAP(LR):
         checks.integer("sinkhorn_max_iters", self.sinkhorn_max_iters, 1)
         checks.choice("plan_update", self.plan_update, ("stage", "iteration"))
 
-    @property
-    def selects(self) -> bool:
-        return self.lam == "auto" or self.epsilon == "auto"
+    def _rule(self) -> TargetRule:
+        """ỹ at ε; with ε "auto", y first (the ε → 0 end), then each ε of ``epsilon_path``."""
+        auto = self.epsilon == "auto"
+        return TargetRule(DEFAULT_EPSILON if auto else float(self.epsilon), None if auto else float(self.epsilon),
+                          self.epsilon_path if auto else (), self.sinkhorn_threshold, self.sinkhorn_max_iters,
+                          self.plan_update, auto)
 
-    def _epsilon_value(self):
-        return DEFAULT_EPSILON if self.epsilon == "auto" else float(self.epsilon)
 
-    def _epsilon_first(self):
-        return None if self.epsilon == "auto" else float(self.epsilon)
+def _regression_path(method, problem, w_start, duals, score: Score):
+    """The λ/ε path of LR and SWAP (``method``, with "auto" values) on a prepared ``problem``.
 
-    def _epsilon_path(self):
-        return self.epsilon_path if self.epsilon == "auto" else ()
+    The first candidate runs IHT and the backsolve at the first λ; the others
+    are ridge fits on its support (its Gram updated, no new IHT): λ walked
+    downhill along ``lam_path`` from ``DEFAULT_LAM``, then each ε of the
+    method's path at the chosen λ (transport targets must beat the best by one
+    standard error). IHT with the swap search runs once more at the best
+    values, then (``obs_sparsity``, X formed) the search from the OBS support.
+    Returns (w, SolveInfo) of the best with ``candidates`` and ``chosen``.
+    """
+    X, groups = problem[0], problem[2]
+    selection = Selection(score)
+    incumbent = None  # (support, G_S, X·w̄_S) of the first solve: the other candidates are ridge fits on it
 
-    def _targets(self, y, z, eps, duals):
-        """SWAP's rule: ỹ = N·πᵀy, π the entropic plan between y and z at ε (LR's y where ε is None)."""
-        if eps is None:
-            return LR._targets(self, y, z, eps, duals)
-        t, new_duals, info = transport.transport_targets(
-            y, z, eps, self.sinkhorn_threshold, self.sinkhorn_max_iters, duals
-        )
-        return t, duals if new_duals is None else new_duals, info
+    def attempt(lam, eps, init, duals, kind="iht"):
+        nonlocal incumbent
+        if kind == "obs":
+            w, info = method._fit_obs(problem, selection.best[1], w_start)
+        elif kind == "swap" or incumbent is None:
+            rounds = method.swap_rounds if kind == "swap" else 0
+            w, info = method._fit(problem, lam, eps, init, duals, rounds)
+            kind = "swap" if rounds else "iht"
+            if incumbent is None and method.backsolve:
+                incumbent = method._incumbent(problem, info.support)
+        else:
+            w, info = method._fit_on(problem, lam, eps, init, *incumbent, duals)
+            kind = "ridge"
+        challenger = eps is not None and selection.best is not None and eps != selection.winner.epsilon
+        selection.offer(w, info, Candidate(float(lam), eps, kind, math.nan, float(info.objective),
+                                           float(info.lam_absolute)), challenger)
+        return info
 
-    def _config(self, eps):
-        retarget = None
-        if self.plan_update == "iteration" and eps is not None:
-            retarget = (float(eps), self.sinkhorn_threshold, self.sinkhorn_max_iters)
-        return LR._config(self, eps)._replace(retarget=retarget)
+    rule = method._rule()
+    info = None
+    if method.lam == "auto":
+        for lam in walk(sorted(method.lam_path), DEFAULT_LAM, selection.last_score):
+            best = selection.best
+            info = attempt(lam, rule.first, best[0] if best else w_start, duals)
+    else:
+        info = attempt(method.lam, rule.first, w_start, duals)
+    for eps in rule.path:
+        info = attempt(selection.winner.lam, eps, selection.best[0], info.duals)
+    if incumbent is not None and (method.swap_rounds or selection.winner.support == "ridge"):
+        attempt(selection.winner.lam, selection.winner.epsilon, selection.best[0], selection.best[1].duals, kind="swap")
+    if (method.obs_sparsity is not None and 1 - int(groups.k) / X.shape[1] >= method.obs_sparsity
+            and incumbent is not None and X.formed and float(selection.best[1].lam_absolute) > 0):
+        attempt(selection.winner.lam, selection.winner.epsilon, None, None, kind="obs")
+    w, info, _ = selection.best
+    if selection.winner.support in ("ridge", "obs"):  # f at H_k(w_start) and of the magnitude backsolve
+        info = method._with_reference_objectives(problem, info, w_start)
+    return w, info._replace(candidates=tuple(selection.tried), chosen=selection.chosen)
 
 
 _NO_PLAN = transport.PlanInfo(jnp.array(0), jnp.array(True), jnp.array(0.0), jnp.array(False))

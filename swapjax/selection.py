@@ -1,12 +1,10 @@
 """Choosing a method's values on held-out loss.
 
 The pieces every selection shares: :func:`walk` along a sorted path,
-:class:`Selection` (the candidates tried, their scores, the best so far) and
-two drivers on them:
-
-- :class:`Selected`: any method with one of its fields chosen, each value a full solve;
-- :func:`regression_path`: the λ/ε path of ``LR(lam="auto")`` and ``SWAP(epsilon="auto")``,
-  whose later candidates are ridge fits on the first one's support (one Gram, no new IHT).
+:class:`Selection` (the candidates tried, their scores, the best so far), and
+:class:`Selected`: any method with one of its fields chosen, each value a full solve.
+``LR(lam="auto")`` and ``SWAP(epsilon="auto")`` walk their λ/ε path with the same pieces
+(:mod:`swapjax.methods`), their later candidates ridge fits on the first one's support.
 
 The score is the driver's: ``swapjax.prune`` passes the mean ``loss_fn`` of the
 pruned network on examples it does not fit (lower is better).
@@ -209,58 +207,3 @@ class Selected(Method):
         w, info, _ = selection.best
         return w, SelectedInfo(info.support, info.objective, info.objective_trace, info.duals, info,
                                tuple(selection.tried), selection.chosen)
-
-
-def regression_path(method, problem, w_start, duals, score: Score):
-    """The λ/ε path of LR and SWAP (``method``, with "auto" values) on a prepared ``problem``.
-
-    The first candidate runs IHT and the backsolve at the first λ; the others
-    are ridge fits on its support (its Gram updated, no new IHT): λ walked
-    downhill along ``lam_path`` from ``DEFAULT_LAM``, then each ε of the
-    method's path at the chosen λ (transport targets must beat the best by one
-    standard error). IHT with the swap search runs once more at the best
-    values, then (``obs_sparsity``, X formed) the search from the OBS support.
-    Returns (w, SolveInfo) of the best with ``candidates`` and ``chosen``.
-    """
-    from .methods import DEFAULT_LAM, Candidate  # methods imports this module
-
-    X, groups = problem[0], problem[2]
-    selection = Selection(score)
-    incumbent = None  # (support, G_S, X·w̄_S) of the first solve: the other candidates are ridge fits on it
-
-    def attempt(lam, eps, init, duals, kind="iht"):
-        nonlocal incumbent
-        if kind == "obs":
-            w, info = method._fit_obs(problem, selection.best[1], w_start)
-        elif kind == "swap" or incumbent is None:
-            rounds = method.swap_rounds if kind == "swap" else 0
-            w, info = method._fit(problem, lam, eps, init, duals, rounds)
-            kind = "swap" if rounds else "iht"
-            if incumbent is None and method.backsolve:
-                incumbent = method._incumbent(problem, info.support)
-        else:
-            w, info = method._fit_on(problem, lam, eps, init, *incumbent, duals)
-            kind = "ridge"
-        challenger = eps is not None and selection.best is not None and eps != selection.winner.epsilon
-        selection.offer(w, info, Candidate(float(lam), eps, kind, math.nan, float(info.objective),
-                                           float(info.lam_absolute)), challenger)
-        return info
-
-    info = None
-    if method.lam == "auto":
-        for lam in walk(sorted(method.lam_path), DEFAULT_LAM, selection.last_score):
-            best = selection.best
-            info = attempt(lam, method._epsilon_first(), best[0] if best else w_start, duals)
-    else:
-        info = attempt(method.lam, method._epsilon_first(), w_start, duals)
-    for eps in method._epsilon_path():
-        info = attempt(selection.winner.lam, eps, selection.best[0], info.duals)
-    if incumbent is not None and (method.swap_rounds or selection.winner.support == "ridge"):
-        attempt(selection.winner.lam, selection.winner.epsilon, selection.best[0], selection.best[1].duals, kind="swap")
-    if (method.obs_sparsity is not None and 1 - int(groups.k) / X.shape[1] >= method.obs_sparsity
-            and incumbent is not None and X.formed and float(selection.best[1].lam_absolute) > 0):
-        attempt(selection.winner.lam, selection.winner.epsilon, None, None, kind="obs")
-    w, info, _ = selection.best
-    if selection.winner.support in ("ridge", "obs"):  # f at H_k(w_start) and of the magnitude backsolve
-        info = method._with_reference_objectives(problem, info, w_start)
-    return w, info._replace(candidates=tuple(selection.tried), chosen=selection.chosen)

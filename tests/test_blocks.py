@@ -209,3 +209,41 @@ def test_blocks_of_one_width_share_every_compiled_program(trained_mlp, prune_bat
         res = swapjax.prune(mlp_loss, trained_mlp, prune_batch, sparsity=0.5, **kwargs)
     assert len(res.info[0].method_info.blocks) == 3 and res.summary()["total"]["kept"] == swapjax.kept_count(0.5, 888)
     assert not second, f"compiled again for other block counts: {dict(second)}"
+
+
+def test_blocked_wraps_any_method_and_equals_the_blocked_mode(trained_mlp, prune_batch, capsys):
+    """method=Blocked(LR, width) is mode=Blocked(width) with that method: the same weights and blocks; a
+    Blocked method with another mode, or a mode Blocked with a method of its own, is a ValueError."""
+    kwargs = dict(sparsity=0.8, stages=1, progress=False)
+    wrapped = swapjax.prune(mlp_loss, trained_mlp, prune_batch, method=swapjax.Blocked(fixed_lr(), width=300), **kwargs)
+    as_mode = swapjax.prune(mlp_loss, trained_mlp, prune_batch, method=fixed_lr(), mode=swapjax.Blocked(width=300),
+                            **kwargs)
+    assert wrapped.mode == as_mode.mode == "blocked"
+    assert len(wrapped.info[0].method_info.blocks) == len(as_mode.info[0].method_info.blocks) == 3
+    lay = pytree.layout(trained_mlp)
+    np.testing.assert_array_equal(np.asarray(pytree.flatten(wrapped.params, lay)),
+                                  np.asarray(pytree.flatten(as_mode.params, lay)))
+    with pytest.raises(ValueError, match=r"mode: 'in-memory' with method=Blocked\(\.\.\.\), which holds X in column "
+                                         r"blocks; leave mode as 'auto' or 'blocked'"):
+        swapjax.prune(mlp_loss, trained_mlp, prune_batch, method=swapjax.Blocked(fixed_lr()), mode="in-memory",
+                      **kwargs)
+    with pytest.raises(ValueError, match=r"mode: a Blocked with a method of its own; pass it as "
+                                         r"method=Blocked\(method, \.\.\.\)"):
+        swapjax.prune(mlp_loss, trained_mlp, prune_batch, mode=swapjax.Blocked(fixed_lr()), **kwargs)
+    assert repr(swapjax.Blocked(width=3)) == "Blocked(width=3, budget='fisher')"
+    assert swapjax.Blocked(300, "magnitude") == swapjax.Blocked(width=300, budget="magnitude")  # the earlier form
+
+
+def test_blocked_on_a_formed_x_solves_its_column_ranges():
+    """Blocked(Magnitude(), width, budget="magnitude") on a formed X: each block keeps its share of the global
+    top-k by |w̄|, so the result is the global magnitude mask (NumPy); the info has one entry per block."""
+    rng = np.random.default_rng(0)
+    X, w_bar = rng.normal(size=(6, 10)).astype(np.float32), rng.normal(size=10).astype(np.float32)
+    w, info = swapjax.Blocked(swapjax.Magnitude(), width=4, budget="magnitude").solve(X, w_bar, 4)
+    expected = np.zeros(10, bool)
+    expected[np.argsort(-np.abs(w_bar), kind="stable")[:4]] = True
+    np.testing.assert_array_equal(np.asarray(info.support), expected)
+    np.testing.assert_array_equal(np.asarray(w), np.where(expected, w_bar, 0))
+    assert len(info.blocks) == 3 and info.describe().startswith("3 blocks")
+    with pytest.raises(ValueError, match=r"method: Blocked\(\) has no method to solve each block with"):
+        swapjax.Blocked(width=4).solve(X, w_bar, 4)

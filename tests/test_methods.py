@@ -8,6 +8,8 @@ called directly.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -464,3 +466,144 @@ def test_one_compilation_serves_every_k(small):
             w, info = method.solve(X, w_bar, k, score=score)
             _check_sparse(w, info, k)
     assert not seen, f"compiled again for another k: {dict(seen)}"
+
+
+# ---------------------------------------------------------------------------
+# one method contract: a method written here alone runs in both drivers
+
+
+class _ToyInfo(NamedTuple):
+    """A user's info: the contract's fields and a diagnostic of its own (``largest``)."""
+
+    support: jax.Array
+    objective: jax.Array
+    objective_trace: jax.Array
+    duals: tuple
+    largest: float
+    held_out_loss: float = float("nan")
+    gradient_seconds: float = 0.0
+
+    def describe(self) -> str:
+        return f"largest kept {self.largest:.3g}"
+
+    def warnings(self, n):
+        return ()
+
+
+def _toy_result(problem, score):
+    support = problem.groups.project(score)
+    w = jnp.where(support, problem.w_bar, 0)
+    f = jnp.zeros(())
+    return w, _ToyInfo(support, f, f[None], problem.duals, float(jnp.max(jnp.abs(w))))
+
+
+class _KeepLargest(swapjax.Method):
+    """Keep the largest |w̄_i| of each group: needs nothing but w̄ and the groups."""
+
+    needs = "w"
+    matrix_free = True
+
+    def solve_problem(self, problem):
+        return _toy_result(problem, jnp.abs(problem.w_bar))
+
+
+class _KeepScaled(swapjax.Method):
+    """Keep the largest |w̄_i|·‖x_i‖ of each group: needs X's column norms (diag XᵀX)."""
+
+    matrix_free = True
+
+    def solve_problem(self, problem):
+        return _toy_result(problem, jnp.abs(problem.w_bar) * jnp.sqrt(problem.X.col_sq))
+
+
+_TOY_X = np.random.default_rng(3).normal(size=(24, 8)).astype(np.float32)
+_TOY_W = np.random.default_rng(4).normal(size=(8, 6)).astype(np.float32)
+
+
+def _toy_loss(params, example):
+    return jnp.sum(jnp.tanh(example["x"] @ params["w"]) ** 2)
+
+
+def _top(score, count):
+    """The ``count`` largest entries of a flat score, ties to the lower index (NumPy)."""
+    keep = np.zeros(score.size, bool)
+    keep[np.lexsort((np.arange(score.size), -score))[:count]] = True
+    return keep
+
+
+def _nm_top(score, n, m):
+    """N of every M consecutive inputs (rows) of each output unit (column) of a (d_in, d_out) score."""
+    keep = np.zeros(score.shape, bool)
+    for j in range(score.shape[1]):
+        for g in range(0, score.shape[0], m):
+            keep[g:g + m, j] = _top(score[g:g + m, j], n)
+    return keep
+
+
+@pytest.mark.parametrize("constraint", ["uniform", "2:4"])
+def test_a_method_written_once_runs_in_both_drivers(constraint):
+    """_KeepLargest, defined in this file alone, in swapjax.prune and swapjax.prune_layerwise: the same masks,
+    against NumPy (the 24 largest |w| of the layer, or 2 of every 4 inputs of each unit), the kept weights
+    unchanged, its own info (with a diagnostic of its own) kept as the stage's method_info."""
+    spec = swapjax.LayerBudgets() if constraint == "uniform" else swapjax.NM(2, 4)
+    params, batch = {"w": _TOY_W}, {"x": _TOY_X}
+    score = np.abs(_TOY_W)
+    expected = _top(score.ravel(), 24).reshape(8, 6) if constraint == "uniform" else _nm_top(score, 2, 4)
+    network = swapjax.prune(_toy_loss, params, batch, sparsity=0.5, method=_KeepLargest(), constraint=spec,
+                            progress=False)
+    layerwise = swapjax.prune_layerwise(_toy_loss, params, batch, sparsity=0.5, method=_KeepLargest(),
+                                        constraint=spec, progress=False)
+    for result in (network, layerwise):
+        np.testing.assert_array_equal(np.asarray(result.masks["w"]), expected)
+        np.testing.assert_array_equal(np.asarray(result.params["w"]), np.where(expected, _TOY_W, 0))
+    (stage,) = network.info
+    assert isinstance(stage.method_info, _ToyInfo)
+    assert stage.method_info.largest == pytest.approx(float(np.abs(_TOY_W[expected]).max()))
+
+
+def test_a_method_on_x_gets_the_per_sample_gradients_or_the_layers_operator():
+    """_KeepScaled reads diag(XᵀX): network-wide the per-sample gradients' (X from swapjax.per_sample_grads),
+    layer by layer the layer's X = I ⊗ Lᵀ, LLᵀ = H + δI, so diag(XᵀX) = H_ii + δ for every unit (H = AᵀA of
+    the layer's inputs, δ = 0.01·mean diag H): a Wanda score with the damping, over the whole layer."""
+    params, batch = {"w": _TOY_W}, {"x": _TOY_X}
+    X = np.asarray(swapjax.per_sample_grads(_toy_loss, params, batch), np.float64)
+    expected = _top(np.abs(_TOY_W.ravel()) * np.sqrt((X ** 2).sum(0)), 24).reshape(8, 6)
+    network = swapjax.prune(_toy_loss, params, batch, sparsity=0.5, method=_KeepScaled(),
+                            constraint=swapjax.LayerBudgets(), progress=False)
+    np.testing.assert_array_equal(np.asarray(network.masks["w"]), expected)
+    H = _TOY_X.astype(np.float64).T @ _TOY_X
+    diag = np.diag(H) + 0.01 * np.mean(np.diag(H))
+    expected = _top((np.abs(_TOY_W) * np.sqrt(diag)[:, None]).ravel(), 24).reshape(8, 6)
+    layerwise = swapjax.prune_layerwise(_toy_loss, params, batch, sparsity=0.5, method=_KeepScaled(), progress=False)
+    np.testing.assert_array_equal(np.asarray(layerwise.masks["w"]), expected)
+
+
+def test_a_method_that_needs_the_layers_gram_is_refused_network_wide():
+    with pytest.raises(ValueError, match=r"method: SparseGPT needs each layer's Gram H \(a layer method\): prune layer "
+                                         r"by layer with swapjax.prune_layerwise\(\.\.\., method=SparseGPT\(\)\)"):
+        swapjax.prune(_toy_loss, {"w": _TOY_W}, {"x": _TOY_X}, sparsity=0.5, method=swapjax.SparseGPT(),
+                      progress=False)
+
+
+def test_a_method_must_implement_solve_problem_or_solve():
+    class Empty(swapjax.Method):
+        pass
+
+    problem = swapjax.contract.Problem(_TOY_W.ravel(), swapjax.Groups.top_k(3), X=np.eye(48, dtype=np.float32))
+    with pytest.raises(TypeError, match=r"Empty implements neither solve_problem\(problem\) nor solve\(X, w_bar, k"):
+        Empty().solve_problem(problem)
+    with pytest.raises(TypeError, match=r"Empty implements neither"):
+        Empty().solve(np.eye(48, dtype=np.float32), _TOY_W.ravel(), 3)
+
+
+def test_the_bare_solve_and_solve_problem_are_the_same_solve(small):
+    """LR's bare form solve(X, w̄, k) and solve_problem(Problem(...)) give the same weights; so does a
+    problem-only method called in the bare form."""
+    X, w_bar, support = small
+    k = len(support)
+    problem = swapjax.contract.Problem(w_bar, swapjax.Groups.top_k(k), X=X)
+    a, _ = fixed_lr().solve(X, w_bar, k)
+    b, _ = fixed_lr().solve_problem(problem)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    w, info = _KeepLargest().solve(X, w_bar, k)
+    np.testing.assert_array_equal(np.asarray(info.support), _top(np.abs(w_bar), k))

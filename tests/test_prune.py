@@ -445,3 +445,15 @@ def test_a_hook_that_would_never_run_is_a_warning():
         swapjax.prune(_sum_loss, params, batch, sparsity=0.8, method=swapjax.Magnitude(), stages=3, finetune=hook,
                       progress=False)
     assert calls == [2]  # stage 1 of (0, 0.45, 0.8) is skipped; the hook runs after stage 2
+
+
+def test_progress_may_be_a_callable_that_receives_every_line(trained_mlp, prune_batch, loss_fn, capsys):
+    lines = []
+    swapjax.prune(loss_fn, trained_mlp, prune_batch, sparsity=0.8, method=LR, stages=3, progress=lines.append)
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""  # nothing printed: every message went to the callable, without the prefix
+    assert lines[0].startswith("LR: N=") and not any(line.startswith("[swapjax]") for line in lines)
+    assert [line.split(":")[0] for line in lines if line.startswith("stage ")] == [
+        "stage 2/3 sparsity 0.7000 k=266", "stage 3/3 sparsity 0.8000 k=178"]
+    with pytest.raises(ValueError, match=r"progress: must be True or False, or a callable report\(message\), got 'no'"):
+        swapjax.prune(loss_fn, trained_mlp, prune_batch, sparsity=0.8, method=LR, progress="no")

@@ -11,12 +11,12 @@ import importlib
 from .baselines import Magnitude, WoodFisher
 from .blocks import Blocked
 from .constraints import NM, Constraint, Groups, LayerBudgets, TopK, kept_count
-from .contract import Method
+from .contract import Method, Problem
 from .comparison import MethodResult, compare, compare_sparsities, format_table
 from .finetune import batched_loss, keep_pruned_at_zero, make_finetune_hook, masked_optimizer, masked_updates
 from .gradients import GradientNoise, add_gradient_noise, per_sample_grads
 from .io import bcoo_bytes, from_bcoo, load_pruned, save_pruned, to_bcoo
-from .layer_methods import SparseGPT, Wanda
+from .layer_methods import LayerMagnitude, Refit, Regression, SparseGPT, Wanda
 from .layers import Layer, Layers, find_layers
 from .layerwise import prune_layerwise
 from .methods import LR, SWAP, SolveInfo
@@ -29,9 +29,9 @@ from .schedules import cubic_schedule, linear_schedule, polynomial_schedule
 from .training import evaluate, train
 
 __all__ = [
-    "Method", "LR", "SWAP", "Magnitude", "WoodFisher", "Selected", "SolveInfo", "Blocked", "Constraint", "TopK", "LayerBudgets", "NM", "Groups",
+    "Method", "Problem", "LR", "SWAP", "Magnitude", "WoodFisher", "Selected", "SolveInfo", "Blocked", "Constraint", "TopK", "LayerBudgets", "NM", "Groups",
     "compare", "compare_sparsities", "format_table", "MethodResult", "GradientNoise", "PruneResult", "StageInfo",
-    "prune", "prune_layerwise", "find_layers", "Layer", "Layers", "SparseGPT", "Wanda", "per_sample_grads", "add_gradient_noise", "kept_count", "linearized_gradients", "Operator", "Formed", "RowSharded",
+    "prune", "prune_layerwise", "find_layers", "Layer", "Layers", "SparseGPT", "Wanda", "Refit", "Regression", "LayerMagnitude", "per_sample_grads", "add_gradient_noise", "kept_count", "linearized_gradients", "Operator", "Formed", "RowSharded",
     "GradientOperator",
     "allow_vectors", "exclude", "apply_masks", "sparsity_summary", "cubic_schedule", "linear_schedule", "polynomial_schedule",
     "keep_pruned_at_zero", "masked_updates", "masked_optimizer", "make_finetune_hook", "batched_loss",

@@ -215,6 +215,29 @@ def test_select_cannot_choose_a_leaf_that_is_no_layer(driver):
            select=lambda path, leaf: path == "input_embedding" or path.startswith("Attn_0/"))
 
 
+@pytest.mark.parametrize("name", ["gemma", "scan0", "nested"])
+def test_layerwise_solves_the_layers_in_forward_order(name):
+    """The sequential driver's reports come in forward order (the stack's slices after the input
+    projection that feeds them), one per layer, each keeping its budget."""
+    c = case(name)
+    reports = run(name, "layerwise", "budgets").layers
+    assert [r.name for r in reports] == [e.name for e in c.layers]
+    assert [r.kept for r in reports] == [round((1 - S) * e.index(c.leaves[e.path].shape).size) for e in c.layers]
+
+
+def test_layerwise_solves_a_slice_on_the_inputs_of_the_pruned_layers_before_it():
+    """Sequential: inp is solved on the dense network, then slice 0 on the outputs of the pruned inp.
+    The same two solves run one at a time (select) give the same weights."""
+    c = case("scan0")
+    whole = by_path(run("scan0", "layerwise", "budgets").params)
+    kw = dict(sparsity=S, constraint=swapjax.LayerBudgets(), method=swapjax.SparseGPT(), progress=False)
+    first = swapjax.prune_layerwise(c.loss_fn, c.params, c.batch, select=lambda path, leaf: path == "inp/kernel", **kw)
+    np.testing.assert_allclose(by_path(first.params)["inp/kernel"], whole["inp/kernel"], rtol=1e-4, atol=1e-5)
+    then = swapjax.prune_layerwise(c.loss_fn, first.params, c.batch, select=lambda path, leaf: path == "ScanBlock_0/Dense_0/kernel", **kw)
+    k = "ScanBlock_0/Dense_0/kernel"
+    np.testing.assert_allclose(by_path(then.params)[k], whole[k], rtol=1e-4, atol=1e-5)
+
+
 # a scanned stack and its unrolled twin --------------------------------------------------------------
 
 def _twin_leaves(stack: str, result) -> dict:

@@ -79,7 +79,15 @@ class Problem:
     ``shape`` = (d_in, d_out) (w̄ is that layer's kernel flattened row-major). ``w_start``: where the stage
     starts (None: w̄); ``duals``: the previous stage's Sinkhorn potentials or None; ``score``: the held-out
     loss, given only to a method that ``selects``; ``segments``: the layer offsets, given only where
-    ``needs_segments``; ``name``: the layer's name (layer by layer), for messages."""
+    ``needs_segments``; ``name``: the layer's name (layer by layer), for messages.
+
+    Examples:
+        >>> import numpy as np, swapjax
+        >>> X, w_bar = np.eye(4, dtype="float32"), np.array([3.0, -2.0, 1.0, 0.5], "float32")
+        >>> w, info = swapjax.Magnitude().solve_problem(swapjax.Problem(w_bar, swapjax.Groups.top_k(2), X=X))
+        >>> w.tolist()                    # the same solve as Magnitude().solve(X, w_bar, 2)
+        [3.0, -2.0, 0.0, 0.0]
+    """
 
     w_bar: Any
     groups: Groups

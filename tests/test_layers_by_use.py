@@ -39,9 +39,10 @@ _RESULTS: dict = {}
 
 
 def run(name: str, driver: str, constraint: str, method=None):
-    """``driver`` ("prune": Magnitude, one stage; "layerwise": SparseGPT) on model ``name`` under
-    ``LayerBudgets()`` at S (constraint "budgets") or ``NM(2, 4)`` ("nm"); each run once."""
-    key = (name, driver, constraint, None if method is None else type(method).__name__)
+    """``driver`` ("prune": Magnitude, one stage; "layerwise": SparseGPT, or its default method where
+    ``method="default"``) on model ``name`` under ``LayerBudgets()`` at S (constraint "budgets") or
+    ``NM(2, 4)`` ("nm"); each run once."""
+    key = (name, driver, constraint, method if method in (None, "default") else type(method).__name__)
     if key not in _RESULTS:
         c = case(name)
         kw = dict(sparsity=S, constraint=swapjax.LayerBudgets()) if constraint == "budgets" else \
@@ -49,6 +50,8 @@ def run(name: str, driver: str, constraint: str, method=None):
         if driver == "prune":
             _RESULTS[key] = swapjax.prune(c.loss_fn, c.params, c.batch, method=method or swapjax.Magnitude(),
                                           stages=1, progress=False, **kw)
+        elif method == "default":
+            _RESULTS[key] = swapjax.prune_layerwise(c.loss_fn, c.params, c.batch, progress=False, **kw)
         else:
             _RESULTS[key] = swapjax.prune_layerwise(c.loss_fn, c.params, c.batch, method=method or swapjax.SparseGPT(),
                                                     progress=False, **kw)
@@ -169,20 +172,15 @@ def test_nm_groups_run_along_each_layers_contracting_axes(name, driver):
         np.testing.assert_array_equal(np.asarray(rebuilt[p]), np.where(masks[p], np.asarray(params[p]), 0), err_msg=p)
 
 
-def test_prune_with_lr_keeps_gemma_budgets_and_nm():
-    """LR (the Fisher's solver, not a per-weight score) under both constraints on the Gemma-style model."""
-    c = case("gemma")
-    lr = swapjax.LR(patience=None, swap_rounds=0)
-    leaves = c.leaves
-    masks = _pruned_as_masked(c, run("gemma", "prune", "budgets", lr))
+def test_prune_with_lr_keeps_nnx_attentions_nm_groups():
+    """LR (the Fisher's solver, not a per-weight score) under 2:4 on NNX attention: q/k/v grouped
+    along their inputs (axis 0, not the flattened (in, heads)), the output along (heads, head_dim)."""
+    c = case("nnx_mha")
+    masks = _pruned_as_masked(c, run("nnx_mha", "prune", "nm", swapjax.LR(patience=None, swap_rounds=0)))
     for e in c.layers:
-        index = e.index(leaves[e.path].shape)
-        assert masks[e.path].ravel()[index].sum() == index.size // 4, e.name
-    masks = _pruned_as_masked(c, run("gemma", "prune", "nm", lr))
-    for e in c.layers:
-        index = e.index(leaves[e.path].shape)
+        index = e.index(c.leaves[e.path].shape)
         per_group = masks[e.path].ravel()[index].reshape(index.shape[0] // 4, 4, -1).sum(1)
-        assert np.all(per_group == 2), e.name
+        assert np.all(per_group == 2), (e.name, np.unique(per_group))
 
 
 ATTN = {"Attn_0/q_w", "Attn_0/kv_w", "Attn_0/o_w"}
@@ -261,17 +259,13 @@ def _unrolled_leaves(result) -> dict:
 
 
 @pytest.mark.parametrize("stack", ["scan0", "scan1"])
-@pytest.mark.parametrize("method", [None, "sparsegpt"])
+@pytest.mark.parametrize("method", ["default", "sparsegpt"])
 def test_layerwise_prunes_a_scanned_stack_as_its_unrolled_twin(stack, method):
-    """prune_layerwise solves slice i from the inputs of iteration i (the slices before it pruned):
-    the unrolled twin's Dense_i, the same weights to float32 rounding."""
-    results = []
-    for name in (stack, "unrolled"):
-        c = case(name)
-        kw = {} if method is None else {"method": swapjax.SparseGPT()}
-        results.append(swapjax.prune_layerwise(c.loss_fn, c.params, c.batch, sparsity=0.5, progress=False, **kw)
-                       if method is None else run(name, "layerwise", "budgets"))
-    got, want = _twin_leaves(stack, results[0]), _unrolled_leaves(results[1])
+    """prune_layerwise (its default method, and SparseGPT) solves slice i from the inputs of iteration i
+    (the slices before it pruned): the unrolled twin's Dense_i, the same weights to float32 rounding."""
+    method = "default" if method == "default" else None
+    got, want = (_twin_leaves(stack, run(stack, "layerwise", "budgets", method)),
+                 _unrolled_leaves(run("unrolled", "layerwise", "budgets", method)))
     assert set(got) == set(want)
     for p in want:
         if p.endswith("#mask"):

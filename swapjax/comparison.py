@@ -34,8 +34,8 @@ from . import checks, pytree, transport
 from .gradients import DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, per_sample_grads
 from .loss_check import check_loss_fn
 from .methods import DEFAULT_EPSILON, check_problem
-from .constraints import kept_count
-from .contract import Info
+from .constraints import as_groups, kept_count
+from .contract import Info, Problem
 from .pytree import PyTree, Select
 
 #: Relative ε of the EWR objective's plan: the same scale (cost (y_i − z_j)²/Var(y))
@@ -146,9 +146,10 @@ def compare(
 ) -> dict[str, MethodResult]:
     """Run each of ``methods`` on the same problem (X ∈ R^{N×p}, w̄ ∈ R^p, k); {name: MethodResult}.
 
-    Every method is called as ``method.solve(X, w_bar, k, w_start=w_start, duals=None)``
-    with the same X and w̄ objects, plus ``segments=`` (the layer offsets) for
-    methods whose ``needs_segments`` is true (``Magnitude(scope="layer")``).
+    Every method is called as ``method.solve_problem(Problem(w_bar, k, X=X, w_start=w_start))``
+    (:mod:`swapjax.contract`) with the same X and w̄ objects, plus ``segments`` (the layer offsets)
+    for methods whose ``needs_segments`` is true (``Magnitude(scope="layer")``); a method that needs
+    a layer's Gram fails there, and its error is recorded.
     evaluate(model) -> (accuracy, loss), with model = unflatten(w) when
     ``unflatten`` is given, else the flat w. epsilon, sinkhorn_threshold,
     sinkhorn_max_iters: the plan of the EWR objective (:func:`ewr_objective`).
@@ -224,11 +225,11 @@ def _run_one(name, method, X, w_bar, k, count, y, w_start, segments, evaluate, u
              epsilon, threshold, max_iters, warmup) -> MethodResult:
     """Solve, time, check and measure one method (what raises is recorded by :func:`compare`)."""
     p = X.shape[1]
-    kwargs = {"segments": segments} if method.needs_segments else {}
+    problem = Problem(w_bar, as_groups(k), X=X, w_start=w_start, segments=segments if method.needs_segments else None)
     if warmup:
-        jax.block_until_ready(method.solve(X, w_bar, k, w_start=w_start, duals=None, **kwargs))
+        jax.block_until_ready(method.solve_problem(problem))
     t0 = time.perf_counter()
-    w, info = method.solve(X, w_bar, k, w_start=w_start, duals=None, **kwargs)
+    w, info = method.solve_problem(problem)
     w = jax.block_until_ready(jnp.asarray(w))
     seconds = time.perf_counter() - t0
     nan = math.nan

@@ -37,7 +37,7 @@ import numpy as np
 
 from . import checks
 from .constraints import Groups, as_groups
-from .operators import LayerOperator, live
+from .operators import PERCDAMP, LayerOperator, live
 
 #: score(w): the held-out loss of the pruned network, a float or the vector of per-example losses
 #: (lower is better).
@@ -240,9 +240,11 @@ def for_layer(method: Method, problem: Problem, percdamp: Optional[float] = None
     X = I ⊗ Lᵀ with LLᵀ = H + δI (:class:`~swapjax.operators.LayerOperator`, δ = percdamp·mean diag H,
     default ``operators.PERCDAMP``), and the layer as one segment where it needs segments."""
     if method.needs == "X" and problem.X is None:
-        X = LayerOperator.from_gram(problem.H, problem.shape[1]) if percdamp is None else \
-            LayerOperator.from_gram(problem.H, problem.shape[1], percdamp)
-        problem = problem.replace(X=X)
+        if not method.matrix_free:
+            raise ValueError(f"method: {type(method).__name__} needs X formed (its columns), and layer by layer X is the "
+                             "layer's operator I ⊗ Lᵀ (never formed); use it network-wide with swapjax.prune")
+        problem = problem.replace(X=LayerOperator.from_gram(problem.H, problem.shape[1],
+                                                            PERCDAMP if percdamp is None else percdamp))
     if method.needs_segments and problem.segments is None:
         problem = problem.replace(segments=(0, int(np.prod(problem.shape))))
     return problem

@@ -16,6 +16,7 @@ import pytest
 import swapjax
 from swapjax import layer_methods
 from swapjax.contract import solve_layer
+from swapjax.layer_methods import LayerInfo
 from swapjax.baselines import layer_quotas
 
 
@@ -300,3 +301,60 @@ def test_dead_inputs_regression_keeps_the_rule_zeroes_them_and_beats_sparsegpt(r
         assert mask.sum() == rule
     err = lambda w: np.linalg.norm(A @ (np.asarray(w, np.float64) - W)) ** 2  # noqa: E731
     assert err(w) <= err(w_gpt) * (1 + 1e-5)
+
+
+def test_methods_on_x_run_on_the_layers_operator():
+    """Any method on X runs on a layer: X = I ⊗ Lᵀ with LLᵀ = H + δI, so Magnitude keeps the largest |W̄| of
+    the layer (NumPy) and LR, from W̄'s magnitude support, reconstructs no worse than it; a method that needs
+    X formed (WoodFisher) is refused with the way out."""
+    A, W, H = _layer(6, n=120, d_in=16, d_out=4)
+    W32, H32 = W.astype(np.float32), H.astype(np.float32)
+    k = swapjax.Groups.top_k(20)
+    w_mp, mask_mp = solve_layer(swapjax.Magnitude(), "layer", W32, H32, k)
+    expected = _keep_top(np.abs(W32).ravel(), 20).reshape(16, 4)
+    np.testing.assert_array_equal(mask_mp, expected)
+    np.testing.assert_array_equal(np.asarray(w_mp), np.where(expected, W32, 0))
+    w_lr, mask_lr = solve_layer(swapjax.LR(lam=1e-4), "layer", W32, H32, k)
+    assert mask_lr.sum() == 20 and np.all(np.asarray(w_lr)[~mask_lr] == 0)
+    err = lambda w: np.linalg.norm(A @ (np.asarray(w, np.float64) - W)) ** 2  # noqa: E731
+    assert err(w_lr) <= err(w_mp) * (1 + 1e-5)
+    with pytest.raises(ValueError, match=r"method: WoodFisher needs X formed \(its columns\), and layer by layer X is "
+                                         r"the layer's operator"):
+        solve_layer(swapjax.WoodFisher(), "layer", W32, H32, k)
+
+
+class _Wrong(swapjax.Method):
+    """A layer method returning what ``how`` says (the mistakes a user's method makes)."""
+
+    needs = "H"
+
+    def __init__(self, how):
+        self.how = how
+
+    def solve_problem(self, problem):
+        w, info = swapjax.Wanda().solve_problem(problem)
+        if self.how == "keep all":
+            return problem.w_bar, LayerInfo(jnp.ones(problem.w_bar.shape, bool))
+        if self.how == "NaN":
+            return jnp.where(info.support, jnp.nan, 0.0), info
+        if self.how == "dense":
+            return problem.w_bar, info
+        if self.how == "int mask":
+            return w, LayerInfo(info.support.astype(jnp.int32))
+        return w[:-1], info
+
+
+@pytest.mark.parametrize("how, rule, message", [
+    ("keep all", 20, r"method: _Wrong on layer L kept 64 weights; the layer's budget is exactly 20"),
+    ("keep all", swapjax.NM(2, 4), r"method: _Wrong on layer L keeps 2:4 in 0 of its 16 groups of 4 inputs; every "
+                                   r"group must keep exactly 2"),
+    ("NaN", 20, r"method: _Wrong on layer L returned 20 NaN or inf weights of 64"),
+    ("dense", 20, r"method: _Wrong on layer L returned 44 non-zero weights where its mask prunes"),
+    ("int mask", 20, r"method: _Wrong on layer L returned a mask of dtype int32; expected booleans"),
+    ("short", 20, r"method: _Wrong on layer L returned w of shape \(63,\) and info.support of shape \(64,\); "
+                  r"expected 64 entries each, the layer \(16, 4\) row-major"),
+])
+def test_solve_layer_checks_every_result(how, rule, message):
+    A, W, H = _layer(7, n=60, d_in=16, d_out=4)
+    with pytest.raises(ValueError, match=message):
+        solve_layer(_Wrong(how), "L", W.astype(np.float32), H.astype(np.float32), _groups(rule, 16, 4))

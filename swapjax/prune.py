@@ -170,15 +170,18 @@ def prune(
             with a ``LayerBudgets`` mapping {path: s_l}, its size-weighted mean
             Σ_l s_l·p_l/p, and a value that disagrees is a ValueError).
         method (object): ``SWAP()`` (default), ``LR()``, ``Magnitude()``,
-            ``WoodFisher()``, or an instance of a subclass of
-            ``swapjax.Method`` (:mod:`swapjax.contract`).
+            ``WoodFisher()``, ``Blocked(method, width, budget)``, or an instance
+            of a subclass of ``swapjax.Method`` (:mod:`swapjax.contract`): each
+            stage fills a ``swapjax.Problem`` (X, w̄, the constraint's Groups,
+            w_start, duals, the held-out score where the method selects) and
+            calls ``method.solve_problem``. A method that needs each layer's
+            Gram (SparseGPT, Wanda) is a ValueError: use ``prune_layerwise``.
         constraint: which supports are allowed (:mod:`swapjax.constraints`):
             ``TopK()`` (default: the k largest over all prunable weights),
             ``LayerBudgets("uniform" | "erk" | "owl" | {path: sparsity}, max_sparsity=...)``
             (a count per leaf) or ``NM(n, m)`` (n of every m weights along each
             kernel's reduction axis). Each stage's constraint is resolved to
-            ``Groups`` and passed to ``method.solve`` in place of k; every
-            method keeps exactly its counts.
+            ``Groups`` (``problem.groups``); every method keeps exactly its counts.
         stages: ``"auto"`` (default; see "The schedule" above), an int T (the
             cubic schedule with T stages; 1 = the one-shot prune of the papers)
             or a sequence of sparsities s_1 ≤ … ≤ s_T ending at ``sparsity``;
@@ -216,7 +219,8 @@ def prune(
             (:mod:`swapjax.operators`), memory O(p + N·activations) at the
             cost of a forward pass per product, with backsolves by conjugate
             gradients (LR, SWAP, Magnitude; no ``noise``). ``"blocked"`` (or
-            ``swapjax.Blocked(width, budget)``) forms X one block of columns at
+            ``method=swapjax.Blocked(method, width, budget)``; ``mode=Blocked(width,
+            budget)`` still wraps ``method``) forms X one block of columns at
             a time and solves each block's problem with the method (the
             block-diagonal Fisher of CHITA and WoodFisher; the constraint's
             counts shared between blocks by a magnitude or Fisher ranking,
@@ -235,15 +239,18 @@ def prune(
             ``jax.Device``: the examples (X's rows) are split into d equal
             blocks, one per device (``swapjax.per_sample_grads``); d must
             divide N (after the held-out split). In-memory mode only.
-        progress: a line per stage, and per chunk of long gradient
-            computations, on stderr (False also silences a hook from
-            ``make_finetune_hook``).
+        progress: True: a line per stage (and per block), and per chunk of
+            long gradient computations, on stderr; False: silent (also a hook
+            from ``make_finetune_hook``); a callable ``report(message)``: gets
+            each stage's and block's message instead (:mod:`swapjax.progress`;
+            the gradients' chunk lines stay on stderr).
 
     Returns:
         A ``PruneResult``: ``params`` (same structure and dtypes, exactly k of
         the p prunable weights non-zero), ``masks`` (bool arrays for the
         prunable leaves, True = kept, None elsewhere), ``info`` (one
-        ``StageInfo`` per stage run) and ``one_shot``; ``result.summary()``
+        ``StageInfo`` per stage run: the common fields and the method's own
+        info, ``method_info``) and ``one_shot``; ``result.summary()``
         gives the sparsity per layer.
 
     Examples:

@@ -15,7 +15,8 @@ product contracts), so that the tests check the library's layers against an inde
   member); ``shared_ensemble``: every member on the same input (``in_axes=None``): the members'
   kernels are one product, one layer whose outputs are all members' outputs; ``nested``: an
   ``nn.vmap`` ensemble of ``nn.scan`` stacks (kernels (E, L, in, out): slice [e, l] a layer).
-- ``out_in``: a weight in (out, in) layout, used as ``einsum("j,kj->k", x, w)``.
+- ``out_in``: weights in (out, in) layout, used as ``einsum("j,kj->k", x, w)``, one of them named
+  ``pos_embedding``, and a bias named ``kernel``.
 - ``nnx_mha``: ``nnx.MultiHeadAttention`` on a sequence.
 - ``tied``: a Dense applied twice and an embedding table that is also the output projection.
 """
@@ -328,16 +329,19 @@ def nested() -> Case:
 # 6. (out, in) layout --------------------------------------------------------------------------------
 
 def out_in() -> Case:
+    """Names that mislead a name rule: the output weight is called ``pos_embedding`` (a layer: used
+    as a product's weight) and a (1, W) leaf added like a bias is called ``kernel`` (not a layer)."""
     r = _rng(6)
     params = {"w": jnp.asarray(r.normal(size=(W, IN)) / 3, jnp.float32),  # (out, in)
               "b": jnp.zeros((W,), jnp.float32),
-              "head": jnp.asarray(r.normal(size=(OUT, W)) / 3, jnp.float32)}
+              "kernel": jnp.asarray(r.normal(size=(1, W)) / 3, jnp.float32),
+              "pos_embedding": jnp.asarray(r.normal(size=(OUT, W)) / 3, jnp.float32)}
 
     def loss_fn(p, ex):
-        h = jnp.tanh(jnp.einsum("j,kj->k", ex["x"], p["w"]) + p["b"])
-        return _mse(jnp.einsum("j,kj->k", h, p["head"]), ex["y"])
+        h = jnp.tanh(jnp.einsum("j,kj->k", ex["x"], p["w"]) + p["b"] + p["kernel"][0])
+        return _mse(jnp.einsum("j,kj->k", h, p["pos_embedding"]), ex["y"])
 
-    return Case(params, loss_fn, _mlp_batch(6), (Expect("w", (1,)), Expect("head", (1,))), ())
+    return Case(params, loss_fn, _mlp_batch(6), (Expect("w", (1,)), Expect("pos_embedding", (1,))), ("kernel",))
 
 
 # 7. NNX MultiHeadAttention ---------------------------------------------------------------------------

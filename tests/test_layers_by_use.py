@@ -285,6 +285,18 @@ def test_prune_gives_a_scanned_stack_its_unrolled_twins_budgets(stack):
         np.testing.assert_array_equal(got[p], want[p], err_msg=p)
 
 
+def test_a_gradual_prune_keeps_each_slices_budget_at_every_stage():
+    """Two stages (s = 0.5, then S): each stage's k is the sum of the layers' own counts
+    round((1 − s_t)·p_l), and after the last every slice keeps exactly (1 − S)·W²."""
+    c = case("scan0")
+    result = swapjax.prune(c.loss_fn, c.params, c.batch, sparsity=S, method=swapjax.Magnitude(), stages=[0.5, S],
+                           constraint=swapjax.LayerBudgets(), progress=False)
+    sizes = [e.index(c.leaves[e.path].shape).size for e in c.layers]
+    assert [int(info.k) for info in result.info] == [sum(round((1 - s) * p) for p in sizes) for s in (0.5, S)]
+    k = np.asarray(by_path(result.masks)["ScanBlock_0/Dense_0/kernel"])
+    assert [int(k[i].sum()) for i in range(lm.L)] == [round((1 - S) * lm.W * lm.W)] * lm.L
+
+
 @pytest.mark.parametrize("driver", ["prune", "layerwise"])
 def test_erk_budgets_of_a_scanned_stack_are_its_unrolled_twins(driver):
     """ERK gives each layer a density from its own shape: slice i of the (L, W, W) stack is a W×W

@@ -19,7 +19,6 @@ weights, and every method runs at every sparsity on it.
 from __future__ import annotations
 
 import math
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from .loss_check import check_loss_fn
 from .methods import DEFAULT_EPSILON, check_problem
 from .constraints import as_groups, kept_count
 from .contract import Info, Problem
+from .progress import reporter
 from .pytree import PyTree, Select
 
 #: Relative ε of the EWR objective's plan: the same scale (cost (y_i − z_j)²/Var(y))
@@ -154,7 +154,8 @@ def compare(
     ``unflatten`` is given, else the flat w. epsilon, sinkhorn_threshold,
     sinkhorn_max_iters: the plan of the EWR objective (:func:`ewr_objective`).
     warmup: run each method once untimed first, so ``seconds`` excludes
-    compilation. progress: one line per method on stderr.
+    compilation. progress: one line per method on stderr, False: none, or a callable
+    ``report(message)`` that receives them (:mod:`swapjax.progress`).
 
     Invalid X, w̄ or k raise ValueError at once; a method that raises, returns a
     malformed w, or whose evaluation raises is reported in its result's ``error``.
@@ -185,7 +186,7 @@ def compare(
     segments = checks.segments(segments, p, optional=True)
     _check_options(evaluate, epsilon, sinkhorn_threshold, sinkhorn_max_iters, warmup, progress)
     checks.callable_or_none("unflatten", unflatten, "a function unflatten(w) -> model")
-    log = (lambda msg: print(f"[swapjax.compare] {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    log = reporter(progress, prefix="[swapjax.compare] ")
     log(f"N={n}, p={p}, k={count} (sparsity {1 - count / p:.4f}), {len(methods)} method(s)")
     y = _project(X, w_bar)
 
@@ -218,7 +219,7 @@ def _check_options(evaluate, epsilon, sinkhorn_threshold, sinkhorn_max_iters, wa
     checks.real("sinkhorn_threshold", sinkhorn_threshold, 0.0, lo_open=True)
     checks.integer("sinkhorn_max_iters", sinkhorn_max_iters, 1)
     checks.boolean("warmup", warmup)
-    checks.boolean("progress", progress)
+    reporter(progress)
 
 
 def _run_one(name, method, X, w_bar, k, count, y, w_start, segments, evaluate, unflatten,
@@ -314,9 +315,8 @@ def compare_sparsities(
     X = jax.block_until_ready(per_sample_grads(loss_fn, params, batch, select, chunk_size))
     if noise is not None:
         X = noise(X, key)
-    if progress:
-        print(f"[swapjax.compare] per-sample gradients X {X.shape} in {time.perf_counter() - t0:.2f}s",
-              file=sys.stderr, flush=True)
+    reporter(progress, prefix="[swapjax.compare] ")(f"per-sample gradients X {X.shape} in "
+                                                    f"{time.perf_counter() - t0:.2f}s")
     w_bar = pytree.flatten(params, lay)
     unflatten = lambda w: pytree.unflatten(w, params, lay)  # noqa: E731
     return {

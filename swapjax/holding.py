@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
 from . import blocks, checks, memory
 from .gradients import GradientNoise, check_finite, losses_and_grads
 from .operators import Formed, Operator, RowSharded, linearize
+from .progress import reporter
 
 #: The values of ``prune(mode=...)``.
 MODES = ("auto", "in-memory", "blocked", "matrix-free")
@@ -152,7 +152,7 @@ def is_out_of_memory(error: BaseException) -> str:
     return ""
 
 
-def choose(mode, method, noise, estimate: memory.Estimate, devices=None) -> Holding:
+def choose(mode, method, noise, estimate: memory.Estimate, devices=None, report=None) -> Holding:
     """``mode`` if its estimate fits in the memory available; for "auto", with a margin:
 
     - in-memory where its estimate is within ``memory.MEMORY_FRACTION`` (0.75) of the memory available
@@ -162,7 +162,9 @@ def choose(mode, method, noise, estimate: memory.Estimate, devices=None) -> Hold
       first, unless it would use most of the memory (over ``memory.COMFORT_FRACTION`` = 0.5) and the
       matrix-free mode would not: then the lower peak.
 
-    ValueError naming the figures and the ways out where the requested way, or every way, does not fit."""
+    ValueError naming the figures and the ways out where the requested way, or every way, does not fit.
+    ``report``: the progress callback for the line saying a mode other than in-memory was chosen (default:
+    stderr)."""
     spec = blocked_spec(mode, method)
     mode = "blocked" if spec is not None else mode
     unavailable = {}
@@ -194,8 +196,8 @@ def choose(mode, method, noise, estimate: memory.Estimate, devices=None) -> Hold
             if mode == "matrix-free" and within["blocked"]:
                 how += (f" (the blocks would take {peak['blocked'] / estimate.available:.0%} of it, over "
                         f"{memory.COMFORT_FRACTION:.0%}: the lower peak preferred)")
-            print(f"[swapjax] X does not fit in memory ({estimate.describe()}; auto keeps within "
-                  f"{memory.MEMORY_FRACTION:.0%} of it): pruning {how}", file=sys.stderr, flush=True)
+            (report or reporter(True))(f"X does not fit in memory ({estimate.describe()}; auto keeps within "
+                                       f"{memory.MEMORY_FRACTION:.0%} of it): pruning {how}")
     if mode == "auto" or not fits[mode]:
         options = ["fewer examples (N)", "fewer prunable leaves (select=)", "a smaller chunk_size"]
         if mode == "blocked" and estimate.block_width == 0:

@@ -6,6 +6,7 @@ prefix) to log, collect or forward as it likes.
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Callable, Union
 
@@ -17,17 +18,17 @@ Progress = Union[bool, Callable[[str], None]]
 PREFIX = "[swapjax] "
 
 
-def _stderr(message: str) -> None:
-    print(PREFIX + message, file=sys.stderr, flush=True)
+def _stderr(message: str, prefix: str = PREFIX) -> None:
+    print(prefix + message, file=sys.stderr, flush=True)
 
 
 def _silent(message: str) -> None:
     return None
 
 
-def reporter(progress: Progress, name: str = "progress") -> Callable[[str], None]:
-    """The callback for ``progress``: True → a line on stderr prefixed ``"[swapjax] "``, False → silent,
-    a callable → itself. ValueError naming ``name`` for anything else (a 0-d bool array is its bool).
+def reporter(progress: Progress, name: str = "progress", prefix: str = PREFIX) -> Callable[[str], None]:
+    """The callback for ``progress``: True → a line on stderr prefixed ``prefix`` (``"[swapjax] "``), False →
+    silent, a callable → itself. ValueError naming ``name`` for anything else (a 0-d bool array is its bool).
 
     Examples:
         >>> lines = []
@@ -48,7 +49,9 @@ def reporter(progress: Progress, name: str = "progress") -> Callable[[str], None
     except ValueError:
         raise ValueError(f"{name}: must be True or False, or a callable report(message), "
                          f"got {checks._show(progress)}") from None
-    return _stderr if on else _silent
+    if not on:
+        return _silent
+    return _stderr if prefix == PREFIX else functools.partial(_stderr, prefix=prefix)
 
 
 def enabled(report: Callable[[str], None]) -> bool:

@@ -303,7 +303,7 @@ def prune(
         _check_noise(noise, jax.random.fold_in(key, 0), min(n, 4), p, w_dense.dtype)
     estimate = memory.estimate(loss_fn, params, batch, lay, chunk_size, devices=devices,
                                block_width=None if blocked is None else blocked.width)
-    hold = holding.choose(mode, method, noise, estimate, devices)
+    hold = holding.choose(mode, method, noise, estimate, devices, report)
     compared = method.selects and val_batch is not None and finetune is None  # gradual against one-shot
     levels, stage_method, auto_note = _schedule(levels, sparsity, method, compared, finetune, hold.mode)
     idle = schedules.idle_hook(levels, p) if finetune is not None else ""

@@ -256,6 +256,11 @@ class Constraint(abc.ABC):
 
     label: ClassVar[str] = "constraint"
     needs_fisher: ClassVar[bool] = False  # resolve takes diag(XᵀX)
+    ragged: ClassVar[str] = "dense"  # what a layer the constraint cannot group becomes: "dense" or "error"
+
+    def ragged_leaves(self, lay) -> list[str]:
+        """The layers (or leaves) the constraint leaves dense because it cannot group them (N:M's ragged ones)."""
+        return []
 
     @abc.abstractmethod
     def resolve(self, lay, sparsity: float, w=None, col_sq=None) -> Groups:
@@ -686,8 +691,7 @@ class NM(Constraint):
                 count = positions.size // self.m
                 counts.extend([keep] * count)
                 groups += count
-        nm = (keep, self.m) if self.axes is None else None
-        return Groups(jnp.asarray(np.asarray(counts, np.int32)), jnp.asarray(ids), self.label, nm)
+        return Groups(jnp.asarray(np.asarray(counts, np.int32)), jnp.asarray(ids), self.label, (keep, self.m))
 
     def _units(self, lay) -> list:
         """[(name, positions in w (flat), group of each position within the unit or None where ragged, why

@@ -19,6 +19,7 @@ general ``vmap(grad)`` path; both run in the same pass.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -49,6 +50,7 @@ class Tap:
     kernel_pos: int  # which operand of ``primitive`` is the kernel
     out: jax.ShapeDtypeStruct  # y for ONE example
     operand: int = -1  # equal for taps whose other operand x is the same value (q, k and v of one input)
+    kernel_shape: tuple = ()  # K's shape, chain(leaf)
 
 
 @dataclass
@@ -201,7 +203,7 @@ def _tap(eqn, invals, k, trace):
         if operand == len(trace.operands):
             trace.operands.append(x)
         trace.taps.append(Tap(leaf, chain, eqn.primitive, dict(eqn.params), pos,
-                              jax.ShapeDtypeStruct(aval.shape, aval.dtype), operand))
+                              jax.ShapeDtypeStruct(aval.shape, aval.dtype), operand, tuple(jnp.shape(invals[pos]))))
         return y
     i = len(trace.captured)
     trace.captured.append(invals[1 - pos])
@@ -373,34 +375,39 @@ def layer_inputs(pl: Plan, leaves: Sequence, example) -> list:
     return trace.captured
 
 
-def casts_only(tap: Tap) -> bool:
-    """K is the leaf itself or the leaf cast to another dtype (a bfloat16 kernel used in float32, or the
-    reverse): the layer's weights are the leaf's, entry for entry."""
-    return all(prim.name == "convert_element_type" for prim, _ in tap.chain)
-
-
-def patch_rows(tap: Tap, x, kernel_shape) -> jax.Array:
-    """A (rows, d_in) with op(x, K) = A·K.reshape(d_in, d_out) up to the output's layout, for ONE example,
-    or None where the tap is not a plain layer (a dense ``x @ K`` contracting K's leading axes, or a
-    one-group convolution with an HWIO kernel) or K is not the leaf itself (a dtype cast is allowed).
-    A is in x's dtype: the caller accumulates AᵀA in float32 or wider."""
-    if not casts_only(tap) or tap.kernel_pos != 1:
-        return None
+def layer_rows(tap: Tap, x):
+    """A (B, rows, d_in): the input rows of each of the tap's B layers (its kernel's batch axes, row-major; B = 1
+    without), with op(x, K) = A_b·W_b for layer b's weights W_b (:func:`swapjax.layers.tap_layers`), for ONE
+    example; None for a convolution with several feature groups. Rows: x's other axes (positions, a
+    convolution's output pixels); columns: the contracted axes in the kernel's axis order (a convolution's
+    patch: window offsets, then input channels). A is in x's dtype: the caller accumulates AᵀA in float32."""
     if tap.primitive.name == "dot_general":
         (lc, rc), (lb, rb) = tap.params["dimension_numbers"]
-        if lb or rb or sorted(rc) != list(range(len(rc))):
-            return None
-        contracted = [l for _, l in sorted(zip(rc, lc))]  # x's axes in the kernel's order
-        x = jnp.moveaxis(x, contracted, list(range(x.ndim - len(contracted), x.ndim)))
-        return x.reshape(-1, int(np.prod(x.shape[x.ndim - len(contracted):])))
-    dn = tap.params["dimension_numbers"]
-    spatial = len(dn.rhs_spec) - 2
-    if tap.params["feature_group_count"] != 1 or tuple(dn.rhs_spec) != (spatial + 1, spatial, *range(spatial)):
+        x_in, k_in, x_batch = (lc, rc, lb) if tap.kernel_pos == 1 else (rc, lc, rb)
+        x_in = [a for _, a in sorted(zip(k_in, x_in))]  # x's contracted axes in the kernel's order
+        rest = [a for a in range(x.ndim) if a not in x_in and a not in x_batch]
+        B = math.prod(x.shape[a] for a in x_batch)
+        return jnp.transpose(x, (*x_batch, *rest, *x_in)).reshape(B, -1, math.prod(x.shape[a] for a in x_in))
+    if tap.params["feature_group_count"] != 1:
         return None
-    window = tuple(int(kernel_shape[i]) for i in dn.rhs_spec[2:])
+    dn = tap.params["dimension_numbers"]
+    window = tuple(int(tap.kernel_shape[i]) for i in dn.rhs_spec[2:])
     xc = jnp.transpose(x, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))  # (n, *spatial, C)
     slices = jnp.stack(list(_window_slices(xc, window, tap.params)), axis=-2)  # (n, *out, offsets, C)
-    return slices.reshape(-1, slices.shape[-2] * slices.shape[-1])  # columns in the kernel's (*window, C) order
+    return slices.reshape(1, -1, slices.shape[-2] * slices.shape[-1])  # columns in the kernel's (*window, C) order
+
+
+def rows_key(tap: Tap) -> tuple:
+    """What the rows A of the tap's layers depend on besides its input x: which of x's axes the product
+    contracts and batches, and for a convolution its window, strides, padding and dilations. Taps with
+    equal keys (q, k and v of one input) have the same A."""
+    if tap.primitive.name == "dot_general":
+        (lc, rc), (lb, rb) = tap.params["dimension_numbers"]
+        x_in, k_in, x_batch = (lc, rc, lb) if tap.kernel_pos == 1 else (rc, lc, rb)
+        return tap.operand, "dot_general", tuple(a for _, a in sorted(zip(k_in, x_in))), tuple(x_batch)
+    params = tuple(sorted((k, repr(v)) for k, v in tap.params.items()
+                          if k not in ("precision", "preferred_element_type", "out_sharding")))
+    return tap.operand, "conv", params, tuple(int(tap.kernel_shape[i]) for i in tap.params["dimension_numbers"].rhs_spec[2:])
 
 
 def _struct(a) -> jax.ShapeDtypeStruct:

@@ -29,7 +29,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from . import layer_grads, pytree
 from .loss_check import check_loss_fn
@@ -46,7 +45,7 @@ class Layer:
     name: the leaf's path, with ``[i]`` for slice i of a stacked leaf (``[i, j]`` nested);
     shape: the kernel as its product sees it (one slice of a stack); input_axes: the leaf's axes the
     product contracts, row-major in that order (None where a reshape mixes them with others);
-    kind: "dense", "conv", "grouped conv" (one product per feature group: not solved layer by layer) or
+    order: its product's position in the forward pass; kind: "dense", "conv", "grouped conv" (one product per feature group: not solved layer by layer) or
     "vector" (a leaf with ndim < 2 chosen with ``allow_vectors``, no product found: one input per entry).
     """
 
@@ -56,6 +55,7 @@ class Layer:
     shape: tuple
     input_axes: Optional[tuple] = None
     kind: str = "dense"
+    order: int = -1  # the position of its product in the traced program (forward order); -1 by the name rule
 
     d_in = property(lambda self: self.index.shape[0])
     d_out = property(lambda self: self.index.shape[1])
@@ -128,11 +128,10 @@ def find_layers(loss_fn, params: PyTree, batch: PyTree) -> Layers:
                       "(one layer per kernel)", RuntimeWarning, stacklevel=2)
         return by_name(params)
     found, reasons, in_order = {}, {}, []
-    for tap in taps:  # in the order of the traced program: forward order
-        uses = _tap_layers(tap, paths[tap.leaf], np.shape(leaves[tap.leaf]))
-        if isinstance(uses, str):
-            reasons.setdefault(tap.leaf, uses)
-            uses = []
+    for t, tap in enumerate(taps):  # in the order of the traced program: forward order
+        uses, why = tap_layers(tap, paths[tap.leaf], np.shape(leaves[tap.leaf]), t)
+        if why:
+            reasons.setdefault(tap.leaf, why)
         found.setdefault(tap.leaf, []).extend(uses)
         in_order.extend((tap.leaf, layer) for layer in uses)
     left_dense, kept = {}, set()
@@ -189,19 +188,19 @@ def prunable(loss_fn, params: PyTree, batch: PyTree, select: Optional[Select] = 
 
 # ---------------------------------------------------------------- one product's layers
 
-def _tap_layers(tap, path: str, leaf_shape: tuple):
-    """The layers of one product ``tap`` of the leaf at ``path`` (a list), or why it has none (a str)."""
+def tap_layers(tap, path: str, leaf_shape: tuple, order: int = -1):
+    """(the layers of one product ``tap`` of the leaf at ``path``: one per slice of its batch axes, in row-major
+    order; why it has none, or "")."""
     positions = np.arange(math.prod(leaf_shape), dtype=np.int64).reshape(leaf_shape)
     kernel = _through(tap.chain, positions)
     if len(np.unique(kernel)) < kernel.size:
-        return "broadcast before its product: each weight used several times"
-    scan = tuple(int(p["start_indices"][0]) for prim, p in tap.chain if prim is lax.slice_p)
+        return [], "broadcast before its product: each weight used several times"
     if tap.primitive.name == "conv_general_dilated":
         dn = tap.params["dimension_numbers"]
         spatial = tuple(dn.rhs_spec[2:])
         matrix = kernel.transpose(spatial + (dn.rhs_spec[1], dn.rhs_spec[0]))
         kind = "conv" if tap.params["feature_group_count"] == 1 else "grouped conv"
-        return [_layer(path, scan, matrix.reshape(-1, kernel.shape[dn.rhs_spec[0]]), kernel.shape, leaf_shape, kind)]
+        return [_layer(path, matrix.reshape(-1, kernel.shape[dn.rhs_spec[0]]), kernel.shape, leaf_shape, kind, order)], ""
     (lc, rc), (lb, rb) = tap.params["dimension_numbers"]
     contract, batch = (rc, rb) if tap.kernel_pos == 1 else (lc, lb)
     inputs = tuple(sorted(contract))
@@ -210,14 +209,18 @@ def _tap_layers(tap, path: str, leaf_shape: tuple):
     d_in = math.prod(kernel.shape[a] for a in inputs)
     stacked = arranged.reshape(tuple(kernel.shape[a] for a in batch) + (d_in, -1))
     shape = tuple(kernel.shape[a] for a in range(kernel.ndim) if a not in batch)
-    return [_layer(path, scan + b, stacked[b], shape, leaf_shape, "dense")
-            for b in np.ndindex(*stacked.shape[:len(batch)])]
+    return [_layer(path, stacked[b], shape, leaf_shape, "dense", order)
+            for b in np.ndindex(*stacked.shape[:len(batch)])], ""
 
 
-def _layer(path, slices, index, shape, leaf_shape, kind) -> Layer:
-    name = path + (f"[{', '.join(map(str, slices))}]" if slices else "")
+def _layer(path, index, shape, leaf_shape, kind, order) -> Layer:
+    """The layer W = leaf.ravel()[index]; named by its leaf's path and, for a slice of a stacked leaf, the
+    indices of the leaf's axes it holds fixed, in the leaf's axis order ('blocks/kernel[2]')."""
+    coords = np.unravel_index(index.ravel(), leaf_shape)
+    fixed = [a for a in range(len(leaf_shape)) if leaf_shape[a] > 1 and np.all(coords[a] == coords[a][0])]
+    name = path + (f"[{', '.join(str(int(coords[a][0])) for a in fixed)}]" if fixed else "")
     return Layer(name, path, np.ascontiguousarray(index), tuple(int(d) for d in shape),
-                 _input_axes(index, leaf_shape), kind)
+                 _input_axes(index, leaf_shape), kind, order)
 
 
 def _through(chain, positions: np.ndarray) -> np.ndarray:

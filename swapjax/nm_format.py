@@ -76,8 +76,10 @@ def _axes(name: str, shape: tuple, axes, where: str) -> tuple:
 def to_nm(params: PyTree, masks: PyTree, n: int = 2, m: int = 4,
           axes: Union[None, Sequence[int], Callable[[str, tuple], Sequence[int]]] = None) -> dict[str, NMKernel]:
     """{path: NMKernel} for every masked kernel whose reduction size is a multiple of m (the others,
-    left dense by ``NM``, are not exported). n, m: 0 < n < m ≤ 256. axes: as ``NM`` was given them:
-    None (:func:`reduction_axes`), the axes of every kernel (e.g. ``(0,)``) or ``axes(path, shape)``.
+    left dense by ``NM``, are not exported). n, m: 0 < n < m ≤ 256. axes: the axes the groups run along:
+    a prune's ``result.input_axes`` ({path: the axes its products contract}, as ``NM`` groups them by
+    default), the axes ``NM`` was given (the same tuple for every kernel, e.g. ``(0,)``, or
+    ``axes(path, shape)``), or None (the name rule :func:`reduction_axes`).
     ValueError naming the leaf and the group if a group does not keep exactly n, and if no masked
     kernel can be exported.
 
@@ -95,12 +97,18 @@ def to_nm(params: PyTree, masks: PyTree, n: int = 2, m: int = 4,
     n = _int("n", n, 1)
     if n >= m:
         raise ValueError(f"n: must be below m = {m} (keep n of every m weights), got {n}")
-    if not (axes is None or callable(axes) or isinstance(axes, (tuple, list, np.ndarray))):
-        raise ValueError(f"axes: expected None, the axes of every kernel such as (0,), or a function "
-                         f"axes(path, shape) -> axes, got {checks._show(axes)}")
-    leaf_axes = axes if callable(axes) else reduction_axes if axes is None else lambda name, shape: axes
+    if not (axes is None or callable(axes) or isinstance(axes, (tuple, list, np.ndarray, Mapping))):
+        raise ValueError(f"axes: expected None, the axes of every kernel such as (0,), a mapping {{path: axes}} "
+                         f"(a prune's result.input_axes) or a function axes(path, shape) -> axes, got "
+                         f"{checks._show(axes)}")
+    if isinstance(axes, Mapping):
+        leaf_axes = lambda name, shape: axes[name]  # noqa: E731
+    else:
+        leaf_axes = axes if callable(axes) else reduction_axes if axes is None else lambda name, shape: axes
     out, ragged = {}, {}
     for name, (mask, leaf) in _kept_leaves(params, masks).items():
+        if isinstance(axes, Mapping) and name not in axes:
+            continue  # no product says its inputs (a vector chosen with allow_vectors): not exported
         shape = tuple(np.shape(leaf))
         if 0 in shape:
             raise ValueError(f"params: {name} has shape {shape}, an axis of size 0: no weights to export")

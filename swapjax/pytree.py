@@ -192,6 +192,7 @@ class Layout:
     #: where found by use; not part of the layout's identity (hash, ==), which is the leaves'
     layers: tuple = field(default=(), compare=False)
     why: dict = field(default_factory=dict, compare=False)  # {leaf left dense: the reason} where found by use
+    left_out: tuple = field(default=(), compare=False)  # the leaves the rule prunes that ``select`` left out
 
     def positions(self, layer) -> np.ndarray:
         """The positions in w of ``layer``'s weights W, (d_in, d_out)."""
@@ -280,6 +281,7 @@ def layout(params: PyTree, select: Optional[Select] = None, found=None) -> Layou
     left_dense = tuple(path_name(p) for (p, x), s in zip(leaves_with_path, selected)
                        if not s and jnp.ndim(x) >= 2 and jnp.issubdtype(jnp.result_type(x), jnp.floating))
     why = {} if found is None else {name: found.left_dense[name] for name in left_dense if name in found.left_dense}
+    left_out = tuple(path_name(p) for (p, x), s in zip(leaves_with_path, selected) if not s and rule(p, x))
     return Layout(
         treedef=treedef,
         selected=selected,
@@ -290,6 +292,7 @@ def layout(params: PyTree, select: Optional[Select] = None, found=None) -> Layou
         left_dense=left_dense,
         layers=_layers_of(names, shapes, found),
         why=why,
+        left_out=left_out,
     )
 
 

@@ -276,26 +276,44 @@ def test_progress_reports_chunks_and_is_silenced(monkeypatch, capfd, trained_mlp
 # ---------------------------------------------------------------- the layer-wise rows A of a tap
 
 
-def test_patch_rows_look_through_dtype_casts_only():
-    """A kernel cast before its product (a bfloat16 leaf used in float32, or the reverse) is still a plain
-    layer: A is the layer's input, rows × d_in, in the input's dtype. A kernel transposed (or otherwise
-    moved) before the product is not: None. Before, any step between the leaf and the product, a cast
-    included, gave None (prune_layerwise found no layer in a bfloat16 network)."""
-    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
-    kernels = {"cast_up": np.ones((4, 3), jnp.bfloat16), "cast_down": np.ones((4, 3), np.float32),
-               "transposed": np.ones((3, 4), np.float32)}
-    uses = {"cast_up": lambda k, x: x @ k.astype(jnp.float32),
-            "cast_down": lambda k, x: (x.astype(jnp.bfloat16) @ k.astype(jnp.bfloat16)).astype(jnp.float32),
-            "transposed": lambda k, x: x @ k.T}
-    for name, use in uses.items():
-        pl = layer_grads.plan(lambda leaves, ex: jnp.sum(use(leaves[0], ex)), [kernels[name]], x, [0])
-        (tap,) = pl.taps
-        (captured,) = layer_grads.layer_inputs(pl, [kernels[name]], x)
-        rows = layer_grads.patch_rows(tap, captured, kernels[name].shape)
-        if name == "transposed":
-            assert rows is None and not layer_grads.casts_only(tap)
-            continue
-        assert layer_grads.casts_only(tap) and len(tap.chain) == 1
-        expected = x.astype(jnp.bfloat16) if name == "cast_down" else x
-        assert rows.dtype == expected.dtype and rows.shape == (5, 4)
-        np.testing.assert_array_equal(np.asarray(rows, np.float32), np.asarray(expected, np.float32))
+@pytest.mark.parametrize("name", ["cast_up", "cast_down", "transposed", "out_in_einsum", "batched", "middle_contract",
+                                  "conv_oihw"])
+def test_layer_rows_times_the_layers_weights_give_the_product(name):
+    """For every product of a leaf with the data, A_b·W_b = the product's output (up to its layout) for each of
+    its layers b, with W_b = leaf.ravel()[index_b] (swapjax.layers.tap_layers): casts, a transposed kernel, an
+    (out, in) einsum, batched (vmapped) kernels, a contraction over a middle axis, a convolution in OIHW. Before,
+    only a kernel whose leading axes were contracted (or cast) gave rows; the others were left dense."""
+    from swapjax.layers import tap_layers
+
+    r = np.random.default_rng(0)
+    cases = {  # name: (kernel, x for ONE example, use, output as (B, rows, d_out) from y)
+        "cast_up": (r.normal(size=(4, 3)).astype(jnp.bfloat16), r.normal(size=(5, 4)),
+                    lambda k, x: x @ k.astype(jnp.float32), lambda y: y[None]),
+        "cast_down": (r.normal(size=(4, 3)), r.normal(size=(5, 4)),
+                      lambda k, x: (x.astype(jnp.bfloat16) @ k.astype(jnp.bfloat16)).astype(jnp.float32),
+                      lambda y: y[None]),
+        "transposed": (r.normal(size=(3, 4)), r.normal(size=(5, 4)), lambda k, x: x @ k.T, lambda y: y[None]),
+        "out_in_einsum": (r.normal(size=(3, 4)), r.normal(size=(4,)), lambda k, x: jnp.einsum("j,kj->k", x, k),
+                          lambda y: y[None, None]),
+        "batched": (r.normal(size=(2, 4, 3)), r.normal(size=(2, 5, 4)), lambda k, x: jnp.einsum("bti,bio->bto", x, k),
+                    lambda y: y),
+        "middle_contract": (r.normal(size=(2, 4, 3)), r.normal(size=(5, 4)),
+                            lambda k, x: jnp.einsum("td,ndh->tnh", x, k), lambda y: y.reshape(1, 5, 6)),
+        "conv_oihw": (r.normal(size=(3, 2, 2, 2)), r.normal(size=(1, 2, 5, 5)),
+                      lambda k, x: jax.lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW")),
+                      lambda y: jnp.transpose(y, (0, 2, 3, 1)).reshape(1, 16, 3)),
+    }
+    kernel, x, use, as_rows = cases[name]
+    kernel = jnp.asarray(kernel if kernel.dtype == jnp.bfloat16 else kernel.astype(np.float32))
+    x = jnp.asarray(x, np.float32)
+    pl = layer_grads.plan(lambda leaves, ex: jnp.sum(use(leaves[0], ex)), [kernel], x, [0])
+    (tap,) = pl.taps
+    (captured,) = layer_grads.layer_inputs(pl, [kernel], x)
+    A = layer_grads.layer_rows(tap, captured)
+    layers, why = tap_layers(tap, "k", kernel.shape)
+    assert why == "" and A.shape[0] == len(layers)
+    expected = np.asarray(as_rows(use(kernel, x)), np.float32)
+    for b, layer in enumerate(layers):
+        W = np.asarray(kernel, np.float32).ravel()[layer.index]
+        got = np.asarray(A[b], np.float32) @ W
+        np.testing.assert_allclose(got, expected[b], rtol=2e-2 if "cast" in name else 1e-5, atol=1e-5)

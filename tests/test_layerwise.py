@@ -3,6 +3,8 @@ methods on one layer are tested in tests/test_layer_methods.py).
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,12 +76,13 @@ def test_layer_budgets_and_the_drivers_errors():
     expected = np.asarray(swapjax.LayerBudgets("erk").resolve(lay, 0.7).counts)
     assert [r.kept for r in res.layers] == [int(expected[lay.names.index(r.name)]) for r in res.layers]
     assert res.summary()["total"]["kept"] == int(expected.sum())
-    with pytest.raises(ValueError, match="constraint: layer by layer needs a budget per layer"):
+    with pytest.raises(ValueError, match="constraint: global top-k ranks weights across layers, so Conv_0/kernel has "
+                                         "no budget of its own"):
         layerwise.prune_layerwise(_conv_loss, params, batch, constraint=swapjax.TopK(), progress=False)
     with pytest.raises(ValueError, match=r"NM: Conv_0/kernel \(3, 3, 4, 4\) sums over 36 inputs.*not a multiple of m = 8"):
         layerwise.prune_layerwise(_conv_loss, params, batch, constraint=swapjax.NM(4, 8, ragged="error"), progress=False)
-    with pytest.raises(ValueError, match="method: expected a layer-wise method"):
-        layerwise.prune_layerwise(_conv_loss, params, batch, method=swapjax.LR(), progress=False)
+    with pytest.raises(ValueError, match="method: expected a swapjax method"):
+        layerwise.prune_layerwise(_conv_loss, params, batch, method=object(), progress=False)
 
 
 def test_a_vit_is_pruned_layer_by_layer_through_its_attention_projections(capsys):
@@ -196,14 +199,17 @@ def _mlp_bf16_loss(params, example):
 
 
 class _Counting:
-    """A loss that counts how often it is called (each call a trace: nothing here runs eagerly)."""
+    """A loss that counts how often it runs (a debug callback: the traces that find the layers do not count)."""
 
     def __init__(self, fn):
         self.fn, self.calls = fn, 0
 
     def __call__(self, params, example):
-        self.calls += 1
+        jax.debug.callback(self._ran)
         return self.fn(params, example)
+
+    def _ran(self):
+        self.calls += 1
 
 
 def _small_net(seed=0):
@@ -261,9 +267,8 @@ def test_float32_kernels_used_in_bfloat16_are_found_and_their_gram_is_float32():
         assert np.mean(mask == np.asarray(ref.masks[name]["kernel"])) >= 0.9
     leaves, treedef = jax.tree_util.tree_flatten(_MLP_PARAMS)
     position = tuple(i for i, a in enumerate(leaves) if np.ndim(a) == 2)
-    layers, _ = layerwise._layers(_mlp_bf16_loss, leaves, treedef, {"x": _MLP_X}, list(position))
-    H, rows = layerwise._grams(_mlp_bf16_loss, treedef, {"x": _MLP_X}, position, 20, leaves, (layers[0][0],))[
-        layers[0][0]]
+    first, _, _ = layerwise._uses(_mlp_bf16_loss, leaves, treedef, {"x": _MLP_X}, list(position))["Dense_0/kernel"]
+    H, rows = layerwise._grams(_mlp_bf16_loss, treedef, {"x": _MLP_X}, position, 20, leaves, (first,))[first]
     A = np.asarray(jnp.asarray(_MLP_X, jnp.bfloat16)).astype(np.float64)
     assert H.dtype == jnp.float32 and rows == 48
     np.testing.assert_allclose(np.asarray(H), A.T @ A, rtol=1e-5, atol=1e-5 * np.abs(A.T @ A).max())
@@ -306,55 +311,64 @@ def test_the_driver_prunes_a_layer_whose_inputs_never_fire():
         assert np.all(np.asarray(res.params[name]["kernel"]) == 0)
 
 
-class _KeepAll(layer_methods.LayerMethod):
-    def solve_layer(self, W, H, rule):
-        return jnp.asarray(W), jnp.ones(np.shape(W), bool)
+class _LayerResult(swapjax.Method):
+    """A method on the layer's Gram returning ``result(W̄, H, groups) -> (W, mask)`` as (w, info) as it is."""
+
+    needs = "H"
+
+    def solve_problem(self, problem):
+        W, mask = self.result(problem.w_bar.reshape(problem.shape), problem.H, problem.groups)
+        return W, SimpleNamespace(support=mask)
 
 
-class _NaNs(layer_methods.LayerMethod):
-    def solve_layer(self, W, H, rule):
-        w, mask = layer_methods.wanda(W, H, rule)
-        return jnp.where(mask, jnp.nan, 0.0), mask
+class _KeepAll(_LayerResult):
+    def result(self, W, H, groups):
+        return W.ravel(), jnp.ones(W.size, bool)
 
 
-class _Transposed(layer_methods.LayerMethod):
-    def solve_layer(self, W, H, rule):
-        w, mask = layer_methods.wanda(W, H, rule)
-        return w.T, mask.T
+class _NaNs(_LayerResult):
+    def result(self, W, H, groups):
+        w, mask = layer_methods.wanda(W, H, groups)
+        return jnp.where(mask, jnp.nan, 0.0).ravel(), mask.ravel()
 
 
-class _DenseUnderMask(layer_methods.LayerMethod):
-    def solve_layer(self, W, H, rule):
-        return jnp.asarray(W), layer_methods.wanda(W, H, rule)[1]
+class _Transposed(_LayerResult):
+    def result(self, W, H, groups):
+        w, mask = layer_methods.wanda(W, H, groups)
+        return w.T[:-1], mask.T[:-1]
 
 
-class _IntMask(layer_methods.LayerMethod):
-    def solve_layer(self, W, H, rule):
-        w, mask = layer_methods.wanda(W, H, rule)
-        return w, mask.astype(jnp.int32)
+class _DenseUnderMask(_LayerResult):
+    def result(self, W, H, groups):
+        return W.ravel(), layer_methods.wanda(W, H, groups)[1].ravel()
 
 
-class _FirstInputs(layer_methods.LayerMethod):
+class _IntMask(_LayerResult):
+    def result(self, W, H, groups):
+        w, mask = layer_methods.wanda(W, H, groups)
+        return w.ravel(), mask.ravel().astype(jnp.int32)
+
+
+class _FirstInputs(_LayerResult):
     """Keeps the layer's count, but as its first rows: 4 of 4 in the first group of each unit, 0 in the next."""
 
-    def solve_layer(self, W, H, rule):
-        mask = np.zeros(np.shape(W), bool)
-        mask.reshape(-1)[:W.size // 2] = True
-        return jnp.where(mask, W, 0), jnp.asarray(mask)
+    def result(self, W, H, groups):
+        mask = np.zeros(W.size, bool)
+        mask[:W.size // 2] = True
+        return jnp.where(mask, W.ravel(), 0), jnp.asarray(mask)
 
 
 @pytest.mark.parametrize("method, constraint, message", [
-    (_KeepAll(), None, r"method: _KeepAll.solve_layer on layer Dense_0/kernel kept 48 weights; the layer's budget "
-                       r"is exactly 24"),
-    (_NaNs(), None, r"method: _NaNs.solve_layer on layer Dense_0/kernel returned 24 NaN or inf weights of 48"),
-    (_Transposed(), None, r"method: _Transposed.solve_layer on layer Dense_0/kernel returned W of shape \(6, 8\) and "
-                          r"a mask of shape \(6, 8\); expected both \(8, 6\) \(d_in, d_out\)"),
-    (_DenseUnderMask(), None, r"method: _DenseUnderMask.solve_layer on layer Dense_0/kernel returned 24 non-zero "
-                              r"weights where its mask prunes; pruned weights must be exactly 0"),
-    (_IntMask(), None, r"method: _IntMask.solve_layer on layer Dense_0/kernel returned a mask of dtype int32; "
-                       r"expected booleans"),
-    (_FirstInputs(), swapjax.NM(2, 4), r"method: _FirstInputs.solve_layer on layer Dense_0/kernel keeps 2:4 in 0 of "
-                                       r"its 12 groups of 4 inputs; every group must keep exactly 2"),
+    (_KeepAll(), None, r"method: _KeepAll on layer Dense_0/kernel keeps 48 weights with 1 of its 1 groups off their "
+                       r"counts \(per-layer uniform\)"),
+    (_NaNs(), None, r"method: _NaNs on layer Dense_0/kernel returned 24 NaN or inf weights of 48"),
+    (_Transposed(), None, r"method: _Transposed on layer Dense_0/kernel returned w of shape \(5, 8\) and info.support "
+                          r"of shape \(5, 8\); expected 48 entries each, the layer \(8, 6\) row-major"),
+    (_DenseUnderMask(), None, r"method: _DenseUnderMask on layer Dense_0/kernel returned 24 non-zero weights where "
+                              r"its mask prunes; pruned weights must be exactly 0"),
+    (_IntMask(), None, r"method: _IntMask on layer Dense_0/kernel returned a mask of dtype int32; expected booleans"),
+    (_FirstInputs(), swapjax.NM(2, 4), r"method: _FirstInputs on layer Dense_0/kernel keeps 2:4 in 0 of its 12 groups "
+                                       r"of 4 inputs; every group must keep exactly 2"),
 ])
 def test_the_driver_checks_every_methods_result(method, constraint, message):
     params, batch = _small_net()
@@ -425,15 +439,17 @@ def test_the_progress_line_names_every_leaf_left_dense_and_why(capsys):
     params = _leftovers_params()
     batch = {"x": np.random.default_rng(4).normal(size=(16, 8)).astype(np.float32)}
     res = swapjax.prune_layerwise(_leftovers_loss, params, batch, method=layer_methods.Wanda(), constraint=swapjax.NM(2, 4),
-                                  select=lambda path, leaf: path != "head/kernel")
+                                  select=swapjax.exclude("head"))
     assert [r.name for r in res.layers] == ["a/kernel"]
     line = capsys.readouterr().err.splitlines()[0]
     assert line.startswith("[swapjax] Wanda layer by layer (sequential): 1 layers, N=16 examples, 2:4; left dense: ")
     dense = line.split("; left dense: ", 1)[1]
-    assert dense == ("b/kernel (ragged for 2:4: 6 inputs, not a multiple of 4), "
-                     "scaled/kernel (used otherwise than as one layer's kernel: tied, scaled, in a scan or in a "
-                     "regulariser), tied/kernel (used by 2 layers (tied or shared)), unused/kernel (not used by "
-                     "loss_fn), head/kernel (left out by select)"), dense
+    assert dense == ("b/kernel (ragged for 2:4: 6 inputs), scaled/kernel (not a layer: used otherwise than as an "
+                     "operand of a product with the data (gathered, added or scaled)), tied/kernel (used by 2 products "
+                     "(tied or shared weights)), unused/kernel (not used by loss_fn), head/kernel (left out by select)"), dense
+    with pytest.raises(ValueError, match=r"select: chose tied/kernel \(8, 8\) \(used by 2 products \(tied or shared "
+                                         r"weights\)\), which are not layers' weights"):
+        swapjax.prune_layerwise(_leftovers_loss, params, batch, select=lambda path, leaf: path == "tied/kernel")
     for name in ("b", "tied", "scaled", "unused", "head"):
         np.testing.assert_array_equal(res.params[name]["kernel"], params[name]["kernel"])
 
@@ -523,29 +539,30 @@ def _proj_loss(params, example):
     return jnp.sum(h.reshape(-1) @ params["head"]["kernel"]) ** 2
 
 
-def test_nm_along_other_axes_than_the_layers_inputs_is_not_silently_regrouped(monkeypatch, capsys):
-    """A 3-D kernel (8, 2, 4) that is not a q/k/v projection: NM's default axes for it are (0, 1), but the
-    layer contracts axis 0 alone, and layer by layer the groups run along the inputs. Before, it was pruned
-    along axis 0 and reported as 2:4 (not the constraint's grouping of that leaf); now it is left dense and
-    named, an error under ragged="error" (before any Gram pass), and pruned with axes=(0,)."""
+def test_nm_runs_along_the_axes_each_layer_contracts(monkeypatch, capsys):
+    """A 3-D kernel (8, 2, 4) used as einsum("d,dhk->hk"): its product contracts axis 0 alone, so its 2:4
+    groups run along axis 0 (the name rule, which guessed (0, 1) for a 3-D kernel, is not used where the
+    loss says). NM(axes=(0, 1)), the groups of other axes than the layer's inputs, leaves it dense and named
+    layer by layer, an error under ragged="error" (before any Gram pass)."""
     rng = np.random.default_rng(6)
     params = {"proj": {"kernel": rng.normal(size=(8, 2, 4)).astype(np.float32)},
               "head": {"kernel": rng.normal(size=(8, 4)).astype(np.float32)}}
     batch = {"x": rng.normal(size=(16, 8)).astype(np.float32)}
     res = swapjax.prune_layerwise(_proj_loss, params, batch, method=layer_methods.Wanda(), constraint=swapjax.NM(2, 4))
+    assert [r.name for r in res.layers] == ["proj/kernel", "head/kernel"] and res.input_axes["proj/kernel"] == (0,)
+    mask = np.asarray(res.masks["proj"]["kernel"])
+    assert np.all(mask.reshape(2, 4, 2, 4).sum(axis=1) == 2)  # every 4 consecutive inputs (axis 0) keep 2
+    per_leaf = swapjax.NM(2, 4, axes=lambda path, shape: (0, 1) if len(shape) == 3 else (0,))
+    capsys.readouterr()
+    res = swapjax.prune_layerwise(_proj_loss, params, batch, method=layer_methods.Wanda(), constraint=per_leaf)
     assert [r.name for r in res.layers] == ["head/kernel"]
     np.testing.assert_array_equal(res.params["proj"]["kernel"], params["proj"]["kernel"])
-    assert "left dense: proj/kernel (2:4 along axes (0, 1), not the layer's inputs (0,))" in capsys.readouterr().err
+    assert "left dense: proj/kernel (2:4 along other axes than its inputs (0,))" in capsys.readouterr().err
     passes = []
     grams = layerwise._grams
     monkeypatch.setattr(layerwise, "_grams", lambda *a, **k: passes.append(1) or grams(*a, **k))
-    with pytest.raises(ValueError, match=r"constraint: 2:4 groups proj/kernel \(8, 2, 4\) along axes \(0, 1\), but "
-                                         r"layer by layer the groups run along the layer's inputs, axes \(0,\)"):
-        swapjax.prune_layerwise(_proj_loss, params, batch, constraint=swapjax.NM(2, 4, ragged="error"),
-                                progress=False)
+    with pytest.raises(ValueError, match=r"constraint: 2:4 groups proj/kernel along other axes than the layer's "
+                                         r"inputs \(0,\) \(the axes its product contracts\)"):
+        swapjax.prune_layerwise(_proj_loss, params, batch, constraint=swapjax.NM(2, 4, axes=per_leaf.axes,
+                                                                                  ragged="error"), progress=False)
     assert passes == []
-    res = swapjax.prune_layerwise(_proj_loss, params, batch, method=layer_methods.Wanda(),
-                                  constraint=swapjax.NM(2, 4, axes=(0,)), progress=False)
-    assert [r.name for r in res.layers] == ["proj/kernel", "head/kernel"]
-    assert _nm_holds(np.asarray(res.masks["proj"]["kernel"]), (0,), 2, 4)
-

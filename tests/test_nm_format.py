@@ -64,8 +64,9 @@ def test_to_nm_checks_axes(axes, message):
         swapjax.to_nm(params, masks, axes=axes)
     with pytest.raises(ValueError, match=re.escape("axes: k of shape (8, 3) got axes (0, 0)")):
         swapjax.to_nm(params, masks, axes=(0, 0))
-    with pytest.raises(ValueError, match=r"axes: expected None, the axes of every kernel such as \(0,\), or a "
-                                         r"function axes\(path, shape\) -> axes, got 'in'"):
+    with pytest.raises(ValueError, match=r"axes: expected None, the axes of every kernel such as \(0,\), a mapping "
+                                         r"\{path: axes\} \(a prune's result.input_axes\) or a function "
+                                         r"axes\(path, shape\) -> axes, got 'in'"):
         swapjax.to_nm(params, masks, axes="in")
     # as NM takes them: a tuple for every kernel, a function of the leaf (an int is one axis); negative
     # axes in range count from the end
@@ -134,3 +135,25 @@ def test_from_nm_refuses_tampered_kernels():
         rebuild(m=3)
     # untouched, it still rebuilds the masked kernel
     np.testing.assert_array_equal(rebuild()["k"], np.where(masks["k"], params["k"], 0))
+
+
+def test_to_nm_takes_a_prunes_input_axes():
+    """A mapping {path: axes} (``result.input_axes`` of either driver) groups each leaf along its own axes:
+    the same packing as the tuple; a masked leaf it does not name (no product said its inputs) is not
+    exported; a (out, in) kernel used as einsum("j,kj->k") packs along axis 1."""
+    params, masks = _two_four()
+    by_tuple = swapjax.to_nm(params, masks, axes=(0,))
+    by_mapping = swapjax.to_nm(params, masks, axes={"k": (0,)})
+    np.testing.assert_array_equal(by_mapping["k"].values, by_tuple["k"].values)
+    np.testing.assert_array_equal(by_mapping["k"].indices, by_tuple["k"].indices)
+    with pytest.raises(ValueError, match="nothing to export"):
+        swapjax.to_nm(params, masks, axes={"other": (0,)})
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 8)).astype(np.float32)  # (out, in)
+    loss_fn = lambda p, ex: jnp.sum(jnp.einsum("j,kj->k", ex["x"], p["w"]) ** 2)  # noqa: E731
+    res = swapjax.prune(loss_fn, {"w": w}, {"x": rng.normal(size=(16, 8)).astype(np.float32)},
+                        method=swapjax.Magnitude(), constraint=swapjax.NM(2, 4), stages=1, progress=False)
+    assert res.input_axes == {"w": (1,)}
+    packed = swapjax.to_nm(res.params, res.masks, axes=res.input_axes)
+    assert packed["w"].axes == (1,)
+    np.testing.assert_array_equal(swapjax.from_nm(packed, res.params)["w"], res.params["w"])

@@ -370,6 +370,24 @@ def nnx_mha() -> Case:
     return Case(params, lambda p, ex: _mse(nnx.merge(graphdef, p, rest)(ex["x"]), ex["y"]), batch, layers, biases)
 
 
+# 7b. A plain-JAX lax.scan over a (2, 6, 6) stack ----------------------------------------------------
+
+def plain_scan() -> Case:
+    """params {"inp": (8, 6), "stack": (2, 6, 6), "out": (6, 4)} run with ``jax.lax.scan``: each slice
+    has 6 inputs (N:M with M = 4 is ragged there, M = 2 fits; the leaf's first two axes hold 12)."""
+    r = _rng(10)
+    params = {"inp": jnp.asarray(r.normal(size=(8, 6)) / 2, jnp.float32),
+              "stack": jnp.asarray(r.normal(size=(2, 6, 6)) / 2, jnp.float32),
+              "out": jnp.asarray(r.normal(size=(6, OUT)) / 2, jnp.float32)}
+
+    def loss_fn(p, ex):
+        h, _ = jax.lax.scan(lambda h, k: (jnp.tanh(h @ k), None), jnp.tanh(ex["x"] @ p["inp"]), p["stack"])
+        return _mse(h @ p["out"], ex["y"])
+
+    layers = (Expect("inp", (0,)), Expect("stack", (1,), ((0, 0),)), Expect("stack", (1,), ((0, 1),)), Expect("out", (0,)))
+    return Case(params, loss_fn, _mlp_batch(10, (8,)), layers, ())
+
+
 # 8. Tied weights ------------------------------------------------------------------------------------
 
 class Tied(nn.Module):

@@ -236,6 +236,31 @@ def test_layerwise_solves_a_slice_on_the_inputs_of_the_pruned_layers_before_it()
     np.testing.assert_allclose(by_path(then.params)[k], whole[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("driver", ["prune", "layerwise"])
+def test_nm_never_groups_across_the_slices_of_a_stack(driver):
+    """A (2, 6, 6) stack under lax.scan: each slice has 6 inputs, so 2:4 is ragged there (left dense:
+    a mask keeping all, as for the 6-input output layer; only inp is pruned; an error with
+    ragged="error"), not groups of 4 over the 12 entries of the leaf's first two axes; 1:2 groups
+    each slice's inputs."""
+    c = lm.plain_scan()
+    fn = swapjax.prune if driver == "prune" else swapjax.prune_layerwise
+    kw = dict(method=swapjax.Magnitude(), stages=1) if driver == "prune" else dict(method=swapjax.SparseGPT())
+    masks = _pruned_as_masked(c, fn(c.loss_fn, c.params, c.batch, constraint=swapjax.NM(2, 4), progress=False, **kw))
+    assert masks["stack"].all() and masks["out"].all()
+    assert np.all(masks["inp"].reshape(2, 4, 6).sum(1) == 2)
+    with pytest.raises(ValueError, match=r"NM: stack\[0\] .*over 6 inputs"):  # the slice, not the leaf's 12
+        fn(c.loss_fn, c.params, c.batch, constraint=swapjax.NM(2, 4, ragged="error"), progress=False,
+           select=lambda path, leaf: path != "out", **kw)
+    result = fn(c.loss_fn, c.params, c.batch, constraint=swapjax.NM(1, 2), progress=False, **kw)
+    masks = _pruned_as_masked(c, result)
+    for e in c.layers:
+        index = e.index(c.leaves[e.path].shape)
+        per_group = masks[e.path].ravel()[index].reshape(index.shape[0] // 2, 2, -1).sum(1)
+        assert np.all(per_group == 1), (e.name, np.unique(per_group))
+    packed = swapjax.to_nm(result.params, result.masks, 1, 2, axes=result.input_axes)
+    assert set(packed) == {"inp", "stack", "out"}
+
+
 # a scanned stack and its unrolled twin --------------------------------------------------------------
 
 def _twin_leaves(stack: str, result) -> dict:

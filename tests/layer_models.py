@@ -244,8 +244,19 @@ class NnxStack(nnx.Module):
         return self.out(step(jnp.tanh(self.inp(x)), self.blocks))
 
 
-def nnx_scan() -> Case:
-    graphdef, params, rest = nnx.split(NnxStack(nnx.Rngs(3)), nnx.Param, ...)
+class NnxStackGraphUpdates(NnxStack):
+    """The same stack run by ``nnx.scan`` as NNX's guide writes it (graph updates on)."""
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def step(x, block):
+            return block(x)
+
+        return self.out(step(jnp.tanh(self.inp(x)), self.blocks))
+
+
+def nnx_scan(graph_updates: bool = False) -> Case:
+    graphdef, params, rest = nnx.split((NnxStackGraphUpdates if graph_updates else NnxStack)(nnx.Rngs(3)), nnx.Param, ...)
     batch = _mlp_batch(3)
     k = "blocks/linear/kernel/value"
     layers = (Expect("inp/kernel/value", (0,)), *(Expect(k, (1,), ((0, i),)) for i in range(L)),

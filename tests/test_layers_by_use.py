@@ -261,6 +261,20 @@ def test_nm_never_groups_across_the_slices_of_a_stack(driver):
     assert set(packed) == {"inp", "stack", "out"}
 
 
+@pytest.mark.parametrize("driver", ["prune", "layerwise"])
+def test_an_nnx_scan_with_graph_updates_is_pruned_slice_by_slice(driver):
+    """NNX's scan over layers as its guide writes it (``nnx.scan`` with graph updates, which NNX
+    refuses to run under ``jax.vmap``): each slice keeps exactly its budget in both drivers."""
+    c = lm.nnx_scan(graph_updates=True)
+    kw = dict(sparsity=S, constraint=swapjax.LayerBudgets(), progress=False)
+    result = (swapjax.prune(c.loss_fn, c.params, c.batch, method=swapjax.Magnitude(), stages=1, **kw)
+              if driver == "prune" else swapjax.prune_layerwise(c.loss_fn, c.params, c.batch,
+                                                                method=swapjax.SparseGPT(), **kw))
+    masks = _pruned_as_masked(c, result)
+    k = np.asarray(masks["blocks/linear/kernel/value"])
+    assert [int(k[i].sum()) for i in range(lm.L)] == [round((1 - S) * lm.W * lm.W)] * lm.L
+
+
 # a scanned stack and its unrolled twin --------------------------------------------------------------
 
 def _twin_leaves(stack: str, result) -> dict:

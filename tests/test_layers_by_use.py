@@ -23,10 +23,14 @@ S = 0.75  # every layer's size is a multiple of 4: (1 − S)·size is an integer
 _CASES: dict = {}
 
 
+# beside lm.BUILDERS, whose models every driver test runs: models of one test each
+EXTRA = {"plain_scan": lm.plain_scan, "nnx_scan_graph": lambda: lm.nnx_scan(graph_updates=True)}
+
+
 def case(name: str) -> lm.Case:
     """The model ``name`` of layer_models, built once per test session."""
     if name not in _CASES:
-        _CASES[name] = lm.unrolled(case("scan0")) if name == "unrolled" else lm.BUILDERS[name]()
+        _CASES[name] = lm.unrolled(case("scan0")) if name == "unrolled" else {**lm.BUILDERS, **EXTRA}[name]()
     return _CASES[name]
 
 
@@ -63,7 +67,7 @@ NAMES = list(lm.BUILDERS)
 
 # find_layers --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + list(EXTRA) + ["unrolled"])
 def test_find_layers_names_every_linear_weight_and_nothing_else(name):
     c = case(name)
     found = swapjax.find_layers(c.loss_fn, c.params, c.batch)
@@ -242,7 +246,7 @@ def test_nm_never_groups_across_the_slices_of_a_stack(driver):
     a mask keeping all, as for the 6-input output layer; only inp is pruned; an error with
     ragged="error"), not groups of 4 over the 12 entries of the leaf's first two axes; 1:2 groups
     each slice's inputs."""
-    c = lm.plain_scan()
+    c = case("plain_scan")
     fn = swapjax.prune if driver == "prune" else swapjax.prune_layerwise
     kw = dict(method=swapjax.Magnitude(), stages=1) if driver == "prune" else dict(method=swapjax.SparseGPT())
     masks = _pruned_as_masked(c, fn(c.loss_fn, c.params, c.batch, constraint=swapjax.NM(2, 4), progress=False, **kw))
@@ -265,7 +269,7 @@ def test_nm_never_groups_across_the_slices_of_a_stack(driver):
 def test_an_nnx_scan_with_graph_updates_is_pruned_slice_by_slice(driver):
     """NNX's scan over layers as its guide writes it (``nnx.scan`` with graph updates, which NNX
     refuses to run under ``jax.vmap``): each slice keeps exactly its budget in both drivers."""
-    c = lm.nnx_scan(graph_updates=True)
+    c = case("nnx_scan_graph")
     kw = dict(sparsity=S, constraint=swapjax.LayerBudgets(), progress=False)
     result = (swapjax.prune(c.loss_fn, c.params, c.batch, method=swapjax.Magnitude(), stages=1, **kw)
               if driver == "prune" else swapjax.prune_layerwise(c.loss_fn, c.params, c.batch,

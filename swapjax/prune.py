@@ -241,7 +241,8 @@ def prune(
             divide N (after the held-out split). In-memory mode only.
         progress: True: a line per stage (and per block), and per chunk of
             long gradient computations, on stderr; False: silent (also a hook
-            from ``make_finetune_hook``); a callable ``report(message)``: gets
+            from ``make_finetune_hook``) but for the line saying that ``"auto"``
+            did not hold X in memory; a callable ``report(message)``: gets
             each stage's and block's message instead (:mod:`swapjax.progress`;
             the gradients' chunk lines stay on stderr).
 
@@ -303,7 +304,8 @@ def prune(
         _check_noise(noise, jax.random.fold_in(key, 0), min(n, 4), p, w_dense.dtype)
     estimate = memory.estimate(loss_fn, params, batch, lay, chunk_size, devices=devices,
                                block_width=None if blocked is None else blocked.width)
-    hold = holding.choose(mode, method, noise, estimate, devices, report)
+    hold = holding.choose(mode, method, noise, estimate, devices,  # the mode chosen: said even when silent
+                          report if progress_enabled(report) else reporter(True))
     compared = method.selects and val_batch is not None and finetune is None  # gradual against one-shot
     levels, stage_method, auto_note = _schedule(levels, sparsity, method, compared, finetune, hold.mode)
     idle = schedules.idle_hook(levels, p) if finetune is not None else ""

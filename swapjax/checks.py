@@ -14,6 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def path_name(path) -> str:
+    """'Dense_0/kernel' for a key path (NNX ``.value`` included as ``/value``)."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
 def _show(value) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -199,8 +204,6 @@ def mask_tree(name: str, masks) -> None:
     """A mask pytree as ``swapjax.prune`` returns it: boolean arrays (True = kept) and None."""
     if masks is None:
         raise ValueError(f"{name}: expected a pytree of boolean masks (swapjax.prune's result.masks), got None")
-    from .pytree import path_name
-
     for p, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
         if isinstance(m, (bool, np.bool_)):
             continue  # True / False for a whole leaf
@@ -258,7 +261,6 @@ def stages(value):
 def finite_leaves(name: str, tree, hint: str = "", examples: bool = False) -> None:
     """ValueError naming the floating-point leaves of ``tree`` that hold NaN or inf (one compiled count
     per set of leaf shapes, one transfer); ``examples``: the leading axis indexes examples, named too."""
-    from .pytree import path_name
 
     named = [(path_name(p) or "<root>", x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
              if x is not None and (hasattr(x, "dtype") or isinstance(x, (float, int)))

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import checks
+from .pytree import reduction_axes  # noqa: F401 (the name rule's N:M axes, re-exported)
 
 
 @jax.tree_util.register_dataclass
@@ -555,28 +556,6 @@ def _round_counts(exact, sizes, k: int) -> np.ndarray:
         if not moved:
             raise ValueError(f"k: {k} cannot be split over leaves of sizes {list(sizes)}")
     return counts
-
-
-#: Leaf names of attention input projections: their kernels are (in, heads, head_dim), reduced over axis 0.
-_INPUT_PROJECTIONS = ("query", "key", "value", "q", "k", "v", "qkv", "q_proj", "k_proj", "v_proj")
-
-
-def reduction_axes(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The axes a kernel's matrix product sums over (Flax layouts), along which N:M groups run.
-
-    Dense (in, out): (0,). Conv (h, w, in, out): (0, 1, 2), the patch h·w·in, row-major, so the
-    groups run along the input channels. Attention q/k/v (in, heads, head_dim), a leaf under a
-    module named query/key/value (or q/k/v, qkv, *_proj): (0,). Any other 3-D kernel, such as the
-    attention output (heads, head_dim, out): (0, 1). Pass ``NM(axes=...)`` for other layouts.
-    """
-    if len(shape) == 2:
-        return (0,)
-    if len(shape) == 3:
-        module = path.split("/")[-2] if "/" in path else ""
-        return (0,) if module.lower() in _INPUT_PROJECTIONS else (0, 1)
-    if len(shape) >= 4:
-        return tuple(range(len(shape) - 1))
-    raise ValueError(f"NM: {path} has shape {shape}; N:M needs a kernel with ndim ≥ 2")
 
 
 @dataclass(frozen=True)

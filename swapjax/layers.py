@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
 from typing import Optional
 
 import jax
@@ -32,68 +31,10 @@ import numpy as np
 
 from . import layer_grads, pytree
 from .loss_check import check_loss_fn
-from .pytree import Layout, PyTree, Select
+from .pytree import Layer, Layers, Layout, PyTree, Select
 
 # dtype-only steps of a chain: the weights are the leaf's, entry for entry
 _CASTS = frozenset({"convert_element_type", "reduce_precision"})
-
-
-@dataclass(frozen=True, eq=False)
-class Layer:
-    """One linear layer: the weights W = leaf.ravel()[index] (d_in × d_out) of the leaf at ``path``.
-
-    name: the leaf's path, with ``[i]`` for slice i of a stacked leaf (``[i, j]`` nested);
-    shape: the kernel as its product sees it (one slice of a stack); input_axes: the leaf's axes the
-    product contracts, row-major in that order (None where a reshape mixes them with others);
-    order: its product's position in the forward pass; kind: "dense", "conv", "grouped conv" (one product per feature group: not solved layer by layer) or
-    "vector" (a leaf with ndim < 2 chosen with ``allow_vectors``, no product found: one input per entry).
-    """
-
-    name: str
-    path: str
-    index: np.ndarray
-    shape: tuple
-    input_axes: Optional[tuple] = None
-    kind: str = "dense"
-    order: int = -1  # the position of its product in the traced program (forward order); -1 by the name rule
-
-    d_in = property(lambda self: self.index.shape[0])
-    d_out = property(lambda self: self.index.shape[1])
-    size = property(lambda self: self.index.size)
-
-    def __repr__(self) -> str:
-        return f"Layer({self.name!r}, {self.d_in}×{self.d_out}, inputs {self.input_axes}, {self.kind})"
-
-    @classmethod
-    def whole(cls, path: str, shape: tuple, input_axes: Optional[tuple]) -> "Layer":
-        """The leaf as one layer whose inputs are ``input_axes`` (None: a vector or scalar, one input per entry)."""
-        positions = np.arange(math.prod(shape)).reshape(shape)
-        if input_axes is None:
-            return cls(path, path, positions.reshape(-1, 1), tuple(shape), None, "vector")
-        others = tuple(a for a in range(len(shape)) if a not in input_axes)
-        matrix = positions.transpose(tuple(input_axes) + others)
-        d_in = math.prod(shape[a] for a in input_axes)
-        return cls(path, path, matrix.reshape(d_in, -1), tuple(shape), tuple(input_axes))
-
-
-@dataclass(frozen=True)
-class Layers:
-    """The layers of a model in forward order, and why the other floating leaves with ndim ≥ 2 are not."""
-
-    layers: tuple[Layer, ...]
-    left_dense: dict = field(default_factory=dict)
-
-    @property
-    def paths(self) -> tuple[str, ...]:
-        """The leaves holding layers, in the order of their first layer."""
-        return tuple(dict.fromkeys(layer.path for layer in self.layers))
-
-    def describe(self) -> str:
-        """'5 layers in 3 leaves; left dense: embed/table (not a layer's weight: ...)'."""
-        text = f"{len(self.layers)} layer{'s' * (len(self.layers) != 1)} in {len(self.paths)} leaves"
-        if self.left_dense:
-            text += "; left dense: " + ", ".join(f"{path} ({why})" for path, why in self.left_dense.items())
-        return text
 
 
 def find_layers(loss_fn, params: PyTree, batch: PyTree) -> Layers:
@@ -167,11 +108,10 @@ def _uses(layers) -> int:
 
 def by_name(params: PyTree) -> Layers:
     """The layers of the name rule (no loss to trace): each default-rule leaf one layer, its inputs along
-    :func:`swapjax.constraints.reduction_axes`."""
-    from .constraints import reduction_axes
-
+    :func:`swapjax.pytree.reduction_axes`."""
     lay = pytree.layout(params)
-    layers = tuple(Layer.whole(name, shape, reduction_axes(name, shape)) for name, shape in zip(lay.names, lay.shapes))
+    layers = tuple(Layer.whole(name, shape, pytree.reduction_axes(name, shape))
+                   for name, shape in zip(lay.names, lay.shapes))
     return Layers(layers, {name: "not a kernel by the name rule" for name in lay.left_dense})
 
 

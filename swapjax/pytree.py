@@ -22,6 +22,7 @@ such as ``lambda path, leaf: "fc" in path`` cannot silently prune biases. To pru
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,9 +39,7 @@ PyTree = Any
 Select = Callable[[str, Any], bool]
 
 
-def path_name(path) -> str:
-    """'Dense_0/kernel' for a key path (NNX ``.value`` included as ``/value``)."""
-    return jax.tree_util.keystr(path, simple=True, separator="/")
+path_name = checks.path_name
 
 
 def leaf_name(path) -> str:
@@ -299,9 +298,6 @@ def layout(params: PyTree, select: Optional[Select] = None, found=None) -> Layou
 def _layers_of(names, shapes, found) -> tuple:
     """The layers of the prunable leaves: as found, else (no trace, or a leaf chosen by ``allow_vectors``
     that is no layer) the leaf as one layer along its name-rule input axes."""
-    from .constraints import reduction_axes
-    from .layers import Layer
-
     by_leaf = {}
     for layer in () if found is None else found.layers:
         by_leaf.setdefault(layer.path, []).append(layer)
@@ -347,6 +343,86 @@ def _selected(select: Select, name: str, leaf) -> bool:
             f"select: must return True or False, got {answer!r} (type {type(answer).__name__}) for leaf {name!r}"
         )
     return bool(answer)
+
+
+#: Leaf names of attention input projections: their kernels are (in, heads, head_dim), reduced over axis 0.
+_INPUT_PROJECTIONS = ("query", "key", "value", "q", "k", "v", "qkv", "q_proj", "k_proj", "v_proj")
+
+
+def reduction_axes(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The axes a kernel's matrix product sums over (Flax layouts), along which N:M groups run.
+
+    Dense (in, out): (0,). Conv (h, w, in, out): (0, 1, 2), the patch h·w·in, row-major, so the
+    groups run along the input channels. Attention q/k/v (in, heads, head_dim), a leaf under a
+    module named query/key/value (or q/k/v, qkv, *_proj): (0,). Any other 3-D kernel, such as the
+    attention output (heads, head_dim, out): (0, 1). Pass ``NM(axes=...)`` for other layouts.
+    """
+    if len(shape) == 2:
+        return (0,)
+    if len(shape) == 3:
+        module = path.split("/")[-2] if "/" in path else ""
+        return (0,) if module.lower() in _INPUT_PROJECTIONS else (0, 1)
+    if len(shape) >= 4:
+        return tuple(range(len(shape) - 1))
+    raise ValueError(f"NM: {path} has shape {shape}; N:M needs a kernel with ndim ≥ 2")
+
+
+@dataclass(frozen=True, eq=False)
+class Layer:
+    """One linear layer: the weights W = leaf.ravel()[index] (d_in × d_out) of the leaf at ``path``.
+
+    name: the leaf's path, with ``[i]`` for slice i of a stacked leaf (``[i, j]`` nested);
+    shape: the kernel as its product sees it (one slice of a stack); input_axes: the leaf's axes the
+    product contracts, row-major in that order (None where a reshape mixes them with others);
+    order: its product's position in the forward pass; kind: "dense", "conv", "grouped conv" (one product per feature group: not solved layer by layer) or
+    "vector" (a leaf with ndim < 2 chosen with ``allow_vectors``, no product found: one input per entry).
+    """
+
+    name: str
+    path: str
+    index: np.ndarray
+    shape: tuple
+    input_axes: Optional[tuple] = None
+    kind: str = "dense"
+    order: int = -1  # the position of its product in the traced program (forward order); -1 by the name rule
+
+    d_in = property(lambda self: self.index.shape[0])
+    d_out = property(lambda self: self.index.shape[1])
+    size = property(lambda self: self.index.size)
+
+    def __repr__(self) -> str:
+        return f"Layer({self.name!r}, {self.d_in}×{self.d_out}, inputs {self.input_axes}, {self.kind})"
+
+    @classmethod
+    def whole(cls, path: str, shape: tuple, input_axes: Optional[tuple]) -> "Layer":
+        """The leaf as one layer whose inputs are ``input_axes`` (None: a vector or scalar, one input per entry)."""
+        positions = np.arange(math.prod(shape)).reshape(shape)
+        if input_axes is None:
+            return cls(path, path, positions.reshape(-1, 1), tuple(shape), None, "vector")
+        others = tuple(a for a in range(len(shape)) if a not in input_axes)
+        matrix = positions.transpose(tuple(input_axes) + others)
+        d_in = math.prod(shape[a] for a in input_axes)
+        return cls(path, path, matrix.reshape(d_in, -1), tuple(shape), tuple(input_axes))
+
+
+@dataclass(frozen=True)
+class Layers:
+    """The layers of a model in forward order, and why the other floating leaves with ndim ≥ 2 are not."""
+
+    layers: tuple[Layer, ...]
+    left_dense: dict = field(default_factory=dict)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The leaves holding layers, in the order of their first layer."""
+        return tuple(dict.fromkeys(layer.path for layer in self.layers))
+
+    def describe(self) -> str:
+        """'5 layers in 3 leaves; left dense: embed/table (not a layer's weight: ...)'."""
+        text = f"{len(self.layers)} layer{'s' * (len(self.layers) != 1)} in {len(self.paths)} leaves"
+        if self.left_dense:
+            text += "; left dense: " + ", ".join(f"{path} ({why})" for path, why in self.left_dense.items())
+        return text
 
 
 def flatten(params: PyTree, lay: Layout) -> jax.Array:

@@ -53,7 +53,7 @@ import numpy as np
 
 from . import checks
 from .constraints import NM, Groups, layer_quotas
-from .contract import Method, Problem, for_layer, solve_layer as _solve_layer
+from .contract import Method, Problem, for_layer
 from .methods import LR
 from .operators import PERCDAMP, LayerOperator, live as _live, matmul  # noqa: F401  (LayerOperator: re-exported)
 
@@ -104,13 +104,9 @@ def _nm_input_ids(n: int, m: int, d_in: int, d_out: int) -> tuple[np.ndarray, np
     return ids, counts
 
 
-def _nm_ids(rule: NM, d_in: int, d_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deprecated (prune_layerwise's until it passes Groups): (ids, counts) of ``nm_groups`` (NumPy, read-only)."""
-    return _nm_input_ids(rule.n, rule.m, d_in, d_out)
-
-
 def _as_groups(rule, d_in: int, d_out: int) -> Groups:
-    """The deprecated layer rule (an int count or ``NM(n, m)``) as the layer's Groups."""
+    """Deprecated (:func:`wanda` and :func:`sparsegpt` called with the layer's count or ``NM(n, m)``, as
+    tests/test_layerwise.py still does): the rule as the layer's Groups."""
     if isinstance(rule, NM):
         return nm_groups(rule.n, rule.m, d_in, d_out)
     if not (isinstance(rule, (int, np.integer)) and not isinstance(rule, bool) and 0 <= rule <= d_in * d_out):
@@ -292,21 +288,11 @@ def _layer(problem: Problem, who: str) -> tuple:
 
 
 class LayerMethod(Method):
-    """A method on one layer's Gram (``needs = "H"``). Deprecated: ``solve_layer(W, H, rule)`` with ``rule`` the
-    layer's kept count or ``NM(n, m)``, kept while ``prune_layerwise`` calls it; use
-    :func:`swapjax.contract.solve_layer` (``method``, the layer's name, W̄, H, its Groups)."""
+    """A method on one layer's Gram: ``needs = "H"`` (:mod:`swapjax.contract`); ``solve_problem`` reads
+    ``problem.H``, ``problem.shape`` and ``problem.groups``. Run one on a layer with
+    :func:`swapjax.contract.solve_layer`, or on every layer with ``swapjax.prune_layerwise``."""
 
     needs = "H"
-
-    def solve_layer(self, W, H, rule) -> tuple[jax.Array, jax.Array]:
-        """Deprecated: (W, kept mask) of the layer under ``rule`` (a count or ``NM(n, m)``)."""
-        groups, d_in, d_out = _check_layer(W, H, rule)
-        W = _float(W)
-        if int(groups.k) == 0:
-            return jnp.zeros_like(W), jnp.zeros(W.shape, bool)
-        W_live, H_live = _live(W, jnp.asarray(H, W.dtype))
-        w, info = self.solve_problem(for_layer(self, Problem(W_live.ravel(), groups, H=H_live, shape=(d_in, d_out))))
-        return jnp.asarray(w).reshape(d_in, d_out), jnp.asarray(info.support).reshape(d_in, d_out)
 
 
 @dataclass(frozen=True)

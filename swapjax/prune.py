@@ -387,10 +387,9 @@ def _schedule(levels, sparsity, method, compared: bool, finetune, mode: str):
 def _constraint_notes(constraint, lay) -> list[str]:
     """The progress lines on what is pruned: the prunable leaves, the constraint, the leaves it leaves dense."""
     lines = [f"pruning {lay.describe()}" + ("" if constraint.label == TopK.label else f" under {constraint.label}")]
-    ragged = constraint.ragged_leaves(lay) if hasattr(constraint, "ragged_leaves") else []
+    ragged = constraint.ragged_leaves(lay)
     if ragged:
-        lines.append(f"{constraint.label}: left dense, their inputs not a multiple of {constraint.m}: "
-                     + ", ".join(ragged))
+        lines.append(f"{constraint.label}: left dense, the constraint cannot group them: " + ", ".join(ragged))
     return lines
 
 

@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from . import checks, layer_grads, pytree
-from .loss_check import check_loss_fn
+from . import checks, layer_grads, layers, pytree
 from .pytree import PyTree, Select
 
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -212,7 +211,7 @@ def per_sample_grads(
 
     ``loss_fn(params, example)`` takes ONE example (no batch axis). Columns follow
     the flat order of :mod:`swapjax.pytree`. ``select``: which leaves are prunable
-    (default: the kernels; see :func:`swapjax.pytree.default_rule`).
+    (default: the weights of the layers ``loss_fn`` uses, :func:`swapjax.find_layers`).
 
     How (``fast=True``): a kernel K used only by dense/conv layers y = op(x, K) gets its
     per-example gradient from the layer input xᵢ and the output cotangent δᵢ of one
@@ -255,8 +254,7 @@ def per_sample_losses_and_grads(
     progress = checks.boolean("progress", progress)
     fast = checks.boolean("fast", fast)
     devices = resolve_devices(devices, n)
-    lay = pytree.layout(params, select)
-    check_loss_fn(loss_fn, params, batch)
+    lay = layers.prunable(loss_fn, params, batch, select)  # the layers of loss_fn (select narrows them)
     return losses_and_grads(loss_fn, params, batch, lay, chunk_size, fast, progress, devices)
 
 

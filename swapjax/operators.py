@@ -377,6 +377,7 @@ def linearize(loss_fn, params, batch, lay, chunk_size, progress=True, fast=True)
 PERCDAMP = 0.01
 
 
+@jax.jit
 def live(W, H):
     """SparseGPT's treatment of a layer's inputs that never fire (H_ii = 0): W̄_i = 0 and H_ii = 1, so they are
     pruned first, any of their weights still kept is exactly 0, and H is positive definite once damped.

@@ -358,3 +358,30 @@ def test_solve_layer_checks_every_result(how, rule, message):
     A, W, H = _layer(7, n=60, d_in=16, d_out=4)
     with pytest.raises(ValueError, match=message):
         solve_layer(_Wrong(how), "L", W.astype(np.float32), H.astype(np.float32), _groups(rule, 16, 4))
+
+
+@pytest.mark.parametrize("rule", [30, swapjax.NM(1, 4)], ids=["count", "1:4"])
+def test_layer_magnitude_is_wanda_without_the_inputs(rule):
+    """LayerMagnitude: Wanda's ranking on |W̄| alone (H = I in the reference): per output unit by largest
+    remainder, or per N:M group; kept weights unchanged; network-wide (no layer shape) the groups' top |w̄|."""
+    A, W, H = _layer(8, n=50, d_in=16, d_out=6)
+    W32 = W.astype(np.float32)
+    expected_w, expected_mask = _wanda_reference(W, np.eye(16), rule)
+    w, mask = _solve(swapjax.LayerMagnitude(), W32, H.astype(np.float32), rule)
+    np.testing.assert_array_equal(mask, expected_mask)
+    np.testing.assert_array_equal(np.asarray(w), expected_w.astype(np.float32))
+    flat, info = swapjax.LayerMagnitude().solve_problem(swapjax.Problem(W32.ravel(), swapjax.Groups.top_k(30)))
+    np.testing.assert_array_equal(np.asarray(info.support), _keep_top(np.abs(W32).ravel(), 30))
+    assert np.isnan(float(info.objective))  # no curvature given: f is not defined
+
+
+def test_refit_of_a_method_on_x_refits_its_mask():
+    """Refit(Magnitude()): the magnitude mask of the layer (its operator's), each unit then solved exactly."""
+    A, W, H = _layer(9, n=80, d_in=12, d_out=3)
+    W32, H32 = W.astype(np.float32), H.astype(np.float32)
+    w, mask = _solve(layer_methods.Refit(swapjax.Magnitude(), percdamp=0.0), W32, H32, 18)
+    np.testing.assert_array_equal(mask, _keep_top(np.abs(W32).ravel(), 18).reshape(12, 3))
+    for j in range(3):
+        keep = mask[:, j]
+        expected = np.linalg.lstsq(A[:, keep], A @ W[:, j], rcond=None)[0]
+        np.testing.assert_allclose(np.asarray(w)[keep, j], expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())

@@ -95,6 +95,24 @@ def _check_transformers_page(ns):
         swapjax.prune(ns["gpt_loss"], ns["gpt_params"], {"t": ns["tokens"]}, select=swapjax.exclude("hed"))
 
 
+def test_layers_page(tmp_path, monkeypatch):
+    """The einsum weights and every slice of the scanned stack are layers (the table, biases and scales are
+    not), and each slice's 2:4 groups run along its own inputs; to_nm packs every pruned leaf."""
+    ns = _run("docs/models/layers.md", tmp_path, monkeypatch)
+    found, result = ns["found"], ns["result"]
+    names = [layer.name for layer in found.layers]
+    for leaf in ("q_w", "kv_w", "o_w", "Dense_0/kernel", "Dense_1/kernel"):
+        assert [f"ScanBlock_0/{leaf}[{i}]" in names for i in range(3)] == [True] * 3
+    assert names[-1] == "head" and "Embed_0/embedding" in found.left_dense
+    masks = dict(zip([swapjax.pytree.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        result.masks, is_leaf=lambda m: m is None)[0]], jax.tree_util.tree_leaves(result.masks, is_leaf=lambda m: m is None)))
+    assert masks["Embed_0/embedding"] is None and masks["ScanBlock_0/RMSNorm_0/scale"] is None
+    for layer in found.layers:
+        kept = np.asarray(masks[layer.path]).ravel()[layer.index]
+        assert np.all(kept.reshape(layer.d_in // 4, 4, layer.d_out).sum(axis=1) == 2), layer.name
+    assert set(ns["packed"]) == set(found.paths)
+
+
 def test_pytrees_page(tmp_path, monkeypatch):
     ns = _run("docs/models/pytrees.md", tmp_path, monkeypatch)
     assert ns["result"].masks["b1"] is None and _zero_off_mask(ns["result"].params, ns["result"].masks)

@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks, pytree, transport
+from . import checks, layers, pytree, transport
 from .gradients import DEFAULT_CHUNK, GradientNoise, LossFn, batch_size, per_sample_grads
-from .loss_check import check_loss_fn
 from .methods import DEFAULT_EPSILON, check_problem
 from .constraints import as_groups, kept_count
 from .contract import Info, Problem
@@ -304,9 +303,8 @@ def compare_sparsities(
     checks.integer("chunk_size", chunk_size, 1)
     _check_options(evaluate, epsilon, sinkhorn_threshold, sinkhorn_max_iters, warmup, progress)
     batch_size(batch)
-    lay = pytree.layout(params, select)
     checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
-    check_loss_fn(loss_fn, params, batch)
+    lay = layers.prunable(loss_fn, params, batch, select)  # the layers loss_fn uses, as prune takes them
     p = lay.size
     for s in sparsities:
         if kept_count(s, p) < 1:

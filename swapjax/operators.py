@@ -33,10 +33,9 @@ from typing import Callable, ClassVar, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from . import checks, pytree
+from . import checks, layers, pytree
 from .gradients import (DEFAULT_CHUNK, _ChunkProgress, batch_size, check_finite, chunk_losses_and_grads,
                         chunk_starts, column_sq_norms, row_sharding, sharded_column_sq_norms)
-from .loss_check import check_loss_fn
 from .pytree import PyTree, Select
 
 #: Bytes of per-sample gradients one chunk of :func:`linearized_gradients` may hold (c·p·4 ≤ this).
@@ -345,8 +344,7 @@ def linearized_gradients(
     """
     batch_size(batch)
     chunk_size = checks.integer("chunk_size", chunk_size, 1)
-    lay = pytree.layout(params, select)
-    check_loss_fn(loss_fn, params, batch)
+    lay = layers.prunable(loss_fn, params, batch, select)  # the layers loss_fn uses, as prune takes them
     return linearize(loss_fn, params, batch, lay, chunk_size, progress, fast)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -207,7 +207,8 @@ def unrolled(scanned: Case) -> Case:
     params = {"inp": p["inp"], "out": p["out"],
               **{f"Dense_{i}": {"kernel": p["ScanBlock_0"]["Dense_0"]["kernel"][i],
                                 "bias": p["ScanBlock_0"]["Dense_0"]["bias"][i]} for i in range(L)}}
-    layers = (Expect("inp/kernel", (0,)), *(Expect(f"Dense_{i}/kernel", (0,)) for i in range(L)), Expect("out/kernel", (0,)))
+    layers = (Expect("inp/kernel", (0,)), *(Expect(f"Dense_{i}/kernel", (0,)) for i in range(L)),
+              Expect("out/kernel", (0,)))
     return Case(params, lambda q, ex: _mse(model.apply({"params": q}, ex["x"]), ex["y"]), scanned.batch, layers, ())
 
 
@@ -256,7 +257,8 @@ class NnxStackGraphUpdates(NnxStack):
 
 
 def nnx_scan(graph_updates: bool = False) -> Case:
-    graphdef, params, rest = nnx.split((NnxStackGraphUpdates if graph_updates else NnxStack)(nnx.Rngs(3)), nnx.Param, ...)
+    model = (NnxStackGraphUpdates if graph_updates else NnxStack)(nnx.Rngs(3))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     batch = _mlp_batch(3)
     k = "blocks/linear/kernel/value"
     layers = (Expect("inp/kernel/value", (0,)), *(Expect(k, (1,), ((0, i),)) for i in range(L)),
@@ -395,7 +397,7 @@ def plain_scan() -> Case:
         h, _ = jax.lax.scan(lambda h, k: (jnp.tanh(h @ k), None), jnp.tanh(ex["x"] @ p["inp"]), p["stack"])
         return _mse(h @ p["out"], ex["y"])
 
-    layers = (Expect("inp", (0,)), Expect("stack", (1,), ((0, 0),)), Expect("stack", (1,), ((0, 1),)), Expect("out", (0,)))
+    layers = (Expect("inp", (0,)), *(Expect("stack", (1,), ((0, l),)) for l in range(2)), Expect("out", (0,)))
     return Case(params, loss_fn, _mlp_batch(10, (8,)), layers, ())
 
 

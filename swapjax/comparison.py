@@ -305,6 +305,7 @@ def compare_sparsities(
     batch_size(batch)
     checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
     lay = layers.prunable(loss_fn, params, batch, select)  # the layers loss_fn uses, as prune takes them
+    loss_fn = layers.staged(loss_fn, params, batch)  # its program, run from its jaxpr under every transform
     p = lay.size
     for s in sparsities:
         if kept_count(s, p) < 1:

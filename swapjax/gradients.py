@@ -255,6 +255,7 @@ def per_sample_losses_and_grads(
     fast = checks.boolean("fast", fast)
     devices = resolve_devices(devices, n)
     lay = layers.prunable(loss_fn, params, batch, select)  # the layers of loss_fn (select narrows them)
+    loss_fn = layers.staged(loss_fn, params, batch)  # its program, run from its jaxpr under every transform
     return losses_and_grads(loss_fn, params, batch, lay, chunk_size, fast, progress, devices)
 
 

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import lru_cache
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jcore
 
 from . import layer_grads, pytree
 from .loss_check import check_loss_fn
@@ -124,6 +126,36 @@ def prunable(loss_fn, params: PyTree, batch: PyTree, select: Optional[Select] = 
     pytree.check_select(params, select)
     check_loss_fn(loss_fn, params, batch)
     return pytree.layout(params, select, find_layers(loss_fn, params, batch))
+
+
+def staged(loss_fn, params: PyTree, batch: PyTree):
+    """``loss_fn`` as the program it traces to on one example: the same function of (params, example)
+    for arrays of these shapes, evaluated from its jaxpr, so the Python code runs once, at the top
+    level. A loss that may be traced but not run under ``jax.vmap`` (an NNX ``nnx.scan`` with graph
+    updates) then runs under every transform the drivers apply. One staged function per loss and
+    shapes (the last few kept), so compiled functions keyed on it are reused across calls."""
+    example = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), batch)
+    key = (loss_fn,) + tuple((jax.tree_util.tree_structure(t), tuple(
+        (jnp.shape(a), jnp.result_type(a)) for a in jax.tree_util.tree_leaves(t))) for t in (params, example))
+    try:
+        return _staged(key)
+    except TypeError:  # an unhashable loss_fn: as it is
+        return loss_fn
+
+
+@lru_cache(maxsize=8)
+def _staged(key):
+    loss_fn, (params_tree, params_leaves), (example_tree, example_leaves) = key
+    structs = [jax.tree_util.tree_unflatten(tree, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
+               for tree, leaves in ((params_tree, params_leaves), (example_tree, example_leaves))]
+    closed = jax.make_jaxpr(loss_fn)(*structs)
+
+    def loss(params, example):
+        (value,) = jcore.jaxpr_as_fun(closed)(*jax.tree_util.tree_leaves((params, example)))
+        return value
+
+    loss.__name__ = getattr(loss_fn, "__name__", "loss_fn")
+    return loss
 
 
 # ---------------------------------------------------------------- one product's layers

@@ -120,6 +120,7 @@ def prune_layerwise(
     checks.finite_leaves("batch", batch, hint="; the calibration examples must be finite: fix or drop them",
                          examples=True)
     lay = find.prunable(loss_fn, params, batch, select)
+    loss_fn = find.staged(loss_fn, params, batch)  # its program, run from its jaxpr under every transform
     w = pytree.flatten(params, lay)
     sparsity = constraint.check(lay, sparsity, w)  # a mapping's names and mean, ragged="error", empty layers
     groups = constraint.resolve(lay, sparsity, w)

@@ -345,6 +345,7 @@ def linearized_gradients(
     batch_size(batch)
     chunk_size = checks.integer("chunk_size", chunk_size, 1)
     lay = layers.prunable(loss_fn, params, batch, select)  # the layers loss_fn uses, as prune takes them
+    loss_fn = layers.staged(loss_fn, params, batch)  # its program, run from its jaxpr under every transform
     return linearize(loss_fn, params, batch, lay, chunk_size, progress, fast)
 
 

@@ -296,6 +296,7 @@ def prune(
     batch, val_batch = _checked_batches(batch, val_batch, holdout if method.selects else 0.0)
     devices = resolve_devices(devices, batch_size(batch))  # ValueError naming N and d before any gradient
     lay = layers.prunable(loss_fn, params, batch, select)  # select, loss_fn's output, the layers: traces only
+    loss_fn = layers.staged(loss_fn, params, batch)  # its program, run from its jaxpr under every transform
     w_dense = pytree.flatten(params, lay)
     sparsity = constraint.check(lay, sparsity, w_dense)  # paths, caps, ragged leaves, empty layers: from the layout
     levels = None if stages == "auto" else schedules.resolve(stages, sparsity)

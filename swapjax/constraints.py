@@ -322,30 +322,33 @@ class TopK(Constraint):
 
 @dataclass(frozen=True)
 class LayerBudgets(Constraint):
-    """A budget per prunable leaf ("layer"), the counts summing to round((1 − s)·p).
+    """A budget per layer, the counts summing to round((1 − s)·p).
 
-    rule: how the density d_l = 1 − s_l of leaf l is set, with Σ_l d_l·p_l = (1 − s)·p:
+    The layers are those of the layout (:func:`swapjax.find_layers` where ``prune`` traced the loss:
+    every slice of a scanned or vmapped stack is a layer with its own budget; one per leaf by the name
+    rule). rule: how the density d_l = 1 − s_l of layer l is set, with Σ_l d_l·p_l = (1 − s)·p:
 
-    - ``"uniform"``: d_l = 1 − s in every leaf;
-    - ``"erk"`` (Erdős–Rényi kernel, RigL): d_l ∝ (Σ of the leaf's dimensions)/(their product), so
-      small layers keep more; a leaf that would pass density 1 is dense and the rest rescaled;
-    - ``"owl"`` (outlier-weighted, in the spirit of OWL): leaf l's outlier share D_l is the
-      fraction of its saliencies ρ_i = w_i²·(XᵀX)_ii above ``owl_threshold`` × the leaf's mean;
+    - ``"uniform"``: d_l = 1 − s in every layer;
+    - ``"erk"`` (Erdős–Rényi kernel, RigL): d_l ∝ (Σ of the kernel's dimensions)/(their product), so
+      small layers keep more; a layer that would pass density 1 is dense and the rest rescaled;
+    - ``"owl"`` (outlier-weighted, in the spirit of OWL): layer l's outlier share D_l is the
+      fraction of its saliencies ρ_i = w_i²·(XᵀX)_ii above ``owl_threshold`` × the layer's mean;
       d_l = 1 − s + ``owl_spread``·(2(D_l − min D)/(max D − min D) − 1), shifted to the total:
       more outliers, more weights kept, all within about s ± ``owl_spread``;
-    - a mapping {leaf path: sparsity} for every prunable leaf (e.g. ``{"Dense_0/kernel": 0.5, ...}``):
-      the final sparsities, taken as given (leaf l keeps round((1 − s_l)·p_l), never rescaled). The
-      overall sparsity is their size-weighted mean s̄ = Σ_l s_l·p_l/p; a ``sparsity`` passed with it
-      must be s̄ within the rounding of the counts (L/(2p) for L leaves), else a ValueError gives both.
-      The stages before the last scale every s_l by s_t/s̄.
+    - a mapping {layer name or leaf path: sparsity} covering every layer (e.g. ``{"Dense_0/kernel": 0.5,
+      ...}``; a leaf's path gives all its slices, ``"blocks/kernel[2]"`` one slice): the final
+      sparsities, taken as given (layer l keeps round((1 − s_l)·p_l), never rescaled). The overall
+      sparsity is their size-weighted mean s̄ = Σ_l s_l·p_l/p; a ``sparsity`` passed with it must be s̄
+      within the rounding of the counts (L/(2p) for L layers), else a ValueError gives both. The
+      stages before the last scale every s_l by s_t/s̄.
 
-    max_sparsity: a cap on every leaf's sparsity (densities ≥ 1 − cap), the excess moved to the
+    max_sparsity: a cap on every layer's sparsity (densities ≥ 1 − cap), the excess moved to the
     others; with a mapping, a given s_l above it is a ValueError. Counts are rounded by largest
     remainder so that they sum exactly to the total.
 
-    A leaf that would keep 0 weights (a small leaf at a high sparsity: the network's output would no
-    longer depend on its input) is a ValueError naming it, from ``resolve`` and so, through ``check``,
-    before any gradient (OWL's counts depend on the Fisher: checked at each stage).
+    A layer that would keep 0 weights (a small layer at a high sparsity: the network's output would
+    no longer depend on its input) is a ValueError naming it, from ``resolve`` and so, through
+    ``check``, before any gradient (OWL's counts depend on the Fisher: checked at each stage).
 
     Examples:
         >>> import numpy as np, swapjax

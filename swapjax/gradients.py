@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numbers
-import sys
 import time
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -14,6 +13,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from . import checks, layer_grads, layers, pytree
+from .progress import Progress, reporter
 from .pytree import PyTree, Select
 
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -77,7 +77,7 @@ def chunk_starts(n: int, chunk_size: int) -> tuple[int, list[int]]:
 def _per_sample_grads(loss_fn, params, batch, lay, chunk_size, fast, progress):
     n = batch_size(batch)
     b, starts = chunk_starts(n, chunk_size)
-    report = _ChunkProgress(len(starts), n) if progress else None
+    report = _ChunkProgress(len(starts), n, progress) if progress else None
     X = jnp.zeros((n, lay.size), lay.dtype)
     losses, done = [], 0
     batch = jax.tree_util.tree_map(jnp.asarray, batch)  # once; a chunk is a slice at a traced start (one compilation)
@@ -168,7 +168,7 @@ def _per_sample_grads_sharded(loss_fn, params, batch, lay, chunk_size, fast, pro
     params = jax.device_put(params, replicated)
     X = jax.jit(lambda: jnp.zeros((n, lay.size), lay.dtype),
                 out_shardings=jax.sharding.NamedSharding(mesh, P(EXAMPLES, None)))()
-    report = _ChunkProgress(len(starts), n) if progress else None
+    report = _ChunkProgress(len(starts), n, progress) if progress else None
     losses, done = [], 0
     for i, start in enumerate(starts):
         values, X = _fill_chunk_sharded(loss_fn, params, batch, start, X, lay, fast, b, mesh)
@@ -180,20 +180,20 @@ def _per_sample_grads_sharded(loss_fn, params, batch, lay, chunk_size, fast, pro
 
 
 class _ChunkProgress:
-    """A line on stderr about every ``interval`` seconds while chunks finish (shorter runs stay
-    silent), and one for the last chunk of a run that printed any."""
+    """A progress message about every ``interval`` seconds while chunks finish (shorter runs stay
+    silent), and one for the last chunk of a run that gave any; ``progress`` as the drivers take it."""
 
     interval = 5.0
 
-    def __init__(self, chunks: int, n: int):
-        self.chunks, self.n = chunks, n
+    def __init__(self, chunks: int, n: int, progress: Progress = True):
+        self.chunks, self.n, self.report = chunks, n, reporter(progress)
         self.start, self.last, self.printed = time.perf_counter(), 0.0, False
 
     def __call__(self, chunk: int, examples: int, _values=None) -> None:
         elapsed = time.perf_counter() - self.start
         if elapsed - self.last >= self.interval or (chunk == self.chunks and self.printed):
-            print(f"[swapjax] per-sample gradients: chunk {chunk}/{self.chunks} ({examples}/{self.n} examples), "
-                  f"{elapsed:.1f} s", file=sys.stderr, flush=True)
+            self.report(f"per-sample gradients: chunk {chunk}/{self.chunks} ({examples}/{self.n} examples), "
+                        f"{elapsed:.1f} s")
             self.last, self.printed = elapsed, True
 
 
@@ -203,7 +203,7 @@ def per_sample_grads(
     batch: PyTree,
     select: Optional[Select] = None,
     chunk_size: int = DEFAULT_CHUNK,
-    progress: bool = True,
+    progress: Progress = True,
     fast: bool = True,
     devices=None,
 ) -> jax.Array:
@@ -225,7 +225,7 @@ def per_sample_grads(
     in place into X, so working memory beyond the (N, p) result is
     O(chunk_size · (p + activations of one example)). Compiled once per (loss_fn, shapes).
     ``progress``: a line on stderr about every 5 s while chunks finish (silent for short
-    runs); False for none.
+    runs); False for none; a callable gets each message instead.
 
     ``devices``: None (one device: the default device, X unsharded), "all" (``jax.devices()``),
     a count d (the first d devices) or a sequence of ``jax.Device``. With d devices, device j
@@ -244,14 +244,14 @@ def per_sample_losses_and_grads(
     batch: PyTree,
     select: Optional[Select] = None,
     chunk_size: int = DEFAULT_CHUNK,
-    progress: bool = True,
+    progress: Progress = True,
     fast: bool = True,
     devices=None,
 ) -> tuple[jax.Array, jax.Array]:
     """(ℓ ∈ R^N, X ∈ R^{N×p}): the loss value of each example and :func:`per_sample_grads`, in one pass."""
     n = batch_size(batch)  # ValueError if empty or ragged
     chunk_size = checks.integer("chunk_size", chunk_size, 1)
-    progress = checks.boolean("progress", progress)
+    reporter(progress)  # True, False or a callable
     fast = checks.boolean("fast", fast)
     devices = resolve_devices(devices, n)
     lay = layers.prunable(loss_fn, params, batch, select)  # the layers of loss_fn (select narrows them)

@@ -354,7 +354,7 @@ def linearize(loss_fn, params, batch, lay, chunk_size, progress=True, fast=True)
     n = batch_size(batch)
     itemsize = jnp.dtype(lay.dtype).itemsize
     b, starts = chunk_starts(n, max(1, min(chunk_size, CHUNK_BYTES // (itemsize * lay.size))))
-    report = _ChunkProgress(len(starts), n) if progress else None
+    report = _ChunkProgress(len(starts), n, progress) if progress else None
     losses, col_sq, done = [], jnp.zeros(lay.size, lay.dtype), 0
     arrays = jax.tree_util.tree_map(jnp.asarray, batch)  # once; a chunk is a slice at a traced start (one compilation)
     for i, start in enumerate(starts):

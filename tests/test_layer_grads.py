@@ -271,6 +271,12 @@ def test_progress_reports_chunks_and_is_silenced(monkeypatch, capfd, trained_mlp
         assert line.endswith(" s")
     jax.block_until_ready(gradients.per_sample_grads(loss_fn, trained_mlp, prune_batch, chunk_size=16, progress=False))
     assert "per-sample gradients" not in capfd.readouterr().err
+    messages = []  # a callable gets each message, without the prefix; nothing on stderr
+    jax.block_until_ready(gradients.per_sample_grads(loss_fn, trained_mlp, prune_batch, chunk_size=16,
+                                                     progress=messages.append))
+    assert [m.split(", ")[0] for m in messages] == [f"per-sample gradients: chunk {i}/3 ({16 * i}/48 examples)"
+                                                     for i in (1, 2, 3)]
+    assert "per-sample gradients" not in capfd.readouterr().err
 
 
 # ---------------------------------------------------------------- the layer-wise rows A of a tap

@@ -234,17 +234,24 @@ def test_nnx_model_taps_equal_the_loop():
     assert len(pl.taps) == 3
 
 
-def test_kernel_in_a_scan_falls_back_to_vmap_grad():
-    """A kernel used inside lax.scan is not followed: that leaf goes to vmap(grad), the others stay fast."""
+def test_kernel_used_at_every_step_of_a_scan_is_tapped_per_iteration():
+    """A kernel used at every step of lax.scan (an RNN cell, a constant of the loop) is followed into the
+    unrolled scan: one tap per iteration, its per-example gradient the sum over them (it went to vmap(grad)).
+    As a layer it is tied (one weight, three uses): find_layers leaves it dense and says so. (A product with
+    a state that does not depend on the example, h₀ = 0, would not be a layer's use: h₀ is data here.)"""
     params = {"cell": jax.random.normal(jax.random.key(0), (4, 4)) / 2, "head": jax.random.normal(jax.random.key(1), (4, 2))}
 
     def loss(p, ex):
-        h, _ = lax.scan(lambda h, x: (jnp.tanh(h @ p["cell"] + x), None), jnp.zeros(4), ex["x"])
+        h, _ = lax.scan(lambda h, x: (jnp.tanh(h @ p["cell"] + x), None), jnp.tanh(ex["x"][0]), ex["x"])
         return jnp.sum((h @ p["head"] - ex["y"]) ** 2)
 
     batch = {"x": jax.random.normal(jax.random.key(2), (5, 3, 4)), "y": jax.random.normal(jax.random.key(3), (5, 2))}
-    pl = _check(loss, params, batch, all_fast=False)
-    assert pl.slow == (0,) and pl.fast == frozenset({1})
+    every_leaf = swapjax.allow_vectors(lambda path, leaf: True)  # the tied cell too: X's columns for it
+    pl = _check(loss, params, batch, select=every_leaf, all_fast=True)
+    assert pl.slow == () and [t.leaf for t in pl.taps] == [0, 0, 0, 1]
+    found = swapjax.find_layers(loss, params, batch)
+    assert [layer.name for layer in found.layers] == ["head"]
+    assert found.left_dense == {"cell": "used by 3 products (tied or shared weights)"}
 
 
 def test_interpreter_failure_warns_and_uses_vmap_grad(monkeypatch, trained_mlp, prune_batch, loss_fn):

@@ -62,14 +62,15 @@ BLOCK = 128
 
 
 def _check_layer(W, H, groups) -> tuple[Groups, int, int]:
-    """(the layer's Groups, d_in, d_out), checked; ``groups`` may still be the deprecated rule (a count or NM)."""
+    """(the layer's Groups, d_in, d_out), checked."""
     if jnp.ndim(W) != 2:
         raise ValueError(f"W: expected a 2-D kernel (d_in, d_out), got shape {jnp.shape(W)}")
     d_in, d_out = W.shape
     if jnp.shape(H) != (d_in, d_in):
         raise ValueError(f"H: expected the Gram AᵀA of the layer's inputs, shape ({d_in}, {d_in}), got {jnp.shape(H)}")
-    if not isinstance(groups, Groups):  # deprecated: the layer's count or NM(n, m)
-        groups = _as_groups(groups, d_in, d_out)
+    if not isinstance(groups, Groups):
+        raise ValueError(f"groups: expected the layer's swapjax.Groups (Groups.top_k(k) for a count, "
+                         f"nm_groups(n, m, d_in, d_out) for N:M), got {checks._show(groups)}")
     ids = groups.ids
     if ids is not None and tuple(np.shape(ids)) != (d_in * d_out,):
         raise ValueError(f"groups: ids of shape {tuple(np.shape(ids))}, expected ({d_in * d_out},): the layer's "
@@ -81,13 +82,14 @@ def _check_layer(W, H, groups) -> tuple[Groups, int, int]:
 
 
 def nm_groups(n: int, m: int, d_in: int, d_out: int) -> Groups:
-    """N:M along the inputs of a (d_in, d_out) kernel flattened row-major: group g·d_out + j holds inputs
-    g·m … g·m + m − 1 of output unit j and keeps n (``nm`` = (n, m)). ValueError where m does not divide d_in.
+    """N:M along the inputs of a (d_in, d_out) kernel flattened row-major: group j·d_in/m + g holds inputs
+    g·m … g·m + m − 1 of output unit j and keeps n (``nm`` = (n, m)), as ``NM(n, m)`` groups a layer.
+    ValueError where m does not divide d_in.
 
     Examples:
         >>> g = nm_groups(2, 4, 8, 3)
         >>> g.nm, g.num_groups, g.ids.reshape(8, 3)[:, 0].tolist()
-        ((2, 4), 6, [0, 0, 0, 0, 3, 3, 3, 3])
+        ((2, 4), 6, [0, 0, 0, 0, 1, 1, 1, 1])
     """
     if d_in % m:
         raise ValueError(f"groups: {n}:{m} groups run along the {d_in} inputs, not a multiple of m = {m}; "
@@ -98,21 +100,10 @@ def nm_groups(n: int, m: int, d_in: int, d_out: int) -> Groups:
 
 @lru_cache(maxsize=256)
 def _nm_input_ids(n: int, m: int, d_in: int, d_out: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = ((np.arange(d_in)[:, None] // m) * d_out + np.arange(d_out)[None, :]).ravel().astype(np.int32)
+    ids = (np.arange(d_out)[None, :] * (d_in // m) + np.arange(d_in)[:, None] // m).ravel().astype(np.int32)
     counts = np.full(d_in // m * d_out, n, np.int32)
     ids.flags.writeable = counts.flags.writeable = False
     return ids, counts
-
-
-def _as_groups(rule, d_in: int, d_out: int) -> Groups:
-    """Deprecated (:func:`wanda` and :func:`sparsegpt` called with the layer's count or ``NM(n, m)``, as
-    tests/test_layerwise.py still does): the rule as the layer's Groups."""
-    if isinstance(rule, NM):
-        return nm_groups(rule.n, rule.m, d_in, d_out)
-    if not (isinstance(rule, (int, np.integer)) and not isinstance(rule, bool) and 0 <= rule <= d_in * d_out):
-        raise ValueError(f"rule: expected the layer's kept count, an integer in [0, {d_in * d_out}], or NM(n, m), "
-                         f"got {rule!r}")
-    return Groups.top_k(int(rule))
 
 
 def _one_group(groups: Groups) -> bool:

@@ -150,7 +150,7 @@ def test_both_keep_the_constraint_exactly_and_sparsegpt_reconstructs_better(rule
 def test_layer_errors_name_the_argument():
     A, W, H = _layer()
     with pytest.raises(ValueError, match=r"H: expected the Gram AᵀA of the layer's inputs, shape \(48, 48\)"):
-        layer_methods.sparsegpt(W, H[:4, :4], 10)
+        layer_methods.sparsegpt(W, H[:4, :4], swapjax.Groups.top_k(10))
     with pytest.raises(ValueError, match="groups: 2:4 groups run along the 50 inputs, not a multiple of m = 4"):
         layer_methods.nm_groups(2, 4, 50, 3)
     with pytest.raises(ValueError, match="block: 6 inputs per block must be a multiple of m = 4"):

@@ -54,11 +54,12 @@ def test_each_layer_is_solved_on_the_gram_of_its_own_inputs(sequential):
     x = batch["x"].astype(np.float64)
     patches, _ = _np_conv_inputs(params, x, params["Conv_0"]["kernel"])
     conv, _ = layer_methods.sparsegpt(params["Conv_0"]["kernel"].reshape(36, 4), (patches.T @ patches).astype(np.float32),
-                                  swapjax.NM(2, 4))
+                                      layer_methods.nm_groups(2, 4, 36, 4))
     np.testing.assert_allclose(res.params["Conv_0"]["kernel"].reshape(36, 4), conv, rtol=1e-4, atol=1e-5)
     _, h = _np_conv_inputs(params, x, np.asarray(res.params["Conv_0"]["kernel"]) if sequential
                            else params["Conv_0"]["kernel"])
-    dense, _ = layer_methods.sparsegpt(params["Dense_0"]["kernel"], (h.T @ h).astype(np.float32), swapjax.NM(2, 4))
+    dense, _ = layer_methods.sparsegpt(params["Dense_0"]["kernel"], (h.T @ h).astype(np.float32),
+                                       layer_methods.nm_groups(2, 4, *params["Dense_0"]["kernel"].shape))
     np.testing.assert_allclose(res.params["Dense_0"]["kernel"], dense, rtol=1e-4, atol=1e-5)
     assert [r.rows for r in res.layers] == [12 * 25, 12]
     for name in ("Conv_0", "Dense_0"):

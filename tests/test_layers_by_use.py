@@ -265,12 +265,7 @@ def test_nm_never_groups_across_the_slices_of_a_stack(driver):
     assert set(packed) == {"inp", "stack", "out"}
 
 
-@pytest.mark.parametrize("driver", [pytest.param("prune", marks=pytest.mark.xfail(
-    strict=True, raises=ValueError, reason=(
-    "library gap: prune jax.vmaps the Python loss over the examples (memory.example_bytes, then the per-example "
-    "gradients), and NNX refuses nnx.scan with graph updates under jax.vmap: 'Cannot extract graph node from "
-    "different trace level'; prune_layerwise, and jax.vmap of the loss's jaxpr traced on one example, work"))),
-    "layerwise"])
+@pytest.mark.parametrize("driver", ["prune", "layerwise"])
 def test_an_nnx_scan_with_graph_updates_is_pruned_slice_by_slice(driver):
     """NNX's scan over layers as its guide writes it (``nnx.scan`` with graph updates, which NNX
     refuses to run under ``jax.vmap``): each slice keeps exactly its budget in both drivers."""

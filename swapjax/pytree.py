@@ -374,8 +374,24 @@ class Layer:
     name: the leaf's path, with ``[i]`` for slice i of a stacked leaf (``[i, j]`` nested);
     shape: the kernel as its product sees it (one slice of a stack); input_axes: the leaf's axes the
     product contracts, row-major in that order (None where a reshape mixes them with others);
-    order: its product's position in the forward pass; kind: "dense", "conv", "grouped conv" (one product per feature group: not solved layer by layer) or
-    "vector" (a leaf with ndim < 2 chosen with ``allow_vectors``, no product found: one input per entry).
+    order: its product's position in the forward pass; kind: "dense", "conv", "grouped conv" (one
+    product per feature group: not solved layer by layer) or "vector" (a leaf with ndim < 2 chosen with
+    ``allow_vectors``, no product found: one input per entry).
+
+    Examples:
+        Slice 1 of a stacked kernel (L = 2, in = 3, out = 2), as ``scan`` uses it:
+
+        >>> import jax, jax.numpy as jnp, numpy as np, swapjax
+        >>> stack = np.arange(12, dtype="float32").reshape(2, 3, 2)
+        >>> def loss_fn(params, ex):  # two steps, each x_l @ W_l with its own slice W_l
+        ...     ys = jax.lax.scan(lambda _, xw: (None, xw[0] @ xw[1]), None, (ex["x"], params["w"]))[1]
+        ...     return jnp.sum(ys ** 2)
+        >>> found = swapjax.find_layers(loss_fn, {"w": stack}, {"x": np.ones((4, 2, 3), "float32")})
+        >>> layer = found.layers[1]
+        >>> layer.name, layer.d_in, layer.d_out, layer.input_axes
+        ('w[1]', 3, 2, (1,))
+        >>> bool(np.array_equal(stack.ravel()[layer.index], stack[1]))   # W = leaf.ravel()[index]
+        True
     """
 
     name: str
@@ -407,7 +423,17 @@ class Layer:
 
 @dataclass(frozen=True)
 class Layers:
-    """The layers of a model in forward order, and why the other floating leaves with ndim ≥ 2 are not."""
+    """The layers of a model in forward order, and why the other floating leaves with ndim ≥ 2 are not.
+
+    Examples:
+        >>> import jax.numpy as jnp, numpy as np, swapjax
+        >>> params = {"table": np.ones((10, 4), "float32"), "w": np.ones((4, 3), "float32"),
+        ...           "scale": np.ones(4, "float32")}
+        >>> loss_fn = lambda p, ex: jnp.sum((p["table"][ex["t"]] * p["scale"]) @ p["w"])
+        >>> found = swapjax.find_layers(loss_fn, params, {"t": np.zeros(8, "int32")})
+        >>> found.paths, list(found.left_dense)
+        (('w',), ['table'])
+    """
 
     layers: tuple[Layer, ...]
     left_dense: dict = field(default_factory=dict)

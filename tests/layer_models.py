@@ -235,9 +235,9 @@ class NnxStack(nnx.Module):
         self.out = nnx.Linear(W, OUT, rngs=rngs)
 
     def __call__(self, x):
-        # graph_updates=False: the forward pass updates no state; with graph updates, NNX refuses to run
-        # under a JAX transform (jax.vmap over the examples, as the drivers do): "Cannot extract graph
-        # node from different trace level"
+        # graph_updates=False: the forward pass updates no state, and the loss runs under jax.vmap too;
+        # with graph updates (NnxStackGraphUpdates) NNX refuses jax.vmap of the Python loss ("Cannot
+        # extract graph node from different trace level"): the drivers run its traced program instead
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, graph_updates=False)
         def step(x, block):
             return block(x)

@@ -268,7 +268,8 @@ def test_nm_never_groups_across_the_slices_of_a_stack(driver):
 @pytest.mark.parametrize("driver", ["prune", "layerwise"])
 def test_an_nnx_scan_with_graph_updates_is_pruned_slice_by_slice(driver):
     """NNX's scan over layers as its guide writes it (``nnx.scan`` with graph updates, which NNX
-    refuses to run under ``jax.vmap``): each slice keeps exactly its budget in both drivers."""
+    refuses to run under ``jax.vmap`` of the Python loss): each slice keeps exactly its budget in
+    both drivers."""
     c = case("nnx_scan_graph")
     kw = dict(sparsity=S, constraint=swapjax.LayerBudgets(), progress=False)
     result = (swapjax.prune(c.loss_fn, c.params, c.batch, method=swapjax.Magnitude(), stages=1, **kw)

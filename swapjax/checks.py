@@ -215,6 +215,16 @@ def mask_tree(name: str, masks) -> None:
             )
 
 
+def noise_and_key(noise, key) -> None:
+    """``noise``: None or a callable (a ``swapjax.GradientNoise``); a JAX PRNG ``key`` given where it is."""
+    if noise is not None and not callable(noise):
+        raise ValueError(f"noise: expected None or a swapjax.GradientNoise, got {noise!r}")
+    if noise is not None and key is None:
+        raise ValueError("key: a jax.random key is needed when noise is given")
+    if key is not None:
+        prng_key("key", key)
+
+
 def prng_key(name: str, value) -> None:
     """A JAX PRNG key: ``jax.random.key(seed)`` (typed) or ``jax.random.PRNGKey(seed)`` (uint32, shape (2,))."""
     if isinstance(value, jax.Array) or isinstance(value, np.ndarray):

@@ -294,12 +294,7 @@ def compare_sparsities(
     """
     sparsities = list(checks.sparsities("sparsities", sparsities))
     checks.methods(methods)
-    if noise is not None and not callable(noise):
-        raise ValueError(f"noise: expected None or a swapjax.GradientNoise, got {noise!r}")
-    if noise is not None and key is None:
-        raise ValueError("key: a jax.random key is needed when noise is given")
-    if key is not None:
-        checks.prng_key("key", key)
+    checks.noise_and_key(noise, key)
     checks.integer("chunk_size", chunk_size, 1)
     _check_options(evaluate, epsilon, sinkhorn_threshold, sinkhorn_max_iters, warmup, progress)
     batch_size(batch)

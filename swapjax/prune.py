@@ -284,7 +284,7 @@ def prune(
     sparsity = final_sparsity(sparsity, constraint)  # None for a LayerBudgets mapping: its mean, from the layout
     stages = checks.stages(stages)
     checks.choice("anchor", anchor, ("dense", "current"))
-    _check_noise_arguments(noise, key)
+    checks.noise_and_key(noise, key)
     check_hook(finetune, params)
     holdout = checks.real("holdout (the held-out fraction of the batch)", holdout, 0.0, 1.0, hi_open=True)
     chunk_size = checks.integer("chunk_size", chunk_size, 1)
@@ -352,15 +352,6 @@ def _check_method(method) -> None:
     if method.needs == "H":
         raise ValueError(f"method: {type(method).__name__} needs each layer's Gram H (a layer method): prune layer "
                          f"by layer with swapjax.prune_layerwise(..., method={type(method).__name__}())")
-
-
-def _check_noise_arguments(noise, key) -> None:
-    if noise is not None and not callable(noise):
-        raise ValueError(f"noise: expected None or a swapjax.GradientNoise, got {noise!r}")
-    if noise is not None and key is None:
-        raise ValueError("key: a jax.random key is needed when noise is given")
-    if key is not None:
-        checks.prng_key("key", key)
 
 
 def _checked_batches(batch, val_batch, holdout: float):

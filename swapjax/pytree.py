@@ -218,9 +218,12 @@ class Layout:
         return jnp.result_type(*self.dtypes)
 
     def describe(self) -> str:
-        """'12 kernels (69,312 weights); left dense: cls, pos_embedding, 6 biases'."""
+        """'12 kernels (69,312 weights); left dense: cls, pos_embedding, 6 biases', or with stacked leaves
+        '15 layers in 5 kernels (7,168 weights); ...'."""
         noun = "kernel" if {_own_name(name) for name in self.names} == {"kernel"} else "leaf"
         text = f"{len(self.names)} {_plural(noun, len(self.names))} ({self.size:,} weights)"
+        if len(self.layers) > len(self.names):  # slices of stacked leaves, or several products of one leaf
+            text = f"{len(self.layers)} layers in " + text
         if self.left_dense:
             text += "; left dense: " + _grouped(self.left_dense)
         return text

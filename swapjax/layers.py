@@ -54,12 +54,53 @@ def find_layers(loss_fn, params: PyTree, batch: PyTree) -> Layers:
         >>> found.left_dense
         {'embed': 'not a layer: used otherwise than as an operand of a product with the data (gathered, added or scaled)'}
     """
+    key = _key(loss_fn, params, batch)
+    return _found(key) if _hashable(key) else _find(*key)  # an unhashable loss_fn: traced every time
+
+
+@lru_cache(maxsize=8)
+def _found(key) -> Layers:
+    """The layers of one (loss, shapes): traced once, as the tracing sees shapes and dtypes only."""
+    return _find(*key)
+
+
+def _key(loss_fn, params: PyTree, batch: PyTree) -> tuple:
+    """(loss_fn, params, one example) with every array as its jax.ShapeDtypeStruct: what a trace sees."""
+    struct = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))  # noqa: E731
+    example = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), batch)
+    return loss_fn, _Frozen(jax.tree_util.tree_map(struct, params)), _Frozen(example)
+
+
+def _hashable(key) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
+
+
+class _Frozen:
+    """A pytree of ShapeDtypeStructs, hashable by its structure and shapes."""
+
+    def __init__(self, tree):
+        self.tree = tree
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        self._id = (treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
+
+    def __hash__(self):
+        return hash(self._id)
+
+    def __eq__(self, other):
+        return isinstance(other, _Frozen) and self._id == other._id
+
+
+def _find(loss_fn, params: "_Frozen", example: "_Frozen") -> Layers:
+    params, example = params.tree, example.tree
     with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     leaves = [x for _, x in with_path]
     paths = [pytree.path_name(p) for p, _ in with_path]
     # the weight matrices: floating leaves with ndim ≥ 2 (a vector is a bias or a scale, whatever its use)
-    floating = [i for i, x in enumerate(leaves) if jnp.issubdtype(jnp.result_type(x), jnp.floating) and np.ndim(x) >= 2]
-    example = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[0], batch)
+    floating = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2]
     loss = lambda lv, ex: loss_fn(jax.tree_util.tree_unflatten(treedef, lv), ex)  # noqa: E731
     closed = layer_grads.trace_loss(loss, leaves, example)
     if closed is None:
@@ -72,14 +113,14 @@ def find_layers(loss_fn, params: PyTree, batch: PyTree) -> Layers:
         return by_name(params)
     found, reasons, in_order = {}, {}, []
     for t, tap in enumerate(taps):  # in the order of the traced program: forward order
-        uses, why = tap_layers(tap, paths[tap.leaf], np.shape(leaves[tap.leaf]), t)
+        uses, why = tap_layers(tap, paths[tap.leaf], tuple(leaves[tap.leaf].shape), t)
         if why:
             reasons.setdefault(tap.leaf, why)
         found.setdefault(tap.leaf, []).extend(uses)
         in_order.extend((tap.leaf, layer) for layer in uses)
     left_dense, kept = {}, set()
     for i in floating:
-        why = reasons.get(i) or _why_not(i, found.get(i, []), other_use, np.size(leaves[i]))
+        why = reasons.get(i) or _why_not(i, found.get(i, []), other_use, math.prod(leaves[i].shape))
         if why is None:
             kept.add(i)
         else:
@@ -134,21 +175,14 @@ def staged(loss_fn, params: PyTree, batch: PyTree):
     level. A loss that may be traced but not run under ``jax.vmap`` (an NNX ``nnx.scan`` with graph
     updates) then runs under every transform the drivers apply. One staged function per loss and
     shapes (the last few kept), so compiled functions keyed on it are reused across calls."""
-    example = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), batch)
-    key = (loss_fn,) + tuple((jax.tree_util.tree_structure(t), tuple(
-        (jnp.shape(a), jnp.result_type(a)) for a in jax.tree_util.tree_leaves(t))) for t in (params, example))
-    try:
-        return _staged(key)
-    except TypeError:  # an unhashable loss_fn: as it is
-        return loss_fn
+    key = _key(loss_fn, params, batch)
+    return _staged(key) if _hashable(key) else loss_fn  # an unhashable loss_fn: as it is
 
 
 @lru_cache(maxsize=8)
 def _staged(key):
-    loss_fn, (params_tree, params_leaves), (example_tree, example_leaves) = key
-    structs = [jax.tree_util.tree_unflatten(tree, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
-               for tree, leaves in ((params_tree, params_leaves), (example_tree, example_leaves))]
-    closed = jax.make_jaxpr(loss_fn)(*structs)
+    loss_fn, params, example = key
+    closed = jax.make_jaxpr(loss_fn)(params.tree, example.tree)
 
     def loss(params, example):
         (value,) = jcore.jaxpr_as_fun(closed)(*jax.tree_util.tree_leaves((params, example)))
@@ -191,7 +225,9 @@ def _layer(path, index, shape, leaf_shape, kind, order) -> Layer:
     coords = np.unravel_index(index.ravel(), leaf_shape)
     fixed = [a for a in range(len(leaf_shape)) if leaf_shape[a] > 1 and np.all(coords[a] == coords[a][0])]
     name = path + (f"[{', '.join(str(int(coords[a][0])) for a in fixed)}]" if fixed else "")
-    return Layer(name, path, np.ascontiguousarray(index), tuple(int(d) for d in shape),
+    index = np.array(index)
+    index.flags.writeable = False  # found layers are cached and shared
+    return Layer(name, path, index, tuple(int(d) for d in shape),
                  _input_axes(index, leaf_shape), kind, order)
 
 

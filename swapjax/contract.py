@@ -277,13 +277,21 @@ def solve_layer(method: Method, name: str, W_bar, H, groups: Groups) -> tuple[ja
     d_in, d_out = W_bar.shape
     if jnp.shape(H) != (d_in, d_in):
         raise ValueError(f"H: expected the Gram AᵀA of the layer's inputs, shape ({d_in}, {d_in}), got {jnp.shape(H)}")
-    W_bar = W_bar.astype(jnp.promote_types(W_bar.dtype, jnp.float32))
     if int(groups.k) == 0:  # nothing kept: no solve (the solvers need k ≥ 1)
-        return jnp.zeros_like(W_bar), np.zeros((d_in, d_out), bool)
-    W_live, H_live = live(W_bar, jnp.asarray(H, W_bar.dtype))
-    problem = for_layer(method, Problem(W_live.ravel(), groups, H=H_live, shape=(d_in, d_out), name=name))
+        return jnp.zeros(W_bar.shape, jnp.promote_types(W_bar.dtype, jnp.float32)), np.zeros((d_in, d_out), bool)
+    w_live, H_live = _live_problem(W_bar, H)
+    problem = for_layer(method, Problem(w_live, groups, H=H_live, shape=(d_in, d_out), name=name))
     out = method.solve_problem(problem)
     return check_layer_result(method, name, groups, (d_in, d_out), out)
+
+
+@jax.jit
+def _live_problem(W_bar, H):
+    """(w̄ raveled, H) in float32 or wider with the dead inputs revived (:func:`swapjax.operators.live`): one
+    compiled call per layer shape."""
+    W_bar = W_bar.astype(jnp.promote_types(W_bar.dtype, jnp.float32))
+    W_live, H_live = live(W_bar, H.astype(W_bar.dtype))
+    return jnp.ravel(W_live), H_live
 
 
 def check_layer_result(method: Method, name: str, groups: Groups, shape: tuple, out) -> tuple[jax.Array, np.ndarray]:
@@ -302,14 +310,14 @@ def check_layer_result(method: Method, name: str, groups: Groups, shape: tuple, 
     if int(np.size(w)) != size or int(np.size(support)) != size:
         raise ValueError(f"{who} returned w of shape {tuple(np.shape(w))} and info.support of shape "
                          f"{tuple(np.shape(support))}; expected {size} entries each, the layer {tuple(shape)} row-major")
-    W = jnp.asarray(w).reshape(shape)
-    if not jnp.issubdtype(W.dtype, jnp.floating):
-        raise ValueError(f"{who} returned w of dtype {W.dtype}; expected floating-point weights")
+    values = np.asarray(w).reshape(shape)  # checked on the host: no compilation per layer shape
+    if not jnp.issubdtype(values.dtype, jnp.floating):
+        raise ValueError(f"{who} returned w of dtype {values.dtype}; expected floating-point weights")
     mask = np.asarray(support).reshape(shape)
     if mask.dtype != np.bool_:
         raise ValueError(f"{who} returned a mask of dtype {mask.dtype}; expected booleans (True = kept)")
-    W = W.astype(jnp.promote_types(W.dtype, jnp.float32))
-    values = np.asarray(W)
+    values = values.astype(jnp.promote_types(values.dtype, jnp.float32))
+    W = jnp.asarray(values)
     if not np.all(np.isfinite(values)):
         raise ValueError(f"{who} returned {int(np.sum(~np.isfinite(values)))} NaN or inf weights of {values.size}")
     nonzero = int(np.count_nonzero(values[~mask]))

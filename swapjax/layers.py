@@ -232,12 +232,36 @@ def _layer(path, index, shape, leaf_shape, kind, order) -> Layer:
 
 
 def _through(chain, positions: np.ndarray) -> np.ndarray:
-    """The leaf's flat positions carried through the chain's layout steps: K's entry → the leaf's."""
-    x = jnp.asarray(positions, jnp.int32)
+    """The leaf's flat positions carried through the chain's layout steps: K's entry → the leaf's (in NumPy:
+    no compilation per step and shape)."""
+    x = positions
     for prim, params in chain:
-        if prim.name not in _CASTS:
-            x = prim.bind(x, **params)
+        x = _NUMPY_STEPS.get(prim.name, _bound(prim))(x, params)
     return np.asarray(x, np.int64)
+
+
+def _bound(prim):
+    """A layout step NumPy does not mirror here, run by JAX."""
+    return lambda x, params: np.asarray(prim.bind(jnp.asarray(x, jnp.int32), **params))
+
+
+def _broadcast_in_dim(x, params):
+    shape, dims = params["shape"], params["broadcast_dimensions"]
+    expanded = x.reshape([x.shape[dims.index(a)] if a in dims else 1 for a in range(len(shape))])
+    return np.broadcast_to(expanded, shape)
+
+
+_NUMPY_STEPS = {
+    **dict.fromkeys(_CASTS | {"copy", "copy_p"}, lambda x, params: x),
+    "reshape": lambda x, params: x.reshape(params["new_sizes"]) if params.get("dimensions") is None
+    else x.transpose(params["dimensions"]).reshape(params["new_sizes"]),
+    "transpose": lambda x, params: x.transpose(params["permutation"]),
+    "squeeze": lambda x, params: x.reshape([d for a, d in enumerate(x.shape) if a not in params["dimensions"]]),
+    "expand_dims": lambda x, params: np.expand_dims(x, tuple(params["dimensions"])),
+    "broadcast_in_dim": _broadcast_in_dim,
+    "slice": lambda x, params: x[tuple(slice(a, b, s) for a, b, s in zip(
+        params["start_indices"], params["limit_indices"], params["strides"] or (1,) * x.ndim))],
+}
 
 
 def _input_axes(index: np.ndarray, leaf_shape: tuple) -> Optional[tuple]:

@@ -168,7 +168,7 @@ def prune_layerwise(
                              "; check the forward pass up to that layer (params and batch are finite)")
         leaf = position[lay.names.index(layer.path)]
         kernel = current[leaf]
-        W_bar = jnp.asarray(kernel).ravel()[layer.index]
+        W_bar = _weights(kernel, layer.index)
         W, mask = solve_layer(method, layer.name, W_bar, H, layer_groups)
         dtype = jnp.result_type(kernel)
         W = W.astype(dtype)
@@ -176,7 +176,7 @@ def prune_layerwise(
             raise ValueError(f"method: {type(method).__name__} on {layer.name} returned weights beyond the range of "
                              f"the kernel's dtype {dtype} (inf once cast); prune this layer in float32")
         error = float(_relative_error(W_bar, W, H))
-        current[leaf] = jnp.asarray(kernel).ravel().at[layer.index.ravel()].set(W.ravel()).reshape(jnp.shape(kernel))
+        current[leaf] = _written(kernel, layer.index, W)
         kept_mask = masks.setdefault(leaf, np.ones(np.shape(kernel), bool)).reshape(-1)
         kept_mask[layer.index.ravel()] = np.asarray(mask).ravel()
         kept = int(np.sum(mask))
@@ -204,6 +204,18 @@ def _left_dense(layer, layer_groups, groups, constraint, found, ragged) -> Optio
         return ("a grouped convolution: one product per feature group" if layer.kind == "grouped conv" else
                 "no product of it with the data to take its inputs from")
     return None
+
+
+@jax.jit
+def _weights(leaf, index):
+    """The layer's W = leaf.ravel()[index] (compiled once per leaf and layer shape, the index an argument)."""
+    return jnp.ravel(leaf)[index]
+
+
+@jax.jit
+def _written(leaf, index, W):
+    """The leaf with the layer's weights replaced by W."""
+    return jnp.ravel(leaf).at[jnp.ravel(index)].set(jnp.ravel(W).astype(leaf.dtype)).reshape(leaf.shape)
 
 
 @jax.jit

@@ -119,7 +119,7 @@ def _network(name: str, sparsity: float, blocks: int = 0, layerwise=None):
     import jax
 
     import swapjax
-    from swapjax import layerwise as L
+    from swapjax import layer_methods as L
 
     model, variables, loss_fn, batch, val, source = _preset(name)
     params = variables["params"]

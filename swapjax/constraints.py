@@ -620,7 +620,7 @@ class NM(Constraint):
 
     def ragged_leaves(self, lay) -> list[str]:
         """The prunable layers (leaves, where ``axes`` is given) whose inputs are not a multiple of M."""
-        return [name for name, _, ids, _ in self._units(lay) if ids is None]
+        return [name for name, _, ids, _, _ in self._units(lay) if ids is None]
 
     def leaf_axes(self, name: str, shape: tuple) -> tuple[int, ...]:
         """The axes of leaf ``name`` along which its groups run, each in [0, ndim); ValueError naming the
@@ -647,11 +647,11 @@ class NM(Constraint):
 
     def check(self, lay, sparsity, w=None) -> float:
         units = self._units(lay)  # every leaf's axes checked
-        ragged = [(name, positions, why) for name, positions, ids, why in units if ids is None]
+        ragged = [(name, why, inputs) for name, _, ids, why, inputs in units if ids is None]
         if ragged and self.ragged == "error":
-            raise ValueError(ragged[0][2])
+            raise ValueError(ragged[0][1])
         if ragged and len(ragged) == len(units) and self.sparsity > 0:
-            inputs = [f"{name} {int(why.split(' sums over ')[1].split()[0])} inputs" for name, _, why in ragged[:5]]
+            inputs = [f"{name} {count} inputs" for name, _, count in ragged[:5]]
             raise ValueError(f"constraint: {self.label} leaves every prunable layer dense, none sums over a "
                              f"multiple of m = {self.m} inputs ({', '.join(inputs)}{', ...' if len(ragged) > 5 else ''}"
                              f"): nothing would be pruned; pick an m that divides their inputs, or pass axes=")
@@ -661,7 +661,7 @@ class NM(Constraint):
         keep = max(self.n, min(self.m, int(round(self.m * (1 - sparsity)))))
         ids = np.empty(lay.size, np.int32)
         counts, groups = [], 0
-        for name, positions, grouping, why in self._units(lay):
+        for name, positions, grouping, why, _ in self._units(lay):
             if grouping is None:
                 if self.ragged == "error":
                     raise ValueError(why)
@@ -677,14 +677,15 @@ class NM(Constraint):
 
     def _units(self, lay) -> list:
         """[(name, positions in w (flat), group of each position within the unit or None where ragged, why
-        ragged)] per layer: groups of M consecutive inputs of each output unit (j·d_in/M + g); with ``axes``
+        ragged, the inputs grouped)] per layer: groups of M consecutive inputs of each output unit (j·d_in/M + g); with ``axes``
         given, per leaf along those axes."""
         if self.axes is not None:
             units = []
             for name, shape, start in zip(lay.names, lay.shapes, lay.offsets):
                 grouping = self._grouping(name, shape)
                 units.append((name, start + np.arange(math.prod(shape)), grouping,
-                              None if grouping is not None else self._ragged_message(name, shape)))
+                              None if grouping is not None else self._ragged_message(name, shape),
+                              math.prod(shape[a] for a in self.leaf_axes(name, shape))))
             return units
         units = []
         for layer in lay.layers:
@@ -696,10 +697,10 @@ class NM(Constraint):
                 axes = "" if layer.input_axes is None else f" (axes {layer.input_axes})"
                 units.append((layer.name, positions.ravel(), None,
                               f"NM: {layer.name} {layer.shape} sums over {d_in} inputs{axes}, not a multiple of "
-                              f"m = {self.m}; leave it dense (NM(..., ragged='dense')) or exclude it with select"))
+                              f"m = {self.m}; leave it dense (NM(..., ragged='dense')) or exclude it with select", d_in))
             else:
                 grouping = np.arange(d_out)[None, :] * (d_in // self.m) + np.arange(d_in)[:, None] // self.m
-                units.append((layer.name, positions.ravel(), grouping.ravel().astype(np.int32), None))
+                units.append((layer.name, positions.ravel(), grouping.ravel().astype(np.int32), None, d_in))
         return units
 
     def _grouping(self, name, shape) -> Optional[np.ndarray]:

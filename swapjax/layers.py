@@ -136,17 +136,12 @@ def _why_not(leaf: int, layers: list, other_use, size: int) -> Optional[str]:
         return "not a layer: used otherwise than as an operand of a product with the data (gathered, added or scaled)"
     if not layers:
         return "not used by loss_fn"
-    covered = np.concatenate([layer.index.ravel() for layer in layers])
-    if len(np.unique(covered)) < covered.size:
-        return f"used by {_uses(layers)} products (tied or shared weights)"
-    if covered.size < size:
+    uses = np.bincount(np.concatenate([layer.index.ravel() for layer in layers]), minlength=size)
+    if uses.max() > 1:
+        return f"used by {int(uses.max())} products (tied or shared weights)"
+    if uses.min() == 0:
         return "only part of it is used by products"
     return None
-
-
-def _uses(layers) -> int:
-    counts = np.bincount(np.concatenate([layer.index.ravel() for layer in layers]))
-    return int(counts.max())
 
 
 def by_name(params: PyTree) -> Layers:

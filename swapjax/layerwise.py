@@ -126,7 +126,7 @@ def prune_layerwise(
     groups = constraint.resolve(lay, sparsity, w)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     position = [i for i, chosen in enumerate(lay.selected) if chosen]  # prunable leaf l = leaves[position[l]]
-    found = _uses(loss_fn, leaves, treedef, batch, position)
+    found = _uses(loss_fn, leaves, treedef, batch, position, lay.names)
     work, dense, ragged = [], [], set(constraint.ragged_leaves(lay))
     for layer in sorted(lay.layers, key=lambda layer: layer.order):  # forward order
         layer_groups = groups.restrict(lay.positions(layer), layer.name)
@@ -232,14 +232,14 @@ def _loss_of_leaves(loss_fn, treedef):
     return lambda leaves, example: loss_fn(jax.tree_util.tree_unflatten(treedef, leaves), example)
 
 
-def _uses(loss_fn, leaves, treedef, batch, position) -> dict:
+def _uses(loss_fn, leaves, treedef, batch, position, names) -> dict:
     """{layer name: ((tap, slice), rows key, (rows per example, d_in))} for every layer a plain product solves
     (a dense product, a one-group convolution), from a trace of the loss on one example. Layers with equal
     rows keys have the same rows A: one input x, taken apart the same way."""
     first = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[0], batch)
     pl = layer_grads.plan(_loss_of_leaves(loss_fn, treedef), leaves, first, position, True)
     xs = jax.eval_shape(lambda ls, ex: layer_grads.layer_inputs(pl, ls, ex), leaves, first) if pl.taps else []
-    paths = {i: name for i, name in zip(position, _paths(leaves, treedef, position))}
+    paths = dict(zip(position, names))
     out = {}
     for t, (tap, x) in enumerate(zip(pl.taps, xs)):
         rows = jax.eval_shape(lambda x: layer_grads.layer_rows(tap, x), x)
@@ -248,11 +248,6 @@ def _uses(loss_fn, leaves, treedef, batch, position) -> dict:
         for b, layer in enumerate(find.tap_layers(tap, paths[tap.leaf], np.shape(leaves[tap.leaf]))[0]):
             out[layer.name] = ((t, b), layer_grads.rows_key(tap) + (b,), tuple(rows.shape[1:]))
     return out
-
-
-def _paths(leaves, treedef, position) -> list[str]:
-    with_path = jax.tree_util.tree_flatten_with_path(jax.tree_util.tree_unflatten(treedef, list(leaves)))[0]
-    return [pytree.path_name(with_path[i][0]) for i in position]
 
 
 def _grams(loss_fn, treedef, batch, position, chunk_size, leaves, uses, index=None) -> dict:

@@ -446,13 +446,6 @@ class Layers:
         """The leaves holding layers, in the order of their first layer."""
         return tuple(dict.fromkeys(layer.path for layer in self.layers))
 
-    def describe(self) -> str:
-        """'5 layers in 3 leaves; left dense: embed/table (not a layer's weight: ...)'."""
-        text = f"{len(self.layers)} layer{'s' * (len(self.layers) != 1)} in {len(self.paths)} leaves"
-        if self.left_dense:
-            text += "; left dense: " + ", ".join(f"{path} ({why})" for path, why in self.left_dense.items())
-        return text
-
 
 def flatten(params: PyTree, lay: Layout) -> jax.Array:
     """w ∈ R^p: the prunable leaves of ``params`` raveled and concatenated."""

@@ -268,7 +268,8 @@ def test_float32_kernels_used_in_bfloat16_are_found_and_their_gram_is_float32():
         assert np.mean(mask == np.asarray(ref.masks[name]["kernel"])) >= 0.9
     leaves, treedef = jax.tree_util.tree_flatten(_MLP_PARAMS)
     position = tuple(i for i, a in enumerate(leaves) if np.ndim(a) == 2)
-    first, _, _ = layerwise._uses(_mlp_bf16_loss, leaves, treedef, {"x": _MLP_X}, list(position))["Dense_0/kernel"]
+    first, _, _ = layerwise._uses(_mlp_bf16_loss, leaves, treedef, {"x": _MLP_X}, list(position),
+                                   [f"{name}/kernel" for name in _MLP_NAMES])["Dense_0/kernel"]
     H, rows = layerwise._grams(_mlp_bf16_loss, treedef, {"x": _MLP_X}, position, 20, leaves, (first,))[first]
     A = np.asarray(jnp.asarray(_MLP_X, jnp.bfloat16)).astype(np.float64)
     assert H.dtype == jnp.float32 and rows == 48

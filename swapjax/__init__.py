@@ -18,7 +18,7 @@ from .gradients import GradientNoise, add_gradient_noise, per_sample_grads
 from .io import bcoo_bytes, from_bcoo, load_pruned, save_pruned, to_bcoo
 from .layer_methods import LayerMagnitude, Refit, Regression, SparseGPT, Wanda
 from .layers import Layer, Layers, find_layers
-from .layerwise import prune_layerwise
+from .layerwise import layer_grams, prune_layerwise
 from .methods import LR, SWAP, SolveInfo
 from .nm_format import from_nm, to_nm
 from .operators import Formed, GradientOperator, Operator, RowSharded, linearized_gradients
@@ -31,7 +31,7 @@ from .training import evaluate, train
 __all__ = [
     "Method", "Problem", "LR", "SWAP", "Magnitude", "WoodFisher", "Selected", "SolveInfo", "Blocked", "Constraint", "TopK", "LayerBudgets", "NM", "Groups",
     "compare", "compare_sparsities", "format_table", "MethodResult", "GradientNoise", "PruneResult", "StageInfo",
-    "prune", "prune_layerwise", "find_layers", "Layer", "Layers", "SparseGPT", "Wanda", "Refit", "Regression", "LayerMagnitude", "per_sample_grads", "add_gradient_noise", "kept_count", "linearized_gradients", "Operator", "Formed", "RowSharded",
+    "prune", "prune_layerwise", "layer_grams", "find_layers", "Layer", "Layers", "SparseGPT", "Wanda", "Refit", "Regression", "LayerMagnitude", "per_sample_grads", "add_gradient_noise", "kept_count", "linearized_gradients", "Operator", "Formed", "RowSharded",
     "GradientOperator",
     "allow_vectors", "exclude", "apply_masks", "sparsity_summary", "cubic_schedule", "linear_schedule", "polynomial_schedule",
     "keep_pruned_at_zero", "masked_updates", "masked_optimizer", "make_finetune_hook", "batched_loss",

@@ -62,6 +62,7 @@ class _Trace:
     other_use: set = field(default_factory=set)  # leaves with a use that is not a tap
     captured: list = field(default_factory=list)  # the non-kernel operand x of each tap (run)
     operands: list = field(default_factory=list)  # the distinct non-kernel operands seen (discovery)
+    emit: Optional[Callable] = None  # discovery: emit(t, invals) stands for tap t's product (a marker)
 
 
 # ---------------------------------------------------------------- the interpreter
@@ -204,7 +205,7 @@ def _tap(eqn, invals, k, trace):
             trace.operands.append(x)
         trace.taps.append(Tap(leaf, chain, eqn.primitive, dict(eqn.params), pos,
                               jax.ShapeDtypeStruct(aval.shape, aval.dtype), operand, tuple(jnp.shape(invals[pos]))))
-        return y
+        return y if trace.emit is None else trace.emit(len(trace.taps) - 1, invals)
     i = len(trace.captured)
     trace.captured.append(invals[1 - pos])
     return y + trace.perts[i]

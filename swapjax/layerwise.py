@@ -5,19 +5,18 @@ forward order, each from the Gram H = AᵀA of its inputs on a calibration batch
 """
 from __future__ import annotations
 
-import sys
-from functools import lru_cache, partial
+from functools import lru_cache
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks, layer_grads, pytree
+from . import checks, layer_grads, pytree, walk
 from . import layers as find
 from .constraints import Constraint, LayerBudgets, as_constraint, final_sparsity
 from .contract import Method, solve_layer
-from .gradients import DEFAULT_CHUNK, LossFn, batch_size, chunk_starts
+from .gradients import DEFAULT_CHUNK, LossFn, batch_size, resolve_devices
 from .layer_methods import Regression
 from .operators import matmul
 from .progress import Progress, reporter
@@ -47,6 +46,7 @@ def prune_layerwise(
     sequential: bool = True,
     select: Optional[Select] = None,
     chunk_size: int = DEFAULT_CHUNK,
+    devices=None,
     progress: Progress = True,
 ):
     """Prune ``params`` layer by layer: each layer from the Gram H = AᵀA of its own inputs.
@@ -117,71 +117,56 @@ def prune_layerwise(
     report = reporter(progress)
     checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
     n = batch_size(batch)
+    devices = resolve_devices(devices, n)  # ValueError naming N and d before any computation
     checks.finite_leaves("batch", batch, hint="; the calibration examples must be finite: fix or drop them",
                          examples=True)
     lay = find.prunable(loss_fn, params, batch, select)
-    loss_fn = find.staged(loss_fn, params, batch)  # its program, run from its jaxpr under every transform
     w = pytree.flatten(params, lay)
     sparsity = constraint.check(lay, sparsity, w)  # a mapping's names and mean, ragged="error", empty layers
     groups = constraint.resolve(lay, sparsity, w)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    position = [i for i, chosen in enumerate(lay.selected) if chosen]  # prunable leaf l = leaves[position[l]]
-    found = _uses(loss_fn, leaves, treedef, batch, position, lay.names)
-    work, dense, ragged = [], [], set(constraint.ragged_leaves(lay))
+    leaves, treedef, position, program, found = _program(loss_fn, params, batch, lay)
+    work, dense, ragged = {}, [], set(constraint.ragged_leaves(lay))
     for layer in sorted(lay.layers, key=lambda layer: layer.order):  # forward order
         layer_groups = groups.restrict(lay.positions(layer), layer.name)
         why = _left_dense(layer, layer_groups, groups, constraint, found, ragged)
         if why:
             dense.append(f"{layer.name} ({why})")
         else:
-            work.append((layer, layer_groups) + found[layer.name])
+            work[found[layer.name]] = (layer, layer_groups)
     dense += [f"{name} ({why})" for name, why in lay.why.items()]
     dense += [f"{name} (left out by select)" for name in lay.left_out]
     report(f"{type(method).__name__} layer by layer ({'sequential' if sequential else 'from the dense network'}): "
            f"{len(work)} layers, N={n} examples, {constraint.label}" + (f"; left dense: {', '.join(dense)}" if dense else ""))
 
-    # layers reading the same rows A (q, k and v of one input) share one Gram: A precedes them all in the
-    # forward pass, so pruning any of them leaves it unchanged
-    source = {}
-    for layer, _, use, key, _ in work:
-        source[layer.name] = next(u for l, _, u, k, _ in work if k == key)
-    shape_of = {use: shape for _, _, use, _, shape in work}
-    by_shape = {}  # one compiled Gram per shape of the input rows: the layer an argument, the same-shaped a group
-    for use in dict.fromkeys(source.values()):
-        by_shape.setdefault(shape_of[use], []).append(use)
-    last_use = {source[layer.name]: layer.name for layer, *_ in work}
-    gram = partial(_grams, loss_fn, treedef, batch, tuple(position), chunk_size)
+    steps = walk.Walk(program, list(work), batch, chunk_size, devices)
     current = list(leaves)
-    grams = {} if sequential else gram(current, tuple(dict.fromkeys(source.values())))
     reports, masks = [], {}
-    for layer, layer_groups, *_ in work:
-        use = source[layer.name]
-        if use not in grams:  # sequential: from the network pruned up to this layer
-            group = tuple(by_shape[shape_of[use]])
-            grams[use] = gram(current, group, group.index(use))
-        H, rows = grams[use]
-        if sequential and last_use[use] == layer.name:
-            del grams[use]  # memory: only the Grams still to be shared are kept
-        if not np.all(np.isfinite(np.asarray(H))):  # on the host: no compilation per shape
-            raise ValueError(f"loss_fn: the inputs of layer {layer.name} hold NaN or inf on the batch (or their Gram "
-                             f"AᵀA overflows {H.dtype}){' after the layers before it were pruned' if sequential else ''}"
-                             "; check the forward pass up to that layer (params and batch are finite)")
-        leaf = position[lay.names.index(layer.path)]
-        kernel = current[leaf]
-        W_bar = _weights(kernel, layer.index)
-        W, mask = solve_layer(method, layer.name, W_bar, H, layer_groups)
-        dtype = jnp.result_type(kernel)
-        W = W.astype(dtype)
-        if jnp.finfo(dtype).max < jnp.finfo(jnp.float32).max and not np.all(np.isfinite(np.asarray(W, np.float32))):
-            raise ValueError(f"method: {type(method).__name__} on {layer.name} returned weights beyond the range of "
-                             f"the kernel's dtype {dtype} (inf once cast); prune this layer in float32")
-        error = float(_relative_error(W_bar, W, H))
-        current[leaf] = _written(kernel, layer.index, W)
-        kept_mask = masks.setdefault(leaf, np.ones(np.shape(kernel), bool)).reshape(-1)
-        kept_mask[layer.index.ravel()] = np.asarray(mask).ravel()
-        kept = int(np.sum(mask))
-        reports.append(LayerReport(layer.name, layer.d_in, layer.d_out, rows, kept, error))
-        report(f"{layer.name}: {layer.d_in}×{layer.d_out}, kept {kept}, relative reconstruction error {error:.4g}")
+    for stop in steps.stops:  # one pass: up to each input of the layers, whose Grams (shared: q, k, v) it gives
+        grams = steps.advance(current if sequential else leaves)
+        for use in stop.uses:
+            layer, layer_groups = work[use]
+            H, rows = grams[use]
+            if not np.all(np.isfinite(np.asarray(H))):  # on the host: no compilation per shape
+                raise ValueError(f"loss_fn: the inputs of layer {layer.name} hold NaN or inf on the batch (or their "
+                                 f"Gram AᵀA overflows {H.dtype}){' after the layers before it were pruned' if sequential else ''}"
+                                 "; check the forward pass up to that layer (params and batch are finite)")
+            leaf = position[lay.names.index(layer.path)]
+            kernel = current[leaf]
+            W_bar = _weights(kernel, layer.index)
+            W, mask = solve_layer(method, layer.name, W_bar, H, layer_groups)
+            dtype = jnp.result_type(kernel)
+            W = W.astype(dtype)
+            if jnp.finfo(dtype).max < jnp.finfo(jnp.float32).max and not np.all(np.isfinite(np.asarray(W, np.float32))):
+                raise ValueError(f"method: {type(method).__name__} on {layer.name} returned weights beyond the range "
+                                 f"of the kernel's dtype {dtype} (inf once cast); prune this layer in float32")
+            error = float(_relative_error(W_bar, W, H))
+            current[leaf] = _written(kernel, layer.index, W)
+            kept_mask = masks.setdefault(leaf, np.ones(np.shape(kernel), bool)).reshape(-1)
+            kept_mask[layer.index.ravel()] = np.asarray(mask).ravel()
+            kept = int(np.sum(mask))
+            reports.append((layer.order, LayerReport(layer.name, layer.d_in, layer.d_out, rows, kept, error)))
+            report(f"{layer.name}: {layer.d_in}×{layer.d_out}, kept {kept}, relative reconstruction error {error:.4g}")
+    reports = [r for _, r in sorted(reports, key=lambda item: item[0])]  # forward order
     pruned = jax.tree_util.tree_unflatten(treedef, current)
     mask_leaves = [masks.get(i, np.ones(np.shape(leaves[i]), bool)) if chosen else None
                    for i, chosen in enumerate(lay.selected)]
@@ -232,75 +217,53 @@ def _loss_of_leaves(loss_fn, treedef):
     return lambda leaves, example: loss_fn(jax.tree_util.tree_unflatten(treedef, leaves), example)
 
 
-def _uses(loss_fn, leaves, treedef, batch, position, names) -> dict:
-    """{layer name: ((tap, slice), rows key, (rows per example, d_in))} for every layer a plain product solves
-    (a dense product, a one-group convolution), from a trace of the loss on one example. Layers with equal
-    rows keys have the same rows A: one input x, taken apart the same way."""
-    first = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[0], batch)
-    pl = layer_grads.plan(_loss_of_leaves(loss_fn, treedef), leaves, first, position, True)
-    xs = jax.eval_shape(lambda ls, ex: layer_grads.layer_inputs(pl, ls, ex), leaves, first) if pl.taps else []
-    paths = dict(zip(position, names))
+def layer_grams(loss_fn: LossFn, params: PyTree, batch: PyTree, select: Optional[Select] = None,
+                chunk_size: int = DEFAULT_CHUNK, devices=None) -> dict:
+    """{layer name: (H, rows)}: the Gram H = AᵀA (float32 or wider) of each layer's input rows A over
+    ``batch`` and the number of rows of A, for every layer :func:`prune_layerwise` solves, from the dense
+    network in one pass (layers reading one input share one H). ``devices``: the batch sharded over them,
+    each device's part of every H added by one all-reduce.
+
+    Examples:
+        >>> import jax.numpy as jnp, numpy as np, swapjax
+        >>> x = np.arange(12, dtype="float32").reshape(4, 3)
+        >>> params = {"w": np.ones((3, 2), "float32")}
+        >>> H, rows = swapjax.layer_grams(lambda p, ex: jnp.sum(ex["x"] @ p["w"]), params, {"x": x})["w"]
+        >>> rows, bool(np.allclose(H, x.T @ x))
+        (4, True)
+    """
+    n = batch_size(batch)
+    devices = resolve_devices(devices, n)
+    chunk_size = checks.integer("chunk_size", chunk_size, 1)
+    checks.finite_leaves("batch", batch, examples=True)
+    lay = find.prunable(loss_fn, params, batch, select)
+    leaves, _, _, program, found = _program(loss_fn, params, batch, lay)
+    names = {found[layer.name]: layer.name for layer in lay.layers if layer.name in found}
+    steps = walk.Walk(program, list(names), batch, chunk_size, devices)
     out = {}
-    for t, (tap, x) in enumerate(zip(pl.taps, xs)):
-        rows = jax.eval_shape(lambda x: layer_grads.layer_rows(tap, x), x)
-        if rows is None:
-            continue
-        for b, layer in enumerate(find.tap_layers(tap, paths[tap.leaf], np.shape(leaves[tap.leaf]))[0]):
-            out[layer.name] = ((t, b), layer_grads.rows_key(tap) + (b,), tuple(rows.shape[1:]))
+    for _ in steps.stops:
+        out.update({names[use]: H for use, H in steps.advance(leaves).items()})
     return out
 
 
-def _grams(loss_fn, treedef, batch, position, chunk_size, leaves, uses, index=None) -> dict:
-    """{use: (H = AᵀA, rows of A)} over ``batch`` for each layer use (tap, slice), chunk by chunk (an
-    overlapping last chunk counts its new examples only); with ``index``, (H, rows) of ``uses[index]`` alone,
-    from a function compiled once for all of ``uses`` (layers whose input rows share one shape). H in
-    float32 or wider."""
-    n = batch_size(batch)
-    b, starts = chunk_starts(n, chunk_size)
-    loss = _loss_of_leaves(loss_fn, treedef)
-    total, done = None, 0
-    for start in starts:
-        examples = jax.tree_util.tree_map(lambda a: jax.lax.slice_in_dim(jnp.asarray(a), start, start + b), batch)
-        if index is None:
-            part = _chunk_grams(loss, tuple(leaves), examples, start + b - done, position, uses)
-        else:
-            part = [_chunk_gram(loss, tuple(leaves), examples, start + b - done, jnp.asarray(index, jnp.int32),
-                                position, uses)]
-        total = part if total is None else [(h + g, r + q) for (h, r), (g, q) in zip(total, part)]
-        done = start + b
-    out = [(h, int(r)) for h, r in total]
-    return out[0] if index is not None else dict(zip(uses, out))
+def _program(loss_fn, params, batch, lay) -> tuple:
+    """(leaves, treedef, positions of the prunable leaves, the flattened program, {layer name: (tap, slice)})."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    position = [i for i, chosen in enumerate(lay.selected) if chosen]  # prunable leaf l = leaves[position[l]]
+    first = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[0], batch)
+    program = walk.flatten(_loss_of_leaves(loss_fn, treedef), leaves, first, position)
+    return leaves, treedef, position, program, _uses(program, leaves, position, lay.names)
 
 
-def _layer_grams(loss, leaves, examples, new_rows, position):
-    """gram((tap, slice)) -> (AᵀA of that layer over the examples counted, rows), inside a trace: one forward pass."""
-    first = jax.tree_util.tree_map(lambda a: a[0], examples)
-    pl = layer_grads.plan(loss, list(leaves), first, list(position), True)
-    xs = jax.vmap(lambda ex: layer_grads.layer_inputs(pl, list(leaves), ex))(examples)
-    c = jax.tree_util.tree_leaves(examples)[0].shape[0]
-    counted = jnp.arange(c) >= c - new_rows
-
-    def gram(use):
-        t, b = use
-        x = jnp.where(counted.reshape((c,) + (1,) * (xs[t].ndim - 1)), xs[t], 0)
-        A = jax.vmap(lambda x: layer_grads.layer_rows(pl.taps[t], x)[b])(x)
-        A = A.reshape(-1, A.shape[-1])
-        A = A.astype(jnp.promote_types(A.dtype, jnp.float32))  # bfloat16 inputs: H accumulated in float32
-        return matmul(A.T, A), jnp.sum(counted) * (A.shape[0] // c)
-
-    return gram
-
-
-@partial(jax.jit, static_argnames=("loss", "position", "uses"))
-def _chunk_grams(loss, leaves, examples, new_rows, position, uses):
-    gram = _layer_grams(loss, leaves, examples, new_rows, position)
-    return [gram(u) for u in uses]
-
-
-@partial(jax.jit, static_argnames=("loss", "position", "uses"))
-def _chunk_gram(loss, leaves, examples, new_rows, index, position, uses):
-    """The Gram of ``uses[index]``: ``index`` is traced, so one compilation serves every layer of ``uses``."""
-    gram = _layer_grams(loss, leaves, examples, new_rows, position)
-    if len(uses) == 1:
-        return gram(uses[0])
-    return jax.lax.switch(index, [partial(gram, u) for u in uses])
+def _uses(program, leaves, position, names) -> dict:
+    """{layer name: (tap, slice)} for every layer a plain product solves (a dense product, a one-group
+    convolution) in the flattened program."""
+    paths = dict(zip(position, names))
+    out = {}
+    for t, tap in enumerate(program.taps):
+        x = program.operand(t).aval
+        if jax.eval_shape(lambda x: layer_grads.layer_rows(tap, x), jax.ShapeDtypeStruct(x.shape, x.dtype)) is None:
+            continue  # a grouped convolution
+        for b, layer in enumerate(find.tap_layers(tap, paths[tap.leaf], np.shape(leaves[tap.leaf]))[0]):
+            out[layer.name] = (t, b)
+    return out

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import swapjax
-from swapjax import layer_methods, layerwise
+from swapjax import layer_methods, layerwise, walk
 
 
 # ---------------------------------------------------------------------------
@@ -266,11 +266,7 @@ def test_float32_kernels_used_in_bfloat16_are_found_and_their_gram_is_float32():
         mask = np.asarray(res.masks[name]["kernel"])
         assert res.params[name]["kernel"].dtype == jnp.float32 and mask.sum() == mask.size // 2
         assert np.mean(mask == np.asarray(ref.masks[name]["kernel"])) >= 0.9
-    leaves, treedef = jax.tree_util.tree_flatten(_MLP_PARAMS)
-    position = tuple(i for i, a in enumerate(leaves) if np.ndim(a) == 2)
-    first, _, _ = layerwise._uses(_mlp_bf16_loss, leaves, treedef, {"x": _MLP_X}, list(position),
-                                   [f"{name}/kernel" for name in _MLP_NAMES])["Dense_0/kernel"]
-    H, rows = layerwise._grams(_mlp_bf16_loss, treedef, {"x": _MLP_X}, position, 20, leaves, (first,))[first]
+    H, rows = swapjax.layer_grams(_mlp_bf16_loss, _MLP_PARAMS, {"x": _MLP_X}, chunk_size=20)["Dense_0/kernel"]
     A = np.asarray(jnp.asarray(_MLP_X, jnp.bfloat16)).astype(np.float64)
     assert H.dtype == jnp.float32 and rows == 48
     np.testing.assert_allclose(np.asarray(H), A.T @ A, rtol=1e-5, atol=1e-5 * np.abs(A.T @ A).max())
@@ -491,10 +487,11 @@ class _Traces:
 
 @pytest.mark.parametrize("method", ["Wanda", "SparseGPT"])
 def test_compilations_are_per_layer_shape_not_per_layer(method):
-    """A network whose layers repeat three shapes (two input widths): the Gram function is traced and
-    compiled once per input width whatever the depth, the solve once per layer shape, and a deeper network
-    with the same shapes compiles no solve at all. Before, each layer's Gram compiled a function of its own
-    and SparseGPT one per kept count."""
+    """A network whose layers repeat three shapes: the walk's segments (a layer and its activation up to the
+    next layer's input) are compiled once per structure, the solve once per layer shape, and a deeper
+    network with the same shapes compiles no segment and no solve at all (segments are shared by
+    structure, across loss functions). Before, each layer's Gram compiled a function of its own and
+    SparseGPT one per kept count."""
     spec = {"Wanda": layer_methods.Wanda(), "SparseGPT": layer_methods.SparseGPT()}[method]
     batch = {"x": np.random.default_rng(1).normal(size=(20, 11)).astype(np.float32)}
     grams, solves = [], []
@@ -503,9 +500,9 @@ def test_compilations_are_per_layer_shape_not_per_layer(method):
             res = swapjax.prune_layerwise(lambda p, ex: _stack_loss(p, ex), _stack(depth), batch, sparsity=0.5,
                                           method=spec, progress=False)
         assert len(res.layers) == depth + 2
-        grams.append(traces["_chunk_gram"])
+        grams.append(traces["segment"])
         solves.append(traces[f"_{method.lower()}"])
-    assert grams == [2, 2], grams
+    assert grams[0] <= 4 and grams[1] == 0, grams  # the input's, the first, the repeated and the last layer's
     assert solves[1] == 0 and solves[0] <= 3, solves  # 11×13, 13×13, 13×7 (fewer where an earlier test compiled one)
 
 
@@ -525,8 +522,8 @@ def test_projections_of_one_input_share_one_gram(monkeypatch):
     params = model.init(jax.random.key(0), x[0])["params"]
     loss = lambda p, ex: jnp.sum(model.apply({"params": p}, ex["x"]) ** 2)  # noqa: E731
     calls = []
-    grams = layerwise._grams
-    monkeypatch.setattr(layerwise, "_grams", lambda *a, **k: calls.append(a[6]) or grams(*a, **k))
+    advance = walk.Walk.advance
+    monkeypatch.setattr(walk.Walk, "advance", lambda *a, **k: calls.append(1) or advance(*a, **k))
     res = swapjax.prune_layerwise(loss, params, {"x": x}, method=layer_methods.Wanda(), progress=False)
     assert [r.name for r in res.layers] == ["attn/query/kernel", "attn/key/kernel", "attn/value/kernel",
                                             "attn/out/kernel", "fc/kernel"]
@@ -561,8 +558,8 @@ def test_nm_runs_along_the_axes_each_layer_contracts(monkeypatch, capsys):
     np.testing.assert_array_equal(res.params["proj"]["kernel"], params["proj"]["kernel"])
     assert "left dense: proj/kernel (2:4 along other axes than its inputs (0,))" in capsys.readouterr().err
     passes = []
-    grams = layerwise._grams
-    monkeypatch.setattr(layerwise, "_grams", lambda *a, **k: passes.append(1) or grams(*a, **k))
+    advance = walk.Walk.advance
+    monkeypatch.setattr(walk.Walk, "advance", lambda *a, **k: passes.append(1) or advance(*a, **k))
     with pytest.raises(ValueError, match=r"constraint: 2:4 groups proj/kernel along other axes than the layer's "
                                          r"inputs \(0,\) \(the axes its product contracts\)"):
         swapjax.prune_layerwise(_proj_loss, params, batch, constraint=swapjax.NM(2, 4, axes=per_leaf.axes,

@@ -1,4 +1,5 @@
-"""X sharded over the examples of 4 (forced host) devices against the single-device X and solves.
+"""X sharded over the examples of 4 (forced host) devices against the single-device X and solves; the
+layer-wise Grams and prune with the calibration batch sharded the same way.
 
 XLA_FLAGS must be set before jax is imported, so the checks run in a subprocess."""
 from __future__ import annotations
@@ -106,6 +107,30 @@ except AssertionError:
     pass
 else:
     raise AssertionError("a sigma off by 3x the float32 bound passed the noise check")
+
+# layer by layer: each device walks its 16 examples (chunks of 6: the last overlapping) and forms its part of
+# every H; one psum adds them. The sharded H equals the single-device H and the float64 one.
+G1 = swapjax.layer_grams(loss_fn, params, batch, chunk_size=6)
+G4 = swapjax.layer_grams(loss_fn, params, batch, chunk_size=6, devices="all")
+assert sorted(G4) == ["l1/w", "l2/w"] and all(G4[name][1] == G1[name][1] == N for name in G4)
+x64 = batch["x"].astype(np.float64)
+for name, A in (("l1/w", x64), ("l2/w", np.tanh(x64 @ params["l1"]["w"] + params["l1"]["b"]))):
+    H1, H4 = np.asarray(G1[name][0]), np.asarray(G4[name][0])
+    np.testing.assert_allclose(H4, H1, rtol=1e-5, atol=1e-5 * np.abs(H1).max(), err_msg=name)
+    np.testing.assert_allclose(H4, A.T @ A, rtol=1e-4, atol=1e-4 * np.abs(A.T @ A).max(), err_msg=name)
+p1 = swapjax.prune_layerwise(loss_fn, params, batch, method=swapjax.SparseGPT(), chunk_size=6, progress=False)
+p4 = swapjax.prune_layerwise(loss_fn, params, batch, method=swapjax.SparseGPT(), chunk_size=6, progress=False,
+                             devices="all")
+for a, b in zip(jax.tree_util.tree_leaves(p4.masks), jax.tree_util.tree_leaves(p1.masks)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+for a, b in zip(jax.tree_util.tree_leaves(p4.params), jax.tree_util.tree_leaves(p1.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+try:
+    swapjax.prune_layerwise(loss_fn, params, {k: v[:63] for k, v in batch.items()}, devices="all", progress=False)
+except ValueError as e:
+    assert "N = 63 examples do not split evenly over 4 devices" in str(e), str(e)
+else:
+    raise AssertionError("63 examples over 4 devices: no ValueError")
 print("ok")
 '''
 

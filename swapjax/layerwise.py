@@ -61,13 +61,21 @@ def prune_layerwise(
     :class:`~swapjax.layer_methods.Refit`, or any method that needs X (LR, SWAP, Magnitude,
     WoodFisher: it gets the layer's X = I ⊗ Lᵀ, LLᵀ = H + δI). ``sequential`` (default): each layer's
     inputs come from the network with the layers before it already pruned, as SparseGPT does; False:
-    every layer from the dense network's activations (one pass).
+    every layer from the dense network's activations.
+
+    One pass through the network (:mod:`swapjax.walk`): the calibration batch is walked once, chunk by
+    chunk, stopping at each layer input; the layers that read it (q, k and v of one input) are solved
+    from its one Gram, and the walk goes on with their pruned weights (sequential) or the dense ones.
+    Between stops only the activations still to be read are kept. ``devices`` (None, ``"all"``, a count
+    or a sequence of devices; N a multiple of their number): the batch sharded over them, each device
+    forming its part of every H, added by one all-reduce.
 
     ``constraint``: a budget per layer (default ``LayerBudgets()``, uniform at ``sparsity``, 0.5 by
     default; ``"erk"``; or a mapping {layer name or leaf path: s_l}, taken as given: ``sparsity`` may
     be left out; not OWL, which needs the Fisher) or ``NM(n, m)`` along each layer's inputs (the axes
     its product contracts). A constraint that ranks weights across layers (the global top-k) is a
-    ValueError. Memory: one chunk's activations and the layer's d_in × d_in Gram, never N×p.
+    ValueError. Memory: the activations live at a stop for the whole batch (a transformer's residual
+    stream and the layer input), one chunk's intermediates, and the Grams of one input, never N×p.
 
     Kernels of any float dtype: H is accumulated in float32, the solve runs in float32 and the result
     has the kernel's dtype. An input that never fires on the batch (H_ii = 0) gets weight 0 in every
@@ -82,10 +90,8 @@ def prune_layerwise(
     other axes than the layer's inputs (an error with ``ragged="error"``), a grouped convolution, not a
     layer (tied, used otherwise, not used).
 
-    Compilation: the Grams are computed by one compiled function per distinct shape of a layer's
-    input rows (the layer chosen by an argument; each call runs the whole forward pass), and each
-    method's solve is compiled once per layer shape. Layers that read the same rows (q, k and v of one
-    input) share one Gram.
+    Compilation: one function per distinct segment of the walk (the repeated blocks of a deep network
+    share theirs, across calls and loss functions) and each method's solve once per layer shape.
 
     Returns a :class:`swapjax.PruneResult` with ``mode="layer-wise"``, no stages, ``layers``: a
     :class:`LayerReport` per pruned layer (its error measured on the inputs it was solved for), and

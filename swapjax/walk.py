@@ -128,11 +128,14 @@ class Walk:
         key = {u: layer_grads.rows_key(taps[u[0]])[1:] + (u[1],) for u in stop.uses}
         grams = tuple({key[u]: u for u in reversed(stop.uses)}.values())[::-1]  # one per distinct rows
         run = _compiled(self.program, seg, grams, self._mesh)
-        leaf_vals = [leaves[i] for i in seg.leaves]
-        consts = [self.program.closed.consts[i] for i in seg.consts]
+        jaxpr = self.program.closed.jaxpr
+        env = dict(zip(jaxpr.invars, leaves)) | dict(zip(jaxpr.constvars, self.program.closed.consts))
+        for j in seg.weights:  # what the segment reads of the weights: eager, once per stop (a scan's slice)
+            _eval(jaxpr.eqns[j], env, taps)
+        side = [env[v] for v in seg.side]
         total, live = None, []
         for values, new in zip(self._live, self._new):
-            out, parts = run(leaf_vals, consts, values, jnp.asarray(new, jnp.int32))
+            out, parts = run(side, values, jnp.asarray(new, jnp.int32))
             live.append(out)
             total = parts if total is None else [h + g for h, g in zip(total, parts)]
         self._live, self._done = live, k + 1
@@ -147,14 +150,13 @@ def _rows_per_example(tap, x) -> int:
 
 @dataclass(frozen=True)
 class _Segment:
-    """The equations run between two stops: ``eqns`` (indices, program order; the weights' ones run once,
-    the data's per example), reading the ``leaves`` and ``consts`` (indices) and the data values ``live_in``,
-    and keeping ``live_out`` for the segments after it."""
+    """What runs between two stops: the ``weights`` equations (indices; run once, on the leaves) give the
+    ``side`` values that the compiled ``eqns`` (run per example, on the data values ``live_in``) read
+    besides; ``live_out`` are kept for the segments after it and ``operand`` is the stop's layer input."""
 
+    weights: tuple
     eqns: tuple
-    data: frozenset
-    leaves: tuple
-    consts: tuple
+    side: tuple
     live_in: tuple
     live_out: tuple
     operand: object
@@ -180,25 +182,19 @@ def _segments(jaxpr, n_leaves: int, stops: Sequence[Stop]) -> list:
         last_read[stop.operand] = max(last_read.get(stop.operand, -1), k)
     defined = {v: segment_of(producer[v]) if v in producer else -1 for v in last_read}
     order = sorted(last_read, key=lambda v: (defined[v], producer.get(v, -1), str(v)))
-    leaf_index = {v: i for i, v in enumerate(jaxpr.invars[:n_leaves])}
-    const_index = {v: i for i, v in enumerate(jaxpr.constvars)}
     segments, start = [], 0
     for k, stop in enumerate(stops):
         run = [j for j in range(start, stop.at) if j in data_eqns]
-        weights, needed = set(), [v for j in run for v in jaxpr.eqns[j].invars if _is_var(v) and v not in data]
-        while needed:  # the equations of the weights (and constants) that the segment reads, run once
-            v = needed.pop()
-            j = producer.get(v)
+        side = tuple(dict.fromkeys(v for j in run for v in jaxpr.eqns[j].invars if _is_var(v) and v not in data))
+        weights, needed = set(), list(side)
+        while needed:  # the equations of the weights (and constants) that give them
+            j = producer.get(needed.pop())
             if j is not None and j not in weights:
                 weights.add(j)
                 needed.extend(u for u in jaxpr.eqns[j].invars if _is_var(u))
-        read = {v for j in run + sorted(weights) for v in jaxpr.eqns[j].invars if _is_var(v)}
-        segments.append(_Segment(
-            tuple(sorted(weights | set(run))), frozenset(run),
-            tuple(sorted(leaf_index[v] for v in read if v in leaf_index)),
-            tuple(sorted(const_index[v] for v in read if v in const_index)),
-            tuple(v for v in order if defined[v] < k <= last_read[v]),
-            tuple(v for v in order if defined[v] <= k < last_read[v]), stop.operand))
+        segments.append(_Segment(tuple(sorted(weights)), tuple(run), side,
+                                 tuple(v for v in order if defined[v] < k <= last_read[v]),
+                                 tuple(v for v in order if defined[v] <= k < last_read[v]), stop.operand))
         start = stop.at
     return segments
 
@@ -207,6 +203,7 @@ def _is_var(v) -> bool:
     return not isinstance(v, jcore.Literal)
 
 
+@lru_cache(maxsize=16)
 def _chunk(mesh, b):
     """(values, start) -> each device's rows start … start + b − 1 of every value (sharded over examples)."""
     local = lambda values, start: [jax.lax.dynamic_slice_in_dim(a, start, b) for a in values]  # noqa: E731
@@ -231,8 +228,7 @@ def _structure(program: Program, seg: _Segment, grams: tuple) -> tuple:
     """The segment with its variables numbered by role and order: equal for segments that compute the same
     function of their arguments (the blocks of a deep network)."""
     jaxpr, taps = program.closed.jaxpr, program.taps
-    ref = {jaxpr.invars[i]: ("leaf", k) for k, i in enumerate(seg.leaves)}
-    ref.update({jaxpr.constvars[i]: ("const", k) for k, i in enumerate(seg.consts)})
+    ref = {v: ("side", k) for k, v in enumerate(seg.side)}
     ref.update({v: ("in", k) for k, v in enumerate(seg.live_in)})
     eqns = []
     for e, j in enumerate(seg.eqns):
@@ -240,9 +236,9 @@ def _structure(program: Program, seg: _Segment, grams: tuple) -> tuple:
         ins = tuple((repr(v.val), str(v.aval)) if isinstance(v, jcore.Literal) else ref[v] for v in eqn.invars)
         what = (_tap_structure(taps[eqn.params["tap"]]) if eqn.primitive is _product
                 else (eqn.primitive.name, repr(sorted(eqn.params.items()))))
-        eqns.append((what, ins, tuple(str(v.aval) for v in eqn.outvars), j in seg.data))
+        eqns.append((what, ins, tuple(str(v.aval) for v in eqn.outvars)))
         ref.update({v: ("eqn", e, o) for o, v in enumerate(eqn.outvars)})
-    avals = tuple(str(v.aval) for v in [jaxpr.invars[i] for i in seg.leaves] + list(seg.live_in))
+    avals = tuple(str(v.aval) for v in seg.side + seg.live_in)
     return (tuple(eqns), avals, tuple(ref[v] for v in seg.live_out), ref[seg.operand],
             tuple(_tap_structure(taps[t]) + (b,) for t, b in grams))
 
@@ -252,25 +248,16 @@ def _tap_structure(tap) -> tuple:
 
 
 def _segment(program: Program, seg: _Segment, grams: tuple, mesh):
-    """The segment over one chunk, on each device: (leaves, consts, live values, new rows) -> (live values
-    kept, the stop's Grams summed over the devices)."""
+    """The segment over one chunk, on each device: (side values, live values, new rows) -> (live values kept,
+    the stop's Grams summed over the devices)."""
     jaxpr, taps = program.closed.jaxpr, program.taps
-    leaf_vars = [jaxpr.invars[i] for i in seg.leaves]
-    const_vars = [jaxpr.constvars[i] for i in seg.consts]
 
-    def segment(leaf_vals, const_vals, live, new_rows):
-        env = dict(zip(leaf_vars + const_vars, list(leaf_vals) + list(const_vals)))
-        for j in seg.eqns:  # the weights' equations, once
-            if j not in seg.data:
-                _eval(jaxpr.eqns[j], env, taps)
-
+    def segment(side, live, new_rows):
         def example(live):
-            e = dict(env)
-            e.update(zip(seg.live_in, live))
+            env = dict(zip(seg.side, side)) | dict(zip(seg.live_in, live))
             for j in seg.eqns:
-                if j in seg.data:
-                    _eval(jaxpr.eqns[j], e, taps)
-            return [e[v] for v in seg.live_out], e[seg.operand]
+                _eval(jaxpr.eqns[j], env, taps)
+            return [env[v] for v in seg.live_out], env[seg.operand]
 
         out, x = jax.vmap(example)(live)
         c = x.shape[0]
@@ -283,7 +270,7 @@ def _segment(program: Program, seg: _Segment, grams: tuple, mesh):
             hs.append(jax.lax.psum(matmul(A.T, A), EXAMPLES))
         return out, hs
 
-    return jax.jit(jax.shard_map(segment, mesh=mesh, in_specs=(P(), P(), P(EXAMPLES), P()),
+    return jax.jit(jax.shard_map(segment, mesh=mesh, in_specs=(P(), P(EXAMPLES), P()),
                                  out_specs=(P(EXAMPLES), P()), check_vma=False))
 
 

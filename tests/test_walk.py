@@ -138,3 +138,48 @@ def test_a_bfloat16_model_is_pruned_layer_by_layer():
     agree = np.mean(np.concatenate([np.ravel(np.asarray(a) == np.asarray(b)) for a, b in
                                     zip(jax.tree_util.tree_leaves(res.masks), jax.tree_util.tree_leaves(ref.masks))]))
     assert agree >= 0.9, agree
+
+
+def _scanned_loss(params, example):
+    def block(h, w):
+        return jnp.tanh(h @ w), None
+
+    h, _ = jax.lax.scan(block, example["x"] @ params["embed"], params["blocks"])
+    return jnp.sum(h @ params["head"]) ** 2
+
+
+@pytest.mark.parametrize("depth", [3, 7])
+def test_the_iterations_of_a_scanned_stack_share_their_compiled_segments(depth):
+    """A lax.scan over a (depth, 12, 12) stack: each slice is a layer and its own stop, and the segments of
+    the iterations compile as one (the slice of the stack is taken outside the compiled segment); the
+    result equals the walk of the unrolled twin."""
+    rng = np.random.default_rng(depth)
+    params = {"embed": rng.normal(size=(6, 12)).astype(np.float32) / 3,
+              "blocks": rng.normal(size=(depth, 12, 12)).astype(np.float32) / 4,
+              "head": rng.normal(size=(12, 2)).astype(np.float32)}
+    batch = {"x": rng.normal(size=(16, 4, 6)).astype(np.float32)}
+    traced = collections.Counter()
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traced[kwargs.get("fun_name")] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        res = swapjax.prune_layerwise(_scanned_loss, params, batch, method=swapjax.SparseGPT(), progress=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert [r.name for r in res.layers] == ["embed"] + [f"blocks[{i}]" for i in range(depth)] + ["head"]
+    assert traced["segment"] <= 4, traced  # the input's, the first block's, a repeated block's, the last
+
+    def unrolled(p, example):
+        h = example["x"] @ p["embed"]
+        for i in range(depth):
+            h = jnp.tanh(h @ p[f"block{i}"])
+        return jnp.sum(h @ p["head"]) ** 2
+
+    twin = {"embed": params["embed"], "head": params["head"]} | {f"block{i}": params["blocks"][i] for i in range(depth)}
+    ref = swapjax.prune_layerwise(unrolled, twin, batch, method=swapjax.SparseGPT(), progress=False)
+    for i in range(depth):
+        np.testing.assert_allclose(np.asarray(res.params["blocks"][i]), np.asarray(ref.params[f"block{i}"]),
+                                   rtol=1e-4, atol=1e-6)

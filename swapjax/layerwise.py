@@ -257,7 +257,11 @@ def _program(loss_fn, params, batch, lay) -> tuple:
     leaves, treedef = jax.tree_util.tree_flatten(params)
     position = [i for i, chosen in enumerate(lay.selected) if chosen]  # prunable leaf l = leaves[position[l]]
     first = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[0], batch)
-    program = walk.flatten(_loss_of_leaves(loss_fn, treedef), leaves, first, position)
+    try:
+        program = walk.flatten(_loss_of_leaves(loss_fn, treedef), leaves, first, position)
+    except Exception as err:  # noqa: BLE001 - a primitive the interpreter cannot replay
+        raise ValueError(f"loss_fn: its forward pass could not be followed layer by layer ({type(err).__name__}: "
+                         f"{err}); swapjax.prune prunes it network-wide") from err
     return leaves, treedef, position, program, _uses(program, leaves, position, lay.names)
 
 

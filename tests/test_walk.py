@@ -183,3 +183,19 @@ def test_the_iterations_of_a_scanned_stack_share_their_compiled_segments(depth):
     for i in range(depth):
         np.testing.assert_allclose(np.asarray(res.params["blocks"][i]), np.asarray(ref.params[f"block{i}"]),
                                    rtol=1e-4, atol=1e-6)
+
+
+def test_a_loss_the_interpreter_cannot_follow_is_a_clear_error(monkeypatch):
+    """The walk needs the flattened program: a loss it cannot replay is a ValueError pointing to the
+    network-wide prune (find_layers falls back to the name rule with a warning first)."""
+    from swapjax import layer_grads
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("a primitive this JAX cannot replay")
+
+    monkeypatch.setattr(layer_grads, "_interpret", broken)
+    with pytest.warns(RuntimeWarning, match="the loss could not be followed"):
+        with pytest.raises(ValueError, match=r"loss_fn: its forward pass could not be followed layer by layer "
+                                             r"\(NotImplementedError: a primitive this JAX cannot replay\); "
+                                             r"swapjax.prune prunes it network-wide"):
+            swapjax.prune_layerwise(lambda p, ex: _loss(p, ex) * 1.0, _PARAMS, {"x": _X}, progress=False)

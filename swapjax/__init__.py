@@ -16,7 +16,7 @@ from .comparison import MethodResult, compare, compare_sparsities, format_table
 from .finetune import batched_loss, keep_pruned_at_zero, make_finetune_hook, masked_optimizer, masked_updates
 from .gradients import GradientNoise, add_gradient_noise, per_sample_grads
 from .io import bcoo_bytes, from_bcoo, load_pruned, save_pruned, to_bcoo
-from .layer_methods import LayerMagnitude, Refit, Regression, SparseGPT, Wanda
+from .layer_methods import LayerMagnitude, Refit, Regression, SparseGPT, Swaps, Wanda
 from .layers import Layer, Layers, find_layers
 from .layerwise import layer_grams, prune_layerwise
 from .methods import LR, SWAP, SolveInfo
@@ -31,7 +31,7 @@ from .training import evaluate, train
 __all__ = [
     "Method", "Problem", "LR", "SWAP", "Magnitude", "WoodFisher", "Selected", "SolveInfo", "Blocked", "Constraint", "TopK", "LayerBudgets", "NM", "Groups",
     "compare", "compare_sparsities", "format_table", "MethodResult", "GradientNoise", "PruneResult", "StageInfo",
-    "prune", "prune_layerwise", "layer_grams", "find_layers", "Layer", "Layers", "SparseGPT", "Wanda", "Refit", "Regression", "LayerMagnitude", "per_sample_grads", "add_gradient_noise", "kept_count", "linearized_gradients", "Operator", "Formed", "RowSharded",
+    "prune", "prune_layerwise", "layer_grams", "find_layers", "Layer", "Layers", "SparseGPT", "Wanda", "Refit", "Regression", "Swaps", "LayerMagnitude", "per_sample_grads", "add_gradient_noise", "kept_count", "linearized_gradients", "Operator", "Formed", "RowSharded",
     "GradientOperator",
     "allow_vectors", "exclude", "apply_masks", "sparsity_summary", "cubic_schedule", "linear_schedule", "polynomial_schedule",
     "keep_pruned_at_zero", "masked_updates", "masked_optimizer", "make_finetune_hook", "batched_loss",

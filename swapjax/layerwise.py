@@ -17,7 +17,7 @@ from . import layers as find
 from .constraints import Constraint, LayerBudgets, as_constraint, final_sparsity
 from .contract import Method, solve_layer
 from .gradients import DEFAULT_CHUNK, LossFn, batch_size, resolve_devices
-from .layer_methods import Regression
+from .layer_methods import Swaps
 from .operators import matmul
 from .progress import Progress, reporter
 from .prune import PruneResult
@@ -56,9 +56,10 @@ def prune_layerwise(
     whatever the weights' names; slice l of a stacked leaf run by ``scan`` or ``vmap`` is a layer of
     its own, solved from the inputs of its own iteration. For each, A holds its input rows (examples ×
     positions; a convolution's patches) over ``batch``, and ``method`` solves min ‖AW̄ − AW‖²_F under
-    the layer's share of the constraint: by default :class:`~swapjax.layer_methods.Regression` (LR on
-    the layer's regression, from SparseGPT's support), or :class:`SparseGPT`, :class:`Wanda`,
-    :class:`~swapjax.layer_methods.Refit`, or any method that needs X (LR, SWAP, Magnitude,
+    the layer's share of the constraint: by default :class:`~swapjax.layer_methods.Swaps` (SparseGPT's
+    mask, then single swaps per output unit and exact refits on H), or :class:`SparseGPT`,
+    :class:`Wanda`, :class:`~swapjax.layer_methods.Refit`, :class:`~swapjax.layer_methods.Regression`
+    (LR on the layer's regression), or any method that needs X (LR, SWAP, Magnitude,
     WoodFisher: it gets the layer's X = I ⊗ Lᵀ, LLᵀ = H + δI). ``sequential`` (default): each layer's
     inputs come from the network with the layers before it already pruned, as SparseGPT does; False:
     every layer from the dense network's activations.
@@ -110,7 +111,7 @@ def prune_layerwise(
         >>> result.summary()["total"]
         {'kept': 36, 'total': 60, 'sparsity': 0.4, 'constraint': '2:4'}
     """
-    method = Regression() if method is None else method
+    method = Swaps() if method is None else method
     checks.method(method)
     constraint = LayerBudgets() if constraint is None else as_constraint(constraint)
     if constraint.needs_fisher:

@@ -216,7 +216,8 @@ def _dead_layer(dead, seed=5, d_in=16, d_out=6):
 
 
 DEAD_METHODS = {"Wanda": layer_methods.Wanda(), "SparseGPT": layer_methods.SparseGPT(block=8),
-                "Refit": layer_methods.Refit(layer_methods.Wanda()), "Regression": layer_methods.Regression()}
+                "Refit": layer_methods.Refit(layer_methods.Wanda()), "Regression": layer_methods.Regression(),
+                "Swaps": layer_methods.Swaps()}
 
 
 @pytest.mark.parametrize("rule", [40, swapjax.NM(2, 4)], ids=["count", "2:4"])
@@ -385,3 +386,106 @@ def test_refit_of_a_method_on_x_refits_its_mask():
         keep = mask[:, j]
         expected = np.linalg.lstsq(A[:, keep], A @ W[:, j], rcond=None)[0]
         np.testing.assert_allclose(np.asarray(w)[keep, j], expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+
+
+# ---------------------------------------------------------------------------
+# Swaps: SparseGPT's mask, single swaps per output unit, exact refits (swapjax/layer_search.py)
+
+
+def _damped(W, H, percdamp=0.01):
+    return H + percdamp * np.mean(np.diag(H)) * np.eye(len(H))
+
+
+@pytest.mark.parametrize("rule", [200, swapjax.NM(2, 4)], ids=["count", "2:4"])
+def test_swaps_returns_the_least_squares_weights_on_its_support_and_beats_the_refit_of_sparsegpt(rule):
+    """On three random layers: each output unit's weights solve (H + δI)_SS w_S = ((H + δI) w̄)_S on the
+    support S the method returns (float64), each unit keeps SparseGPT's count (N:M: 2 per group), and the
+    reconstruction error is at most that of SparseGPT's mask refitted exactly."""
+    for seed in range(3):
+        A, W, H = _layer(10 + seed)
+        W32, H32 = W.astype(np.float32), H.astype(np.float32)
+        w, mask = (np.asarray(a) for a in _solve(layer_methods.Swaps(), W32, H32, rule))
+        _, gpt_mask = _solve(layer_methods.SparseGPT(), W32, H32, rule)
+        w_refit, _ = _solve(layer_methods.Refit(layer_methods.SparseGPT()), W32, H32, rule)
+        Hd = _damped(W, H)
+        for j in range(W.shape[1]):
+            keep = mask[:, j]
+            expected = np.linalg.solve(Hd[np.ix_(keep, keep)], (Hd @ W[:, j])[keep])
+            np.testing.assert_allclose(w[keep, j], expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+            assert np.all(w[~keep, j] == 0)
+        np.testing.assert_array_equal(mask.sum(axis=0), np.asarray(gpt_mask).sum(axis=0))
+        if isinstance(rule, swapjax.NM):
+            assert np.all(mask.reshape(12, 4, 10).sum(axis=1) == 2)
+        f = lambda w: np.sum((np.asarray(w, np.float64) - W) * (Hd @ (np.asarray(w, np.float64) - W)))  # noqa: E731
+        assert f(w) <= f(w_refit) * (1 + 1e-5), (seed, f(w), f(w_refit))
+
+
+def _swap_reference(W, W_bar, Hd, mask):
+    """One swap per column in float64: p the kept weight whose removal costs least, then q the pruned one
+    with the largest decrease of f (its optimal value), done if f decreases."""
+    W, mask = W.copy(), mask.copy()
+    for j in range(W.shape[1]):
+        w, keep = W[:, j], mask[:, j]
+        f = lambda v: 0.5 * (v - W_bar[:, j]) @ Hd @ (v - W_bar[:, j])  # noqa: E731
+        g = Hd @ (w - W_bar[:, j])
+        cost = np.where(keep, 0.5 * np.diag(Hd) * w ** 2 - w * g, np.inf)
+        p = int(np.argmin(cost))
+        removed = w.copy()
+        removed[p] = 0
+        best, best_f = None, f(w)
+        for q in np.flatnonzero(~keep):
+            v = removed.copy()
+            v[q] = -(Hd[q] @ (removed - W_bar[:, j])) / Hd[q, q]
+            if f(v) < best_f - 1e-12 * abs(best_f):
+                best, best_f = q, f(v)
+                W_new = v
+        if best is not None:
+            W[:, j] = W_new
+            mask[p, j], mask[best, j] = False, True
+    return W, mask
+
+
+def test_a_swap_is_the_best_exchange_for_the_cheapest_removal_float64():
+    """layer_search.swap, one step from the exact refit on SparseGPT's mask: the same exchange per column as
+    a float64 search over every pruned input q (p fixed), and f(W) lower in every column that swapped."""
+    from swapjax import layer_search
+
+    _, W, H = _layer(7, d_in=24, d_out=6)
+    Hd = _damped(W, H)
+    mask = np.asarray(_solve(layer_methods.SparseGPT(), W.astype(np.float32), H.astype(np.float32), 70)[1])
+    start = np.zeros_like(W)
+    for j in range(W.shape[1]):
+        keep = mask[:, j]
+        start[keep, j] = np.linalg.solve(Hd[np.ix_(keep, keep)], (Hd @ W[:, j])[keep])
+    start[mask & (np.abs(start) < 1e-3)] = 1e-3  # no kept weight near 0 (a tie between removals)
+    w, new_mask, made = layer_search.swap(*(jnp.asarray(a, jnp.float32) for a in (start, W, Hd)), jnp.asarray(mask), 1, 24)
+    w_ref, mask_ref = _swap_reference(start, W, Hd, mask)
+    np.testing.assert_array_equal(np.asarray(new_mask), mask_ref)
+    np.testing.assert_allclose(np.asarray(w), w_ref, rtol=1e-4, atol=1e-4)
+    assert int(made) == int(np.sum(np.any(mask_ref != mask, axis=0))) > 0
+
+
+def test_refit_by_conjugate_gradients_is_the_exact_least_squares_on_the_support():
+    from swapjax import layer_search
+
+    _, W, H = _layer(8, d_in=40, d_out=7)
+    Hd = _damped(W, H)
+    mask = np.random.default_rng(0).random(W.shape) < 0.5
+    w = np.asarray(layer_search.refit(jnp.zeros(W.shape, jnp.float32), jnp.asarray(W, jnp.float32),
+                                      jnp.asarray(Hd, jnp.float32), jnp.asarray(mask), 60), np.float64)
+    for j in range(W.shape[1]):
+        keep = mask[:, j]
+        expected = np.linalg.solve(Hd[np.ix_(keep, keep)], (Hd @ W[:, j])[keep])
+        np.testing.assert_allclose(w[keep, j], expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+    assert np.all(w[~mask] == 0)
+
+
+def test_swaps_refuses_other_groups_and_bad_settings():
+    _, W, H = _layer(9, d_in=8, d_out=3)
+    per_unit = swapjax.Groups(jnp.asarray([4, 4, 4]), jnp.asarray(np.tile(np.arange(3), 8)))
+    with pytest.raises(ValueError, match=r"groups: Swaps keeps a count per layer or N:M \(groups.nm\), got 3 groups"):
+        solve_layer(layer_methods.Swaps(start=layer_methods.Wanda()), "layer", W.astype(np.float32),
+                    H.astype(np.float32), per_unit)
+    for bad in ({"rounds": -1}, {"swaps": 1.5}, {"iterations": "10"}, {"start": "sparsegpt"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            layer_methods.Swaps(**bad)

@@ -481,7 +481,7 @@ class Swaps(LayerMethod):
 
     Cost, against SparseGPT's d_in³/3 (Cholesky) + d_in³ (inverse) + 2·d_in²·d_out (the sweep) FLOPs:
     2·d_in²·d_out per refit iteration, ((rounds + 1)·iterations of them), and O(d_in·d_out) per swap round.
-    ``Swaps(rounds=1, swaps=20, iterations=6)`` is the faster setting. Groups other than one count per
+    ``Swaps(rounds=1, swaps=10, iterations=5)`` is the faster setting. Groups other than one count per
     layer or N:M are a ValueError.
 
     Examples:

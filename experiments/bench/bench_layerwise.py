@@ -1,12 +1,12 @@
 """Layer-wise against network-wide pruning on a preset's network, one-shot: accuracy and time.
 
-    .venv/bin/python experiments/bench/bench_layerwise.py [preset] [seeds...]
-    # → experiments/results/layerwise-<preset>.json
+    .venv/bin/python experiments/bench/bench_layerwise.py [preset] [seeds...] [--methods NAME ...] [--tag TAG]
+    # → experiments/results/layerwise-<preset>[-TAG].json
 
 Cells: per-layer uniform 0.5, 0.7, 0.9 and 2:4. Layer-wise (``swapjax.prune_layerwise``, sequential,
 the preset's N Fisher examples as the calibration batch): Wanda, SparseGPT, the exact refit on each
-one's mask (``layer_methods.Refit``) and LR on each layer's regression from SparseGPT's support
-(``layer_methods.Regression``). Network-wide (``swapjax.prune``, ``stages=1``, the next val_examples for
+one's mask (``layer_methods.Refit``), LR on each layer's regression from SparseGPT's support
+(``layer_methods.Regression``, the default before ``Swaps``) and ``layer_methods.Swaps`` (the default). Network-wide (``swapjax.prune``, ``stages=1``, the next val_examples for
 the selection): magnitude under the same per-layer budget, and LR under it and under the global
 top-k (the library's default constraint). Test accuracy on the test split; each call's seconds after
 a compiling call of the same cell. A rerun adds the seeds and cells not yet in the file (written after
@@ -14,6 +14,7 @@ every cell, atomically).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -30,16 +31,18 @@ CELLS = {"0.5": (swapjax.LayerBudgets(), 0.5), "0.7": (swapjax.LayerBudgets(), 0
          "0.9": (swapjax.LayerBudgets(), 0.9), "2:4": (swapjax.NM(2, 4), None)}
 LAYERWISE = {"Wanda": layer_methods.Wanda(), "SparseGPT": layer_methods.SparseGPT(),
              "refit on Wanda": layer_methods.Refit(layer_methods.Wanda()), "refit on SparseGPT": layer_methods.Refit(layer_methods.SparseGPT()),
-             "LR layer-wise": layer_methods.Regression()}
+             "LR layer-wise": layer_methods.Regression(), "Swaps (default)": layer_methods.Swaps()}
 NETWORK = {"MP": swapjax.Magnitude(), "LR": swapjax.LR(), "LR global": swapjax.LR()}
 
 
-def main(name: str = "mlpnet-fashion-mnist", seeds=(0, 1), runs: Path = Path("runs")):
+def main(name: str = "mlpnet-fashion-mnist", seeds=(0, 1), runs: Path = Path("runs"), methods=None, tag: str = "",
+         cells=None):
     preset = R.PRESETS[name]
     train = data.load(preset.dataset, "train", flatten=preset.flatten)
     test = data.load(preset.dataset, "test", flatten=preset.flatten)
     batch, val = R.calibration(preset, train)
-    out = Path(__file__).parent.parent / f"results/layerwise-{name}.json"
+    out = Path(__file__).parent.parent / f"results/layerwise-{name}{'-' + tag if tag else ''}.json"
+    methods = methods or [*LAYERWISE, *NETWORK]
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     done = {(r["seed"], r["cell"], r["method"]) for r in rows}
     for seed in seeds:
@@ -47,7 +50,9 @@ def main(name: str = "mlpnet-fashion-mnist", seeds=(0, 1), runs: Path = Path("ru
         loss_fn = R.per_example_loss(model, variables)
         dense = swapjax.evaluate(model, variables, test.x, test.y)[0]
         for cell, (constraint, sparsity) in CELLS.items():
-            for method_name in [*LAYERWISE, *NETWORK]:
+            if cells and cell not in cells:
+                continue
+            for method_name in methods:
                 if (seed, cell, method_name) in done or (method_name == "LR global" and sparsity is None):
                     continue
 
@@ -64,13 +69,13 @@ def main(name: str = "mlpnet-fashion-mnist", seeds=(0, 1), runs: Path = Path("ru
                 print(f"seed {seed} {cell} {method_name}: {100 * run['accuracy']:.1f} % (sparsity {run['sparsity']:.3f}, "
                       f"{run['seconds']:.2f} s)", flush=True)
                 _write(out, name, rows)
-    print(table(rows))
+    print(table(rows, methods))
 
 
-def table(rows: list) -> str:
+def table(rows: list, methods=None) -> str:
     """Test accuracy % (mean ± std over the seeds, both values for 2) and median seconds per cell and method."""
     seeds = sorted({r["seed"] for r in rows})
-    methods = [*LAYERWISE, *NETWORK]
+    methods = methods or [*LAYERWISE, *NETWORK]
     lines = ["| method | " + " | ".join(CELLS) + " | seconds (median) |", "|---" * (2 + len(CELLS)) + "|"]
     for m in methods:
         cells = []
@@ -88,5 +93,11 @@ def _write(out: Path, name: str, rows: list) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "mlpnet-fashion-mnist",
-         tuple(int(s) for s in sys.argv[2:]) or (0, 1))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("preset", nargs="?", default="mlpnet-fashion-mnist")
+    ap.add_argument("seeds", nargs="*", type=int, default=[0, 1])
+    ap.add_argument("--methods", nargs="+", choices=[*LAYERWISE, *NETWORK])
+    ap.add_argument("--cells", nargs="+", choices=list(CELLS))
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    main(args.preset, tuple(args.seeds), methods=args.methods, tag=args.tag, cells=args.cells)

@@ -1,0 +1,92 @@
+"""swapjax.models.GPT: causality, its weight count against the closed form, next_token_loss against a
+float64 NumPy cross-entropy, the layers found by use, and a bfloat16 model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import swapjax
+from swapjax.models import GPT, next_token_loss
+
+V, D, L, H, T = 11, 16, 2, 2, 8
+MODEL = GPT(vocab=V, d_model=D, n_layers=L, n_heads=H, max_len=T)
+LOSS = next_token_loss(MODEL)  # one function object: its traces and compilations are shared across tests
+
+
+@pytest.fixture(scope="module")
+def params():
+    params = jax.jit(MODEL.init)(jax.random.key(0), jnp.zeros((1, T), jnp.int32))["params"]
+    # non-zero biases and norms, so that each enters the computations checked here
+    rng = np.random.default_rng(1)
+    return jax.tree_util.tree_map(lambda w: (w + 0.1 * rng.normal(size=w.shape)).astype(np.float32), params)
+
+
+def _tokens(seed, shape):
+    return np.random.default_rng(seed).integers(0, V, shape).astype(np.int32)
+
+
+def test_logits_at_t_do_not_depend_on_tokens_after_t(params):
+    tokens = _tokens(0, (1, T))
+    logits = np.asarray(MODEL.apply({"params": params}, tokens))
+    for t in (0, 3, T - 2):
+        changed = tokens.copy()
+        changed[0, t + 1:] = (changed[0, t + 1:] + 1 + np.arange(T - t - 1)) % V
+        other = np.asarray(MODEL.apply({"params": params}, changed))
+        np.testing.assert_array_equal(other[0, :t + 1], logits[0, :t + 1])
+        assert np.abs(other[0, t + 1] - logits[0, t + 1]).max() > 1e-3  # the next position does see the change
+
+
+def test_weight_count_is_the_closed_form(params):
+    d, r, max_len = D, 4, T
+    closed = 2 * V * d + V + max_len * d + 2 * d + L * ((4 + 2 * r) * d * d + (9 + r) * d)
+    assert sum(np.size(x) for x in jax.tree_util.tree_leaves(params)) == closed == 7_083
+    big = jax.eval_shape(lambda: GPT(d_model=768, n_layers=15, n_heads=12, max_len=256).init(
+        jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    assert sum(np.size(x) for x in jax.tree_util.tree_leaves(big)) == \
+        2 * 256 * 768 + 256 + 256 * 768 + 2 * 768 + 15 * (12 * 768 ** 2 + 13 * 768)
+
+
+def test_loss_is_the_float64_cross_entropy_of_the_logits(params):
+    example = _tokens(1, (T + 1,))
+    reference = _cross_entropy64(MODEL.apply({"params": params}, example[None, :-1])[0], example[1:])
+    np.testing.assert_allclose(float(LOSS(params, {"tokens": example})), reference, rtol=1e-6)
+
+
+def test_find_layers_finds_six_per_block_and_the_head_not_embeddings_or_norms(params):
+    found = swapjax.find_layers(LOSS, params, {"tokens": _tokens(2, (4, T + 1))})
+    per_block = ("query", "key", "value", "out", "fc1", "fc2")
+    assert [layer.path for layer in found.layers] == \
+        [f"block_{i}/{n}/kernel" for i in range(L) for n in per_block] + ["head/kernel"]
+    assert [(layer.d_in, layer.d_out) for layer in found.layers[:6]] == [(D, D)] * 4 + [(D, 4 * D), (4 * D, D)]
+    assert (found.layers[-1].d_in, found.layers[-1].d_out) == (D, V)
+    assert {"wte/embedding", "wpe"} <= set(found.left_dense)
+    assert not any("ln" in layer.path or "bias" in layer.path for layer in found.layers)
+
+
+def _cross_entropy64(logits, targets):
+    logits = np.asarray(logits, np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    return np.mean(logz - logits[np.arange(len(targets)), targets])
+
+
+def test_a_bfloat16_model_gives_bfloat16_logits_and_a_float32_loss():
+    model = GPT(vocab=V, d_model=D, n_layers=1, n_heads=H, max_len=T, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    tokens = _tokens(3, (2, T + 1))
+    params = jax.jit(model.init)(jax.random.key(0), tokens[:, :-1])["params"]
+    assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    logits = jax.jit(model.apply)({"params": params}, tokens[:, :-1])
+    assert logits.dtype == jnp.bfloat16
+    # the same weights in float32: logits within bfloat16's rounding of the activations
+    wide = jax.tree_util.tree_map(lambda w: w.astype(jnp.float32), params)
+    reference = jax.jit(MODEL.clone(n_layers=1).apply)({"params": wide}, tokens[:, :-1])
+    np.testing.assert_allclose(np.asarray(logits, np.float32), reference, atol=0.1)
+    loss = jax.jit(next_token_loss(model))(params, {"tokens": tokens[0]})
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(float(loss), _cross_entropy64(logits[0], tokens[0, 1:]), rtol=1e-6)
+
+
+def test_too_many_tokens_or_heads_that_do_not_divide_d_are_errors(params):
+    with pytest.raises(ValueError, match=r"9 tokens, more than max_len=8"):
+        MODEL.apply({"params": params}, _tokens(4, (1, T + 1)))
+    with pytest.raises(ValueError, match=r"d_model=16 is not a multiple of n_heads=3"):
+        GPT(vocab=V, d_model=D, n_layers=1, n_heads=3, max_len=T).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))

@@ -90,3 +90,37 @@ def test_too_many_tokens_or_heads_that_do_not_divide_d_are_errors(params):
         MODEL.apply({"params": params}, _tokens(4, (1, T + 1)))
     with pytest.raises(ValueError, match=r"d_model=16 is not a multiple of n_heads=3"):
         GPT(vocab=V, d_model=D, n_layers=1, n_heads=3, max_len=T).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+
+
+def _forward64(params, tokens):
+    """The module docstring's equations in float64 NumPy: the independent reference of the logits."""
+    p = jax.tree_util.tree_map(lambda w: np.asarray(w, np.float64), params)
+
+    def ln(x, q):
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-6) * q["scale"] + q["bias"]
+
+    def gelu(x):
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+    n = tokens.shape[-1]
+    h = p["wte"]["embedding"][tokens] + p["wpe"][:n]
+    for i in range(L):
+        b = p[f"block_{i}"]
+        y = ln(h, b["ln1"])
+        q, k, v = (np.einsum("btd,dhe->bthe", y, b[m]["kernel"]) + b[m]["bias"] for m in ("query", "key", "value"))
+        s = np.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(D // H)
+        s = np.where(np.tril(np.ones((n, n), bool)), s, -np.inf)
+        w = np.exp(s - s.max(-1, keepdims=True))
+        a = np.einsum("bhqk,bkhe->bqhe", w / w.sum(-1, keepdims=True), v)
+        h = h + np.einsum("bqhe,hed->bqd", a, b["out"]["kernel"]) + b["out"]["bias"]
+        y = gelu(ln(h, b["ln2"]) @ b["fc1"]["kernel"] + b["fc1"]["bias"])
+        h = h + y @ b["fc2"]["kernel"] + b["fc2"]["bias"]
+    return ln(h, p["ln_f"]) @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+def test_logits_are_the_float64_forward_pass_of_the_equations(params):
+    tokens = _tokens(5, (3, T))
+    np.testing.assert_allclose(MODEL.apply({"params": params}, tokens), _forward64(params, tokens), rtol=1e-4, atol=1e-4)
+    # causality of the reference itself: the prefix of a longer sequence has the prefix's logits
+    np.testing.assert_allclose(_forward64(params, tokens[:, :5]), _forward64(params, tokens)[:, :5], atol=1e-12)

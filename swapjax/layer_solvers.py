@@ -23,54 +23,22 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-
-def _swap_within(W, G, keep, h, H, candidates: int = 1):
-    """One single swap per column: of the ``candidates`` cheapest removals p, the one whose best exchange q
-    (exact change of f from H_δ) lowers f most, applied where it lowers f; every column keeps its count.
-    Returns (W, G, keep, swaps made)."""
-    d_in, d_out = W.shape
-    units = jnp.arange(d_out)
-    cost = jnp.where(keep, 0.5 * h[:, None] * W * W - W * G, jnp.inf)
-    if candidates == 1:
-        ps = jnp.argmin(cost, axis=0)[None]
-    else:
-        ps = jax.lax.top_k(-cost.T, candidates)[1].T  # (candidates, d_out)
-    best = None
-    for p in ps:  # a few candidates: unrolled
-        c_p, w_p = cost[p, units], W[p, units]
-        H_p = H[p]  # (d_out, d_in): row p of H_δ per column (H_δ is symmetric)
-        g_q = G - H_p.T * w_p  # the gradient once p is removed
-        gain = jnp.where(keep, -jnp.inf, g_q * g_q / h[:, None])
-        q = jnp.argmax(gain, axis=0)
-        change = c_p - 0.5 * gain[q, units]
-        ok = change < -1e-7 * jnp.abs(c_p)  # a strict decrease beyond rounding
-        v = -g_q[q, units] / h[q]
-        now = (jnp.where(ok, change, 0.0), ok, p, q, w_p, v)
-        if best is None:
-            best = now
-        else:
-            better = now[0] < best[0]
-            best = tuple(jnp.where(better, x, y) for x, y in zip(now, best))
-    _, ok, p, q, w_p, v = best
-    w_p, v = jnp.where(ok, w_p, 0.0), jnp.where(ok, v, 0.0)
-    W = W.at[p, units].add(-w_p).at[q, units].add(v)
-    keep = keep.at[p, units].set(keep[p, units] & ~ok)
-    keep = keep.at[q, units].set(keep[q, units] | ok)
-    G = G - H[p].T * w_p + H[q].T * v
-    return W, G, keep, jnp.sum(ok)
+# Every array here is held one row per output unit, Wᵀ (d_out, d_in): the reductions over a column's inputs
+# run along the last axis, and row p of H_δ (symmetric) is column p's coupling to every input.
 
 
-def _exchange(W, G, keep, h, H):
-    """One exchange between columns: the cheapest removals of the removers R and the best additions of as
-    many adders Q at the price λ that balances them (bisection). Returns (W, G, keep, weights moved)."""
-    d_in, d_out = W.shape
-    units = jnp.arange(d_out)
-    cost = jnp.where(keep, 0.5 * h[:, None] * W * W - W * G, jnp.inf)
-    p = jnp.argmin(cost, axis=0)
-    c = cost[p, units]  # inf where a column keeps nothing
-    gain = jnp.where(keep, -jnp.inf, 0.5 * G * G / h[:, None])
-    q = jnp.argmax(gain, axis=0)
-    a = gain[q, units]  # -inf where a column keeps everything
+def _first_min(x):
+    """(min, index of its first occurrence) along the last axis: two plain reductions, which XLA runs faster on
+    a CPU than its argmin (a reduction of pairs)."""
+    m = jnp.min(x, axis=-1)
+    at = jnp.where(x == m[..., None], jnp.arange(x.shape[-1], dtype=jnp.float32), jnp.inf)
+    return m, jnp.minimum(jnp.min(at, axis=-1), x.shape[-1] - 1).astype(jnp.int32)
+
+
+def _price(c, a):
+    """The removers R = {c < λ, a ≤ λ} and as many adders Q = {a > λ, c ≥ λ} at the price λ that balances them
+    (bisection; the end of the bracket with more pairs), each side its n = min(|R|, |Q|) best: the n cheapest
+    removals and the n largest gains, so Σ_Q a − Σ_R c > 0 term by term (c < λ < a)."""
 
     def sides(lam):
         return (c < lam) & (a <= lam), (a > lam) & (c >= lam)
@@ -82,45 +50,75 @@ def _exchange(W, G, keep, h, H):
         more = jnp.sum(R) < jnp.sum(Q)  # too few removers: raise the price
         return jnp.where(more, mid, lo), jnp.where(more, hi, mid)
 
-    finite_c, finite_a = jnp.where(jnp.isfinite(c), c, jnp.inf), jnp.where(jnp.isfinite(a), a, -jnp.inf)
-    lo = jnp.minimum(jnp.min(finite_c), jnp.max(finite_a))
-    hi = jnp.maximum(jnp.min(finite_c), jnp.max(finite_a))
-    lo, hi = jax.lax.fori_loop(0, 40, bisect, (lo, hi))
-    # the side of the bracket with more pairs
+    big = jnp.finfo(c.dtype).max
+    c_min, a_max = jnp.min(jnp.where(jnp.isfinite(c), c, big)), jnp.max(jnp.where(jnp.isfinite(a), a, -big))
+    lo, hi = jax.lax.fori_loop(0, 40, bisect, (jnp.minimum(c_min, a_max), jnp.maximum(c_min, a_max)))
     pairs = lambda lam: jnp.minimum(*(jnp.sum(s) for s in sides(lam)))  # noqa: E731
-    lam = jnp.where(pairs(lo) >= pairs(hi), lo, hi)
-    R, Q = sides(lam)
+    R, Q = sides(jnp.where(pairs(lo) >= pairs(hi), lo, hi))
     n = jnp.minimum(jnp.sum(R), jnp.sum(Q))
-    rank = lambda score, member: jnp.argsort(jnp.argsort(jnp.where(member, score, jnp.inf), stable=True), stable=True)  # noqa: E731
-    remove = R & (rank(c, R) < n)
-    add = Q & (rank(-a, Q) < n)
-    # the total change Σ_R c − Σ_Q a is negative by construction; guard rounding all the same
-    worth = jnp.sum(jnp.where(remove, c, 0.0)) - jnp.sum(jnp.where(add, a, 0.0)) < 0
-    remove, add = remove & worth, add & worth
-    row = jnp.where(remove, p, q)
-    coef = jnp.where(remove, -W[p, units], jnp.where(add, -G[q, units] / h[q], 0.0))
-    W = W.at[row, units].add(coef)
-    keep = keep.at[row, units].set(jnp.where(remove, False, jnp.where(add, True, keep[row, units])))
-    G = G + H[row].T * coef
-    return W, G, keep, jnp.sum(remove)
+    rank = lambda score, member: jnp.argsort(jnp.argsort(jnp.where(member, score, jnp.inf)))  # noqa: E731
+    remove, add = R & (rank(c, R) < n), Q & (rank(-a, Q) < n)
+    worth = jnp.sum(jnp.where(remove, c, 0.0)) - jnp.sum(jnp.where(add, a, 0.0)) < 0  # rounding guard
+    return remove & worth, add & worth
+
+
+def _step(Wt, Gt, keep, h, H, candidates: int, across: bool):
+    """One step on every output unit (a row of Wt) from one state: where ``across``, the exchange between
+    units (:func:`_price`: a remover drops its cheapest kept weight p, an adder takes its best pruned q at
+    v = −g_q/h_q); every other unit makes its best single swap, of its ``candidates`` cheapest removals the
+    one whose best exchange q lowers f most (exact from H_δ), where f falls. Returns (Wt, Gt, keep, swaps
+    made, weights moved)."""
+    units = jnp.arange(Wt.shape[0])
+    cost = jnp.where(keep, 0.5 * h * Wt * Wt - Wt * Gt, jnp.inf)
+    if candidates == 1:
+        ps = _first_min(cost)[1][None]
+    else:
+        ps = jax.lax.top_k(-cost, candidates)[1].T  # (candidates, d_out)
+    best = None
+    for p in ps:  # a few candidates, unrolled
+        w_p = Wt[units, p]
+        g_q = Gt - H[p] * w_p[:, None]  # the gradient once p is removed
+        gain, q = _first_min(jnp.where(keep, jnp.inf, -g_q * g_q / h))  # the best addition: −g_q²/h_q least
+        now = (cost[units, p] + 0.5 * gain, p, q, w_p, -g_q[units, q] / h[q], g_q)
+        if best is None:
+            best = now
+        else:
+            better = now[0] < best[0]
+            best = tuple(jnp.where(better if x.ndim == 1 else better[:, None], x, y) for x, y in zip(now, best))
+    change, p, q, w_p, v, g_q = best
+    ok = change < -1e-7 * jnp.abs(cost[units, p])  # a strict decrease beyond rounding
+    row, coef = q, jnp.where(ok, v, 0.0)  # the one row of H_δ each unit's gradient takes
+    moved = jnp.zeros((), jnp.int32)
+    if across:  # the exchange from the same state: the units it moves make no swap this step
+        gain, q_add = _first_min(jnp.where(keep, jnp.inf, -0.5 * Gt * Gt / h))
+        remove, add = _price(cost[units, ps[0]], -gain)
+        ok = ok & ~(remove | add)
+        row = jnp.where(remove, ps[0], jnp.where(add, q_add, q))
+        coef = jnp.where(remove, -Wt[units, ps[0]], jnp.where(add, -Gt[units, q_add] / h[q_add], jnp.where(ok, v, 0.0)))
+        moved = jnp.sum(remove)
+    else:
+        remove = add = jnp.zeros_like(ok)
+    Wt = Wt.at[units, p].add(jnp.where(ok, -w_p, 0.0)).at[units, row].add(coef)  # removed weights: exactly 0
+    keep = keep.at[units, p].set(keep[units, p] & ~ok)
+    keep = keep.at[units, row].set((keep[units, row] | ok | add) & ~remove)
+    Gt = jnp.where(ok[:, None], g_q, Gt) + H[row] * coef[:, None]
+    return Wt, Gt, keep, jnp.sum(ok), moved
 
 
 @partial(jax.jit, static_argnames=("steps", "across", "candidates"))
-def search(W, W_bar, H, mask, steps: int, across: bool = True, candidates: int = 1):
-    """``steps`` rounds of the best single swap within each column of W (d_in, d_out) on ``mask`` and, where
-    ``across``, one exchange between columns (the layer's count kept, the columns' counts moved). H is damped
-    (H_δ = H + δI, positive diagonal); f never increases. Returns (W, mask, swaps made, weights moved)."""
+def search(W, W_bar, H, mask, steps: int, across: bool = True, candidates: int = 4):
+    """``steps`` rounds of the best single swap within each column of W (d_in, d_out) on ``mask`` (from
+    ``candidates`` removals) and, where ``across``, one exchange between columns (the layer's count kept,
+    the columns' counts moved). H is damped (H_δ = H + δI); f never increases; pruned weights stay exactly
+    0. Returns (W, mask, swaps made, weights moved)."""
     h = jnp.diagonal(H)
-    G = H @ (W - W_bar)
+    Gt = (H @ (W - W_bar)).T
 
     def step(_, carry):
-        W, G, keep, swaps, moved = carry
-        W, G, keep, s = _swap_within(W, G, keep, h, H, candidates)
-        if across:
-            W, G, keep, m = _exchange(W, G, keep, h, H)
-            moved = moved + m
-        return W, G, keep, swaps + s, moved
+        Wt, Gt, keep, swaps, moved = carry
+        Wt, Gt, keep, s, m = _step(Wt, Gt, keep, h, H, candidates, across)
+        return Wt, Gt, keep, swaps + s.astype(swaps.dtype), moved + m.astype(moved.dtype)
 
     zero = jnp.zeros((), jnp.int32)
-    W, _, keep, swaps, moved = jax.lax.fori_loop(0, steps, step, (W, G, mask, zero, zero))
-    return W, keep, swaps, moved
+    Wt, _, keep, swaps, moved = jax.lax.fori_loop(0, steps, step, (W.T, Gt, mask.T, zero, zero))
+    return Wt.T, keep.T, swaps, moved

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks, layer_search
+from . import checks, layer_search, layer_solvers
 from .constraints import NM, Groups, layer_quotas
 from .contract import Method, Problem, for_layer
 from .methods import LR
@@ -473,11 +473,14 @@ def _live_cholesky(W, H, percdamp):
 
 @dataclass(frozen=True)
 class Swaps(LayerMethod):
-    """``start``'s mask (default SparseGPT's), then ``rounds`` of ``swaps`` single swaps per output unit,
-    each round followed by the exact refit on the support (:mod:`swapjax.layer_search`): on the damped
-    objective ½ tr((W − W̄)ᵀ(H + δI)(W − W̄)), δ = ``percdamp``·mean diag H, every step lowers it and
-    every output unit keeps its count (N:M: its N per group; swaps stay within a group). The refits run
-    ``iterations`` steps of conjugate gradients on all output units at once, from ``start``'s weights.
+    """``start``'s mask (default SparseGPT's), then ``rounds`` of ``swaps`` steps of the support search, each
+    round followed by the exact refit on the support (:mod:`swapjax.layer_search`): on the damped objective
+    ½ tr((W − W̄)ᵀ(H + δI)(W − W̄)), δ = ``percdamp``·mean diag H, every step lowers it. A step makes one single
+    swap per output unit, the best exchange for one of its ``candidates`` cheapest removals (N:M: the
+    cheapest, within a group; every unit keeps its N per group); under a count per layer, where ``across``,
+    it also moves weights between output units (:func:`swapjax.layer_solvers.search`: the layer keeps its
+    count, ranked over the whole layer, the units' counts change). The refits run ``iterations`` steps of
+    conjugate gradients on all output units at once, from ``start``'s weights.
 
     Cost, against SparseGPT's d_in³/3 (Cholesky) + d_in³ (inverse) + 2·d_in²·d_out (the sweep) FLOPs:
     2·d_in²·d_out per refit iteration, ((rounds + 1)·iterations of them), and O(d_in·d_out) per swap round.
@@ -500,6 +503,8 @@ class Swaps(LayerMethod):
     rounds: int = 2
     swaps: int = 50
     iterations: int = 10
+    candidates: int = 4
+    across: bool = True
     percdamp: float = PERCDAMP
 
     def __post_init__(self):
@@ -507,6 +512,8 @@ class Swaps(LayerMethod):
         checks.integer("rounds", self.rounds, 0)
         checks.integer("swaps", self.swaps, 0)
         checks.integer("iterations", self.iterations, 0)
+        checks.integer("candidates", self.candidates, 1)
+        checks.boolean("across", self.across)
         checks.real("percdamp", self.percdamp, 0.0)
 
     def solve_problem(self, problem: Problem):
@@ -521,7 +528,11 @@ class Swaps(LayerMethod):
         W_bar, H = _live_damped(_float(W), jnp.asarray(H, _float(W).dtype), jnp.asarray(self.percdamp, _float(W).dtype))
         W_new = layer_search.refit(jnp.asarray(w_start, W_bar.dtype).reshape(W.shape), W_bar, H, mask, self.iterations)
         for _ in range(self.rounds):
-            W_new, mask, _ = layer_search.swap(W_new, W_bar, H, mask, self.swaps, d_in if groups.nm is None else groups.nm[1])
+            if groups.nm is None:
+                W_new, mask, _, _ = layer_solvers.search(W_new, W_bar, H, mask, self.swaps, self.across,
+                                                         min(self.candidates, d_in))
+            else:
+                W_new, mask, _ = layer_search.swap(W_new, W_bar, H, mask, self.swaps, groups.nm[1])
             W_new = layer_search.refit(W_new, W_bar, H, mask, self.iterations)
         return _layer_info(problem, W_new, mask)
 

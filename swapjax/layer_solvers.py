@@ -1,20 +1,24 @@
-"""The support search across the output units of one layer: the layer's kept count moved between columns.
+"""The support search on one layer's Gram, every output unit at once: single swaps from several candidate
+removals, and under a count per layer exchanges of kept weights between output units.
 
-On a layer whose constraint is one count for the whole layer (a per-layer budget: the layer keeps k of its
-d_in·d_out weights, ranked over the whole layer as ``Regression`` ranks them), the columns' counts are
-free; :func:`swapjax.layer_search.swap` keeps each column's count where ``start`` (SparseGPT's blocks)
-left it. :func:`search` adds, at every step, exchanges between columns to the single swaps within each
-column, on the damped objective (H_δ = H + δI)
+The layer's objective, damped as every layer method damps it (H_δ = H + δI, h = diag H_δ):
 
-    f(W) = ½ tr((W − W̄)ᵀ H_δ (W − W̄)) = Σ_j f_j(w_j),  G = H_δ(W − W̄).
+    f(W) = ½ tr((W − W̄)ᵀ H_δ (W − W̄)) = Σ_j f_j(w_j),  G = H_δ(W − W̄),
 
-The columns are separate quadratics, so removing the cheapest kept weight p of column j changes f by
-exactly c_j = ½h_p w_pj² − w_pj g_pj (h = diag H_δ), and adding the best pruned weight q of another column
-j' at its optimal value v = −g_qj'/h_q by exactly −a_j' = −g_qj'²/(2h_q). A price λ (by bisection) splits
-the columns into removers R = {c_j < λ, a_j ≤ λ} and adders Q = {a_j > λ, c_j ≥ λ}; the n = min(|R|, |Q|)
-cheapest removers and n best adders act, so the count is kept exactly and f falls by Σ_Q a − Σ_R c > 0
-(each term c_j < λ < a_j'). Each step costs a few passes over d_in × d_out arrays and one gather of d_out
-rows of H_δ (O(d_in·d_out)), as a swap step does.
+splits into one quadratic per output unit j (a column of W), so every change below is exact:
+
+- removing the kept weight p of unit j changes f by c_p = ½h_p w_pj² − w_pj g_pj;
+- then adding the pruned weight q at its optimal value v = −g'_q/h_q (g' = g − H_{:,p} w_pj, the gradient once
+  p is removed) changes it by −g'_q²/(2h_q). A swap is the best such pair over the ``candidates`` cheapest
+  removals p of the unit and every pruned q (:func:`swapjax.layer_search.swap` takes the cheapest p alone);
+- under a count per layer (a per-layer budget: k of the d_in·d_out weights, ranked over the whole layer),
+  the units' counts are free. At a price λ of one kept weight each unit takes the best of nothing, its swap,
+  removing its cheapest weight (worth λ − c) or adding its best pruned one (worth a − λ, a = max_q
+  g_q²/(2h_q)); λ by bisection so that as many units remove as add. Each removal has c < λ and each addition
+  a > λ, so f falls by Σ a − Σ c and the layer keeps its count.
+
+A step costs a few passes over d_in × d_out arrays (per candidate) and one gather of d_out rows of H_δ, O(d_in·d_out),
+against 2·d_in²·d_out for one product H_δW.
 """
 from __future__ import annotations
 
@@ -35,13 +39,18 @@ def _first_min(x):
     return m, jnp.minimum(jnp.min(at, axis=-1), x.shape[-1] - 1).astype(jnp.int32)
 
 
-def _price(c, a):
-    """The removers R = {c < λ, a ≤ λ} and as many adders Q = {a > λ, c ≥ λ} at the price λ that balances them
-    (bisection; the end of the bracket with more pairs), each side its n = min(|R|, |Q|) best: the n cheapest
-    removals and the n largest gains, so Σ_Q a − Σ_R c > 0 term by term (c < λ < a)."""
+def _price(c, a, swap):
+    """The exchange between units at a price λ of one kept weight: each unit takes the best of doing nothing
+    (0), removing its cheapest kept weight (λ − c), adding its best pruned one (a − λ) or its swap (``swap``,
+    the decrease of f, 0 where none); λ by bisection so that as many remove as add, the larger side then cut
+    to the n = min(|R|, |Q|) that gain most. Each removal has c < λ and each addition a > λ, so the exchange
+    lowers f by Σ_Q a − Σ_R c > 0. Returns (remove, add) masks over the units."""
 
     def sides(lam):
-        return (c < lam) & (a <= lam), (a > lam) & (c >= lam)
+        best = jnp.maximum(swap, 0.0)
+        remove = (lam - c > best) & (lam - c >= a - lam)
+        add = (a - lam > best) & (a - lam > lam - c)
+        return remove, add
 
     def bisect(_, bounds):
         lo, hi = bounds
@@ -54,7 +63,8 @@ def _price(c, a):
     c_min, a_max = jnp.min(jnp.where(jnp.isfinite(c), c, big)), jnp.max(jnp.where(jnp.isfinite(a), a, -big))
     lo, hi = jax.lax.fori_loop(0, 40, bisect, (jnp.minimum(c_min, a_max), jnp.maximum(c_min, a_max)))
     pairs = lambda lam: jnp.minimum(*(jnp.sum(s) for s in sides(lam)))  # noqa: E731
-    R, Q = sides(jnp.where(pairs(lo) >= pairs(hi), lo, hi))
+    lam = jnp.where(pairs(lo) >= pairs(hi), lo, hi)  # the end of the bracket with more pairs
+    R, Q = sides(lam)
     n = jnp.minimum(jnp.sum(R), jnp.sum(Q))
     rank = lambda score, member: jnp.argsort(jnp.argsort(jnp.where(member, score, jnp.inf)))  # noqa: E731
     remove, add = R & (rank(c, R) < n), Q & (rank(-a, Q) < n)
@@ -91,7 +101,7 @@ def _step(Wt, Gt, keep, h, H, candidates: int, across: bool):
     moved = jnp.zeros((), jnp.int32)
     if across:  # the exchange from the same state: the units it moves make no swap this step
         gain, q_add = _first_min(jnp.where(keep, jnp.inf, -0.5 * Gt * Gt / h))
-        remove, add = _price(cost[units, ps[0]], -gain)
+        remove, add = _price(cost[units, ps[0]], -gain, jnp.where(ok, -change, 0.0))
         ok = ok & ~(remove | add)
         row = jnp.where(remove, ps[0], jnp.where(add, q_add, q))
         coef = jnp.where(remove, -Wt[units, ps[0]], jnp.where(add, -Gt[units, q_add] / h[q_add], jnp.where(ok, v, 0.0)))

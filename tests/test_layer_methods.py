@@ -399,8 +399,9 @@ def _damped(W, H, percdamp=0.01):
 @pytest.mark.parametrize("rule", [200, swapjax.NM(2, 4)], ids=["count", "2:4"])
 def test_swaps_returns_the_least_squares_weights_on_its_support_and_beats_the_refit_of_sparsegpt(rule):
     """On three random layers: each output unit's weights solve (H + δI)_SS w_S = ((H + δI) w̄)_S on the
-    support S the method returns (float64), each unit keeps SparseGPT's count (N:M: 2 per group), and the
-    reconstruction error is at most that of SparseGPT's mask refitted exactly."""
+    support S the method returns (float64), the layer keeps its count (N:M: 2 per group of every unit; with
+    ``across=False`` each unit keeps SparseGPT's count), and the reconstruction error is at most that of
+    SparseGPT's mask refitted exactly."""
     for seed in range(3):
         A, W, H = _layer(10 + seed)
         W32, H32 = W.astype(np.float32), H.astype(np.float32)
@@ -413,9 +414,12 @@ def test_swaps_returns_the_least_squares_weights_on_its_support_and_beats_the_re
             expected = np.linalg.solve(Hd[np.ix_(keep, keep)], (Hd @ W[:, j])[keep])
             np.testing.assert_allclose(w[keep, j], expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
             assert np.all(w[~keep, j] == 0)
-        np.testing.assert_array_equal(mask.sum(axis=0), np.asarray(gpt_mask).sum(axis=0))
         if isinstance(rule, swapjax.NM):
             assert np.all(mask.reshape(12, 4, 10).sum(axis=1) == 2)
+        else:
+            assert int(mask.sum()) == 200
+            _, within = _solve(layer_methods.Swaps(across=False), W32, H32, rule)
+            np.testing.assert_array_equal(np.asarray(within).sum(axis=0), np.asarray(gpt_mask).sum(axis=0))
         f = lambda w: np.sum((np.asarray(w, np.float64) - W) * (Hd @ (np.asarray(w, np.float64) - W)))  # noqa: E731
         assert f(w) <= f(w_refit) * (1 + 1e-5), (seed, f(w), f(w_refit))
 
@@ -486,6 +490,153 @@ def test_swaps_refuses_other_groups_and_bad_settings():
     with pytest.raises(ValueError, match=r"groups: Swaps keeps a count per layer or N:M \(groups.nm\), got 3 groups"):
         solve_layer(layer_methods.Swaps(start=layer_methods.Wanda()), "layer", W.astype(np.float32),
                     H.astype(np.float32), per_unit)
-    for bad in ({"rounds": -1}, {"swaps": 1.5}, {"iterations": "10"}, {"start": "sparsegpt"}):
+    for bad in ({"rounds": -1}, {"swaps": 1.5}, {"iterations": "10"}, {"start": "sparsegpt"}, {"candidates": 0},
+                {"across": "yes"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             layer_methods.Swaps(**bad)
+
+
+# ---------------------------------------------------------------------------
+# layer_solvers.search: swaps from several candidate removals and exchanges between output units
+
+
+def _search_case(seed=3, d_in=24, d_out=8, kept=10, settled=False):
+    """A layer with output units of different scales, a random support of ``kept`` per unit and the exact
+    least-squares weights on it (float64): (W, W̄, H_δ, mask). ``settled``: the support after 40 steps of
+    swaps within units, where few swaps are left and exchanges between units pay."""
+    from swapjax import layer_solvers
+    rng = np.random.default_rng(seed)
+    A = (rng.normal(size=(80, d_in)) + 0.7 * rng.normal(size=(80, 1))) * rng.gamma(1.5, size=d_in)
+    W_bar = rng.normal(size=(d_in, d_out)) * np.exp(rng.normal(size=d_out))
+    Hd = _damped(None, A.T @ A)
+    mask = np.zeros((d_in, d_out), bool)
+    for j in range(d_out):
+        mask[rng.choice(d_in, kept, replace=False), j] = True
+
+    def refit(mask):
+        W = np.zeros_like(W_bar)
+        for j in range(d_out):
+            keep = mask[:, j]
+            W[keep, j] = np.linalg.solve(Hd[np.ix_(keep, keep)], (Hd @ W_bar[:, j])[keep])
+        return W
+
+    W = refit(mask)
+    if settled:
+        mask = np.asarray(layer_solvers.search(*(jnp.asarray(a, jnp.float32) for a in (W, W_bar, Hd)),
+                                               jnp.asarray(mask), 40, False, 4)[1])
+        W = refit(mask)
+    return W, W_bar, Hd, mask
+
+
+def _unit_f(W, W_bar, Hd):
+    """f_j = ½(w_j − w̄_j)ᵀH_δ(w_j − w̄_j) per output unit, float64."""
+    D = np.asarray(W, np.float64) - W_bar
+    return 0.5 * np.sum(D * (Hd @ D), axis=0)
+
+
+def _best_swap_reference(w, w_bar, Hd, keep, candidates):
+    """The best single swap of one unit in float64 over its ``candidates`` cheapest removals p and every pruned
+    q (q at its optimal value): (change of f, p, q), or None where no swap lowers f."""
+    h, g = np.diag(Hd), Hd @ (w - w_bar)
+    cost = np.where(keep, 0.5 * h * w ** 2 - w * g, np.inf)
+    best = None
+    for p in np.argsort(cost, kind="stable")[:candidates]:
+        g_p = g - Hd[:, p] * w[p]
+        for q in np.flatnonzero(~keep):
+            change = cost[p] - g_p[q] ** 2 / (2 * h[q])
+            if best is None or change < best[0]:
+                best = (change, p, q)
+    return best if best[0] < 0 else None
+
+
+@pytest.mark.parametrize("candidates", [1, 3])
+def test_search_step_makes_the_best_swap_of_its_candidate_removals_float64(candidates):
+    """One step within units (``across=False``): each unit makes the swap a float64 search over its
+    ``candidates`` cheapest removals and every pruned input finds, and its f_j falls by exactly that change;
+    pruned weights exactly 0, each unit's count kept."""
+    from swapjax import layer_solvers
+    W, W_bar, Hd, mask = _search_case()
+    w, new_mask, swaps, moved = layer_solvers.search(*(jnp.asarray(a, jnp.float32) for a in (W, W_bar, Hd)),
+                                                     jnp.asarray(mask), 1, False, candidates)
+    w, new_mask = np.asarray(w, np.float64), np.asarray(new_mask)
+    change = _unit_f(w, W_bar, Hd) - _unit_f(W, W_bar, Hd)
+    made = 0
+    for j in range(W.shape[1]):
+        ref = _best_swap_reference(W[:, j], W_bar[:, j], Hd, mask[:, j], candidates)
+        if ref is None:
+            np.testing.assert_array_equal(new_mask[:, j], mask[:, j])
+            continue
+        made += 1
+        expected = mask[:, j].copy()
+        expected[ref[1]], expected[ref[2]] = False, True
+        np.testing.assert_array_equal(new_mask[:, j], expected)
+        np.testing.assert_allclose(change[j], ref[0], rtol=1e-3)
+    assert int(swaps) == made > 0 and int(moved) == 0
+    assert np.all(w[~new_mask] == 0)
+    np.testing.assert_array_equal(new_mask.sum(axis=0), mask.sum(axis=0))
+
+
+def test_search_exchange_moves_weights_between_units_at_a_price_float64():
+    """One step with ``across``: the units whose count falls drop their cheapest removal (f_j rises by exactly
+    c_j = ½h_p w_p² − w_p g_p), as many units whose count rises take their best addition (f_j falls by exactly
+    a_j = max_q g_q²/(2h_q)), every c of a remover below every a of an adder, so f falls; the other units make
+    their best swap (float64 reference); the layer keeps its count, pruned weights exactly 0."""
+    from swapjax import layer_solvers
+    W, W_bar, Hd, mask = _search_case(seed=5, settled=True)
+    w, new_mask, swaps, moved = layer_solvers.search(*(jnp.asarray(a, jnp.float32) for a in (W, W_bar, Hd)),
+                                                     jnp.asarray(mask), 1, True, 2)
+    w, new_mask = np.asarray(w, np.float64), np.asarray(new_mask)
+    change = _unit_f(w, W_bar, Hd) - _unit_f(W, W_bar, Hd)
+    h, G = np.diag(Hd), Hd @ (W - W_bar)
+    counts = new_mask.sum(axis=0) - mask.sum(axis=0)
+    removers, adders = np.flatnonzero(counts == -1), np.flatnonzero(counts == 1)
+    assert len(removers) == len(adders) == int(moved) >= 1 and set(counts) <= {-1, 0, 1}
+    c, a = [], []
+    for j in removers:
+        cost = np.where(mask[:, j], 0.5 * h * W[:, j] ** 2 - W[:, j] * G[:, j], np.inf)
+        p = int(np.argmin(cost))
+        np.testing.assert_array_equal(np.flatnonzero(mask[:, j] & ~new_mask[:, j]), [p])
+        np.testing.assert_allclose(change[j], cost[p], rtol=1e-3)
+        c.append(cost[p])
+    for j in adders:
+        gain = np.where(mask[:, j], -np.inf, G[:, j] ** 2 / (2 * h))
+        q = int(np.argmax(gain))
+        np.testing.assert_array_equal(np.flatnonzero(new_mask[:, j] & ~mask[:, j]), [q])
+        np.testing.assert_allclose(change[j], -gain[q], rtol=1e-3)
+        a.append(gain[q])
+    assert max(c) < min(a) and np.sum(change) < 0
+    for j in np.flatnonzero(counts == 0):
+        ref = _best_swap_reference(W[:, j], W_bar[:, j], Hd, mask[:, j], 2)
+        if ref is not None:
+            np.testing.assert_allclose(change[j], ref[0], rtol=1e-3)
+    assert int(new_mask.sum()) == int(mask.sum()) and np.all(w[~new_mask] == 0)
+
+
+def test_swaps_moves_counts_between_units_under_a_count_per_layer():
+    """On units of different scales under a count per layer, Swaps (``across``) moves the kept count between
+    units (SparseGPT's counts per unit change, the layer's stays) and ends below the exact refit on SparseGPT's
+    mask; ``across=False`` keeps SparseGPT's count in every unit."""
+    A, W, H = _layer(seed=5)
+    W = W * np.exp(np.random.default_rng(5).normal(size=W.shape[1]))
+    W32, H32 = W.astype(np.float32), H.astype(np.float32)
+    f = lambda w: np.sum((np.asarray(w, np.float64) - W) * (_damped(W, H) @ (np.asarray(w, np.float64) - W)))  # noqa: E731
+    (w1, m1), (w0, m0), (_, gpt), (w_refit, _) = (_solve(m, W32, H32, 200) for m in (
+        layer_methods.Swaps(), layer_methods.Swaps(across=False), layer_methods.SparseGPT(),
+        layer_methods.Refit(layer_methods.SparseGPT())))
+    assert int(np.sum(m1)) == int(np.sum(m0)) == 200
+    assert np.any(np.asarray(m1).sum(axis=0) != np.asarray(gpt).sum(axis=0))
+    np.testing.assert_array_equal(np.asarray(m0).sum(axis=0), np.asarray(gpt).sum(axis=0))
+    assert f(w1) < f(w_refit) and f(w0) < f(w_refit)
+
+
+def test_swaps_bfloat16_kernel_is_solved_in_float32_with_dead_inputs_zero():
+    """A bfloat16 kernel: the result is float32, equal to the solve of the same kernel given in float32; an input
+    that never fires has weight 0 in every unit."""
+    A, W, H = _layer(seed=6, dead=(3,))
+    Wb = jnp.asarray(W, jnp.bfloat16)
+    w, mask = _solve(layer_methods.Swaps(), Wb, H.astype(np.float32), 200)
+    w32, mask32 = _solve(layer_methods.Swaps(), np.asarray(Wb.astype(jnp.float32)), H.astype(np.float32), 200)
+    assert w.dtype == jnp.float32 and int(np.sum(mask)) == 200
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(w32))
+    np.testing.assert_array_equal(mask, mask32)
+    assert np.all(np.asarray(w)[3] == 0)

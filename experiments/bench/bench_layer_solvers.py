@@ -10,13 +10,15 @@ rotation Q and a power-law spectrum σ_i = (1 + i/64)^(-1/2) (correlated inputs)
 ``--repeats`` warm calls. The floor is one product H·W (2·d_in²·d_out FLOPs) timed in the same run; every
 time is also given as a ratio to SparseGPT's and to the floor. Error: ‖A(W̄ − W)‖²_F / ‖AW̄‖²_F in float64.
 ``--regression`` adds ``Regression()`` (LR on the flattened layer operator, the default before ``Swaps``;
-minutes on the larger shapes). Rows are written after every method, atomically; a rerun replaces the rows
-of the shapes and rules it runs.
+minutes on the larger shapes); ``--methods`` runs those alone (with SparseGPT, the reference of the
+ratios). Rows are written after every method, atomically, with the machine's load average (the machine may be
+shared: the ratios within one run are what compare); a rerun replaces the rows it runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -54,16 +56,26 @@ def layer(d_in: int, d_out: int, seed: int = 0):
 
 
 def flops(name: str, d_in: int, d_out: int, method) -> float:
-    """The dominant FLOPs: SparseGPT's Cholesky (d³/3), inverse (d³) and sweep (2·d²·d_out, the OBS updates);
-    a refit iteration or the swaps' gradient 2·d²·d_out each; Wanda d·d_out."""
-    product, sparsegpt = 2.0 * d_in ** 2 * d_out, d_in ** 3 * 4 / 3 + 2.0 * d_in ** 2 * d_out
+    """The dominant FLOPs (a multiply-add counts 2), as the code here runs them (d = d_in, B = 128).
+
+    SparseGPT: the Cholesky factor of H + δI (d³/3), (H + δI)⁻¹ from it by two triangular solves on d right-hand
+    sides (2d³), the upper factor of the inverse (d³/3): 8d³/3; the sweep: inside each block 2·d_out·(B − i) per
+    input (d·B·d_out in all), and each block's error carried to the later inputs by one product (2·d_out·B·(d − i₂),
+    d²·d_out in all). Swaps: SparseGPT, then products H_δP (2d²·d_out each): a refit of t iterations takes t + 1
+    (its first residual), each round's search one (its gradient), so (rounds + 1)(iterations + 1) + rounds; a
+    search step O(d·d_out) per candidate, counted as 10 passes. Wanda: the scores (d·d_out) and a sort per unit.
+    The refit to convergence and Regression run until a tolerance: NaN (their iterations are not counted)."""
+    product = 2.0 * d_in ** 2 * d_out
+    sparsegpt = 8 / 3 * d_in ** 3 + d_in ** 2 * d_out + d_in * 128 * d_out
     if name == "Wanda":
-        return float(d_in * d_out)
+        return float(d_in * d_out * (1 + np.log2(d_in)))
     if name == "SparseGPT":
         return sparsegpt
     if name.startswith("Swaps"):
-        return sparsegpt + product * (method.iterations * (method.rounds + 1) + method.rounds)
-    return float("nan")  # the refit's and Regression's iteration counts depend on convergence
+        products = (method.rounds + 1) * (method.iterations + 1) + method.rounds
+        steps = method.rounds * method.swaps * 10.0 * d_in * d_out * (method.candidates + 1)
+        return sparsegpt + product * products + steps
+    return float("nan")
 
 
 def groups(rule: str, d_in: int, d_out: int):
@@ -89,6 +101,7 @@ def main():
     ap.add_argument("--rules", nargs="+", default=["0.5", "0.7", "2:4"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--regression", action="store_true")
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), help="run these (and SparseGPT, the reference) only")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "results/layer-solvers.json")
     args = ap.parse_args()
     rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
@@ -98,12 +111,13 @@ def main():
         X, Y = jnp.ones((d_in, d_in)), jnp.ones((d_in, d_out))
         _, floor = timed(lambda: X @ Y, 5)
         for rule in args.rules:
-            rows = [r for r in rows if (r["shape"], r["rule"]) != (shape, rule)]
             g = groups(rule, d_in, d_out)
             base = None
             for name, method in METHODS.items():
-                if name.startswith("Regression") and not args.regression:
+                if args.methods and name != "SparseGPT" and name not in args.methods or (
+                        name.startswith("Regression") and not args.regression and not args.methods):
                     continue
+                rows = [r for r in rows if (r["shape"], r["rule"], r["method"]) != (shape, rule, name)]
                 reps = 1 if name.startswith(("Regression", "refit")) else args.repeats
                 (w, mask), seconds = timed(lambda: solve_layer(method, shape, W, H, g), reps)
                 delta = A @ (np.asarray(w, np.float64) - np.asarray(W, np.float64))
@@ -112,7 +126,8 @@ def main():
                 rows.append(dict(shape=shape, rule=rule, method=name, seconds=round(seconds, 4), error=round(error, 6),
                                  vs_sparsegpt=round(seconds / base, 2), vs_floor=round(seconds / floor, 1),
                                  floor_seconds=round(floor, 5), gflop=round(flops(name, d_in, d_out, method) / 1e9, 1),
-                                 kept=int(np.sum(mask)), machine=platform.processor() or platform.machine(),
+                                 kept=int(np.sum(mask)), load=round(os.getloadavg()[0], 2),
+                                 machine=platform.processor() or platform.machine(),
                                  jax=jax.__version__, device=str(jax.devices()[0])))
                 print(f"{shape} {rule} {name}: {seconds:.3f} s ({seconds / base:.2f}x SparseGPT, {seconds / floor:.0f}x the "
                       f"floor), error {error:.5f}", flush=True)

@@ -23,7 +23,6 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import core as jcore
 from jax.sharding import PartitionSpec as P
 

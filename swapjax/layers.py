@@ -194,7 +194,7 @@ def tap_layers(tap, path: str, leaf_shape: tuple, order: int = -1):
     order; why it has none, or "")."""
     positions = np.arange(math.prod(leaf_shape), dtype=np.int64).reshape(leaf_shape)
     kernel = _through(tap.chain, positions)
-    if len(np.unique(kernel)) < kernel.size:
+    if np.count_nonzero(np.bincount(kernel.ravel(), minlength=positions.size)) < kernel.size:  # O(size), no sort
         return [], "broadcast before its product: each weight used several times"
     if tap.primitive.name == "conv_general_dilated":
         dn = tap.params["dimension_numbers"]

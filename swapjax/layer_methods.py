@@ -501,9 +501,9 @@ class Swaps(LayerMethod):
 
     start: Method = field(default_factory=lambda: SparseGPT())
     rounds: int = 2
-    swaps: int = 50
-    iterations: int = 10
-    candidates: int = 4
+    swaps: int = 25
+    iterations: int = 5
+    candidates: int = 1
     across: bool = True
     percdamp: float = PERCDAMP
 

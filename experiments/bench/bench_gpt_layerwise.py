@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -168,6 +169,7 @@ def main(argv=None) -> dict:
     ratio = lambda x, y: None if x is None or y is None else round(x / y, 2)  # noqa: E731
     row.update(timings=timings, ratios={"b/c": ratio(b, c), "d/b": ratio(dd, b), "b/floor": ratio(b, floor),
                                         "d/floor": ratio(dd, floor), "layer_grams/floor": ratio(warm["layer_grams"], floor)},
+               default_method=repr(swapjax.Swaps()), load=round(os.getloadavg()[0], 2),
                machine=platform.processor() or platform.machine(), jax=jax.__version__, devices=str(jax.devices()))
 
     print("\n| step | first call (s) | warm (s) | warm / floor | peak RSS (GB) |\n|---|---:|---:|---:|---:|")

@@ -334,7 +334,12 @@ class LayerBudgets(Constraint):
     - ``"owl"`` (outlier-weighted, in the spirit of OWL): layer l's outlier share D_l is the
       fraction of its saliencies ρ_i = w_i²·(XᵀX)_ii above ``owl_threshold`` × the layer's mean;
       d_l = 1 − s + ``owl_spread``·(2(D_l − min D)/(max D − min D) − 1), shifted to the total:
-      more outliers, more weights kept, all within about s ± ``owl_spread``;
+      more outliers, more weights kept, all within about s ± ``owl_spread``.
+      :func:`swapjax.prune_layerwise` scores each weight as published (OWL: Wanda's score
+      S_ij = |W_ij|·‖A_:,i‖₂, ‖A_:,i‖₂² = H_ii, from the dense network) in place of ρ, through
+      ``resolve(..., scores=)``. ``owl_group(layer name) -> key``: the layers with one key pool
+      their scores into one D (OWL's "layer" is a decoder block: e.g. ``lambda name:
+      name.split("/")[0]``), so they get one sparsity; None: each layer its own;
     - a mapping {layer name or leaf path: sparsity} covering every layer (e.g. ``{"Dense_0/kernel": 0.5,
       ...}``; a leaf's path gives all its slices, ``"blocks/kernel[2]"`` one slice): the final
       sparsities, taken as given (layer l keeps round((1 − s_l)·p_l), never rescaled). The overall
@@ -343,8 +348,10 @@ class LayerBudgets(Constraint):
       stages before the last scale every s_l by s_t/s̄.
 
     max_sparsity: a cap on every layer's sparsity (densities ≥ 1 − cap), the excess moved to the
-    others; with a mapping, a given s_l above it is a ValueError. Counts are rounded by largest
-    remainder so that they sum exactly to the total.
+    others; with a mapping, a given s_l above it is a ValueError. min_sparsity: a floor on every
+    layer's sparsity (densities ≤ 1 − floor), likewise; a floor above the overall sparsity, or a
+    floor above the cap, is a ValueError. Counts are rounded by largest remainder so that they sum
+    exactly to the total.
 
     A layer that would keep 0 weights (a small layer at a high sparsity: the network's output would
     no longer depend on its input) is a ValueError naming it, from ``resolve`` and so, through
@@ -367,6 +374,8 @@ class LayerBudgets(Constraint):
     max_sparsity: Optional[float] = None
     owl_threshold: float = 5.0
     owl_spread: float = 0.08
+    min_sparsity: Optional[float] = None
+    owl_group: Optional[Callable[[str], object]] = None
 
     def __post_init__(self):
         if isinstance(self.rule, Mapping):
@@ -388,15 +397,29 @@ class LayerBudgets(Constraint):
             if over:
                 raise ValueError(f"max_sparsity: {cap:g} is below the sparsity given for {', '.join(over)}; "
                                  f"raise the cap or leave it out (a mapping is taken as given)")
+        if self.min_sparsity is not None:
+            floor = checks.real("min_sparsity", self.min_sparsity, 0.0, 1.0, hi_open=True)
+            object.__setattr__(self, "min_sparsity", floor)
+            if self.max_sparsity is not None and floor > self.max_sparsity:
+                raise ValueError(f"min_sparsity: {floor:g} is above max_sparsity {self.max_sparsity:g}; "
+                                 "the floor on every layer's sparsity must not exceed the cap")
+            under = [f"{name} ({s:g})" for name, s in self.rule.items() if s < floor] if self.given else []
+            if under:
+                raise ValueError(f"min_sparsity: {floor:g} is above the sparsity given for {', '.join(under)}; "
+                                 f"lower the floor or leave it out (a mapping is taken as given)")
         object.__setattr__(self, "owl_threshold",
                            checks.real("owl_threshold", self.owl_threshold, 0.0, lo_open=True))
         object.__setattr__(self, "owl_spread", checks.real("owl_spread", self.owl_spread, 0.0, 0.5))
+        if self.owl_group is not None and not callable(self.owl_group):
+            raise ValueError(f"owl_group: expected None or a function owl_group(layer name) -> key, "
+                             f"got {self.owl_group!r}")
 
     @property
     def label(self) -> str:
         rule = "given" if isinstance(self.rule, Mapping) else {"uniform": "uniform", "erk": "ERK", "owl": "OWL"}[self.rule]
         cap = f", cap {self.max_sparsity:g}" if self.max_sparsity is not None else ""
-        return f"per-layer {rule}{cap}"
+        floor = f", floor {self.min_sparsity:g}" if self.min_sparsity is not None else ""
+        return f"per-layer {rule}{cap}{floor}"
 
     @property
     def needs_fisher(self) -> bool:
@@ -441,9 +464,10 @@ class LayerBudgets(Constraint):
             self._check_cap(lay, sparsity)
         return super().check(lay, sparsity, w)
 
-    def densities(self, lay, sparsity: Optional[float], w=None, col_sq=None) -> np.ndarray:
-        """d_l per leaf (float64) with Σ d_l·p_l = (1 − s)·p, within [1 − cap, 1] (a mapping: 1 − s_l as
-        given at its mean s̄ or at ``sparsity`` None, × s/s̄ below it)."""
+    def densities(self, lay, sparsity: Optional[float], w=None, col_sq=None, scores=None) -> np.ndarray:
+        """d_l per leaf (float64) with Σ d_l·p_l = (1 − s)·p, within [1 − cap, 1 − floor] (a mapping: 1 − s_l
+        as given at its mean s̄ or at ``sparsity`` None, × s/s̄ below it). ``scores`` (OWL): the score of
+        each of the p weights from which D_l is taken, in place of ρ = w²·col_sq (NaN: a weight not scored)."""
         if self.given:
             return 1 - self._given(lay, sparsity)
         sizes = _sizes(lay).astype(np.float64)
@@ -453,20 +477,24 @@ class LayerBudgets(Constraint):
         elif self.rule == "erk":
             raw = np.array([sum(layer.shape) / math.prod(layer.shape) for layer in lay.layers])
         else:
-            raw = 1 - sparsity + self._owl_shift(lay, np.asarray(w), np.asarray(col_sq))
+            if scores is None:
+                scores = np.asarray(w).astype(np.float64) ** 2 * np.asarray(col_sq).astype(np.float64)
+            raw = 1 - sparsity + self.owl_shift(lay, scores)
         self._check_cap(lay, sparsity)
         low = np.zeros(len(sizes)) if self.max_sparsity is None else np.full(len(sizes), 1 - self.max_sparsity)
-        return _fit_total(raw, sizes, target, low, self.rule == "owl")
+        high = np.ones(len(sizes)) if self.min_sparsity is None else np.full(len(sizes), 1 - self.min_sparsity)
+        return _fit_total(raw, sizes, target, low, self.rule == "owl", high)
 
-    def resolve(self, lay, sparsity: Optional[float], w=None, col_sq=None) -> Groups:
+    def resolve(self, lay, sparsity: Optional[float], w=None, col_sq=None, scores=None) -> Groups:
         sizes = _sizes(lay)
         if self.given:  # each layer's count as given, round((1 − s_l)·p_l)
             counts = np.array([kept_count(s, n) for s, n in zip(self._given(lay, sparsity), sizes)], np.int64)
-        elif self.rule == "uniform" and (self.max_sparsity is None or self.max_sparsity >= sparsity):
+        elif (self.rule == "uniform" and (self.max_sparsity is None or self.max_sparsity >= sparsity)
+              and (self.min_sparsity is None or self.min_sparsity <= sparsity)):
             # k·p_l/p each, exactly as Magnitude(scope="layer") splits k
             counts = np.asarray(layer_quotas(kept_count(sparsity, lay.size), sizes))
         else:
-            counts = _round_counts(self.densities(lay, sparsity, w, col_sq) * sizes, sizes,
+            counts = _round_counts(self.densities(lay, sparsity, w, col_sq, scores) * sizes, sizes,
                                    kept_count(sparsity, lay.size))
         empty = [f"{layer.name} {layer.shape}" for layer, count, n in zip(lay.layers, counts, sizes)
                  if count == 0 and n > 0]
@@ -480,10 +508,14 @@ class LayerBudgets(Constraint):
         return Groups(jnp.asarray(counts, jnp.int32), jnp.asarray(_layer_ids(lay)), self.label)
 
     def _check_cap(self, lay, sparsity):
-        """ValueError where every leaf at most ``max_sparsity`` sparse cannot reach ``sparsity``."""
+        """ValueError where every leaf at most ``max_sparsity`` (at least ``min_sparsity``) sparse cannot reach
+        ``sparsity``."""
         if self.max_sparsity is not None and sparsity > self.max_sparsity + 1e-12:
             raise ValueError(f"max_sparsity: every leaf at most {self.max_sparsity:g} sparse cannot reach "
                              f"sparsity {sparsity:g}; raise max_sparsity or lower the sparsity")
+        if self.min_sparsity is not None and sparsity < self.min_sparsity - 1e-12:
+            raise ValueError(f"min_sparsity: every leaf at least {self.min_sparsity:g} sparse cannot reach "
+                             f"sparsity {sparsity:g}; lower min_sparsity or raise the sparsity")
 
     def _given(self, lay, sparsity):
         """The leaves' sparsities at stage sparsity s: as given at the mapping's mean s̄ (or s None),
@@ -497,15 +529,34 @@ class LayerBudgets(Constraint):
                              f"a mapping is taken as given: leave sparsity out or pass {final:.6g}")
         return given * (sparsity / final)
 
-    def _owl_shift(self, lay, w, col_sq):
-        saliency = w.astype(np.float64) ** 2 * col_sq.astype(np.float64)
-        share = []
-        for layer in lay.layers:
-            rho = saliency[lay.positions(layer).ravel()]
-            share.append(float(np.mean(rho > self.owl_threshold * rho.mean())) if rho.size else 0.0)
-        share = np.asarray(share)
-        spread = share.max() - share.min()
-        return np.zeros_like(share) if spread == 0 else self.owl_spread * (2 * (share - share.min()) / spread - 1)
+    def outlier_ratios(self, lay, scores) -> np.ndarray:
+        """OWL's D_l per layer (float64, NaN for a layer none of whose weights is scored): the share of the
+        scores S of layer l (of its ``owl_group``, pooled) above ``owl_threshold`` × their mean. ``scores``:
+        one per coordinate of w (p,); NaN entries are left out."""
+        scores = np.asarray(scores, np.float64)
+        keys = [layer.name if self.owl_group is None else self.owl_group(layer.name) for layer in lay.layers]
+        pooled = {}
+        for key, layer in zip(keys, lay.layers):
+            s = scores[lay.positions(layer).ravel()]
+            pooled.setdefault(key, []).append(s[~np.isnan(s)])
+        share = {}
+        for key, parts in pooled.items():
+            s = np.concatenate(parts)
+            share[key] = float(np.mean(s > self.owl_threshold * s.mean())) if s.size else math.nan
+        return np.array([share[key] for key in keys])
+
+    def owl_shift(self, lay, scores) -> np.ndarray:
+        """Λ·(2(D_l − min D)/(max D − min D) − 1) per layer (Λ = ``owl_spread``; 0 for every layer where all D
+        are equal, and for a layer with no D), D = :meth:`outlier_ratios`."""
+        share = self.outlier_ratios(lay, scores)
+        scored = ~np.isnan(share)
+        shift = np.zeros(len(share))
+        if not scored.any():
+            return shift
+        low, spread = share[scored].min(), share[scored].max() - share[scored].min()
+        if spread > 0:
+            shift[scored] = self.owl_spread * (2 * (share[scored] - low) / spread - 1)
+        return shift
 
 
 def _rounding(lay) -> float:
@@ -526,11 +577,11 @@ def _layer_ids(lay) -> np.ndarray:
     return ids
 
 
-def _fit_total(raw, sizes, target, low, additive: bool):
-    """Densities from ``raw`` rescaled (×c, or + c where ``additive``) to Σ d·sizes = target, clipped to [low, 1]
-    with the excess moved to the leaves still free (bisection on c; monotone in c)."""
+def _fit_total(raw, sizes, target, low, additive: bool, high=1.0):
+    """Densities from ``raw`` rescaled (×c, or + c where ``additive``) to Σ d·sizes = target, clipped to
+    [low, high] with the excess moved to the leaves still free (bisection on c; monotone in c)."""
     def total(c):
-        return np.clip(raw + c if additive else raw * c, low, 1.0) @ sizes
+        return np.clip(raw + c if additive else raw * c, low, high) @ sizes
 
     lo, hi = (-2.0, 2.0) if additive else (0.0, 1.0)
     while not additive and total(hi) < target and hi < 1e30:
@@ -538,7 +589,7 @@ def _fit_total(raw, sizes, target, low, additive: bool):
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if total(mid) < target else (lo, mid)
-    return np.clip(raw + hi if additive else raw * hi, low, 1.0)
+    return np.clip(raw + hi if additive else raw * hi, low, high)
 
 
 def _round_counts(exact, sizes, k: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from .gradients import DEFAULT_CHUNK, LossFn, batch_size, resolve_devices
 from .layer_methods import Swaps
 from .operators import matmul
 from .progress import Progress, reporter
-from .prune import PruneResult
+from .prune import PruneResult, dense_ends_option, without_ends
 from .pytree import PyTree, Select
 
 
@@ -48,6 +48,7 @@ def prune_layerwise(
     chunk_size: int = DEFAULT_CHUNK,
     devices=None,
     progress: Progress = True,
+    dense_ends=None,
 ):
     """Prune ``params`` layer by layer: each layer from the Gram H = AᵀA of its own inputs.
 
@@ -72,19 +73,41 @@ def prune_layerwise(
     forming its part of every H, added by one all-reduce.
 
     ``constraint``: a budget per layer (default ``LayerBudgets()``, uniform at ``sparsity``, 0.5 by
-    default; ``"erk"``; or a mapping {layer name or leaf path: s_l}, taken as given: ``sparsity`` may
-    be left out; not OWL, which needs the Fisher) or ``NM(n, m)`` along each layer's inputs (the axes
-    its product contracts). A constraint that ranks weights across layers (the global top-k) is a
-    ValueError. Memory: the activations live at a stop for the whole batch (a transformer's residual
-    stream and the layer input), one chunk's intermediates, and the Grams of one input, never N×p.
+    default; ``"erk"``; ``"owl"``; or a mapping {layer name or leaf path: s_l}, taken as given:
+    ``sparsity`` may be left out) or ``NM(n, m)`` along each layer's inputs (the axes its product
+    contracts). A constraint that ranks weights across layers (the global top-k) is a ValueError.
+    Memory: the activations live at a stop for the whole batch (a transformer's residual stream and
+    the layer input), one chunk's intermediates, and the Grams of one input, never N×p.
+
+    OWL (``LayerBudgets("owl", owl_threshold=M, owl_spread=Λ, min_sparsity=, max_sparsity=,
+    owl_group=)``), as published: every layer's Wanda scores S_ij = |W_ij|·‖A_:,i‖₂ (‖A_:,i‖₂² = H_ii)
+    are taken from the DENSE network in one extra pass before any layer is solved (one more forward
+    pass, the walk's compiled segments reused; only diag H kept); D_l = the share of layer l's S above
+    M × their mean (M = 5), s_l = s − Λ·(2(D_l − min D)/(max D − min D) − 1) (Λ = 0.08), then shifted
+    by one constant so that the size-weighted mean Σ_l s_l·p_l/p is s, within the caps
+    [min_sparsity, max_sparsity]: more outliers, lower sparsity. A layer that OWL would leave with 0
+    weights is a ValueError after that pass, before any layer is solved.
+
+    ``dense_ends``: None (default: every layer found is pruned, the head and a classifier
+    included), ``"first"``, ``"last"`` or ``("first", "last")``: keep the first and/or last layer
+    of the forward pass (the first/last of :func:`swapjax.find_layers`, before ``select``) dense.
+    The published SparseGPT and Wanda code prune a language model's decoder blocks and leave its
+    head dense: ``dense_ends="last"`` is that recipe (where the head is its own leaf; a head tied to
+    the embedding is no layer and is left dense anyway, and "last" is then the last block's last
+    projection). The leaf is left out of the prunable weights as by ``select``: the budgets are
+    those of the other layers (uniform at s: each of them at s), its mask is None, and
+    ``result.summary()["total"]`` (the overall sparsity) is over the layers pruned; the progress
+    line names it as left dense with the reason.
 
     Kernels of any float dtype: H is accumulated in float32, the solve runs in float32 and the result
     has the kernel's dtype. An input that never fires on the batch (H_ii = 0) gets weight 0 in every
     method.
 
     Checked before any computation (ValueError): the arguments, NaN or inf in ``params`` or in
-    ``batch``, ``select``, and, once the layers are traced, the constraint on them (a mapping's names,
-    ``NM(..., ragged="error")``, a layer whose budget would keep 0 weights). During the run: a layer
+    ``batch``, ``select``, and, once the layers are traced, ``dense_ends`` (an unknown value, an end that
+    is one slice of a stacked leaf, every layer kept dense) and the constraint on them (a mapping's
+    names, ``NM(..., ragged="error")``, a layer whose budget would keep 0 weights, OWL's caps against
+    the sparsity). During the run: a layer
     whose inputs hold NaN or inf (or whose Gram overflows float32) is a ValueError naming it, and
     every ``method``'s result is checked (:func:`swapjax.contract.check_layer_result`). The progress
     line names every weight left dense and why: left out by ``select``, ragged for N:M or N:M along
@@ -114,13 +137,15 @@ def prune_layerwise(
     method = Swaps() if method is None else method
     checks.method(method)
     constraint = LayerBudgets() if constraint is None else as_constraint(constraint)
-    if constraint.needs_fisher:
+    owl = isinstance(constraint, LayerBudgets) and constraint.rule == "owl"
+    if constraint.needs_fisher and not owl:
         raise ValueError(f"constraint: {constraint.label} needs the Fisher (diag XᵀX), which layer by layer is not "
-                         "formed; use LayerBudgets('uniform' | 'erk' | {path: sparsity}) or NM(n, m), or "
+                         "formed; use LayerBudgets('uniform' | 'erk' | 'owl' | {path: sparsity}) or NM(n, m), or "
                          "swapjax.prune for it")
     sparsity = final_sparsity(sparsity, constraint, default=0.5)  # a LayerBudgets mapping: None, its mean below
     sequential = checks.boolean("sequential", sequential)
     chunk_size = checks.integer("chunk_size", chunk_size, 1)
+    ends = dense_ends_option(dense_ends)
     report = reporter(progress)
     checks.finite_leaves("params", params, hint="; the weights must be finite before pruning")
     n = batch_size(batch)
@@ -128,10 +153,19 @@ def prune_layerwise(
     checks.finite_leaves("batch", batch, hint="; the calibration examples must be finite: fix or drop them",
                          examples=True)
     lay = find.prunable(loss_fn, params, batch, select)
+    lay, kept_dense = without_ends(ends, loss_fn, params, batch, select, lay)
     w = pytree.flatten(params, lay)
-    sparsity = constraint.check(lay, sparsity, w)  # a mapping's names and mean, ragged="error", empty layers
-    groups = constraint.resolve(lay, sparsity, w)
+    sparsity = constraint.check(lay, sparsity, w)  # a mapping's names and mean, ragged="error", empty layers, caps
     leaves, treedef, position, program, found = _program(loss_fn, params, batch, lay)
+    if owl:  # OWL's budgets from the dense network's Wanda scores: one pass before any layer is solved
+        scores = _wanda_scores(program, leaves, position, lay, found, batch, chunk_size, devices)
+        groups = constraint.resolve(lay, sparsity, w, scores=scores)
+        share = constraint.outlier_ratios(lay, scores)
+        counts = np.asarray(groups.counts)
+        report("OWL from the dense network's Wanda scores (one extra pass): " + ", ".join(
+            f"{layer.name} D={d:.4g} s={1 - c / layer.size:.4f}" for layer, d, c in zip(lay.layers, share, counts)))
+    else:
+        groups = constraint.resolve(lay, sparsity, w)
     work, dense, ragged = {}, [], set(constraint.ragged_leaves(lay))
     for layer in sorted(lay.layers, key=lambda layer: layer.order):  # forward order
         layer_groups = groups.restrict(lay.positions(layer), layer.name)
@@ -141,6 +175,7 @@ def prune_layerwise(
         else:
             work[found[layer.name]] = (layer, layer_groups)
     dense += [f"{name} ({why})" for name, why in lay.why.items()]
+    dense += [f"{name} ({why}, dense_ends)" for name, why in kept_dense.items()]
     dense += [f"{name} (left out by select)" for name in lay.left_out]
     report(f"{type(method).__name__} layer by layer ({'sequential' if sequential else 'from the dense network'}): "
            f"{len(work)} layers, N={n} examples, {constraint.label}" + (f"; left dense: {', '.join(dense)}" if dense else ""))
@@ -179,6 +214,25 @@ def prune_layerwise(
                    for i, chosen in enumerate(lay.selected)]
     return PruneResult(pruned, jax.tree_util.tree_unflatten(treedef, mask_leaves), (), None, "layer-wise",
                        constraint.label, tuple(reports), input_axes=lay.input_axes)
+
+
+def _wanda_scores(program, leaves, position, lay, found, batch, chunk_size, devices) -> np.ndarray:
+    """Wanda's score S_ij = |W_ij|·‖A_:,i‖₂ = |W_ij|·√H_ii of every prunable weight (float64, (p,), in the
+    layout's flat order) from the dense network, in one walk keeping only diag H; NaN for the weights of a
+    layer with no Gram (a grouped convolution: left dense)."""
+    scores = np.full(lay.size, np.nan)
+    by_use = {found[layer.name]: layer for layer in lay.layers if layer.name in found}
+    steps = walk.Walk(program, list(by_use), batch, chunk_size, devices)
+    for _ in steps.stops:
+        for use, (H, _rows) in steps.advance(leaves).items():
+            layer = by_use[use]
+            diag = np.asarray(jnp.diagonal(H), np.float64)
+            if not np.all(np.isfinite(diag)):
+                raise ValueError(f"loss_fn: the inputs of layer {layer.name} hold NaN or inf on the batch (or their "
+                                 f"Gram AᵀA overflows {H.dtype}); check the forward pass up to that layer")
+            W = np.asarray(_weights(leaves[position[lay.names.index(layer.path)]], layer.index), np.float64)
+            scores[lay.positions(layer)] = np.abs(W) * np.sqrt(np.maximum(diag, 0.0))[:, None]
+    return scores
 
 
 def _left_dense(layer, layer_groups, groups, constraint, found, ragged) -> Optional[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, NamedTuple, Optional
@@ -96,6 +97,7 @@ def prune(
     mode: str = "auto",
     devices=None,
     progress: Progress = True,
+    dense_ends=None,
 ) -> PruneResult:
     """Prune ``params`` to ``sparsity`` with ``method`` (default ``SWAP()``).
 
@@ -190,6 +192,19 @@ def prune(
         select: None (the kernels, see above) or ``select(path, leaf) ->
             bool`` narrowing that rule; wrap it in ``swapjax.allow_vectors`` to
             allow any leaf.
+        dense_ends: None (default: every layer pruned), ``"first"``, ``"last"``
+            or ``("first", "last")``: keep the first and/or the last layer of the
+            forward pass dense (the first/last of :func:`swapjax.find_layers`,
+            the layers found by use, in the order the forward pass runs them;
+            before ``select``: a layer ``select`` already leaves out stays so).
+            Its leaf is then left out of the prunable weights as ``select``
+            would leave it out: p, k = round((1 − s)·p), the constraint's
+            counts and ``result.summary()["total"]`` are over the other layers,
+            its mask is None, and the progress line names it with the reason.
+            Checked before any gradient (ValueError): an unknown value, an end
+            layer that is one slice of a stacked leaf whose other slices would
+            be pruned (leave the whole leaf out with ``select``), every prunable
+            layer kept dense, a loss whose forward order could not be traced.
         key: a ``jax.random.key``; needed with ``noise``.
         noise: a ``swapjax.GradientNoise`` added to X at every stage, or a
             function ``noise(X, key) -> X``: called once before any gradient
@@ -295,7 +310,9 @@ def prune(
         schedules.resolve(stages, sparsity)  # the schedule's errors before any trace
     batch, val_batch = _checked_batches(batch, val_batch, holdout if method.selects else 0.0)
     devices = resolve_devices(devices, batch_size(batch))  # ValueError naming N and d before any gradient
+    ends = dense_ends_option(dense_ends)
     lay = layers.prunable(loss_fn, params, batch, select)  # select, loss_fn's output, the layers: traces only
+    lay, kept_dense = without_ends(ends, loss_fn, params, batch, select, lay)
     loss_fn = layers.staged(loss_fn, params, batch)  # its program, run from its jaxpr under every transform
     w_dense = pytree.flatten(params, lay)
     sparsity = constraint.check(lay, sparsity, w_dense)  # paths, caps, ragged leaves, empty layers: from the layout
@@ -315,7 +332,10 @@ def prune(
     report(f"{type(method).__name__}: N={n} examples"
            + (f" (+{batch_size(val_batch)} held out)" if val_batch is not None else "")
            + f", p={p} prunable weights, {len(levels)} stage(s), X {hold.describe(p)}")
-    for line in [auto_note] + _constraint_notes(constraint, lay):
+    notes = _constraint_notes(constraint, lay)
+    if kept_dense:
+        notes.append("kept dense (dense_ends): " + ", ".join(f"{name} ({why})" for name, why in kept_dense.items()))
+    for line in [auto_note] + notes:
         if line:
             report(line)
     run = _Run(loss_fn, batch, val_batch, lay, chunk_size, hold, constraint, noise, key, anchor, report,
@@ -344,6 +364,61 @@ def prune(
             mask, current = info1.support, pytree.unflatten(w1, params, lay)
     return PruneResult(_own_dtypes(current, params), pytree.mask_tree(mask, lay), tuple(infos), one_shot, hold.mode,
                        constraint.label, input_axes=lay.input_axes)
+
+
+_ENDS = ("first", "last")
+
+
+def dense_ends_option(value) -> tuple:
+    """``dense_ends`` as a tuple of ``"first"``/``"last"`` (empty for None); ValueError for any other value."""
+    if value is None:
+        return ()
+    values = (value,) if isinstance(value, str) else value
+    if not isinstance(values, (tuple, list)) or not all(isinstance(v, str) and v in _ENDS for v in values):
+        raise ValueError(f"dense_ends: expected None, 'first', 'last' or ('first', 'last'), got {value!r}")
+    return tuple(end for end in _ENDS if end in values)
+
+
+def without_ends(ends: tuple, loss_fn, params, batch, select, lay):
+    """(the layout ``lay`` without the leaves of the first/last layer named in ``ends``, {leaf: why kept dense}).
+
+    The ends are those of :func:`swapjax.find_layers` (forward order, before ``select``); an end whose leaf
+    ``select`` left out needs nothing. ValueError (before any gradient) where the order is unknown (the loss
+    was not traced: the name rule), where the end is part of a leaf whose other layers would be pruned, or
+    where no prunable layer is left."""
+    if not ends:
+        return lay, {}
+    found = layers.find_layers(loss_fn, params, batch)
+    if not found.layers or all(layer.order < 0 for layer in found.layers):
+        raise ValueError("dense_ends: the layers' forward order is unknown (loss_fn could not be traced, the layers "
+                         "come from the name rule); leave the first or last layer out with select=swapjax.exclude(...)")
+    ends_of = {"first": found.layers[0], "last": found.layers[-1]}
+    chosen = {ends_of[end].name for end in ends}
+    named = {}
+    for end in ends:
+        layer = ends_of[end]
+        if layer.path not in lay.names:
+            continue  # left out by select already
+        others = [other.name for other in lay.layers if other.path == layer.path and other.name not in chosen]
+        if others:
+            raise ValueError(f"dense_ends: the {end} layer {layer.name} is one of several layers of the leaf "
+                             f"{layer.path} ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''} would be "
+                             f"pruned); keeping part of a leaf dense is not supported: leave the whole leaf out with "
+                             f"select=swapjax.exclude({layer.path!r})")
+        named.setdefault(layer.path, []).append(end)
+    why = {path: f"the {' and '.join(names)} layer" for path, names in named.items()}
+    keep = [name for name in lay.names if name not in why]
+    if not keep:
+        raise ValueError(f"dense_ends: {ends!r} keeps every prunable layer dense ({', '.join(lay.names)}): nothing "
+                         "left to prune")
+    if not why:
+        return lay, {}
+    kept = frozenset(keep)
+    narrowed = lambda path, leaf: path in kept  # noqa: E731
+    if isinstance(select, pytree._WithVectors):
+        narrowed = pytree.allow_vectors(narrowed)
+    reduced = pytree.layout(params, narrowed, found)
+    return dataclasses.replace(reduced, left_out=lay.left_out), why
 
 
 def _check_method(method) -> None:

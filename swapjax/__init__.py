@@ -4,7 +4,8 @@
 
 ``swapjax.data`` (TFDS, IDX files) and ``swapjax.models`` (Flax models) load on
 first use, so ``import swapjax`` stays light; ott-jax (Sinkhorn), orbax and
-``jax.experimental.sparse`` are imported inside the functions that use them.
+``jax.experimental.sparse`` are imported inside the functions that use them. ``swapjax.text`` (a text
+corpus as byte tokens, split by document) comes with ``swapjax.perplexity``.
 """
 import importlib
 
@@ -27,6 +28,7 @@ from .pytree import allow_vectors, apply_masks, exclude, sparsity_summary
 from .selection import Selected
 from .schedules import cubic_schedule, linear_schedule, polynomial_schedule
 from .training import evaluate, train
+from .text import perplexity
 
 __all__ = [
     "Method", "Problem", "LR", "SWAP", "Magnitude", "WoodFisher", "Selected", "SolveInfo", "Blocked", "Constraint", "TopK", "LayerBudgets", "NM", "Groups",
@@ -35,7 +37,7 @@ __all__ = [
     "GradientOperator",
     "allow_vectors", "exclude", "apply_masks", "sparsity_summary", "cubic_schedule", "linear_schedule", "polynomial_schedule",
     "keep_pruned_at_zero", "masked_updates", "masked_optimizer", "make_finetune_hook", "batched_loss",
-    "train", "evaluate",
+    "train", "evaluate", "perplexity",
     "save_pruned", "load_pruned", "to_bcoo", "from_bcoo", "bcoo_bytes", "to_nm", "from_nm",
 ]
 __version__ = "0.1.0"

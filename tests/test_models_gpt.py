@@ -1,5 +1,6 @@
 """swapjax.models.GPT: causality, its weight count against the closed form, next_token_loss against a
-float64 NumPy cross-entropy, the layers found by use, and a bfloat16 model."""
+float64 NumPy cross-entropy, the layers found by use, a bfloat16 model; swapjax.perplexity against the float64
+forward pass and closed forms."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,3 +125,72 @@ def test_logits_are_the_float64_forward_pass_of_the_equations(params):
     np.testing.assert_allclose(MODEL.apply({"params": params}, tokens), _forward64(params, tokens), rtol=1e-4, atol=1e-4)
     # causality of the reference itself: the prefix of a longer sequence has the prefix's logits
     np.testing.assert_allclose(_forward64(params, tokens[:, :5]), _forward64(params, tokens)[:, :5], atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------- perplexity
+
+APPLY = lambda p, x: MODEL.apply({"params": p}, x)  # noqa: E731  (one object: one compilation per shape)
+
+
+def test_perplexity_is_the_float64_mean_nll_of_the_equations(params):
+    windows = _tokens(6, (7, T + 1))
+    before = windows.copy()
+    result = swapjax.perplexity(APPLY, params, windows, batch_size=3)  # chunks of 3, 3, 1 (padded to 3)
+    logits = _forward64(params, windows[:, :-1])
+    nll = np.mean([_cross_entropy64(lg, w[1:]) for lg, w in zip(logits, windows)])
+    assert result.tokens == 7 * T and np.array_equal(windows, before)
+    np.testing.assert_allclose(result.nll, nll, rtol=1e-5)
+    np.testing.assert_allclose(result.perplexity, np.exp(nll), rtol=1e-5)
+    np.testing.assert_allclose(result.bits_per_byte, nll / np.log(2), rtol=1e-5)
+    # the mean of next_token_loss over the windows, whatever the chunking
+    mean_loss = np.mean([float(LOSS(params, {"tokens": w})) for w in windows])
+    for b in (1, 4, 7, 64):
+        np.testing.assert_allclose(swapjax.perplexity(APPLY, params, windows, batch_size=b).nll, mean_loss, rtol=1e-6)
+
+
+def test_perplexity_closed_forms():
+    # uniform logits over 256 bytes: perplexity 256, 8 bits per byte, whatever the text
+    uniform = lambda p, x: jnp.zeros(x.shape + (256,), jnp.bfloat16)  # noqa: E731
+    result = swapjax.perplexity(uniform, {}, np.random.default_rng(0).integers(0, 256, (5, 17)), batch_size=2)
+    assert result.perplexity == pytest.approx(256, rel=1e-6) and result.bits_per_byte == pytest.approx(8, rel=1e-6)
+    # a fixed distribution q at every position: NLL = −(1/mT) Σ log q[target], from the targets' counts
+    q = np.array([0.5, 0.25, 0.125, 0.125])
+    fixed = lambda p, x: jnp.broadcast_to(jnp.log(p), x.shape + (4,))  # noqa: E731
+    windows = np.random.default_rng(1).integers(0, 4, (9, 6))
+    counts = np.bincount(windows[:, 1:].ravel(), minlength=4)
+    expected = -(counts * np.log(q)).sum() / counts.sum()
+    result = swapjax.perplexity(fixed, jnp.asarray(q, jnp.float32), windows, batch_size=4)
+    assert result.nll == pytest.approx(expected, rel=1e-6) and result.tokens == 9 * 5
+    assert result.bits_per_byte == pytest.approx(-(counts * np.log2(q)).sum() / counts.sum(), rel=1e-6)
+    # a model that is sure of every next token: perplexity 1
+    ramp = np.arange(12)[None, :] + np.arange(3)[:, None]
+    sure = lambda p, x: 60.0 * jax.nn.one_hot(x + 1, 16)  # noqa: E731
+    assert swapjax.perplexity(sure, {}, ramp).perplexity == pytest.approx(1.0, abs=1e-6)
+
+
+def test_perplexity_compiles_once_per_shape(params):
+    from swapjax import text
+
+    apply = lambda p, x: MODEL.apply({"params": p}, x)  # noqa: E731
+    size = text._window_nll._cache_size()
+    swapjax.perplexity(apply, params, _tokens(7, (10, T + 1)), batch_size=4)  # 4, 4, 2 + padding
+    swapjax.perplexity(apply, params, _tokens(8, (5, T + 1)), batch_size=4)
+    assert text._window_nll._cache_size() == size + 1
+    swapjax.perplexity(apply, params, _tokens(8, (5, 5)), batch_size=4)  # another T: one more
+    assert text._window_nll._cache_size() == size + 2
+
+
+def test_perplexity_bad_input_is_an_error_before_any_chunk(params):
+    windows = _tokens(9, (3, T + 1))
+    for bad, match in ((windows[0], r"\(m, T \+ 1\)"), (windows[:, :1], r"\(m, T \+ 1\)"),
+                       (windows[:0], r"\(m, T \+ 1\)"), (windows.astype(np.float32), "integer"),
+                       (np.where(windows == 0, V, windows), r"\[0, 11\).*\.\.11"),
+                       (windows - 1, r"\[0, 11\).*-1\.\.9")):
+        with pytest.raises(ValueError, match=match):
+            swapjax.perplexity(APPLY, params, bad)
+    with pytest.raises(ValueError, match="batch_size"):
+        swapjax.perplexity(APPLY, params, windows, batch_size=0)
+    with pytest.raises(ValueError, match=r"\(B, T, V\)"):
+        swapjax.perplexity(lambda p, x: x, params, windows)
+    with pytest.raises(ValueError, match="callable"):
+        swapjax.perplexity("model", params, windows)

@@ -163,7 +163,8 @@ def prune_layerwise(
         share = constraint.outlier_ratios(lay, scores)
         counts = np.asarray(groups.counts)
         report("OWL from the dense network's Wanda scores (one extra pass): " + ", ".join(
-            f"{layer.name} D={d:.4g} s={1 - c / layer.size:.4f}" for layer, d, c in zip(lay.layers, share, counts)))
+            f"{layer.name} D={d:.4g} s={1 - c / layer.size:.4f}"
+            for layer, d, c in sorted(zip(lay.layers, share, counts), key=lambda item: item[0].order)))
     else:
         groups = constraint.resolve(lay, sparsity, w)
     work, dense, ragged = {}, [], set(constraint.ragged_leaves(lay))

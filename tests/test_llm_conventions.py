@@ -68,6 +68,7 @@ def test_owl_layer_by_layer_is_the_published_rule_on_the_dense_networks_wanda_sc
     assert D[0] > D[1] > D[2]  # the premise: three distinct ratios, b strictly between
     s = 0.7
     density = _published_densities(D, s)
+    before = jax.tree_util.tree_map(np.copy, params)
     messages = []
     res = swapjax.prune_layerwise(_mlp_loss, params, batch, sparsity=s, method=layer_methods.Wanda(),
                                   constraint=swapjax.LayerBudgets("owl"), sequential=sequential,
@@ -83,6 +84,7 @@ def test_owl_layer_by_layer_is_the_published_rule_on_the_dense_networks_wanda_sc
     for name in "abc":
         mask = np.asarray(res.masks[name]["kernel"])
         assert np.all(np.asarray(res.params[name]["kernel"])[~mask] == 0)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, before)  # the input is never changed
 
 
 def _layout(sizes):
@@ -170,6 +172,12 @@ def test_owl_caps_in_the_driver_and_their_errors_before_any_pass(monkeypatch):
         swapjax.LayerBudgets({"a/kernel": 0.6, "b/kernel": 0.3}, min_sparsity=0.5)
     with pytest.raises(ValueError, match="owl_group: expected None or a function"):
         swapjax.LayerBudgets("owl", owl_group="blocks")
+
+    class FisherBudgets(swapjax.LayerBudgets):  # any other constraint on the Fisher is still refused
+        needs_fisher = True
+
+    with pytest.raises(ValueError, match="needs the Fisher"):
+        swapjax.prune_layerwise(_mlp_loss, params, batch, constraint=FisherBudgets(), progress=False)
 
 
 # ---------------------------------------------------------------- dense_ends

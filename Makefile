@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-digits test test-all test-default-xla docs bench clean
+.PHONY: demo demo-digits fortunes lm lm-quick test test-all test-default-xla docs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,22 @@ demo: $(STAMP)
 
 demo-digits: $(STAMP)
 	$(PY) experiments/demo.py
+
+FORTUNES := /usr/share/games/fortunes/songs-poems
+
+# The language-model preset: a byte-level GPT trained on Debian's fortunes (installed here when
+# running as root; a failed install warns), its held-out perplexity and bits per byte
+# (docs/language-models.md). lm: 5 seeds, each ≤ 10 min on 2 cores; lm-quick: 1 seed, 200 steps.
+fortunes:
+	@test -f $(FORTUNES) || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes; } || \
+		echo "warning: could not install fortunes (as root: apt-get install -y fortunes)" >&2
+
+lm: $(STAMP) fortunes
+	$(PY) experiments/reproduce.py --preset lm-fortunes
+
+lm-quick: $(STAMP) fortunes
+	$(PY) experiments/reproduce.py --preset lm-fortunes --quick
 
 # `make test` (CI) leaves out the tests marked slow (the full-size end-to-end runs); each has a
 # smaller version in the default run. `make test-all` runs every test.

@@ -6,6 +6,7 @@
     .venv/bin/python experiments/reproduce.py --preset resnet20-cifar10              # GPU-sized
     .venv/bin/python experiments/reproduce.py --preset mobilenetv1-imagenet --synthetic --image-size 32 \
         --methods SWAP-fixed --sparsities 0.9                # the prune step alone, random data
+    .venv/bin/python experiments/reproduce.py --preset lm-fortunes   # a byte-level GPT: dense perplexity, ≤ 10 min/seed
 
 For each seed: train the dense model (or restore its checkpoint, orbax, under
 runs/<preset>/dense-seed<s>), then for every mode (one-shot; gradual = the cubic
@@ -42,7 +43,7 @@ import numpy as np
 import optax
 
 import swapjax
-from swapjax import data
+from swapjax import data, text
 from swapjax.models import MLPNet
 
 FIELDS = ["preset", "seed", "mode", "noise", "sparsity", "method", "test_accuracy", "test_loss",
@@ -400,6 +401,169 @@ def plot(rows, preset: Preset, out: Path):
     log(f"wrote {out / 'results.csv'}, {out / 'test_accuracy.png'}, {out / 'test_loss.png'}")
 
 
+# ------------------------------------------------------------------------------------ language models
+
+
+@dataclass(frozen=True)
+class LMPreset:
+    """A byte-level GPT (swapjax.models.GPT, vocabulary 256) trained on a swapjax.text corpus.
+
+    Training (seed s): the model initialised with key s; ``steps`` batches of ``batch_size`` windows of
+    ``context`` + 1 bytes at uniform random offsets of the training split (np.random.default_rng(s)); the mean
+    next-token cross-entropy; AdamW (β₂ = 0.99, weight decay on the kernels and embeddings only), gradients
+    clipped to global norm 1, the learning rate warmed up linearly from 0 over ``warmup`` steps, then
+    cosine-decayed to lr / 10 at the last step. Evaluation: swapjax.perplexity on the validation and test
+    splits, windows of stride ``context`` (every byte after a split's first is a target exactly once)."""
+
+    corpus: str = "fortunes"
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    context: int = 128  # T
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 50
+    weight_decay: float = 0.1
+    seeds: tuple = (0, 1, 2, 3, 4)
+    eval_batch: int = 64
+    data_dir: str | None = None  # the corpus directory; None: the Debian package's
+
+    def model(self):
+        return _models().GPT(vocab=text.VOCAB, d_model=self.d_model, n_layers=self.n_layers,
+                             n_heads=self.n_heads, max_len=self.context)
+
+    def training_config(self) -> dict:
+        """What decides a seed's trained weights (a cached model trained with another is an error)."""
+        return {k: getattr(self, k) for k in ("corpus", "d_model", "n_layers", "n_heads", "context", "steps",
+                                              "batch_size", "lr", "warmup", "weight_decay", "data_dir")}
+
+
+LM_PRESETS = {"lm-fortunes": LMPreset()}
+LM_QUICK = dict(steps=200, seeds=(0,))
+
+
+def lm_loss(model):
+    """loss(params, windows (B, T+1)): the mean next-token cross-entropy of the windows (nats)."""
+
+    def loss(params, windows):
+        logits = model.apply({"params": params}, windows[:, :-1]).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+
+    return loss
+
+
+def lm_optimizer(preset: LMPreset):
+    if not 0 <= preset.warmup < preset.steps:
+        raise ValueError(f"warmup={preset.warmup}: must be ≥ 0 and below steps={preset.steps}")
+    schedule = optax.warmup_cosine_decay_schedule(0.0, preset.lr, preset.warmup, preset.steps, preset.lr / 10)
+    decay = lambda params: jax.tree_util.tree_map(lambda w: w.ndim >= 2, params)  # noqa: E731
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.adamw(schedule, b2=0.99, weight_decay=preset.weight_decay, mask=decay))
+
+
+def lm_dense(preset: LMPreset, seed: int, train_tokens: np.ndarray, out: Path, progress: bool):
+    """Train (or restore) the dense GPT of one seed; returns (model, params, meta). Cached in
+    out/dense-seed<s>/: params.msgpack (flax.serialization) and meta.json (the training config, the
+    training seconds, the mean training loss per tenth of the steps), each written atomically, meta last."""
+    from flax import serialization
+
+    model, directory = preset.model(), out / f"dense-seed{seed}"
+    params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, preset.context), jnp.int32))["params"]
+    meta_path, params_path = directory / "meta.json", directory / "params.msgpack"
+    config = json.loads(json.dumps(preset.training_config()))  # as it reads back from JSON
+    if meta_path.exists() and params_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta["config"] != config:
+            changed = {k: (meta["config"].get(k), v) for k, v in config.items() if meta["config"].get(k) != v}
+            raise ValueError(f"{directory}: trained with another config (cached, asked: {changed}); "
+                             f"pass --out another directory or remove it")
+        restored = serialization.msgpack_restore(params_path.read_bytes())
+        if jax.tree_util.tree_structure(restored) != jax.tree_util.tree_structure(params) or any(
+                np.shape(a) != np.shape(b) for a, b in zip(jax.tree_util.tree_leaves(restored),
+                                                          jax.tree_util.tree_leaves(params))):
+            raise ValueError(f"{params_path}: not the parameters of {type(model).__name__} {config}")
+        return model, jax.tree_util.tree_map(jnp.asarray, restored), meta
+
+    loss, opt, T, B = lm_loss(model), lm_optimizer(preset), preset.context, preset.batch_size
+    if train_tokens.size < T + 1:
+        raise ValueError(f"the training split has {train_tokens.size} bytes, fewer than a window of {T + 1}")
+
+    @jax.jit
+    def step(params, state, windows):
+        value, grads = jax.value_and_grad(loss)(params, windows)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    state, rng, values = opt.init(params), np.random.default_rng(seed), []
+    every = max(1, preset.steps // 10)
+    t0 = time.perf_counter()
+    for i in range(preset.steps):
+        starts = rng.integers(0, train_tokens.size - T, B)
+        windows = train_tokens[starts[:, None] + np.arange(T + 1)].astype(np.int32)
+        params, state, value = step(params, state, windows)
+        values.append(value)
+        if progress and (i + 1) % every == 0:
+            recent = float(np.mean(np.asarray(jnp.stack(values[-every:]))))
+            log(f"seed {seed} step {i + 1}/{preset.steps}: training loss {recent:.4f} nats "
+                f"({recent / np.log(2):.3f} bits/byte), {time.perf_counter() - t0:.0f}s")
+    jax.block_until_ready(params)
+    seconds = time.perf_counter() - t0
+    losses = np.asarray(jnp.stack(values), np.float64)
+    curve = [[min(a + every, preset.steps), round(float(losses[a:a + every].mean()), 5)]
+             for a in range(0, preset.steps, every)]
+    meta = {"config": config, "seed": seed, "train_seconds": round(seconds, 2), "loss_curve": curve,
+            "weights": int(sum(np.size(w) for w in jax.tree_util.tree_leaves(params)))}
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = params_path.with_suffix(".tmp")
+    tmp.write_bytes(serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, params)))
+    os.replace(tmp, params_path)
+    write_json(meta_path, meta)
+    return model, params, meta
+
+
+def lm_run(preset_name: str, preset: LMPreset, out: Path, progress: bool) -> list[dict]:
+    """Train (or restore) each seed's GPT and report held-out perplexity and bits per byte: out/dense.json
+    (one row per seed) and a table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    splits = {s: text.load(preset.corpus, s, data_dir=preset.data_dir) for s in ("train", "validation", "test")}
+    for split in splits.values():
+        log(f"{preset_name}: {split!r}")
+    held_out = {s: text.windows(splits[s].tokens, preset.context) for s in ("validation", "test")}
+    model = preset.model()
+    apply = lambda params, tokens: model.apply({"params": params}, tokens)  # noqa: E731  (one object: one compile)
+    rows = []
+    for seed in preset.seeds:
+        _, params, meta = lm_dense(preset, seed, splits["train"].tokens, out, progress)
+        t0 = time.perf_counter()
+        val, test = (swapjax.perplexity(apply, params, held_out[s], batch_size=preset.eval_batch)
+                     for s in ("validation", "test"))
+        rows.append(dict(seed=seed, weights=meta["weights"], steps=preset.steps, train_seconds=meta["train_seconds"],
+                         final_train_loss=meta["loss_curve"][-1][1],
+                         validation_perplexity=round(val.perplexity, 4), validation_bits_per_byte=round(val.bits_per_byte, 4),
+                         test_perplexity=round(test.perplexity, 4), test_bits_per_byte=round(test.bits_per_byte, 4),
+                         test_bytes=test.tokens, eval_seconds=round(time.perf_counter() - t0, 2)))
+        if progress:
+            log(f"seed {seed}: test perplexity {test.perplexity:.3f}, {test.bits_per_byte:.4f} bits/byte "
+                f"({test.tokens:,} bytes); validation {val.bits_per_byte:.4f} bits/byte")
+    write_json(out / "dense.json", {"preset": preset_name, "config": preset.training_config(), "rows": rows})
+    print(lm_table(rows, preset_name))
+    return rows
+
+
+def lm_table(rows: list[dict], preset_name: str) -> str:
+    """One line per seed and the mean ± std over seeds: held-out perplexity and bits per byte."""
+    cols = [("train s", "train_seconds"), ("validation bits/byte", "validation_bits_per_byte"),
+            ("test perplexity", "test_perplexity"), ("test bits/byte", "test_bits_per_byte")]
+    lines = [f"{preset_name}: dense GPT ({rows[0]['weights']:,} weights, {rows[0]['steps']} steps) on held-out text",
+             "| seed | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {r['seed']} | " + " | ".join(f"{r[k]:.4g}" for _, k in cols) + " |" for r in rows]
+    if len(rows) > 1:
+        lines.append("| mean ± std | " + " | ".join(
+            f"{np.mean([r[k] for r in rows]):.4g} ± {np.std([r[k] for r in rows]):.2g}" for _, k in cols) + " |")
+    return "\n".join(lines)
+
+
 def synthetic_prune(preset_name: str, preset: Preset, image_size, out: Path, progress: bool) -> dict:
     """The preset's prune step alone, where its data or training is out of reach: the model at its
     random initialisation (seed 0), N = ``fisher_examples`` N(0, 1) inputs (``image_size``² instead
@@ -434,7 +598,7 @@ def synthetic_prune(preset_name: str, preset: Preset, image_size, out: Path, pro
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=list(PRESETS), default="mlpnet-fashion-mnist")
+    ap.add_argument("--preset", choices=list(PRESETS) + list(LM_PRESETS), default="mlpnet-fashion-mnist")
     ap.add_argument("--quick", action="store_true", help="the CPU-sized demo: 3 sparsities, 2 noises, 2 seeds")
     ap.add_argument("--seeds", type=int, nargs="+")
     ap.add_argument("--modes", nargs="+", choices=["one-shot", "gradual", "gradual-ft"])
@@ -450,6 +614,16 @@ def main():
                     help="held-out examples of the selection, taken from the training set after the N of X "
                          "(prune's val_batch; the presets: 200); 0: prune holds out a fifth of the N instead")
     args = ap.parse_args()
+    if args.preset in LM_PRESETS:  # train and evaluate the dense language model
+        unused = [f"--{k.replace('_', '-')}" for k in ("modes", "sparsities", "noises", "methods", "image_size",
+                                                     "val_examples") if getattr(args, k) is not None]
+        if unused or args.synthetic:
+            ap.error(f"{args.preset} takes --quick, --seeds, --out and --quiet; not {unused + ['--synthetic'] * args.synthetic}")
+        preset = replace(LM_PRESETS[args.preset], **(LM_QUICK if args.quick else {}))
+        preset = replace(preset, **({"seeds": tuple(args.seeds)} if args.seeds else {}))
+        lm_run(args.preset, preset, args.out or Path("runs") / (args.preset + ("-quick" if args.quick else "")),
+               progress=not args.quiet)
+        return
     preset = PRESETS[args.preset]
     if args.quick:
         preset = replace(preset, **QUICK)

@@ -198,3 +198,53 @@ def test_a_sweep_killed_mid_row_resumes_with_every_row_valid(synthetic_fashion, 
             assert r["test_accuracy"] == ref["test_accuracy"], cut
         if cut == accuracy_cut:
             assert "dropping line 3" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# the language-model preset (lm-fortunes) at a tiny size
+
+
+def _fortune_dir(directory: Path, n=400):
+    """Fortune files of simple sentences (a learnable corpus shaped like Debian's fortunes)."""
+    rng = np.random.default_rng(0)
+    words = "the cat sat on a mat and the dog ran to the red house".split()
+    docs = [" ".join(rng.choice(words, rng.integers(4, 16))) + ".\n" for _ in range(n)]
+    directory.mkdir()
+    (directory / "one").write_text("%\n".join(docs[: n // 2]) + "%\n")
+    (directory / "two").write_text("%\n".join(docs[n // 2:]) + "%\n")
+    return directory
+
+
+def test_lm_preset_trains_reports_held_out_perplexity_and_restores(tmp_path, capsys, monkeypatch):
+    """Training loss falls; held-out perplexity finite and below a uniform guess's 256; bits per byte its
+    log2; the rerun restores the cached model (no training), another training config is an error."""
+    import json
+
+    from swapjax import text
+
+    corpus = _fortune_dir(tmp_path / "corpus")
+    preset = replace(reproduce.LM_PRESETS["lm-fortunes"], d_model=16, n_layers=1, n_heads=2, context=16, steps=40,
+                     batch_size=8, warmup=4, seeds=(0,), eval_batch=32, data_dir=str(corpus))
+    (row,) = reproduce.lm_run("tiny", preset, tmp_path / "out", progress=False)
+    meta = json.loads((tmp_path / "out" / "dense-seed0" / "meta.json").read_text())
+    curve = [loss for _, loss in meta["loss_curve"]]
+    assert len(curve) == 10 and meta["loss_curve"][-1][0] == 40
+    assert curve[-1] < curve[0] - 1.0  # nats
+    assert np.isfinite(row["test_perplexity"]) and 1 < row["test_perplexity"] < 256
+    assert row["test_bits_per_byte"] == pytest.approx(np.log2(row["test_perplexity"]), rel=1e-3)
+    assert row["test_bytes"] == (text.load("fortunes", "test", data_dir=corpus).tokens.size - 1) // 16 * 16
+    assert row["weights"] == meta["weights"] and "| 0 |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "dense.json").read_text())["rows"] == [row]
+
+    monkeypatch.setattr(reproduce, "lm_optimizer", lambda preset: pytest.fail("a cached seed was trained again"))
+    (again,) = reproduce.lm_run("tiny", preset, tmp_path / "out", progress=False)
+    assert {**again, "eval_seconds": 0} == {**row, "eval_seconds": 0}
+    with pytest.raises(ValueError, match=r"trained with another config.*'lr': \(0.003, 0.001\)"):
+        reproduce.lm_run("tiny", replace(preset, lr=1e-3), tmp_path / "out", progress=False)
+
+
+def test_lm_preset_refuses_the_pruning_options(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--preset", "lm-fortunes", "--sparsities", "0.5"])
+    with pytest.raises(SystemExit):
+        reproduce.main()
+    assert "--sparsities" in capsys.readouterr().err

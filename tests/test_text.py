@@ -193,3 +193,24 @@ def test_real_fortunes(fortunes):
     # the first training document is the first fortune of the first file that lands in train
     first = next(d for d in text._fortunes((FORTUNES_DIR / "art").read_bytes()) if text.split_of(d) == "train")
     assert streams["train"].startswith(first + b"%\n")
+
+
+def test_the_language_models_page_runs_as_written(fortunes, tmp_path, monkeypatch):
+    """docs/language-models.md's python blocks, in order, on the real corpus."""
+    import re
+
+    import jax
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "language-models.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(), re.S | re.M)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    ns = {"__name__": "__docs__"}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{page.name}[block {i}]", "exec"), ns)
+    result, calibration = ns["result"], ns["calibration"]
+    assert result.tokens == 64 * 128 and 1 < result.perplexity < 10_000
+    assert result.bits_per_byte == pytest.approx(np.log2(result.perplexity), rel=1e-6)
+    assert calibration["tokens"].shape == (128, 129)
+    first = jax.tree_util.tree_map(lambda a: a[0], calibration)
+    assert np.isfinite(float(ns["loss_fn"](ns["params"], first)))

@@ -364,3 +364,13 @@ def test_erk_budgets_of_a_scanned_stack_are_its_unrolled_twins(driver):
             np.testing.assert_array_equal(got[p], want[p], err_msg=p)
         else:
             np.testing.assert_allclose(got[p], want[p], rtol=1e-4, atol=1e-5, err_msg=p)
+
+
+def test_a_weight_broadcast_before_its_product_is_left_dense_and_a_plain_one_is_a_layer():
+    """A (4, 1) leaf broadcast to (4, 3) is used 3 times per product: left dense with the reason; the (4, 3) leaf
+    beside it, read once per entry, is a layer."""
+    params = {"col": np.ones((4, 1), np.float32), "w": np.arange(12, dtype=np.float32).reshape(4, 3)}
+    loss_fn = lambda p, ex: (ex["x"] @ jax.numpy.broadcast_to(p["col"], (4, 3)) + ex["x"] @ p["w"]).sum()  # noqa: E731
+    found = swapjax.find_layers(loss_fn, params, {"x": np.ones((2, 4), np.float32)})
+    assert [layer.name for layer in found.layers] == ["w"]
+    assert "broadcast" in found.left_dense["col"], found.left_dense

@@ -33,7 +33,8 @@ FORTUNES := /usr/share/games/fortunes/songs-poems
 
 # The language-model preset: a byte-level GPT trained on Debian's fortunes (installed here when
 # running as root; a failed install warns), its held-out perplexity and bits per byte
-# (docs/language-models.md). lm: 5 seeds, each ≤ 10 min on 2 cores; lm-quick: 1 seed, 200 steps.
+# (docs/language-models.md). lm: 5 seeds of 1,000 steps (one took 778 s on a shared 2-core machine);
+# lm-quick: 1 seed, 200 steps.
 fortunes:
 	@test -f $(FORTUNES) || [ "$$(id -u)" != 0 ] || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes; } || \

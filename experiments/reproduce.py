@@ -6,7 +6,7 @@
     .venv/bin/python experiments/reproduce.py --preset resnet20-cifar10              # GPU-sized
     .venv/bin/python experiments/reproduce.py --preset mobilenetv1-imagenet --synthetic --image-size 32 \
         --methods SWAP-fixed --sparsities 0.9                # the prune step alone, random data
-    .venv/bin/python experiments/reproduce.py --preset lm-fortunes   # a byte-level GPT: dense perplexity, ≤ 10 min/seed
+    .venv/bin/python experiments/reproduce.py --preset lm-fortunes   # byte-level GPT: held-out perplexity
 
 For each seed: train the dense model (or restore its checkpoint, orbax, under
 runs/<preset>/dense-seed<s>), then for every mode (one-shot; gradual = the cubic
@@ -540,7 +540,8 @@ def lm_run(preset_name: str, preset: LMPreset, out: Path, progress: bool) -> lis
                      for s in ("validation", "test"))
         rows.append(dict(seed=seed, weights=meta["weights"], steps=preset.steps, train_seconds=meta["train_seconds"],
                          final_train_loss=meta["loss_curve"][-1][1],
-                         validation_perplexity=round(val.perplexity, 4), validation_bits_per_byte=round(val.bits_per_byte, 4),
+                         validation_perplexity=round(val.perplexity, 4),
+                         validation_bits_per_byte=round(val.bits_per_byte, 4),
                          test_perplexity=round(test.perplexity, 4), test_bits_per_byte=round(test.bits_per_byte, 4),
                          test_bytes=test.tokens, eval_seconds=round(time.perf_counter() - t0, 2)))
         if progress:
@@ -618,7 +619,8 @@ def main():
         unused = [f"--{k.replace('_', '-')}" for k in ("modes", "sparsities", "noises", "methods", "image_size",
                                                      "val_examples") if getattr(args, k) is not None]
         if unused or args.synthetic:
-            ap.error(f"{args.preset} takes --quick, --seeds, --out and --quiet; not {unused + ['--synthetic'] * args.synthetic}")
+            unused += ["--synthetic"] * args.synthetic
+            ap.error(f"{args.preset} takes --quick, --seeds, --out and --quiet; not {' '.join(unused)}")
         preset = replace(LM_PRESETS[args.preset], **(LM_QUICK if args.quick else {}))
         preset = replace(preset, **({"seeds": tuple(args.seeds)} if args.seeds else {}))
         lm_run(args.preset, preset, args.out or Path("runs") / (args.preset + ("-quick" if args.quick else "")),

@@ -483,7 +483,8 @@ class Swaps(LayerMethod):
     conjugate gradients on all output units at once, from ``start``'s weights.
 
     Cost, against SparseGPT's d_in³/3 (Cholesky) + d_in³ (inverse) + 2·d_in²·d_out (the sweep) FLOPs:
-    2·d_in²·d_out per refit iteration, ((rounds + 1)·iterations of them), and O(d_in·d_out) per swap round.
+    2·d_in²·d_out per refit iteration, ((rounds + 1)·iterations of them), and O(candidates·d_in·d_out) per
+    search step (at most ``swaps`` per round: a round stops after a step that changes nothing).
     ``Swaps(rounds=1, swaps=10, iterations=5)`` is the faster setting. Groups other than one count per
     layer or N:M are a ValueError.
 
@@ -502,8 +503,8 @@ class Swaps(LayerMethod):
     start: Method = field(default_factory=lambda: SparseGPT())
     rounds: int = 2
     swaps: int = 25
-    iterations: int = 5
-    candidates: int = 1
+    iterations: int = 10
+    candidates: int = 4
     across: bool = True
     percdamp: float = PERCDAMP
 
@@ -529,7 +530,7 @@ class Swaps(LayerMethod):
         W_new = layer_search.refit(jnp.asarray(w_start, W_bar.dtype).reshape(W.shape), W_bar, H, mask, self.iterations)
         for _ in range(self.rounds):
             if groups.nm is None:
-                W_new, mask, _, _ = layer_solvers.search(W_new, W_bar, H, mask, self.swaps, self.across,
+                W_new, mask, *_ = layer_solvers.search(W_new, W_bar, H, mask, self.swaps, self.across,
                                                          min(self.candidates, d_in))
             else:
                 W_new, mask, _ = layer_search.swap(W_new, W_bar, H, mask, self.swaps, groups.nm[1])

@@ -117,18 +117,21 @@ def _step(Wt, Gt, keep, h, H, candidates: int, across: bool):
 
 @partial(jax.jit, static_argnames=("steps", "across", "candidates"))
 def search(W, W_bar, H, mask, steps: int, across: bool = True, candidates: int = 4):
-    """``steps`` rounds of the best single swap within each column of W (d_in, d_out) on ``mask`` (from
-    ``candidates`` removals) and, where ``across``, one exchange between columns (the layer's count kept,
-    the columns' counts moved). H is damped (H_δ = H + δI); f never increases; pruned weights stay exactly
-    0. Returns (W, mask, swaps made, weights moved)."""
+    """At most ``steps`` rounds of the best single swap within each column of W (d_in, d_out) on ``mask``
+    (from ``candidates`` removals) and, where ``across``, one exchange between columns (the layer's count
+    kept, the columns' counts moved); it stops after a round that changes nothing (every later round would
+    repeat it). H is damped (H_δ = H + δI); f never increases; pruned weights stay exactly 0. Returns (W,
+    mask, swaps made, weights moved, rounds run)."""
     h = jnp.diagonal(H)
     Gt = (H @ (W - W_bar)).T
 
-    def step(_, carry):
-        Wt, Gt, keep, swaps, moved = carry
+    def step(carry):
+        i, _, Wt, Gt, keep, swaps, moved = carry
         Wt, Gt, keep, s, m = _step(Wt, Gt, keep, h, H, candidates, across)
-        return Wt, Gt, keep, swaps + s.astype(swaps.dtype), moved + m.astype(moved.dtype)
+        return i + 1, s + m > 0, Wt, Gt, keep, swaps + s.astype(swaps.dtype), moved + m.astype(moved.dtype)
 
+    going = lambda carry: (carry[0] < steps) & carry[1]  # noqa: E731
     zero = jnp.zeros((), jnp.int32)
-    Wt, _, keep, swaps, moved = jax.lax.fori_loop(0, steps, step, (W.T, Gt, mask.T, zero, zero))
-    return Wt.T, keep.T, swaps, moved
+    rounds, _, Wt, _, keep, swaps, moved = jax.lax.while_loop(going, step, (zero, jnp.array(True), W.T, Gt, mask.T,
+                                                                          zero, zero))
+    return Wt.T, keep.T, swaps, moved, rounds

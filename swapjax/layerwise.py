@@ -6,7 +6,7 @@ forward order, each from the Gram H = AᵀA of its inputs on a calibration batch
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ def prune_layerwise(
     chunk_size: int = DEFAULT_CHUNK,
     devices=None,
     progress: Progress = True,
-    dense_ends=None,
+    dense_ends: Union[None, str, Sequence[str]] = None,
 ):
     """Prune ``params`` layer by layer: each layer from the Gram H = AᵀA of its own inputs.
 

@@ -7,7 +7,7 @@ import warnings
 import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -97,7 +97,7 @@ def prune(
     mode: str = "auto",
     devices=None,
     progress: Progress = True,
-    dense_ends=None,
+    dense_ends: Union[None, str, Sequence[str]] = None,
 ) -> PruneResult:
     """Prune ``params`` to ``sparsity`` with ``method`` (default ``SWAP()``).
 

@@ -556,8 +556,8 @@ def test_search_step_makes_the_best_swap_of_its_candidate_removals_float64(candi
     pruned weights exactly 0, each unit's count kept."""
     from swapjax import layer_solvers
     W, W_bar, Hd, mask = _search_case()
-    w, new_mask, swaps, moved = layer_solvers.search(*(jnp.asarray(a, jnp.float32) for a in (W, W_bar, Hd)),
-                                                     jnp.asarray(mask), 1, False, candidates)
+    w, new_mask, swaps, moved, _ = layer_solvers.search(*(jnp.asarray(a, jnp.float32) for a in (W, W_bar, Hd)),
+                                                        jnp.asarray(mask), 1, False, candidates)
     w, new_mask = np.asarray(w, np.float64), np.asarray(new_mask)
     change = _unit_f(w, W_bar, Hd) - _unit_f(W, W_bar, Hd)
     made = 0
@@ -576,6 +576,22 @@ def test_search_step_makes_the_best_swap_of_its_candidate_removals_float64(candi
     np.testing.assert_array_equal(new_mask.sum(axis=0), mask.sum(axis=0))
 
 
+def test_search_stops_after_a_round_that_changes_nothing():
+    """The search stops early only where every later round would repeat a round with no change: the result of
+    at most 500 rounds equals that of exactly the rounds it ran, and a search from it changes nothing."""
+    from swapjax import layer_solvers
+    W, W_bar, Hd, mask = (jnp.asarray(a) for a in _search_case(seed=7))
+    args = [jnp.asarray(a, jnp.float32) for a in (W, W_bar, Hd)]
+    w, m, swaps, moved, rounds = layer_solvers.search(*args, mask, 500, True, 2)
+    assert 1 < int(rounds) < 500 and int(swaps) > 0
+    w_again, m_again, *_ = layer_solvers.search(*args, mask, int(rounds), True, 2)
+    np.testing.assert_array_equal(np.asarray(m_again), np.asarray(m))
+    np.testing.assert_array_equal(np.asarray(w_again), np.asarray(w))
+    _, m_next, swaps_next, moved_next, rounds_next = layer_solvers.search(w, args[1], args[2], m, 500, True, 2)
+    assert (int(swaps_next), int(moved_next), int(rounds_next)) == (0, 0, 1)
+    np.testing.assert_array_equal(np.asarray(m_next), np.asarray(m))
+
+
 def test_search_exchange_moves_weights_between_units_at_a_price_float64():
     """One step with ``across``: the units whose count falls drop their cheapest removal (f_j rises by exactly
     c_j = ½h_p w_p² − w_p g_p), as many units whose count rises take their best addition (f_j falls by exactly
@@ -583,8 +599,8 @@ def test_search_exchange_moves_weights_between_units_at_a_price_float64():
     their best swap (float64 reference); the layer keeps its count, pruned weights exactly 0."""
     from swapjax import layer_solvers
     W, W_bar, Hd, mask = _search_case(seed=5, settled=True)
-    w, new_mask, swaps, moved = layer_solvers.search(*(jnp.asarray(a, jnp.float32) for a in (W, W_bar, Hd)),
-                                                     jnp.asarray(mask), 1, True, 2)
+    w, new_mask, swaps, moved, _ = layer_solvers.search(*(jnp.asarray(a, jnp.float32) for a in (W, W_bar, Hd)),
+                                                        jnp.asarray(mask), 1, True, 2)
     w, new_mask = np.asarray(w, np.float64), np.asarray(new_mask)
     change = _unit_f(w, W_bar, Hd) - _unit_f(W, W_bar, Hd)
     h, G = np.diag(Hd), Hd @ (W - W_bar)

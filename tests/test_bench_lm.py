@@ -131,3 +131,7 @@ def test_network_wide_prune_keeps_the_head_dense(tiny):
     assert masks["head/kernel"] is None and np.array_equal(new["head/kernel"], params["head"]["kernel"])
     for k in (k for k in new if k.endswith("kernel") and not k.startswith("head")):
         assert abs(1 - np.count_nonzero(new[k]) / new[k].size - 0.5) <= 1 / new[k].size, k
+
+
+def test_the_command_line_names_every_method():
+    assert sorted(bench_lm.SHORT.values()) == sorted([*bench_lm.LAYERWISE, *bench_lm.NETWORK])

@@ -1,7 +1,8 @@
 """The language-model pruning table on an ``lm-<corpus>`` preset: perplexity and bits per byte on held-out text.
 
     .venv/bin/python experiments/bench/bench_lm.py [preset] [seeds...] [--parts main owl calibration network]
-        [--methods NAME ...] [--cells CELL ...] [--n 128] [--calibration-sizes 16 32 64 128 256]
+        [--methods magnitude wanda sparsegpt refit default lr swap lr-global swap-global] [--cells 0.5 ... 4:8]
+        [--n 128] [--calibration-sizes 16 32 64 128 256] [--eval-windows K: a smoke run]
     # → experiments/results/<preset>.json (a row per seed, cell, method, calibration size and budget rule)
     #   and experiments/results/<preset>.md (the tables)
 
@@ -55,12 +56,17 @@ from swapjax.models import next_token_loss  # noqa: E402
 CELLS = {"0.5": (0.5, None), "0.6": (0.6, None), "0.7": (0.7, None), "0.8": (0.8, None),
          "2:4": (None, (2, 4)), "4:8": (None, (4, 8))}
 LAYERWISE = {"magnitude": layer_methods.LayerMagnitude(), "Wanda": layer_methods.Wanda(),
-             "SparseGPT": layer_methods.SparseGPT(), "refit on SparseGPT": layer_methods.Refit(layer_methods.SparseGPT()),
+             "SparseGPT": layer_methods.SparseGPT(),
+             "refit on SparseGPT": layer_methods.Refit(layer_methods.SparseGPT()),
              "default (Swaps)": layer_methods.Swaps()}
 #: network-wide: method name → (method, budget)
 NETWORK = {"LR network": (swapjax.LR(), "uniform"), "SWAP network": (swapjax.SWAP(), "uniform"),
            "LR network, global top-k": (swapjax.LR(), "global top-k"),
            "SWAP network, global top-k": (swapjax.SWAP(), "global top-k")}
+#: the command line's names of the methods
+SHORT = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "refit": "refit on SparseGPT",
+         "default": "default (Swaps)", "lr": "LR network", "swap": "SWAP network",
+         "lr-global": "LR network, global top-k", "swap-global": "SWAP network, global top-k"}
 PARTS = ("main", "owl", "calibration", "network")
 CALIBRATION_SIZES = (16, 32, 64, 128, 256)
 CALIBRATION_SEED, VAL_SEED = 10_000, 20_000  # + the model's seed
@@ -80,7 +86,8 @@ def jobs(parts, n: int, sizes, methods=None, cells=None) -> list[tuple]:
         elif part == "owl":
             grid = [(m, c, n, "owl") for m in LAYERWISE for c in ("0.7", "0.8")]
         elif part == "calibration":
-            grid = [(m, c, k, "uniform") for m in ("SparseGPT", "default (Swaps)") for c in ("0.5", "2:4") for k in sizes]
+            grid = [(m, c, k, "uniform") for m in ("SparseGPT", "default (Swaps)") for c in ("0.5", "2:4")
+                    for k in sizes]
         elif part == "network":
             grid = [(m, "0.5", n, NETWORK[m][1]) for m in NETWORK]
         else:
@@ -117,7 +124,7 @@ def prune_cell(method: str, cell: str, budget: str, loss_fn, params, batch, val_
 
 
 def outlier_spread(loss_fn, params, batch) -> dict:
-    """{layer: max_i ‖A_:,i‖₂ / median_i ‖A_:,i‖₂} over each layer's input features (‖A_:,i‖₂² = H_ii)."""
+    """{layer: max_i ‖A_:,i‖₂ / median_i ‖A_:,i‖₂} over the layer's input features, ‖A_:,i‖₂² = H_ii."""
     out = {}
     for name, (H, _) in swapjax.layer_grams(loss_fn, params, batch).items():
         norms = np.sqrt(np.maximum(np.diag(np.asarray(H, np.float64)), 0.0))
@@ -292,7 +299,8 @@ def tables(payload: dict) -> str:
     net_cols = [("0.5", "0.5", n, "uniform"), ("0.5 global top-k", "0.5", n, "global top-k")]
     for label, methods, cols in (("uniform budgets, N = %d" % n, LAYERWISE, main_cols),
                                  ("OWL against uniform, N = %d" % n, LAYERWISE, owl_cols),
-                                 ("calibration size N", ("SparseGPT", "default (Swaps)"), cal_cols)):
+                                 ("calibration size N", ("SparseGPT", "default (Swaps)"),
+                                  cal_cols if len(sizes) > 1 else [])):
         for unit, field, digits in (("bits/byte", "bits_per_byte", 3), ("perplexity", "perplexity", 2),
                                     ("seconds (warm)", "seconds", 2)):
             lines += grid(f"{label}: {unit}", methods, cols, field, digits)
@@ -309,11 +317,21 @@ def tables(payload: dict) -> str:
                   "| method | budget | bits/byte | perplexity | seconds |", "|---|---|---|---|---|", *net_rows, ""]
     outliers = payload["outliers"]
     if outliers:
-        names = list(next(iter(outliers.values())))
-        lines += ["**input-feature norm spread max_i ‖A_:,i‖ / median_i ‖A_:,i‖ (dense network)**", "",
-                  "| layer | " + " | ".join(f"seed {s}" for s in outliers) + " |", "|---" * (1 + len(outliers)) + "|"]
-        lines += [f"| {k} | " + " | ".join(f"{outliers[s].get(k, float('nan')):.1f}" for s in outliers) + " |"
-                  for k in names]
+        kinds = {}  # the layers' role in a block (q, k and v read one input): the range over the blocks
+        for name in next(iter(outliers.values())):
+            parts = name.split("/")
+            role = "/".join(parts[1:-1]) if parts[0].startswith("block_") and len(parts) > 2 else parts[0]
+            kinds.setdefault({"key": "query", "value": "query"}.get(role, role), []).append(name)
+        label = {"query": "q, k, v"}
+        lines += ["**input-feature norm spread max_i ‖A_:,i‖₂ / median_i ‖A_:,i‖₂ of the dense network "
+                  "(min–max over the blocks)**", "",
+                  "| seed | " + " | ".join(label.get(k, k) for k in kinds) + " |", "|---" * (1 + len(kinds)) + "|"]
+        for seed, spread in outliers.items():
+            cells = []
+            for names in kinds.values():
+                v = [spread[x] for x in names if x in spread]
+                cells.append("–" if not v else f"{min(v):.1f}" if min(v) == max(v) else f"{min(v):.1f}–{max(v):.1f}")
+            lines.append(f"| {seed} | " + " | ".join(cells) + " |")
         lines.append("")
     loads = [x for r in rows for x in r["load"]]
     if loads:
@@ -328,17 +346,20 @@ if __name__ == "__main__":
     ap.add_argument("preset", nargs="?", default="lm-fortunes", choices=list(R.LM_PRESETS))
     ap.add_argument("seeds", nargs="*", type=int, help="default: the preset's (0 1 2 3 4)")
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    ap.add_argument("--methods", nargs="+", choices=[*LAYERWISE, *NETWORK])
+    ap.add_argument("--methods", nargs="+", choices=list(SHORT),
+                    help="; ".join(f"{k}: {v}" for k, v in SHORT.items()))
     ap.add_argument("--cells", nargs="+", choices=list(CELLS))
     ap.add_argument("--n", type=int, default=128, help="calibration windows of main, owl and network")
     ap.add_argument("--calibration-sizes", type=int, nargs="+", default=list(CALIBRATION_SIZES))
     ap.add_argument("--val-windows", type=int, default=32, help="network: held-out windows choosing λ and ε")
-    ap.add_argument("--eval-windows", type=int, help="only the first K test windows (a smoke run: results/<preset>-smoke.json)")
+    ap.add_argument("--eval-windows", type=int,
+                    help="only the first K test windows (a smoke run: results/<preset>-smoke.json)")
     ap.add_argument("--no-warmup", action="store_true", help="no compiling call before the timed one")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if min([args.n, *args.calibration_sizes, args.val_windows, args.eval_windows or 1]) < 1:
         ap.error("--n, --calibration-sizes, --val-windows and --eval-windows must be ≥ 1")
-    main(args.preset, args.seeds or None, parts=args.parts, methods=args.methods, cells=args.cells, n=args.n,
+    methods = [SHORT[m] for m in args.methods] if args.methods else None
+    main(args.preset, args.seeds or None, parts=args.parts, methods=methods, cells=args.cells, n=args.n,
          sizes=args.calibration_sizes, val_windows=args.val_windows, eval_windows=args.eval_windows,
          warmup=not args.no_warmup, out=args.out)

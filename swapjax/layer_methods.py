@@ -531,7 +531,7 @@ class Swaps(LayerMethod):
         for _ in range(self.rounds):
             if groups.nm is None:
                 W_new, mask, *_ = layer_solvers.search(W_new, W_bar, H, mask, self.swaps, self.across,
-                                                         min(self.candidates, d_in))
+                                                       min(self.candidates, d_in))
             else:
                 W_new, mask, _ = layer_search.swap(W_new, W_bar, H, mask, self.swaps, groups.nm[1])
             W_new = layer_search.refit(W_new, W_bar, H, mask, self.iterations)
